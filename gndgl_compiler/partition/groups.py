@@ -1,0 +1,109 @@
+"""Width grouping: rewrite one depth module into the body of group g.
+
+Connectivity inside module k, group g (DESIGN §2):
+
+    full detached input x (all groups of module k-1, concatenated)
+        │
+        ├── first conv of the first unit ──▶ C/G channels      ("dense in")
+        ├── 1×1 shortcut conv (if any)   ──▶ C/G channels      ("dense in")
+        ├── identity shortcut            ──▶ x[:, g-slice]     (sliced)
+        │
+        └── every later layer reads only group g's own slice    ("grouped")
+
+BatchNorm, activations, pooling and dropout act per channel and just follow.
+"""
+
+from __future__ import annotations
+
+from ..errors import PartitionError
+from ..graph.build import OpGraph
+from .ir import IRBuilder
+
+
+def group_sizes(channels: int, groups: int, split: str = "equal") -> list[int]:
+    """Sizes of ``groups`` channel slices of ``channels``.
+
+    Args:
+        channels: channel (or feature) count to split.
+        groups: number of groups G.
+        split: 'equal' (G must divide the count) or 'balanced' (sizes differ by at most one).
+
+    Raises:
+        PartitionError: G does not divide the count ('equal') or exceeds it.
+    """
+    if groups > channels:
+        raise PartitionError(f"G={groups} is larger than the {channels} channels to split")
+    if channels % groups:
+        if split != "balanced":
+            raise PartitionError(f"G={groups} does not divide {channels} channels; choose a divisor of {channels} "
+                                 "or set cuts.split: balanced")
+        q, r = divmod(channels, groups)
+        return [q + 1 if i < r else q for i in range(groups)]
+    return [channels // groups] * groups
+
+
+def group_offset(channels: int, groups: int, g: int, split: str) -> tuple[int, int]:
+    """``(start, length)`` of group ``g``'s slice of ``channels``."""
+    sizes = group_sizes(channels, groups, split)
+    return sum(sizes[:g]), sizes[g]
+
+
+def module_body(og: OpGraph, nodes: list[str], module_input: str, x: str, groups: int, g: int, split: str,
+                b: IRBuilder) -> str:
+    """Append group ``g``'s body of one module to ``b``.
+
+    Args:
+        og: the op graph.
+        nodes: op-graph nodes of the module, in topological order.
+        module_input: op-graph node whose output feeds the module.
+        x: IR name of the full (concatenated, detached) module input in ``b``.
+        groups: G of the module.
+        g: group index.
+        split: 'equal' or 'balanced'.
+        b: builder to append to.
+
+    Returns:
+        IR name of the group's output.
+
+    Raises:
+        PartitionError: a channel count not divisible by G, or an op that cannot be grouped.
+    """
+    ir = {module_input: x}
+    full = {module_input}  # op-graph nodes whose IR tensor holds all channels
+    dense_done = False
+    for n in nodes:
+        d = og.node(n)
+        kind, attrs = d["kind"], dict(d["attrs"])
+        preds = sorted(og.graph.predecessors(n), key=lambda p: og.graph.edges[p, n]["pos"])
+        args = [ir[p] for p in preds]
+        if groups == 1:
+            if kind in ("conv", "linear"):
+                attrs["in"] = b.shape(args[0])[0]
+            ir[n] = b.add(n, kind, attrs, args, source=n, dense_in=preds[0] == module_input)
+            continue
+        if kind in ("conv", "linear"):
+            start, size = group_offset(attrs["out"], groups, g, split)
+            attrs["out"] = size
+            attrs["in"] = b.shape(args[0])[0]
+            is_dense = preds[0] in full
+            ir[n] = b.add(n, kind, attrs, args, source=n, dense_in=preds[0] == module_input)
+            dense_done = dense_done or is_dense
+        elif kind == "add":
+            fixed = []
+            for p, a in zip(preds, args):
+                if p in full:
+                    c = b.shape(a)[0]
+                    start, size = group_offset(c, groups, g, split)
+                    a = b.add(f"{n}_slice", "slice", {"start": start, "length": size}, [a], source=n)
+                fixed.append(a)
+            ir[n] = b.add(n, kind, attrs, fixed, source=n)
+        elif all(p in full for p in preds) and not dense_done:
+            # ops before the module's first dense layer (e.g. a flatten) see all channels
+            ir[n] = b.add(n, kind, attrs, args, source=n)
+            full.add(n)
+        elif any(p in full for p in preds):
+            raise PartitionError(f"op '{n}' ({kind}) reads the full module input after grouping started; "
+                                 "cut the module elsewhere")
+        else:
+            ir[n] = b.add(n, kind, attrs, args, source=n)
+    return ir[nodes[-1]]

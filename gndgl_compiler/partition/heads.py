@@ -1,0 +1,106 @@
+"""Auxiliary and final heads as IR (so they share shape/MAC rules with bodies).
+
+Each builder appends ops reading IR node ``x`` and returns the named outputs:
+``logits`` (class scores), and for some kinds ``sim`` (predsim), ``recon`` and
+``proj`` (InfoPro).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ..errors import PartitionError
+from .ir import IRBuilder
+
+
+def _mlp(b: IRBuilder, x: str, dims: list[int], tag: str) -> str:
+    for i, (d_in, d_out) in enumerate(zip(dims, dims[1:])):
+        x = b.add(f"{tag}fc{i + 1}", "linear", {"in": d_in, "out": d_out, "bias": True}, [x])
+        if i + 2 < len(dims):
+            x = b.add(f"{tag}relu{i + 2}", "relu", {}, [x])
+    return x
+
+
+def head_1c2f(b: IRBuilder, x: str, classes: int, hidden: int, out: int | None = None, tag: str = "") -> dict[str, str]:
+    """Conv3×3(C→2C, stride 2) → BN → ReLU → global pool → Linear(2C→F) → ReLU → Linear(F→classes)."""
+    shape = b.shape(x)
+    out = out or classes
+    if len(shape) == 1:
+        return {"logits": _mlp(b, x, [shape[0], hidden, out], tag)}
+    c = shape[0]
+    h = b.add(f"{tag}conv", "conv", {"in": c, "out": 2 * c, "kernel": 3, "stride": 2, "padding": 1, "bias": False}, [x])
+    h = b.add(f"{tag}bn", "bn", {}, [h])
+    h = b.add(f"{tag}relu1", "relu", {}, [h])
+    h = b.add(f"{tag}pool", "adaptive_avgpool", {"size": 1}, [h])
+    h = b.add(f"{tag}flatten", "flatten", {}, [h])
+    return {"logits": _mlp(b, h, [2 * c, hidden, out], tag)}
+
+
+def head_linear(b: IRBuilder, x: str, classes: int, hidden: int) -> dict[str, str]:
+    """Global average pool → Linear(C→classes) (the 'greedy SL' baseline)."""
+    if len(b.shape(x)) == 3:
+        x = b.add("pool", "adaptive_avgpool", {"size": 1}, [x])
+        x = b.add("flatten", "flatten", {}, [x])
+    return {"logits": _mlp(b, x, [b.shape(x)[0], classes], "")}
+
+
+def head_mlp_sr(b: IRBuilder, x: str, classes: int, hidden: int) -> dict[str, str]:
+    """DGL's head: pool to ≤8×8, two 1×1 conv-BN-ReLU, pool to 2×2, 3-layer MLP."""
+    shape = b.shape(x)
+    if len(shape) == 1:
+        return {"logits": _mlp(b, x, [shape[0], hidden, hidden, classes], "")}
+    c = shape[0]
+    h = x
+    if shape[1] > 8 or shape[2] > 8:
+        h = b.add("pool1", "adaptive_avgpool", {"size": min(shape[1], 8)}, [h])
+    for i in (1, 2):
+        h = b.add(f"conv{i}", "conv", {"in": c, "out": c, "kernel": 1, "stride": 1, "padding": 0, "bias": False}, [h])
+        h = b.add(f"bn{i}", "bn", {}, [h])
+        h = b.add(f"relu{i}", "relu", {}, [h])
+    h = b.add("pool2", "adaptive_avgpool", {"size": min(2, b.shape(h)[1])}, [h])
+    h = b.add("flatten", "flatten", {}, [h])
+    return {"logits": _mlp(b, h, [b.shape(h)[0], hidden, hidden, classes], "")}
+
+
+def head_predsim(b: IRBuilder, x: str, classes: int, hidden: int) -> dict[str, str]:
+    """predsim (Nøkland & Eidnes): ``sim`` = Conv3×3(h) for S(·), ``logits`` = Linear(pool(h)) with C·h·w ≤ 2048."""
+    shape = b.shape(x)
+    if len(shape) == 1:
+        return {"sim": x, "logits": _mlp(b, x, [shape[0], classes], "")}
+    c, hh, _ = shape
+    sim = b.add("sim_conv", "conv", {"in": c, "out": c, "kernel": 3, "stride": 1, "padding": 1, "bias": False}, [x])
+    size = hh
+    while c * size * size > 2048 and size > 1:
+        size = (size + 1) // 2
+    h = b.add("pool", "adaptive_avgpool", {"size": size}, [x])
+    h = b.add("flatten", "flatten", {}, [h])
+    return {"sim": sim, "logits": _mlp(b, h, [b.shape(h)[0], classes], "")}
+
+
+def head_infopro(b: IRBuilder, x: str, classes: int, hidden: int, *, image_shape: list[int], variant: str,
+                 projection: int) -> dict[str, str]:
+    """InfoPro: decoder reconstructing the image, plus a 1c2f classifier or 1c2f projection."""
+    shape = b.shape(x)
+    if len(shape) != 3:
+        raise PartitionError("the infopro head needs a feature map; use it on convolutional modules only")
+    c = shape[0]
+    h = b.add("dec_up", "upsample", {"height": image_shape[1], "width": image_shape[2]}, [x])
+    h = b.add("dec_conv1", "conv", {"in": c, "out": 12, "kernel": 3, "stride": 1, "padding": 1, "bias": False}, [h])
+    h = b.add("dec_bn", "bn", {}, [h])
+    h = b.add("dec_relu", "relu", {}, [h])
+    h = b.add("dec_conv2", "conv", {"in": 12, "out": image_shape[0], "kernel": 3, "stride": 1, "padding": 1,
+                                    "bias": True}, [h])
+    recon = b.add("dec_sigmoid", "sigmoid", {}, [h])
+    if variant == "softmax":
+        return {"recon": recon, **head_1c2f(b, x, classes, hidden, tag="cls_")}
+    z = head_1c2f(b, x, classes, hidden, out=projection, tag="proj_")["logits"]
+    return {"recon": recon, "proj": b.add("proj_norm", "l2norm", {}, [z])}
+
+
+HEADS: dict[str, Callable[..., dict[str, str]]] = {
+    "1c2f": head_1c2f,
+    "linear": head_linear,
+    "mlp-sr": head_mlp_sr,
+    "predsim": head_predsim,
+    "infopro": head_infopro,
+}

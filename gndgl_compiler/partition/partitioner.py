@@ -1,0 +1,240 @@
+"""OpGraph + spec → PartitionPlan.
+
+    module 1         module 2               final head
+    ┌──────┐  sg    ┌──────┐   sg          ┌──────┐
+    │ 1,g0 │──┬────▶│ 2,g0 │──┬───────────▶│ head │
+    ├──────┤  │     ├──────┤  │            └──────┘
+    │ 1,g1 │──┘────▶│ 2,g1 │──┘   sg = detached (stop-gradient) edge
+    └──────┘        └──────┘
+      aux₁₀ aux₁₁     aux₂₀ aux₂₁  ◀─ siblings share detached outputs (r)
+                                      and softmaxes (diversity)
+
+Every partition gets its body (group rewriting), an aux head and a local loss;
+the final head is its own partition unless ``final_head.mode`` is 'joint'.
+"""
+
+from __future__ import annotations
+
+from ..errors import PartitionError
+from ..graph.build import INPUT, OpGraph
+from ..spec.models import Spec
+from .costs import annotate_costs
+from .cuts import module_segments
+from .groups import group_offset, module_body
+from .heads import HEADS, head_1c2f, head_linear
+from .ir import IRBuilder
+from .placement import place
+from .plan import IMAGE, Edge, Input, IRNode, Loss, Partition, PartitionPlan, Share
+
+FLOAT_BYTES = 4
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _widths(spec: Spec, k: int) -> list[int]:
+    w = spec.cuts.width
+    if isinstance(w, int):
+        return [w] * k
+    if len(w) != k:
+        raise PartitionError(f"cuts.width lists {len(w)} values but there are {k} modules; give one G per module "
+                             "or a single integer")
+    return list(w)
+
+
+def _hidden(spec: Spec, explicit: int | None) -> int:
+    return explicit or max(1, int(round(128 * spec.model.width)))
+
+
+def _classifier_ir(og: OpGraph, b: IRBuilder, x: str) -> dict[str, str]:
+    """The model's own classifier segment, applied to ``x``."""
+    seg = og.classifier
+    ir = {next(iter(og.graph.predecessors(seg.nodes[0]))): x}
+    for n in seg.nodes:
+        d = og.node(n)
+        preds = sorted(og.graph.predecessors(n), key=lambda p: og.graph.edges[p, n]["pos"])
+        attrs = dict(d["attrs"])
+        if d["kind"] in ("conv", "linear"):
+            attrs["in"] = b.shape(ir[preds[0]])[0]
+        ir[n] = b.add(n, d["kind"], attrs, [ir[p] for p in preds], source=n)
+    return {"logits": ir[seg.nodes[-1]]}
+
+
+def _final_head_kind(spec: Spec, k: int, groups: list[int]) -> str:
+    if k == 1 and groups == [1]:
+        return "model"
+    kind = spec.local.final_head.kind
+    if kind == "auto":
+        return "model" if spec.local.final_head.mode == "joint" else "1c2f"
+    return kind
+
+
+def _build_final_head(spec: Spec, og: OpGraph, b: IRBuilder, x: str, kind: str) -> dict[str, str]:
+    classes = og.num_classes
+    if kind == "model":
+        return _classifier_ir(og, b, x)
+    if kind == "linear":
+        return head_linear(b, x, classes, 0)
+    return head_1c2f(b, x, classes, _hidden(spec, spec.local.final_head.hidden))
+
+
+def build_plan(spec: Spec, og: OpGraph) -> PartitionPlan:
+    """Cut, group and place the network of ``spec``.
+
+    Args:
+        spec: the validated spec.
+        og: its op graph.
+
+    Returns:
+        The :class:`PartitionPlan`, with costs and placement filled in.
+
+    Raises:
+        PartitionError: impossible cuts, widths, heads or placements.
+    """
+    modules = module_segments(og, spec.cuts.depth, spec.model.template)
+    k_mod = len(modules)
+    groups = _widths(spec, k_mod)
+    loc = spec.local
+    e2e = k_mod == 1 and groups == [1]
+    joint = loc.final_head.mode == "joint" and not e2e
+    if joint and groups[-1] != 1:
+        raise PartitionError(f"final_head.mode 'joint' closes the last module with the classifier, so that module "
+                             f"needs G=1 (it has G={groups[-1]}); use mode 'separate' or G=1 there")
+    if joint and k_mod == 1:
+        raise PartitionError("final_head.mode 'joint' with K=1 and G=1 is plain end-to-end; drop the mode or cut deeper")
+    head_kind = loc.head.kind
+    local_modules = k_mod - 1 if joint else k_mod
+    parts: list[Partition] = []
+    edges: list[Edge] = []
+    prev_ids: list[int] = []  # partitions whose outputs form the current module input
+    prev_node = INPUT
+    input_shape = list(og.input_shape)
+    for k, segs in enumerate(modules):
+        G = groups[k]
+        nodes = [n for s in segs for n in og.body_segments[s].nodes]
+        units = [u for s in segs for u in og.body_segments[s].units]
+        module_ids = list(range(len(parts), len(parts) + G))
+        is_last = k == k_mod - 1
+        for g in range(G):
+            pid = len(parts)
+            name = "e2e" if e2e else f"m{k + 1}.g{g}"
+            b = IRBuilder()
+            inputs: list[Input] = []
+            if prev_ids:
+                names = []
+                for j, src in enumerate(prev_ids):
+                    shp = parts[src].out_shape
+                    names.append(b.input(f"in{j}", shp))
+                    inputs.append(Input(src, list(shp)))
+                x = names[0] if len(names) == 1 else b.add("x", "cat", {}, names)
+            else:
+                x = b.input("image", input_shape)
+                inputs.append(Input(IMAGE, input_shape, "image"))
+            try:
+                out = module_body(og, nodes, prev_node, x, G, g, spec.cuts.split, b)
+            except PartitionError as err:
+                raise PartitionError(f"module {k + 1} (units {units[0]}..{units[-1]}), G={G}: {err}") from None
+            body = b.nodes
+            c_out = body[-1].shape[0]
+            full_c = og.node(nodes[-1])["shape"][0]
+            start = group_offset(full_c, G, g, spec.cuts.split)[0] if G > 1 else 0
+            # ---- head input: own output, plus detached sibling slices (stop-gradient sharing)
+            hb = IRBuilder()
+            h = hb.input("h", body[-1].shape)
+            shares: list[Share] = []
+            if G > 1 and loc.share_ratio > 0 and not (joint and is_last):
+                pieces = []
+                for gg in range(G):
+                    if gg == g:
+                        pieces.append(h)
+                        continue
+                    c_sib = group_offset(full_c, G, gg, spec.cuts.split)[1]
+                    n_sib = int(loc.share_ratio * c_sib)
+                    if n_sib <= 0:
+                        continue
+                    shp = [n_sib] + list(body[-1].shape[1:])
+                    pieces.append(hb.input(f"sib{gg}", shp))
+                    shares.append(Share(module_ids[gg], n_sib))
+                h = hb.add("shared", "cat", {}, pieces) if len(pieces) > 1 else h
+            if e2e or (joint and is_last):
+                fk = _final_head_kind(spec, k_mod, groups)
+                outs = _build_final_head(spec, og, hb, h, fk)
+                loss = Loss("ce")
+                pkind, hkind = ("e2e" if e2e else "local"), f"final:{fk}"
+            else:
+                hidden = _hidden(spec, loc.head.hidden)
+                if G > 1 and loc.share_ratio == 0:
+                    hidden = max(1, hidden // G)
+                extra = {}
+                if head_kind == "infopro":
+                    extra = {"image_shape": input_shape, "variant": loc.head.variant, "projection": loc.head.projection}
+                try:
+                    outs = HEADS[head_kind](hb, h, og.num_classes, hidden, **extra)
+                except PartitionError as err:
+                    raise PartitionError(f"partition {name}: {err}") from None
+                lr, lt = _infopro_lambdas(loc.head.recon_weight, loc.head.task_weight, k, local_modules)
+                div_on = G > 1 and loc.diversity.weight > 0
+                loss = Loss({"1c2f": "ce", "linear": "ce", "mlp-sr": "ce", "predsim": "predsim",
+                             "infopro": "infopro"}[head_kind], beta=loc.head.beta,
+                            variant=loc.head.variant if head_kind == "infopro" else "",
+                            recon_weight=lr, task_weight=lt, temperature=loc.head.temperature,
+                            diversity_weight=loc.diversity.weight if div_on else 0.0,
+                            diversity_temperature=loc.diversity.temperature)
+                pkind, hkind = "local", head_kind
+            parts.append(Partition(
+                id=pid, name=name, kind=pkind, module=k + 1, group=g, groups=G, units=units, inputs=inputs,
+                body=body, channels=[start, start + c_out], head_kind=hkind, head=hb.nodes, head_outputs=outs,
+                loss=loss, shares=shares, siblings=[m for m in module_ids if m != pid]))
+            for inp in inputs:
+                edges.append(Edge(inp.source, pid, inp.kind, _numel(inp.shape) * FLOAT_BYTES))
+            if loss.kind == "infopro" and not any(i.kind == "image" for i in inputs):
+                # the reconstruction target: the loss reads the (de-normalised) image
+                edges.append(Edge(IMAGE, pid, "image", _numel(input_shape) * FLOAT_BYTES))
+            for sh in shares:
+                edges.append(Edge(sh.source, pid, "share", sh.channels * _numel(body[-1].shape[1:]) * FLOAT_BYTES))
+            if loss.diversity_weight > 0:
+                for sib in module_ids:
+                    if sib != pid:
+                        edges.append(Edge(sib, pid, "diversity", og.num_classes * FLOAT_BYTES))
+        prev_ids, prev_node = module_ids, nodes[-1]
+    if not e2e and not joint:
+        pid = len(parts)
+        b = IRBuilder()
+        names = []
+        inputs = []
+        for j, src in enumerate(prev_ids):
+            names.append(b.input(f"in{j}", parts[src].out_shape))
+            inputs.append(Input(src, list(parts[src].out_shape)))
+        x = names[0] if len(names) == 1 else b.add("x", "cat", {}, names)
+        hb = IRBuilder()
+        h = hb.input("h", b.shape(x))
+        fk = _final_head_kind(spec, k_mod, groups)
+        outs = _build_final_head(spec, og, hb, h, fk)
+        parts.append(Partition(
+            id=pid, name="head", kind="final", module=k_mod + 1, group=0, groups=1, units=list(og.classifier.units)
+            if fk == "model" else [], inputs=inputs, body=b.nodes, channels=[0, b.shape(x)[0]],
+            head_kind=f"final:{fk}", head=hb.nodes, head_outputs=outs, loss=Loss("ce")))
+        for inp in inputs:
+            edges.append(Edge(inp.source, pid, "activation", _numel(inp.shape) * FLOAT_BYTES))
+    plan = PartitionPlan(
+        name=spec.name, partitions=parts, edges=edges, num_modules=k_mod, groups=groups, num_classes=og.num_classes,
+        input_shape=input_shape, final_mode="joint" if joint else ("e2e" if e2e else "separate"),
+        schedule=loc.schedule, devices=spec.placement.device_list(), workers=spec.placement.workers or 1)
+    annotate_costs(plan, og)
+    place(plan, plan.devices, plan.workers)
+    return plan
+
+
+def _infopro_lambdas(recon: tuple[float, float], task: tuple[float, float], k: int, n: int) -> tuple[float, float]:
+    """λ_recon, λ_task interpolated linearly from the first to the last local module."""
+    if n <= 1:
+        return recon[0], task[0]
+    t = k / (n - 1)
+    return recon[0] + t * (recon[1] - recon[0]), task[0] + t * (task[1] - task[0])
+
+
+__all__ = ["build_plan", "IRNode"]

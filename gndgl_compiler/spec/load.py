@@ -1,0 +1,217 @@
+"""Load a spec from YAML and turn pydantic errors into messages that name the
+field path, the YAML line, what was found and what is allowed."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from ..errors import SpecError, SpecErrors
+from .models import LAYER_OPS, Spec
+from .templates import expand_model
+from .yaml_loader import LineMap, load_yaml
+
+MAX_SPEC_BYTES = 1_000_000
+
+
+def _yaml_path(data: Any, loc: tuple) -> tuple:
+    """Drop pydantic's union-tag elements from ``loc`` so it follows the YAML data."""
+    out: list = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            out.append(part)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            out.append(part)
+            node = node[part]
+        elif isinstance(node, dict) and isinstance(part, str) and part not in node:
+            # a missing field, or a union/discriminator tag
+            if part in _model_field_names():
+                out.append(part)
+                node = None
+            continue
+        else:
+            continue
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=1)
+def _model_field_names() -> frozenset[str]:
+    if True:
+        names: set[str] = set()
+
+        def walk(schema: Any) -> None:
+            if isinstance(schema, dict):
+                for key, val in schema.items():
+                    if key == "properties" and isinstance(val, dict):
+                        names.update(val)
+                    walk(val)
+            elif isinstance(schema, list):
+                for val in schema:
+                    walk(val)
+
+        walk(Spec.model_json_schema())
+    return frozenset(names)
+
+
+def _allowed_keys(data: Any, path: tuple) -> list[str]:
+    """Field names allowed at the parent of ``path`` (for 'unknown key' messages)."""
+    from . import models
+
+    parent = path[:-1]
+    cls: Any = Spec
+    node = data
+    for part in parent:
+        if isinstance(part, int):
+            if cls is None:
+                return []
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+            continue
+        field = getattr(cls, "model_fields", {}).get(part)
+        node = node.get(part) if isinstance(node, dict) else None
+        if field is None:
+            return []
+        ann = field.annotation
+        cls = None
+        for cand in (models.Model, models.Cuts, models.Local, models.Head, models.Diversity, models.FinalHead,
+                     models.Placement, models.Train, models.Optimizer, models.Schedule, models.Augment):
+            if ann is cand or cand in getattr(ann, "__args__", ()):
+                cls = cand
+        if part == "layers":
+            cls = "layers"
+    if cls == "layers" and isinstance(node, dict):
+        op = node.get("op")
+        for cand in (models.Conv, models.BN, models.ReLU, models.MaxPool, models.AvgPool, models.AdaptiveAvgPool,
+                     models.Flatten, models.Linear, models.Dropout, models.Block):
+            if cand.model_fields["op"].annotation.__args__[0] == op:
+                cls = cand
+    return sorted(getattr(cls, "model_fields", {}))
+
+
+def _describe(err: dict, data: Any, path: tuple) -> str:
+    kind = err.get("type", "")
+    found = err.get("input")
+    found_s = json.dumps(found, default=str)
+    if len(found_s) > 60:
+        found_s = found_s[:57] + "..."
+    key = path[-1] if path else ""
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(data, path)
+        return f"unknown key '{key}'" + (f"; allowed keys here: {', '.join(allowed)}" if allowed else "")
+    if kind == "missing":
+        return "this required field is missing"
+    if kind == "union_tag_invalid":
+        return f"unknown op {found_s if not isinstance(found, dict) else json.dumps(found.get('op'))}; allowed ops: {', '.join(LAYER_OPS)}"
+    if kind == "union_tag_not_found":
+        return f"each unit needs an 'op'; allowed ops: {', '.join(LAYER_OPS)}"
+    msg = err.get("msg", "invalid value")
+    msg = msg.removeprefix("Value error, ")
+    return f"{msg} (found {found_s})"
+
+
+def spec_errors_from_validation(exc: ValidationError, data: Any, lines: LineMap, file: str | None) -> SpecErrors:
+    """Convert a pydantic ``ValidationError`` into :class:`SpecErrors` with lines."""
+    errors: list[SpecError] = []
+    seen: set[tuple] = set()
+    for err in exc.errors():
+        path = _yaml_path(data, tuple(err["loc"]))
+        if err["type"] == "extra_forbidden":
+            path = path if path and path[-1] == err["loc"][-1] else path + (err["loc"][-1],)
+        msg = _describe(err, data, path)
+        if (path, msg) in seen:
+            continue
+        seen.add((path, msg))
+        errors.append(SpecError(msg, path=_dotted(path), line=lines.line_of(path), file=file))
+    return SpecErrors(errors[:20])
+
+
+def _dotted(path: tuple) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def parse_spec(data: Any, lines: LineMap | None = None, file: str | None = None) -> Spec:
+    """Validate already-parsed spec data.
+
+    Args:
+        data: the YAML document as plain Python data.
+        lines: line numbers from :func:`load_yaml`, for messages.
+        file: file name for messages.
+
+    Returns:
+        The validated :class:`Spec`.
+
+    Raises:
+        SpecError: naming the field, line, what was found and what is allowed.
+    """
+    lines = lines or LineMap()
+    if not isinstance(data, dict):
+        raise SpecError(f"a spec is a YAML mapping with keys name, model, cuts, local, placement, train; "
+                        f"found {type(data).__name__}", line=1, file=file)
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as exc:
+        raise spec_errors_from_validation(exc, data, lines, file) from None
+    names: dict[str, int] = {}
+    for i, layer in enumerate(expand_model(spec.model)):
+        if layer.name in names:
+            path = ("model", "layers", i, "name")
+            raise SpecError(f"unit name '{layer.name}' is used twice (also by unit {names[layer.name]}); names must be unique",
+                            path=_dotted(path), line=lines.line_of(path), file=file)
+        names[layer.name] = i
+    return spec
+
+
+def load_spec(source: str | os.PathLike | dict) -> Spec:
+    """Load and validate a spec.
+
+    Args:
+        source: a path to a YAML file, YAML text, or already-parsed data.
+
+    Returns:
+        The validated :class:`Spec`, with ``spec_lines`` (a LineMap) and ``spec_file``
+        attached as private attributes for later error messages.
+
+    Raises:
+        SpecError: the file cannot be read or the spec is invalid.
+    """
+    if isinstance(source, dict):
+        spec = parse_spec(source)
+        spec._lines, spec._file = LineMap(), None  # type: ignore[attr-defined]
+        return spec
+    text: str | bytes
+    file: str | None = None
+    if isinstance(source, os.PathLike) or (isinstance(source, str) and "\n" not in source and
+                                            (source.endswith((".yaml", ".yml")) or os.path.exists(source))):
+        path = Path(source)
+        file = str(source)
+        if path.is_dir():
+            raise SpecError(f"'{path}' is a directory; give a spec file (.yaml)", file=None)
+        try:
+            if path.stat().st_size > MAX_SPEC_BYTES:
+                raise SpecError(f"the file is larger than {MAX_SPEC_BYTES // 1000} kB; is it really a spec?", file=file)
+            text = path.read_bytes()
+        except FileNotFoundError:
+            raise SpecError(f"spec file '{path}' does not exist; see specs/ for examples") from None
+        except OSError as exc:
+            raise SpecError(f"cannot read spec file '{path}': {exc.strerror}") from None
+    else:
+        text = source
+    data, lines = load_yaml(text, file=file)
+    spec = parse_spec(data, lines, file)
+    spec._lines, spec._file = lines, file  # type: ignore[attr-defined]
+    return spec
+
+
+def spec_error(spec: Spec, path: tuple, message: str) -> SpecError:
+    """Build a :class:`SpecError` for a later stage, with the line of ``path`` if known."""
+    lines: LineMap = getattr(spec, "_lines", None) or LineMap()
+    return SpecError(message, path=_dotted(path), line=lines.line_of(path), file=getattr(spec, "_file", None))

@@ -1,0 +1,279 @@
+"""Pydantic models of a gndgl spec. Every field carries a one-line description
+that ends up in the JSON Schema (``gndgl schema``)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False, validate_default=True)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class _Unit(_Strict):
+    name: str | None = Field(None, pattern=NAME_PATTERN, description="Unit name (cut points may refer to it); default '<op><index>'.")
+
+
+class Conv(_Unit):
+    op: Literal["conv"] = Field(description="2-D convolution.")
+    out: int = Field(ge=1, le=65536, description="Output channels.")
+    kernel: int = Field(3, ge=1, le=15, description="Square kernel size.")
+    stride: int = Field(1, ge=1, le=8, description="Stride.")
+    padding: int | None = Field(None, ge=0, le=15, description="Zero padding; default kernel // 2.")
+    bias: bool = Field(False, description="Add a bias term.")
+
+
+class BN(_Unit):
+    op: Literal["bn"] = Field(description="Batch normalisation (1-d or 2-d by input rank).")
+
+
+class ReLU(_Unit):
+    op: Literal["relu"] = Field(description="ReLU activation.")
+
+
+class MaxPool(_Unit):
+    op: Literal["maxpool"] = Field(description="Max pooling.")
+    kernel: int = Field(2, ge=1, le=16, description="Window size.")
+    stride: int | None = Field(None, ge=1, le=16, description="Stride; default = kernel.")
+
+
+class AvgPool(_Unit):
+    op: Literal["avgpool"] = Field(description="Average pooling.")
+    kernel: int = Field(2, ge=1, le=64, description="Window size.")
+    stride: int | None = Field(None, ge=1, le=64, description="Stride; default = kernel.")
+
+
+class AdaptiveAvgPool(_Unit):
+    op: Literal["adaptive_avgpool"] = Field(description="Adaptive average pooling to a fixed size (1 = global).")
+    size: int = Field(1, ge=1, le=64, description="Output height and width.")
+
+
+class Flatten(_Unit):
+    op: Literal["flatten"] = Field(description="Flatten C×H×W to features.")
+
+
+class Linear(_Unit):
+    op: Literal["linear"] = Field(description="Fully connected layer.")
+    out: int = Field(ge=1, le=1_000_000, description="Output features.")
+    bias: bool = Field(True, description="Add a bias term.")
+
+
+class Dropout(_Unit):
+    op: Literal["dropout"] = Field(description="Dropout.")
+    p: float = Field(0.0, ge=0.0, lt=1.0, description="Drop probability.")
+
+
+class Block(_Unit):
+    op: Literal["block"] = Field(description="Basic residual block: conv-bn-relu-conv-bn + shortcut, relu.")
+    out: int = Field(ge=1, le=65536, description="Output channels.")
+    stride: int = Field(1, ge=1, le=4, description="Stride of the first conv (and the shortcut).")
+
+
+Layer = Annotated[
+    Union[Conv, BN, ReLU, MaxPool, AvgPool, AdaptiveAvgPool, Flatten, Linear, Dropout, Block],
+    Field(discriminator="op"),
+]
+LAYER_OPS = ("conv", "bn", "relu", "maxpool", "avgpool", "adaptive_avgpool", "flatten", "linear", "dropout", "block")
+
+
+class Model(_Strict):
+    template: Literal["resnet20", "resnet32", "resnet56", "resnet110", "vgg6a"] | None = Field(
+        None, description="Built-in network; expands to plain layers. Give either this or 'layers'.")
+    width: float = Field(1.0, gt=0, le=16, description="Template width multiplier (2 = '2×ResNet-32').")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Template dropout after each hidden layer (vgg6a).")
+    layers: list[Layer] | None = Field(None, min_length=1, max_length=4096, description="Explicit list of units.")
+    input_shape: tuple[int, int, int] = Field((3, 32, 32), description="Input C, H, W.")
+    num_classes: int = Field(10, ge=2, le=100_000, description="Number of classes of the task.")
+
+    @field_validator("input_shape")
+    @classmethod
+    def _positive_shape(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(d < 1 or d > 4096 for d in v):
+            raise ValueError(f"every entry of input_shape must be in 1..4096, got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "Model":
+        if (self.template is None) == (self.layers is None):
+            raise ValueError("give exactly one of 'template' (resnet32, vgg6a, ...) or 'layers' (a list of units)")
+        return self
+
+
+# ----------------------------------------------------------------------------- cuts
+
+CutPoint = Union[int, str]
+
+
+class Cuts(_Strict):
+    depth: int | list[CutPoint] = Field(1, description="K modules (int; ResNets use the paper's table) or explicit cut points: cut after these units (name or index).")
+    width: int | list[int] = Field(1, description="Groups per module: one G for all, or one value per module.")
+    split: Literal["equal", "balanced"] = Field("equal", description="'equal' needs G to divide every channel count; 'balanced' allows sizes differing by one.")
+
+    @field_validator("depth")
+    @classmethod
+    def _depth(cls, v):
+        if isinstance(v, bool):
+            raise ValueError("depth must be an integer K or a list of cut points, not a boolean")
+        if isinstance(v, int) and not 1 <= v <= 1024:
+            raise ValueError(f"depth K must be between 1 and 1024, got {v}")
+        if isinstance(v, list):
+            if len(v) > 1024:
+                raise ValueError("at most 1024 cut points")
+            seen = set()
+            for c in v:
+                if isinstance(c, bool):
+                    raise ValueError("a cut point is a unit name or index, not a boolean")
+                if c in seen:
+                    raise ValueError(f"cut point {c!r} is given twice; list each cut once")
+                seen.add(c)
+        return v
+
+    @field_validator("width")
+    @classmethod
+    def _width(cls, v):
+        vals = [v] if isinstance(v, int) else v
+        if isinstance(v, list) and not 1 <= len(v) <= 1024:
+            raise ValueError("width list must have one entry per module (1..1024 entries)")
+        for g in vals:
+            if isinstance(g, bool) or not 1 <= g <= 4096:
+                raise ValueError(f"every G must be an integer in 1..4096, got {g!r}")
+        return v
+
+
+# ----------------------------------------------------------------------------- local learning
+
+HeadKind = Literal["1c2f", "linear", "mlp-sr", "predsim", "infopro"]
+
+
+class Head(_Strict):
+    kind: HeadKind = Field("1c2f", description="Auxiliary head: 1c2f, linear, mlp-sr, predsim or infopro.")
+    hidden: int | None = Field(None, ge=1, le=65536, description="Hidden width F of 1c2f / mlp-sr heads; default 128 × width.")
+    beta: float = Field(0.99, ge=0, le=1, description="predsim: weight of the similarity-matching term.")
+    variant: Literal["contrast", "softmax"] = Field("contrast", description="infopro: task term, supervised contrastive or softmax.")
+    recon_weight: tuple[float, float] = Field((5.0, 0.0), description="infopro: λ_recon at the first and last local module.")
+    task_weight: tuple[float, float] = Field((0.0, 2.0), description="infopro: λ_task at the first and last local module.")
+    temperature: float = Field(0.07, gt=0, le=100, description="infopro contrast: temperature of the contrastive loss.")
+    projection: int = Field(128, ge=1, le=65536, description="infopro contrast: projection dimension.")
+
+
+class Diversity(_Strict):
+    weight: float = Field(0.0, ge=0, le=1000, description="Weight w of the diversity penalty (0 = off).")
+    temperature: float = Field(3.0, gt=0, le=1000, description="Softmax temperature T of the penalty.")
+
+
+class FinalHead(_Strict):
+    kind: Literal["auto", "1c2f", "linear", "model"] = Field("auto", description="Final head: 1c2f-shaped, avgpool+linear, the model's own classifier units, or 'auto' (model when joint or end-to-end, else 1c2f).")
+    mode: Literal["separate", "joint"] = Field("separate", description="'separate': its own partition on the detached last map; 'joint': closes the last module.")
+    hidden: int | None = Field(None, ge=1, le=65536, description="Hidden width of a 1c2f final head; default 128 × width.")
+
+
+class Local(_Strict):
+    head: Head = Field(default_factory=Head, description="Auxiliary head of every partition.")
+    share_ratio: float = Field(0.0, ge=0, le=1, description="Stop-gradient sharing r: fraction of each sibling's channels its aux head sees.")
+    diversity: Diversity = Field(default_factory=Diversity, description="Diversity penalty between sibling groups.")
+    final_head: FinalHead = Field(default_factory=FinalHead, description="The classifier at the end of the network.")
+    schedule: Literal["parallel", "sequential"] = Field("parallel", description="'parallel' (DGL) or 'sequential' greedy layerwise training.")
+
+
+# ----------------------------------------------------------------------------- placement
+
+
+class Placement(_Strict):
+    devices: str | list[str] = Field("cpu", description="Devices partitions are balanced over: 'cpu', 'cuda', 'cuda:N' or a list.")
+    workers: int | None = Field(None, ge=1, le=4096, description="Number of distributed workers (ranks) to balance over instead of devices.")
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, v):
+        vals = [v] if isinstance(v, str) else v
+        if not vals:
+            raise ValueError("give at least one device")
+        import re
+        for d in vals:
+            if not re.fullmatch(r"cpu|cuda(:\d{1,3})?|mps", d):
+                raise ValueError(f"unknown device {d!r}; use 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        return v
+
+    def device_list(self) -> list[str]:
+        """The devices as a list."""
+        return [self.devices] if isinstance(self.devices, str) else list(self.devices)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class Optimizer(_Strict):
+    kind: Literal["sgd", "adam", "adamw"] = Field("sgd", description="Optimizer of every partition.")
+    lr: float = Field(0.1, gt=0, le=100, description="Peak learning rate.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    nesterov: bool = Field(True, description="SGD Nesterov momentum.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="L2 weight decay (decoupled for adamw).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
+
+    @model_validator(mode="after")
+    def _nesterov(self) -> "Optimizer":
+        if self.kind == "sgd" and self.nesterov and self.momentum == 0:
+            raise ValueError("Nesterov needs momentum > 0; set momentum or nesterov: false")
+        return self
+
+
+class Schedule(_Strict):
+    kind: Literal["cosine", "multistep", "constant"] = Field("cosine", description="LR schedule, stepped every batch.")
+    warmup_epochs: float = Field(0.0, ge=0, le=10000, description="Linear warm-up length in epochs.")
+    warmup_start_lr: float = Field(0.0, ge=0, le=100, description="LR at the start of the warm-up.")
+    min_lr: float = Field(0.0, ge=0, le=100, description="cosine: final LR.")
+    milestones: list[float] = Field(default_factory=list, description="multistep: epochs at which the LR drops.")
+    gamma: float = Field(0.1, gt=0, le=1, description="multistep: factor per milestone (unless 'values' is given).")
+    values: list[float] | None = Field(None, description="multistep: explicit LR after each milestone.")
+
+    @model_validator(mode="after")
+    def _multistep(self) -> "Schedule":
+        if any(b <= a for a, b in zip(self.milestones, self.milestones[1:])):
+            raise ValueError(f"milestones must increase strictly, got {self.milestones}")
+        if self.values is not None and len(self.values) != len(self.milestones):
+            raise ValueError(f"'values' needs one LR per milestone ({len(self.milestones)}), got {len(self.values)}")
+        return self
+
+
+class Augment(_Strict):
+    crop_pad: int = Field(4, ge=0, le=64, description="Random crop after zero padding by this many pixels (0 = off).")
+    flip: bool = Field(True, description="Random horizontal flip.")
+
+
+class Train(_Strict):
+    dataset: str = Field("cifar10", min_length=1, max_length=4096, description="cifar10, cifar100, mnist, fashion-mnist, synthetic, or a path to an image folder / .tar.gz.")
+    data_root: str | None = Field(None, max_length=4096, description="Where torchvision / IDX files live (default $GNDGL_DATA).")
+    batch_size: int = Field(128, ge=1, le=1_000_000, description="Mini-batch size.")
+    epochs: int = Field(1, ge=1, le=100_000, description="Training epochs.")
+    optimizer: Optimizer = Field(default_factory=Optimizer, description="Optimizer settings (one optimizer per partition).")
+    schedule: Schedule = Field(default_factory=Schedule, description="Learning-rate schedule.")
+    augment: Augment | None = Field(default_factory=Augment, description="Data augmentation; null for none.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of weights, batch order and augmentation.")
+    checkpoint_every: int = Field(0, ge=0, description="Also checkpoint every N steps (0 = only each epoch).")
+    log_every: int = Field(50, ge=1, description="Log training metrics every N steps.")
+    amp: Literal["auto", "bf16", "off"] = Field("auto", description="bf16 autocast: 'auto' = on for CUDA.")
+    channels_last: Literal["auto", "on", "off"] = Field("auto", description="channels_last memory format: 'auto' = on for CUDA.")
+    fused: bool = Field(True, description="Fuse the partitions on one device into one step (same math, fewer kernels).")
+
+
+class Spec(_Strict):
+    """A gndgl spec: the network, how to cut it, and how to train it."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="Name of the spec (letters, digits, '_', '-', '.').")
+    description: str | None = Field(None, max_length=10000, description="Free text: what the spec reproduces.")
+    model: Model = Field(description="The network: a template or explicit layers.")
+    cuts: Cuts = Field(default_factory=Cuts, description="Depth cuts K and width cuts G.")
+    local: Local = Field(default_factory=Local, description="Local-learning method: heads, sharing, diversity, final head, schedule.")
+    placement: Placement = Field(default_factory=Placement, description="Where partitions run.")
+    train: Train = Field(default_factory=Train, description="Training recipe (used by 'gndgl train').")
+    _lines: Any = PrivateAttr(None)
+    _file: Any = PrivateAttr(None)
