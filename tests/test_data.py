@@ -330,3 +330,44 @@ def test_cifar10_jpeg_archive(tmp_path_factory):
     assert abs(b.mean[0] - 0.49) < 0.01
     c = load_dataset("cifar10", root=str(tmp_path_factory.mktemp("no-cifar")), cache_dir=cache, limit_train=2000)
     assert torch.equal(c.train_x, b.train_x) and c.name == "cifar10"
+
+
+def test_cifar_torchvision_copy_is_converted_and_cached(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+    calls = []
+
+    class FakeCIFAR10:
+        base_folder = "cifar-10-batches-py"
+
+        def __init__(self, root, train=True, download=False):
+            calls.append(train)
+            n = 6 if train else 4
+            self.data = np.arange(n * 32 * 32 * 3, dtype=np.int64).reshape(n, 32, 32, 3).astype(np.uint8)
+            self.targets = list(range(n))
+            self.classes = [f"c{i}" for i in range(10)]
+
+    monkeypatch.setattr(tvd, "CIFAR10", FakeCIFAR10)
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"x")
+    b = load_dataset("cifar10", root=str(tmp_path), cache_dir=str(tmp_path / "c"))
+    assert b.train_x.shape == (6, 3, 32, 32) and b.test_y.tolist() == [0, 1, 2, 3]
+    assert torch.equal(b.train_x[1, 2], torch.from_numpy(FakeCIFAR10(None).data[1, :, :, 2]))
+    assert b.mean == (0.4914, 0.4822, 0.4465) and b.classes[3] == "c3"
+    again = load_dataset("cifar10", root=str(tmp_path), cache_dir=str(tmp_path / "c"))
+    assert len(calls) == 3 and torch.equal(again.train_x, b.train_x)  # 2 + the one above; none for the cache hit
+
+
+def test_corrupt_torchvision_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("GNDGL_CIFAR10_JPEG", raising=False)
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"x")
+    with pytest.raises(DataError, match="cannot be read.*--download"):
+        load_dataset("cifar10", root=str(tmp_path), cache_dir=str(tmp_path / "c"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to compare CPU and GPU batches")
+def test_batches_device_independent(syn):
+    cpu = list(Batches(syn, batch_size=16, seed=1, epoch=3))
+    gpu = list(Batches(syn.to("cuda"), batch_size=16, seed=1, epoch=3))
+    for (s1, x1, y1), (s2, x2, y2) in zip(cpu, gpu, strict=True):
+        assert s1 == s2 and torch.equal(y1, y2.cpu()) and torch.allclose(x1, x2.cpu(), atol=1e-6)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gndgl_compiler.runtime import losses as L
+from gndgl_compiler.graph import losses as L
 
 
 @pytest.fixture

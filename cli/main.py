@@ -1,0 +1,40 @@
+"""The ``gndgl`` command: a thin Typer layer over :mod:`gndgl_compiler`.
+
+Every :class:`~gndgl_compiler.errors.GndglError` is printed as a one-paragraph
+message (no traceback) and exits with its code (2 for bad input).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from . import compile_cmd, train_cmd, viz_cmd
+from .common import console_err, run_guarded
+
+app = typer.Typer(
+    name="gndgl",
+    help="Declarative graph compiler for local learning (Grouped Neuron DGL): compile, train, draw.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+compile_cmd.register(app)
+train_cmd.register(app)
+viz_cmd.register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    try:
+        code = run_guarded(lambda: app(args=argv, standalone_mode=False))
+    except KeyboardInterrupt:
+        console_err.print("[yellow]interrupted[/]")
+        code = 130
+    sys.exit(code or 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""The Python API: compile a spec, load an artifact.
+
+    >>> from gndgl_compiler import compile_spec, load_artifact
+    >>> art = compile_spec("specs/resnet32_k8g4.yaml", out_dir="compiled")
+    >>> art = load_artifact("compiled")
+    >>> art.summary["training_speedup"]
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch.fx as fx
+
+from .codegen.artifact import (load_state_tensors, read_json, read_manifest, read_weights, write_artifact)
+from .codegen.modules import PartitionModule, build_assembled, build_partitions
+from .errors import GndglError, PartitionError, SpecError
+from .graph.build import build_graph
+from .partition.partitioner import build_plan
+from .partition.plan import PartitionPlan
+from .partition.validate import validate_plan
+from .spec.load import load_spec, spec_error
+from .spec.models import Spec
+
+
+@dataclass
+class Artifact:
+    """A compiled spec: the plan, the partition modules and where it lives."""
+
+    spec: dict[str, Any]
+    """The normalised spec as plain data."""
+    plan: PartitionPlan
+    modules: dict[int, PartitionModule]
+    path: Path | None = None
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """End-to-end / max-partition MACs and speed-ups (DESIGN §4)."""
+        return self.plan.summary
+
+    @property
+    def train_config(self) -> dict[str, Any]:
+        """The spec's ``train`` section."""
+        return self.spec["train"]
+
+    def assembled(self) -> fx.GraphModule:
+        """The inference network (bodies + final head), sharing weights with ``modules``."""
+        return build_assembled(self.plan, self.modules)
+
+
+def _spec_of(source: str | os.PathLike | dict | Spec) -> Spec:
+    return source if isinstance(source, Spec) else load_spec(source)
+
+
+def compile_spec(source: str | os.PathLike | dict | Spec, out_dir: str | os.PathLike | None = None,
+                 *, workers: int | None = None) -> Artifact:
+    """Compile a spec: graph → partitions → fx modules (and write the artifact).
+
+    Args:
+        source: a spec path, YAML text, parsed data or a :class:`Spec`.
+        out_dir: where to write the artifact; ``None`` keeps it in memory.
+        workers: override ``placement.workers``.
+
+    Returns:
+        The :class:`Artifact`.
+
+    Raises:
+        SpecError: the spec is invalid (field, line, what is allowed).
+        ArtifactError: the output directory cannot be written.
+    """
+    spec = _spec_of(source)
+    if workers is not None:
+        spec.placement.workers = workers
+    try:
+        og = build_graph(spec)
+    except GndglError as err:
+        raise spec_error(spec, ("model",), str(err)) from None
+    try:
+        plan = build_plan(spec, og)
+        validate_plan(plan, og)
+    except PartitionError as err:
+        path = ("cuts", "width") if "G=" in str(err) else ("cuts", "depth")
+        if "mode" in str(err):
+            path = ("local", "final_head", "mode")
+        raise spec_error(spec, path, str(err)) from None
+    modules = build_partitions(plan, seed=spec.train.seed)
+    spec_json = spec.model_dump(mode="json")
+    art = Artifact(spec_json, plan, modules)
+    if out_dir is not None:
+        segments = [{"index": s.index, "name": s.name, "units": s.units, "nodes": s.nodes, "output": s.output}
+                    for s in og.segments]
+        train = {"optimizer": spec_json["train"]["optimizer"], "schedule": spec_json["train"]["schedule"],
+                 "per_partition": True}
+        art.path = write_artifact(out_dir, spec_json=spec_json, graph=og.graph, segments=segments, plan=plan,
+                                  train=train, parts=modules)
+        art.manifest = read_manifest(art.path, verify=False)
+    return art
+
+
+def load_artifact(path: str | os.PathLike, *, ids: list[int] | None = None, verify: bool = True) -> Artifact:
+    """Load a compiled artifact: verify hashes, rebuild modules from the plan, load weights.
+
+    Args:
+        path: the artifact directory.
+        ids: build only these partitions (a distributed rank builds its own).
+        verify: check every file's sha256 against the manifest.
+
+    Returns:
+        The :class:`Artifact`.
+
+    Raises:
+        ArtifactError: missing, tampered or incompatible files.
+    """
+    d = Path(path)
+    manifest = read_manifest(d, verify=verify)
+    spec = read_json(d, "spec.json")
+    plan_d = read_json(d, "plan.json")
+    plan_d.pop("train", None)
+    try:
+        plan = PartitionPlan.from_dict(plan_d)
+    except (TypeError, KeyError) as exc:
+        from .errors import ArtifactError
+        raise ArtifactError(f"'{d / 'plan.json'}' does not describe a plan ({exc}); recompile the spec") from None
+    modules = build_partitions(plan, seed=0, ids=ids)
+    load_state_tensors(modules, plan, read_weights(d), str(d / "weights.safetensors"))
+    return Artifact(spec, plan, modules, d, manifest)
+
+
+__all__ = ["Artifact", "SpecError", "compile_spec", "load_artifact", "load_spec"]
