@@ -1,5 +1,129 @@
-"""placeholder"""
+"""``gndgl train`` and ``gndgl eval``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from gndgl_compiler.errors import GndglError
+
+from .common import console
 
 
-def register(app):
-    """Add commands."""
+class _Display:
+    """Rich progress: epoch, step, mean loss, images/s, ETA; one line per evaluated epoch."""
+
+    def __init__(self, total_steps: int | None):
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                 TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console,
+                                 transient=False, disable=not console.is_terminal)
+        self.task = self.progress.add_task("train", total=total_steps, info="")
+        self.step_recs: list[dict] = []
+
+    def __call__(self, rec: dict) -> None:
+        if rec["kind"] == "train":
+            if self.step_recs and self.step_recs[-1]["step"] != rec["step"]:
+                self._flush()
+            self.step_recs.append(rec)
+        elif rec["kind"] == "eval":
+            self._flush()
+            by_module: dict[str, list[float]] = {}
+            for name, acc in rec["partition_acc"].items():
+                by_module.setdefault(name.split(".")[0], []).append(acc)
+            local = " ".join(f"{m}:{100 * sum(v) / len(v):.1f}" for m, v in by_module.items())
+            console.print(f"epoch {rec['epoch'] + 1}: test {100 * rec['test_acc']:.2f}% · ensemble "
+                          f"{100 * rec['ensemble_acc']:.2f}% · local {local} · {rec['wall_s']:.0f}s", highlight=False)
+
+    def _flush(self) -> None:
+        if not self.step_recs:
+            return
+        r = self.step_recs[0]
+        loss = sum(x["loss"] for x in self.step_recs) / len(self.step_recs)
+        info = f"epoch {r['epoch'] + 1} · loss {loss:.3f} · {r['images_per_s']:.0f} img/s · lr {r['lr']:.3g}"
+        self.progress.update(self.task, completed=r["step"], info=info)
+        if not console.is_terminal:
+            console.print(f"step {r['step']}: {info}", highlight=False)
+        self.step_recs = []
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``train`` and ``eval`` to ``app``."""
+
+    @app.command("train")
+    def train(
+        source: Optional[Path] = typer.Argument(None, help="Compiled artifact directory or a spec (.yaml) to compile on the fly."),
+        epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override train.epochs."),
+        dataset: Optional[str] = typer.Option(None, "--dataset", help="Override train.dataset (cifar10, fashion-mnist, synthetic, a folder/.tar.gz, ...)."),
+        data_root: Optional[str] = typer.Option(None, "--data-root", help="Where data set files live."),
+        download: bool = typer.Option(False, "--download", help="Let torchvision download CIFAR (needs internet)."),
+        device: Optional[str] = typer.Option(None, "--device", help="Run every partition on this device (cpu, cuda, cuda:N)."),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Override train.batch_size."),
+        lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help="Override the peak learning rate."),
+        seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Override train.seed."),
+        fused: Optional[bool] = typer.Option(None, "--fused/--no-fused", help="Per-device fused step (default from the spec)."),
+        run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Run directory (default runs/<name>-<time>)."),
+        resume: Optional[str] = typer.Option(None, "--resume", help="Continue an interrupted run directory."),
+        limit_train: Optional[int] = typer.Option(None, "--limit-train", min=1, help="Use only N training images."),
+        limit_test: Optional[int] = typer.Option(None, "--limit-test", min=1, help="Use only N test images."),
+        max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after N steps (checkpointed)."),
+        checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", min=0, help="Also checkpoint every N steps."),
+        log_every: Optional[int] = typer.Option(None, "--log-every", min=1, help="Log every N steps."),
+        workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Distributed: spawn N local worker processes."),
+        tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard", help="TensorBoard logs (default: when installed)."),
+    ) -> None:
+        """Train a compiled artifact (or a spec, compiled on the fly); resumable."""
+        from gndgl_compiler import compile_spec
+        from gndgl_compiler.runtime.train import TrainOptions, train_artifact
+
+        if workers is not None and workers > 1:
+            raise GndglError("distributed training (--workers) is not available in this version; "
+                             "train in one process (omit --workers)")
+        if source is None and resume is None:
+            source = Path("compiled")
+        art = None
+        if resume is None:
+            assert source is not None
+            if source.is_file() or source.suffix in (".yaml", ".yml"):
+                out = Path("compiled") / source.stem
+                console.print(f"compiling {source} → {out}/", highlight=False)
+                art = compile_spec(source, out)
+            else:
+                from gndgl_compiler import load_artifact
+                art = load_artifact(source)
+        opts = TrainOptions(epochs=epochs, dataset=dataset, data_root=data_root, download=download, device=device,
+                            batch_size=batch_size, lr=lr, seed=seed, fused=fused, run_dir=run_dir, resume=resume,
+                            limit_train=limit_train, limit_test=limit_test, max_steps=max_steps,
+                            checkpoint_every=checkpoint_every, log_every=log_every, tensorboard=tensorboard)
+        display = _Display(None)
+        opts.on_log = display
+        t0 = time.time()
+        with display.progress:
+            summary = train_artifact(art if art is not None else Path("."), opts)
+        acc = summary.get("test_acc")
+        console.print(f"[bold green]done[/] in {time.time() - t0:.0f}s · test accuracy "
+                      f"{'n/a' if acc is None else f'{100 * acc:.2f}%'} · run directory {summary['run_dir']}",
+                      highlight=False)
+
+    @app.command("eval")
+    def eval_(
+        run: Path = typer.Argument(..., help="Run directory made by 'gndgl train'."),
+        device: Optional[str] = typer.Option(None, "--device", help="Device to evaluate on."),
+        limit_test: Optional[int] = typer.Option(None, "--limit-test", min=1, help="Use only N test images."),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    ) -> None:
+        """Test accuracy (final head, layerwise ensemble, each partition) of a finished or partial run."""
+        from gndgl_compiler.runtime.train import evaluate_run
+
+        ev = evaluate_run(run, device=device, limit_test=limit_test)
+        if as_json:
+            print(json.dumps(ev, indent=1))
+            return
+        console.print(f"{run} ({ev['source']}, {ev['n']} test images): test accuracy [bold]{100 * ev['test_acc']:.2f}%[/]"
+                      f" · layerwise ensemble {100 * ev['ensemble_acc']:.2f}%", highlight=False)
+        for name, acc in ev["partition_acc"].items():
+            console.print(f"  {name:10s} {100 * acc:6.2f}%", highlight=False)

@@ -17,14 +17,16 @@ from ..graph.ops import get_op
 from ..partition.plan import IRNode, Loss
 
 
-def emit_ir(nodes: list[IRNode], outputs: str | dict[str, str], class_name: str, detach_inputs: bool = True) -> fx.GraphModule:
+def emit_ir(nodes: list[IRNode], outputs: str | dict[str, str], class_name: str,
+            live_inputs: tuple[str, ...] = ()) -> fx.GraphModule:
     """Emit a GraphModule computing ``outputs`` from the input nodes of ``nodes``.
 
     Args:
         nodes: IR nodes in topological order; ``kind == 'input'`` become placeholders.
         outputs: one IR name, or a dict of named outputs.
         class_name: name of the generated class (shows in ``print(gm)``).
-        detach_inputs: detach every input (partition boundaries are stop-gradient).
+        live_inputs: inputs that stay attached (the aux head's own ``h``); every other
+            input crosses a partition boundary and is detached.
 
     Returns:
         The GraphModule; its submodules are named after the IR nodes.
@@ -36,9 +38,9 @@ def emit_ir(nodes: list[IRNode], outputs: str | dict[str, str], class_name: str,
     for n in nodes:
         if n.kind == "input":
             ph = graph.placeholder(n.name)
-            env[n.name] = graph.call_method("detach", (ph,)) if detach_inputs else ph
-            if detach_inputs:
-                env[n.name].name = f"{n.name}_sg"
+            env[n.name] = ph
+            if n.name not in live_inputs:
+                env[n.name] = graph.create_node("call_method", "detach", (ph,), {}, name=f"{n.name}_sg")
             continue
         op = get_op(n.kind)
         args = [env[a] for a in n.args]

@@ -32,7 +32,7 @@ class PartitionModule(nn.Module):
         self.part = part
         base = _cls(part.name)
         self.body = emit_ir(part.body, part.output, f"{base}Body")
-        self.aux = emit_ir(part.head, part.head_outputs, f"{base}Head")
+        self.aux = emit_ir(part.head, part.head_outputs, f"{base}Head", live_inputs=("h",))
         n_sib = len(part.siblings) if part.loss.diversity_weight > 0 else 0
         self.loss = emit_loss(part.loss, part.head_outputs, num_classes, n_sib, f"{base}Loss")
 

@@ -31,6 +31,8 @@ def _scalar(key: str, value: Any) -> Any:
         return float(value)
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if isinstance(value, dict):
+        return {str(k): _scalar(f"{key}.{k}", v) for k, v in value.items()}
     raise TypeError(f"metric '{key}' has type {type(value).__name__}; log numbers (or a string such as 'kind')")
 
 

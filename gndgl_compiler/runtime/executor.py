@@ -1,0 +1,210 @@
+"""Single-process executor: one training step and one evaluation pass over all partitions.
+
+One step, for a batch (x, y):
+
+    bodies  : h_p = body_p(detached upstream outputs)          (network order)
+    heads   : out_p = aux_p(h_p, detached sibling slices)      (stop-gradient sharing)
+    exchange: p̂_p = diversity_probs(out_p.logits, y).detach()  (diversity)
+    losses  : L_p = loss_p(out_p, y, [image], p̂_siblings)
+    update  : per partition: backward(L_p), optimizer step     (unfused)
+              per device:    backward(Σ L_p), one foreach step (fused; same math)
+
+No gradient crosses a partition: every input of a body and every sibling tensor
+is detached inside the generated code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from ..codegen.modules import PartitionModule
+from ..graph import losses as L
+from ..partition.plan import IMAGE, PartitionPlan
+from .optim import make_optimizer, set_lr
+
+HEAD_KEYS = ("logits", "sim", "recon", "proj")
+
+
+class Executor:
+    """Runs the partitions of a plan in one process.
+
+    Args:
+        plan: the partition plan.
+        modules: ``{partition id: PartitionModule}`` (moved to their devices here).
+        optimizer: the spec's ``train.optimizer`` section.
+        devices: ``{partition id: device}``.
+        fused: per-device fused step (one backward, multi-tensor optimizer).
+        amp: bf16 autocast (CUDA only).
+        channels_last: channels_last memory format for 4-d tensors.
+        denorm: ``(mean, std)`` to turn the normalised image back into [0, 1] (InfoPro).
+    """
+
+    def __init__(self, plan: PartitionPlan, modules: dict[int, PartitionModule], optimizer: dict[str, Any],
+                 devices: dict[int, torch.device], *, fused: bool = True, amp: bool = False,
+                 channels_last: bool = False, denorm: tuple[tuple[float, ...], tuple[float, ...]] | None = None):
+        self.plan, self.modules, self.devices = plan, modules, devices
+        self.fused, self.amp, self.channels_last, self.denorm = fused, amp, channels_last, denorm
+        self.parts = {p.id: p for p in plan.partitions}
+        self.order = [p.id for p in plan.partitions if p.id in modules]
+        for pid in self.order:
+            m = modules[pid].to(devices[pid])
+            if channels_last:
+                m.to(memory_format=torch.channels_last)
+        self.optimizers: dict[Any, torch.optim.Optimizer] = {}
+        if fused:
+            by_dev: dict[torch.device, list[dict]] = {}
+            for pid in self.order:
+                by_dev.setdefault(devices[pid], []).append({"params": list(modules[pid].parameters()), "pid": pid})
+            for dev, groups in by_dev.items():
+                self.optimizers[str(dev)] = make_optimizer(groups, optimizer, foreach=True)
+        else:
+            for pid in self.order:
+                self.optimizers[pid] = make_optimizer(modules[pid].parameters(), optimizer, foreach=False)
+
+    # ------------------------------------------------------------------ forward passes
+    def _autocast(self, device: torch.device):
+        if self.amp and device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, active: set[int] | None = None,
+                with_loss: bool = True) -> tuple[dict[int, dict], dict[int, torch.Tensor]]:
+        """Bodies, heads, diversity exchange and losses for one batch.
+
+        Args:
+            x: normalised images (on the first partition's device).
+            y: labels.
+            active: partitions that train (others run without grad; sequential schedule).
+            with_loss: also compute the local losses.
+
+        Returns:
+            ``(head outputs by partition, losses by partition)``.
+        """
+        h: dict[int, torch.Tensor] = {IMAGE: x}
+        outs: dict[int, dict] = {}
+        for pid in self.order:
+            p, dev = self.parts[pid], self.devices[pid]
+            grad = active is None or pid in active
+            with torch.set_grad_enabled(grad and torch.is_grad_enabled()), self._autocast(dev):
+                args = [h[i.source].to(dev, non_blocking=True) for i in p.inputs]
+                h[pid] = self.modules[pid].body(*args)
+        for pid in self.order:
+            p, dev = self.parts[pid], self.devices[pid]
+            if active is not None and pid not in active:
+                continue
+            with torch.set_grad_enabled(torch.is_grad_enabled()), self._autocast(dev):
+                shares = [h[s.source][:, :s.channels].to(dev, non_blocking=True) for s in p.shares]
+                outs[pid] = self.modules[pid].aux(h[pid], *shares)
+        losses: dict[int, torch.Tensor] = {}
+        if not with_loss:
+            return outs, losses
+        p_hat: dict[int, torch.Tensor] = {}
+        for pid in self.order:
+            lp = self.parts[pid].loss
+            if lp.diversity_weight > 0 and pid in outs:
+                p_hat[pid] = L.diversity_probs(outs[pid]["logits"].detach(), y.to(self.devices[pid]),
+                                               lp.diversity_temperature)
+        for pid in self.order:
+            if active is not None and pid not in active:
+                continue
+            p, dev = self.parts[pid], self.devices[pid]
+            yd = y.to(dev, non_blocking=True)
+            args = [outs[pid][k] for k in HEAD_KEYS if k in p.head_outputs] + [yd]
+            if p.loss.kind == "infopro":
+                args.append(self._image01(x).to(dev))
+            if p.loss.diversity_weight > 0:
+                args += [p_hat[s].to(dev) for s in p.siblings]
+            losses[pid] = self.modules[pid].loss(*args)
+        return outs, losses
+
+    def _image01(self, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self.denorm or ((0.0,), (1.0,))
+        m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
+        s = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
+        return (x.float() * s + m).clamp(0, 1)
+
+    # ------------------------------------------------------------------ training
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, active: set[int] | None = None
+                   ) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+        """One optimisation step of every (active) partition.
+
+        Returns:
+            ``{pid: (detached loss, number of correct predictions or None)}``, on device (no host sync).
+        """
+        for pid in self.order:
+            self.modules[pid].train(active is None or pid in active)
+        outs, losses = self.forward(x, y, active)
+        if self.fused:
+            by_dev: dict[str, list[torch.Tensor]] = {}
+            for pid, loss in losses.items():
+                by_dev.setdefault(str(self.devices[pid]), []).append(loss)
+            for dev, ls in by_dev.items():
+                total = ls[0]
+                for extra in ls[1:]:
+                    total = total + extra
+                total.backward()
+            for opt in self.optimizers.values():
+                set_lr(opt, lr)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        else:
+            for pid, loss in losses.items():
+                loss.backward()
+                opt = self.optimizers[pid]
+                set_lr(opt, lr)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        stats = {}
+        for pid, loss in losses.items():
+            logits = outs[pid].get("logits")
+            correct = None
+            if logits is not None:
+                correct = (logits.detach().argmax(1) == y.to(logits.device)).sum()
+            stats[pid] = (loss.detach(), correct)
+        return stats
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, batches) -> dict[str, Any]:
+        """Test accuracy of the assembled network, the layerwise ensemble and every partition.
+
+        Args:
+            batches: iterable of ``(step, x, y)`` test batches.
+
+        Returns:
+            ``{"test_acc", "ensemble_acc", "partition_acc": {name: acc}, "n"}``.
+        """
+        for m in self.modules.values():
+            m.eval()
+        final = self.plan.final.id
+        correct = {pid: 0 for pid in self.order}
+        ens_correct, n = 0, 0
+        modules: dict[int, list[int]] = {}
+        for pid in self.order:
+            modules.setdefault(self.parts[pid].module, []).append(pid)
+        for _, x, y in batches:
+            outs, _ = self.forward(x, y, with_loss=False)
+            probs_by_module = []
+            for mod in sorted(modules):
+                probs = [outs[pid]["logits"].float().softmax(1).to(x.device) for pid in modules[mod]
+                         if "logits" in outs[pid]]
+                if probs:
+                    probs_by_module.append(probs)
+            for pid in self.order:
+                if "logits" in outs[pid]:
+                    correct[pid] += int((outs[pid]["logits"].argmax(1).to(y.device) == y).sum())
+            ens = L.layerwise_ensemble(probs_by_module)
+            ens_correct += int((ens.argmax(1).to(y.device) == y).sum())
+            n += y.numel()
+        n = max(n, 1)
+        names = {pid: self.parts[pid].name for pid in self.order}
+        return {
+            "test_acc": correct[final] / n,
+            "ensemble_acc": ens_correct / n,
+            "partition_acc": {names[pid]: correct[pid] / n for pid in self.order
+                              if "logits" in self.parts[pid].head_outputs},
+            "n": n,
+        }

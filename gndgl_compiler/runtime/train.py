@@ -1,0 +1,349 @@
+"""``train_artifact``: the training entry point (one process).
+
+    load artifact ─▶ data on device ─▶ executor ─▶ for epoch, step:
+        lr = lr_at(step) ; stats = executor.train_step(x, y, lr)
+        every log_every: metrics.jsonl + progress      every checkpoint_every: checkpoint
+        end of epoch: evaluate (final head, ensemble, partitions) + checkpoint
+    ─▶ weights.safetensors + summary.json
+
+A run killed at any point resumes from its last checkpoint (``resume=run_dir``)
+and ends with the same weights as an uninterrupted run on CPU: data order and
+augmentation are functions of (seed, epoch, step), and RNG, optimizer and BN
+states are checkpointed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import save_file
+
+from ..api import Artifact, load_artifact
+from ..codegen.artifact import load_state_tensors, state_tensors
+from ..errors import DeviceError, GndglError, TrainingError
+from .checkpoint import (atomic_write_text, latest_valid_checkpoint, prune_checkpoints, rng_state,
+                         save_checkpoint, set_rng_state)
+from .data import Batches, load_dataset, steps_per_epoch
+from .executor import Executor
+from .metrics import MetricsLogger, truncate_metrics
+from .optim import lr_at
+
+
+@dataclass
+class TrainOptions:
+    """Overrides of the spec's ``train`` section and run settings (None = keep the spec's)."""
+
+    epochs: int | None = None
+    dataset: str | None = None
+    data_root: str | None = None
+    download: bool = False
+    device: str | None = None
+    """Put every partition on this device (overrides the placement)."""
+    batch_size: int | None = None
+    lr: float | None = None
+    seed: int | None = None
+    fused: bool | None = None
+    amp: str | None = None
+    channels_last: str | None = None
+    log_every: int | None = None
+    checkpoint_every: int | None = None
+    run_dir: str | None = None
+    resume: str | None = None
+    limit_train: int | None = None
+    limit_test: int | None = None
+    max_steps: int | None = None
+    """Stop after this many global steps (for smoke tests)."""
+    eval_every_epoch: bool = True
+    tensorboard: bool | None = None
+    keep_checkpoints: int = 2
+    on_log: Callable[[dict], None] | None = field(default=None, repr=False)
+
+
+def resolve_devices(art: Artifact, device: str | None) -> dict[int, torch.device]:
+    """Device of every partition, checked against what this machine has.
+
+    Raises:
+        DeviceError: a device that does not exist, naming ``--device`` as the fix.
+    """
+    out = {}
+    for p in art.plan.partitions:
+        name = device or p.device
+        try:
+            dev = torch.device(name)
+        except RuntimeError:
+            raise DeviceError(f"unknown device '{name}'; use cpu, cuda or cuda:N") from None
+        if dev.type == "cuda":
+            n = torch.cuda.device_count()
+            idx = dev.index or 0
+            if idx >= n:
+                raise DeviceError(f"partition {p.name} is placed on {name} but this machine has "
+                                  f"{n} CUDA device(s); remap with --device cpu (or --device cuda:0)")
+        elif dev.type not in ("cpu", "mps"):
+            raise DeviceError(f"unsupported device '{name}'")
+        out[p.id] = dev
+    return out
+
+
+def _merge(spec_train: dict, o: TrainOptions) -> dict:
+    cfg = json.loads(json.dumps(spec_train))
+    for key in ("epochs", "dataset", "data_root", "batch_size", "seed", "fused", "amp", "channels_last",
+                "log_every", "checkpoint_every"):
+        val = getattr(o, key)
+        if val is not None:
+            cfg[key] = val
+    if o.lr is not None:
+        cfg["optimizer"]["lr"] = o.lr
+    return cfg
+
+
+def _new_run_dir(name: str, requested: str | None) -> Path:
+    if requested:
+        d = Path(requested)
+        if d.exists() and any(d.iterdir()):
+            raise TrainingError(f"run directory '{d}' is not empty; resume it with --resume {d} or choose another")
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        d = Path("runs") / f"{name}-{stamp}"
+        i = 1
+        while d.exists():
+            d, i = Path("runs") / f"{name}-{stamp}-{i}", i + 1
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrainingError(f"cannot create run directory '{d}': {exc.strerror}") from None
+    return d
+
+
+def train_artifact(source: str | Path | Artifact, opts: TrainOptions | None = None) -> dict[str, Any]:
+    """Train a compiled artifact (or resume a run) and return the run summary.
+
+    Args:
+        source: artifact directory or loaded :class:`Artifact` (ignored when resuming:
+            the run directory holds its own copy of the artifact).
+        opts: overrides and run settings.
+
+    Returns:
+        The summary written to ``summary.json`` (accuracies, wall time, run_dir).
+
+    Raises:
+        GndglError: bad data, devices, a non-finite loss, out of memory, unwritable run dir.
+    """
+    opts = opts or TrainOptions()
+    if opts.resume:
+        run_dir = Path(opts.resume)
+        if not (run_dir / "artifact").is_dir():
+            raise TrainingError(f"'{run_dir}' is not a gndgl run directory (no artifact/ inside); "
+                                "give the directory 'gndgl train' created")
+        art = load_artifact(run_dir / "artifact")
+        saved = json.loads((run_dir / "run.json").read_text())
+        cfg = saved["config"]
+        for key in ("epochs", "max_steps"):
+            if getattr(opts, key, None) is not None and key in cfg:
+                cfg[key] = getattr(opts, key)
+        if opts.device:
+            saved["device"] = opts.device
+        device = saved.get("device")
+    else:
+        art = source if isinstance(source, Artifact) else load_artifact(source)
+        cfg = _merge(art.spec["train"], opts)
+        run_dir = _new_run_dir(art.plan.name, opts.run_dir)
+        if art.path is not None:
+            shutil.copytree(art.path, run_dir / "artifact")
+        device = opts.device
+        cfg.setdefault("limit_train", opts.limit_train)
+        cfg.setdefault("limit_test", opts.limit_test)
+        atomic_write_text(run_dir / "run.json", json.dumps({"config": cfg, "device": device,
+                                                            "source": str(art.path)}, indent=1))
+    return _run(art, cfg, run_dir, device, opts)
+
+
+def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: TrainOptions) -> dict[str, Any]:
+    plan = art.plan
+    devices = resolve_devices(art, device)
+    first_dev = devices[plan.partitions[0].id]
+    on_cuda = first_dev.type == "cuda"
+    amp = cfg["amp"] == "bf16" or (cfg["amp"] == "auto" and on_cuda)
+    channels_last = cfg["channels_last"] == "on" or (cfg["channels_last"] == "auto" and on_cuda)
+    data = load_dataset(cfg["dataset"], root=cfg.get("data_root"), download=opts.download,
+                        input_shape=tuple(plan.input_shape), limit_train=cfg.get("limit_train"),
+                        limit_test=cfg.get("limit_test"))
+    if data.num_classes != plan.num_classes:
+        raise TrainingError(f"data set '{cfg['dataset']}' has {data.num_classes} classes but the network was "
+                            f"compiled for {plan.num_classes}; set model.num_classes: {data.num_classes} and recompile")
+    data = data.to(first_dev)
+    torch.manual_seed(cfg["seed"])
+    ex = Executor(plan, art.modules, cfg["optimizer"], devices, fused=cfg["fused"], amp=amp,
+                  channels_last=channels_last, denorm=(data.mean, data.std))
+    bs = cfg["batch_size"]
+    spe = steps_per_epoch(len(data.train_y), bs)
+    if spe == 0:
+        raise TrainingError(f"batch size {bs} is larger than the {len(data.train_y)} training images; use a smaller "
+                            "--batch-size")
+    modules = sorted({p.module for p in plan.partitions})
+    phases = [None] if plan.schedule == "parallel" else [
+        {p.id for p in plan.partitions if p.module == m} for m in modules]
+    epochs = cfg["epochs"]
+    total_epochs = epochs * len(phases)
+    ckpt_dir = run_dir / "checkpoints"
+    epoch, start_step, gstep, history = 0, 0, 0, []
+    loaded = latest_valid_checkpoint(ckpt_dir) if ckpt_dir.exists() else None
+    if loaded is not None:
+        state = loaded.state
+        if state.get("fused") != cfg["fused"]:
+            raise TrainingError("this run was checkpointed with fused="
+                                f"{state.get('fused')}; resume with the same --fused/--no-fused setting")
+        load_state_tensors(art.modules, plan, loaded.tensors, str(ckpt_dir / loaded.name))
+        for key, opt in ex.optimizers.items():
+            opt.load_state_dict(state["optim"][str(key)])
+        set_rng_state(state["rng"])
+        epoch, start_step, gstep, history = state["epoch"], state["step_in_epoch"], state["step"], state["history"]
+        truncate_metrics(run_dir, gstep)
+    names = {p.id: p.name for p in plan.partitions}
+    aug = cfg.get("augment") or {"crop_pad": 0, "flip": False}
+    t_start = time.time()
+    images = 0
+    done = False
+
+    def checkpoint(ep: int, step_in_epoch: int) -> None:
+        tensors = state_tensors(art.modules, plan)
+        st = {"step": gstep, "epoch": ep, "step_in_epoch": step_in_epoch, "fused": cfg["fused"],
+              "optim": {str(k): o.state_dict() for k, o in ex.optimizers.items()}, "rng": rng_state(),
+              "history": history}
+        save_checkpoint(ckpt_dir, f"ckpt-{gstep:09d}", tensors=tensors, state=st)
+        prune_checkpoints(ckpt_dir, keep=opts.keep_checkpoints)
+
+    with MetricsLogger(run_dir, tensorboard=opts.tensorboard) as log:
+        try:
+            while epoch < total_epochs and not done:
+                phase = epoch // epochs
+                active = phases[phase]
+                phase_step0 = phase * epochs * spe
+                batches = Batches(data, batch_size=bs, seed=cfg["seed"], epoch=epoch, start_step=start_step,
+                                  train=True, augment=bool(aug["crop_pad"] or aug["flip"]), pad=aug["crop_pad"],
+                                  flip=aug["flip"], channels_last=channels_last)
+                acc_loss: dict[int, torch.Tensor] = {}
+                acc_correct: dict[int, torch.Tensor] = {}
+                n_acc, t_log = 0, time.time()
+                for step, x, y in batches:
+                    lr = lr_at(gstep - phase_step0, spe, cfg["optimizer"]["lr"], cfg["schedule"], epochs)
+                    stats = _guard_oom(lambda: ex.train_step(x, y, lr, active), first_dev, bs)
+                    for pid, (loss, correct) in stats.items():
+                        acc_loss[pid] = acc_loss.get(pid, 0) + loss.float()
+                        if correct is not None:
+                            acc_correct[pid] = acc_correct.get(pid, 0) + correct
+                    n_acc += 1
+                    gstep += 1
+                    images += y.numel()
+                    if gstep % cfg["log_every"] == 0 or step == spe - 1:
+                        for rec in _log_records(acc_loss, acc_correct, n_acc, bs, names, epoch, gstep, lr,
+                                                n_acc * bs / max(time.time() - t_log, 1e-9)):
+                            log.log(rec)
+                            if opts.on_log:
+                                opts.on_log(rec)
+                        acc_loss, acc_correct, n_acc, t_log = {}, {}, 0, time.time()
+                    if cfg["checkpoint_every"] and gstep % cfg["checkpoint_every"] == 0:
+                        checkpoint(epoch, step + 1)
+                    if opts.max_steps is not None and gstep >= opts.max_steps:
+                        done = True
+                        break
+                if done and not (step == spe - 1):
+                    checkpoint(epoch, step + 1)
+                    break
+                ev = None
+                if opts.eval_every_epoch:
+                    ev = ex.evaluate(Batches(data, batch_size=max(bs, 256), seed=cfg["seed"], epoch=0, train=False,
+                                             augment=False, channels_last=channels_last))
+                    rec = {"kind": "eval", "epoch": epoch, "step": gstep, "test_acc": ev["test_acc"],
+                           "ensemble_acc": ev["ensemble_acc"], "partition_acc": ev["partition_acc"],
+                           "wall_s": time.time() - t_start}
+                    log.log(rec)
+                    if opts.on_log:
+                        opts.on_log(rec)
+                    history.append({"epoch": epoch, "test_acc": ev["test_acc"], "ensemble_acc": ev["ensemble_acc"]})
+                epoch, start_step = epoch + 1, 0
+                checkpoint(epoch, 0)
+        except KeyboardInterrupt:
+            raise TrainingError(f"interrupted; the last checkpoint is in {ckpt_dir}. Continue with: "
+                                f"gndgl train --resume {run_dir}") from None
+    final = state_tensors(art.modules, plan)
+    save_file(final, str(run_dir / "weights.safetensors.tmp"))
+    (run_dir / "weights.safetensors.tmp").replace(run_dir / "weights.safetensors")
+    wall = time.time() - t_start
+    last = history[-1] if history else {}
+    summary = {"name": plan.name, "run_dir": str(run_dir), "epochs_done": epoch, "steps": gstep,
+               "test_acc": last.get("test_acc"), "ensemble_acc": last.get("ensemble_acc"),
+               "best_test_acc": max((h["test_acc"] for h in history), default=None), "history": history,
+               "wall_s": wall, "images_per_s": images / max(wall, 1e-9), "device": str(first_dev),
+               "fused": cfg["fused"], "amp": amp, "dataset": cfg["dataset"], "complete": epoch >= total_epochs}
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
+    return summary
+
+
+def _log_records(acc_loss, acc_correct, n, bs, names, epoch, gstep, lr, ips) -> list[dict]:
+    """One 'train' record per partition: mean loss and local accuracy since the last log."""
+    out = []
+    for pid, total in acc_loss.items():
+        loss = float(total) / n
+        if not math.isfinite(loss):
+            raise TrainingError(f"partition {names[pid]} has a non-finite loss ({loss}) around step {gstep}; "
+                                "lower the learning rate or check the data. The last good checkpoint is kept.")
+        rec = {"kind": "train", "epoch": epoch, "step": gstep, "partition": names[pid], "loss": loss, "lr": lr,
+               "images_per_s": ips}
+        if pid in acc_correct:
+            rec["acc"] = float(acc_correct[pid]) / (n * bs)
+        out.append(rec)
+    return out
+
+
+def _guard_oom(fn, device: torch.device, bs: int):
+    try:
+        return fn()
+    except torch.OutOfMemoryError:
+        raise TrainingError(f"out of memory on {device} with batch size {bs}; try --batch-size {max(1, bs // 2)}"
+                            ) from None
+    except RuntimeError as exc:
+        if "out of memory" in str(exc).lower():
+            raise TrainingError(f"out of memory on {device} with batch size {bs}; try --batch-size "
+                                f"{max(1, bs // 2)}") from None
+        raise
+
+
+def evaluate_run(run_dir: str | Path, device: str | None = None, limit_test: int | None = None) -> dict[str, Any]:
+    """Test accuracy of a finished or partial run (latest weights or checkpoint).
+
+    Raises:
+        GndglError: not a run directory, or no weights in it.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "artifact").is_dir() or not (run_dir / "run.json").exists():
+        raise TrainingError(f"'{run_dir}' is not a gndgl run directory (expected artifact/ and run.json)")
+    art = load_artifact(run_dir / "artifact")
+    cfg = json.loads((run_dir / "run.json").read_text())["config"]
+    from safetensors.torch import load_file
+    if (run_dir / "weights.safetensors").exists():
+        tensors, source = load_file(str(run_dir / "weights.safetensors")), "final weights"
+    else:
+        loaded = latest_valid_checkpoint(run_dir / "checkpoints")
+        if loaded is None:
+            raise TrainingError(f"'{run_dir}' has no weights or checkpoints yet")
+        tensors, source = loaded.tensors, f"checkpoint {loaded.name}"
+    load_state_tensors(art.modules, art.plan, tensors, str(run_dir))
+    devices = resolve_devices(art, device or "cpu")
+    data = load_dataset(cfg["dataset"], root=cfg.get("data_root"), input_shape=tuple(art.plan.input_shape),
+                        limit_train=1, limit_test=limit_test or cfg.get("limit_test"))
+    first = devices[art.plan.partitions[0].id]
+    data = data.to(first)
+    ex = Executor(art.plan, art.modules, cfg["optimizer"], devices, fused=False, denorm=(data.mean, data.std))
+    ev = ex.evaluate(Batches(data, batch_size=256, seed=0, epoch=0, train=False, augment=False))
+    ev["source"] = source
+    return ev
+
+
+__all__ = ["GndglError", "TrainOptions", "evaluate_run", "train_artifact"]
