@@ -51,6 +51,38 @@ class _Display:
         self.step_recs = []
 
 
+def _launch(art, workers: int, **kw) -> None:
+    """Start ``workers`` local ranks (``python -m gndgl_compiler.train``) and wait for them."""
+    from gndgl_compiler.partition.placement import place
+    from gndgl_compiler.runtime.launch import launch_local
+
+    from gndgl_compiler import load_artifact
+
+    args: list[str] = []
+    resume = kw.pop("resume")
+    if resume is not None:
+        art = load_artifact(Path(resume) / "artifact")
+        args += ["--resume", str(resume)]
+    port = kw.pop("port")
+    fused = kw.pop("fused")
+    if fused is False:
+        args.append("--no-fused")
+    args.insert(0, str(art.path))
+    for key, val in kw.items():
+        if val is not None:
+            args += ["--" + key.replace("_", "-"), str(val)]
+    n = len(art.plan.partitions)
+    if workers > n:
+        raise GndglError(f"--workers {workers} is more than the {n} partitions; use --workers {n} or fewer")
+    place(art.plan, art.plan.devices, workers)
+    owners: dict[int, list[str]] = {}
+    for p in art.plan.partitions:
+        owners.setdefault(p.worker, []).append(p.name)
+    console.print(f"launching {workers} workers: " + " · ".join(f"rank {r}: {len(v)} partitions"
+                                                               for r, v in owners.items()), highlight=False)
+    launch_local(workers, args, port=port, partitions_of=owners)
+
+
 def register(app: typer.Typer) -> None:
     """Add ``train`` and ``eval`` to ``app``."""
 
@@ -75,14 +107,13 @@ def register(app: typer.Typer) -> None:
         log_every: Optional[int] = typer.Option(None, "--log-every", min=1, help="Log every N steps."),
         workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Distributed: spawn N local worker processes."),
         tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard", help="TensorBoard logs (default: when installed)."),
+        timeout: float = typer.Option(300.0, "--timeout", min=1.0, help="Distributed: seconds a rank waits for a peer."),
+        port: Optional[int] = typer.Option(None, "--port", min=1, max=65535, help="Distributed: rendezvous port (default: a free one)."),
     ) -> None:
         """Train a compiled artifact (or a spec, compiled on the fly); resumable."""
         from gndgl_compiler import compile_spec
         from gndgl_compiler.runtime.train import TrainOptions, train_artifact
 
-        if workers is not None and workers > 1:
-            raise GndglError("distributed training (--workers) is not available in this version; "
-                             "train in one process (omit --workers)")
         if source is None and resume is None:
             source = Path("compiled")
         art = None
@@ -95,6 +126,12 @@ def register(app: typer.Typer) -> None:
             else:
                 from gndgl_compiler import load_artifact
                 art = load_artifact(source)
+        if workers is not None and workers > 1:
+            _launch(art, workers, resume=resume, epochs=epochs, dataset=dataset, data_root=data_root, device=device,
+                    batch_size=batch_size, lr=lr, seed=seed, fused=fused, run_dir=run_dir, limit_train=limit_train,
+                    limit_test=limit_test, max_steps=max_steps, checkpoint_every=checkpoint_every,
+                    log_every=log_every, timeout=timeout, port=port)
+            return
         opts = TrainOptions(epochs=epochs, dataset=dataset, data_root=data_root, download=download, device=device,
                             batch_size=batch_size, lr=lr, seed=seed, fused=fused, run_dir=run_dir, resume=resume,
                             limit_train=limit_train, limit_test=limit_test, max_steps=max_steps,

@@ -20,6 +20,7 @@ from .codegen.modules import PartitionModule, build_assembled, build_partitions
 from .errors import GndglError, PartitionError, SpecError
 from .graph.build import build_graph
 from .partition.partitioner import build_plan
+from .partition.placement import place
 from .partition.plan import PartitionPlan
 from .partition.validate import validate_plan
 from .spec.load import load_spec, spec_error
@@ -101,12 +102,14 @@ def compile_spec(source: str | os.PathLike | dict | Spec, out_dir: str | os.Path
     return art
 
 
-def load_artifact(path: str | os.PathLike, *, ids: list[int] | None = None, verify: bool = True) -> Artifact:
+def load_artifact(path: str | os.PathLike, *, workers: int | None = None, rank: int | None = None,
+                  verify: bool = True) -> Artifact:
     """Load a compiled artifact: verify hashes, rebuild modules from the plan, load weights.
 
     Args:
         path: the artifact directory.
-        ids: build only these partitions (a distributed rank builds its own).
+        workers: re-place the partitions over this many distributed workers.
+        rank: build only the partitions placed on this worker.
         verify: check every file's sha256 against the manifest.
 
     Returns:
@@ -125,6 +128,9 @@ def load_artifact(path: str | os.PathLike, *, ids: list[int] | None = None, veri
     except (TypeError, KeyError) as exc:
         from .errors import ArtifactError
         raise ArtifactError(f"'{d / 'plan.json'}' does not describe a plan ({exc}); recompile the spec") from None
+    if workers is not None:
+        place(plan, plan.devices, workers)
+    ids = None if rank is None else [p.id for p in plan.partitions if p.worker == rank]
     modules = build_partitions(plan, seed=0, ids=ids)
     load_state_tensors(modules, plan, read_weights(d), str(d / "weights.safetensors"))
     return Artifact(spec, plan, modules, d, manifest)

@@ -53,6 +53,8 @@ def state_tensors(parts: dict[int, PartitionModule], plan: PartitionPlan) -> dic
     """All parameters and buffers as ``'<partition>.<name>' -> CPU tensor``."""
     out = {}
     for p in plan.partitions:
+        if p.id not in parts:
+            continue
         for key, t in parts[p.id].state_dict().items():
             out[f"{p.name}.{key}"] = t.detach().to("cpu").contiguous().clone()
     return out

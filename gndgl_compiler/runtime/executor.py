@@ -47,6 +47,8 @@ class Executor:
                  channels_last: bool = False, denorm: tuple[tuple[float, ...], tuple[float, ...]] | None = None):
         self.plan, self.modules, self.devices = plan, modules, devices
         self.fused, self.amp, self.channels_last, self.denorm = fused, amp, channels_last, denorm
+        self.comm: Any = None
+        """Optional transport (distributed runs): recv_inputs / send_output / recv_shares / exchange_diversity."""
         self.parts = {p.id: p for p in plan.partitions}
         self.order = [p.id for p in plan.partitions if p.id in modules]
         for pid in self.order:
@@ -83,18 +85,25 @@ class Executor:
         Returns:
             ``(head outputs by partition, losses by partition)``.
         """
+        comm = self.comm
         h: dict[int, torch.Tensor] = {IMAGE: x}
         outs: dict[int, dict] = {}
         for pid in self.order:
             p, dev = self.parts[pid], self.devices[pid]
+            if comm is not None:
+                comm.recv_inputs(pid, h)
             grad = active is None or pid in active
             with torch.set_grad_enabled(grad and torch.is_grad_enabled()), self._autocast(dev):
                 args = [h[i.source].to(dev, non_blocking=True) for i in p.inputs]
                 h[pid] = self.modules[pid].body(*args)
+            if comm is not None:
+                comm.send_output(pid, h[pid])
         for pid in self.order:
             p, dev = self.parts[pid], self.devices[pid]
             if active is not None and pid not in active:
                 continue
+            if comm is not None:
+                comm.recv_shares(pid, h)
             with torch.set_grad_enabled(torch.is_grad_enabled()), self._autocast(dev):
                 shares = [h[s.source][:, :s.channels].to(dev, non_blocking=True) for s in p.shares]
                 outs[pid] = self.modules[pid].aux(h[pid], *shares)
@@ -107,6 +116,8 @@ class Executor:
             if lp.diversity_weight > 0 and pid in outs:
                 p_hat[pid] = L.diversity_probs(outs[pid]["logits"].detach(), y.to(self.devices[pid]),
                                                lp.diversity_temperature)
+        if comm is not None:
+            comm.exchange_diversity(p_hat)
         for pid in self.order:
             if active is not None and pid not in active:
                 continue

@@ -31,6 +31,8 @@ from ..errors import DeviceError, GndglError, TrainingError
 from .checkpoint import (atomic_write_text, latest_valid_checkpoint, prune_checkpoints, rng_state,
                          save_checkpoint, set_rng_state)
 from .data import Batches, load_dataset, steps_per_epoch
+from .dist_checkpoint import (commit_checkpoint, committed_checkpoint, gather_modules, gather_tensors,
+                              merge_rank_metrics, metrics_dir)
 from .executor import Executor
 from .metrics import MetricsLogger, truncate_metrics
 from .optim import lr_at
@@ -164,10 +166,22 @@ def train_artifact(source: str | Path | Artifact, opts: TrainOptions | None = No
     return _run(art, cfg, run_dir, device, opts)
 
 
-def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: TrainOptions) -> dict[str, Any]:
+@dataclass
+class DistContext:
+    """This process's place in a distributed run (rank 0 of 1 for a single process)."""
+
+    rank: int = 0
+    world: int = 1
+    comm: Any = None
+
+
+def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: TrainOptions,
+         ctx: DistContext | None = None) -> dict[str, Any]:
+    ctx = ctx or DistContext()
     plan = art.plan
     devices = resolve_devices(art, device)
-    first_dev = devices[plan.partitions[0].id]
+    own = [p.id for p in plan.partitions if p.id in art.modules]
+    first_dev = devices[own[0]]
     on_cuda = first_dev.type == "cuda"
     amp = cfg["amp"] == "bf16" or (cfg["amp"] == "auto" and on_cuda)
     channels_last = cfg["channels_last"] == "on" or (cfg["channels_last"] == "auto" and on_cuda)
@@ -181,6 +195,7 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
     torch.manual_seed(cfg["seed"])
     ex = Executor(plan, art.modules, cfg["optimizer"], devices, fused=cfg["fused"], amp=amp,
                   channels_last=channels_last, denorm=(data.mean, data.std))
+    ex.comm = ctx.comm
     bs = cfg["batch_size"]
     spe = steps_per_epoch(len(data.train_y), bs)
     if spe == 0:
@@ -191,9 +206,13 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
         {p.id for p in plan.partitions if p.module == m} for m in modules]
     epochs = cfg["epochs"]
     total_epochs = epochs * len(phases)
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_root = run_dir / "checkpoints"
+    ckpt_dir = ckpt_root / f"rank{ctx.rank}" if ctx.world > 1 else ckpt_root
     epoch, start_step, gstep, history = 0, 0, 0, []
-    loaded = latest_valid_checkpoint(ckpt_dir) if ckpt_dir.exists() else None
+    if ctx.world > 1:
+        loaded = committed_checkpoint(ckpt_root, ctx.rank)
+    else:
+        loaded = latest_valid_checkpoint(ckpt_dir) if ckpt_dir.exists() else None
     if loaded is not None:
         state = loaded.state
         if state.get("fused") != cfg["fused"]:
@@ -204,7 +223,7 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
             opt.load_state_dict(state["optim"][str(key)])
         set_rng_state(state["rng"])
         epoch, start_step, gstep, history = state["epoch"], state["step_in_epoch"], state["step"], state["history"]
-        truncate_metrics(run_dir, gstep)
+        truncate_metrics(metrics_dir(run_dir, ctx.rank), gstep)
     names = {p.id: p.name for p in plan.partitions}
     aug = cfg.get("augment") or {"crop_pad": 0, "flip": False}
     t_start = time.time()
@@ -212,14 +231,28 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
     done = False
 
     def checkpoint(ep: int, step_in_epoch: int) -> None:
+        if ctx.comm is not None:
+            ctx.comm.drain()
         tensors = state_tensors(art.modules, plan)
         st = {"step": gstep, "epoch": ep, "step_in_epoch": step_in_epoch, "fused": cfg["fused"],
               "optim": {str(k): o.state_dict() for k, o in ex.optimizers.items()}, "rng": rng_state(),
               "history": history}
         save_checkpoint(ckpt_dir, f"ckpt-{gstep:09d}", tensors=tensors, state=st)
+        if ctx.world > 1:
+            commit_checkpoint(ckpt_root, gstep, ctx)
         prune_checkpoints(ckpt_dir, keep=opts.keep_checkpoints)
 
-    with MetricsLogger(run_dir, tensorboard=opts.tensorboard) as log:
+    def evaluate() -> dict[str, Any]:
+        if ctx.world == 1:
+            return ex.evaluate(Batches(data, batch_size=max(bs, 256), seed=cfg["seed"], epoch=0, train=False,
+                                       augment=False, channels_last=channels_last))
+        full = gather_modules(plan, ckpt_root, gstep, ctx.world)
+        ev_ex = Executor(plan, full, cfg["optimizer"], {pid: first_dev for pid in full}, fused=False,
+                         denorm=(data.mean, data.std))
+        return ev_ex.evaluate(Batches(data, batch_size=max(bs, 256), seed=cfg["seed"], epoch=0, train=False,
+                                      augment=False))
+
+    with MetricsLogger(metrics_dir(run_dir, ctx.rank), tensorboard=opts.tensorboard if ctx.rank == 0 else False) as log:
         try:
             while epoch < total_epochs and not done:
                 phase = epoch // epochs
@@ -232,6 +265,8 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
                 acc_correct: dict[int, torch.Tensor] = {}
                 n_acc, t_log = 0, time.time()
                 for step, x, y in batches:
+                    if ctx.comm is not None:
+                        ctx.comm.begin_step(gstep)
                     lr = lr_at(gstep - phase_step0, spe, cfg["optimizer"]["lr"], cfg["schedule"], epochs)
                     stats = _guard_oom(lambda: ex.train_step(x, y, lr, active), first_dev, bs)
                     for pid, (loss, correct) in stats.items():
@@ -256,23 +291,36 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
                 if done and not (step == spe - 1):
                     checkpoint(epoch, step + 1)
                     break
-                ev = None
-                if opts.eval_every_epoch:
-                    ev = ex.evaluate(Batches(data, batch_size=max(bs, 256), seed=cfg["seed"], epoch=0, train=False,
-                                             augment=False, channels_last=channels_last))
-                    rec = {"kind": "eval", "epoch": epoch, "step": gstep, "test_acc": ev["test_acc"],
+                epoch, start_step = epoch + 1, 0
+                if ctx.world > 1:
+                    checkpoint(epoch, 0)  # every rank's state at this step, for rank 0's evaluation
+                if opts.eval_every_epoch and ctx.rank == 0:
+                    ev = evaluate()
+                    rec = {"kind": "eval", "epoch": epoch - 1, "step": gstep, "test_acc": ev["test_acc"],
                            "ensemble_acc": ev["ensemble_acc"], "partition_acc": ev["partition_acc"],
                            "wall_s": time.time() - t_start}
                     log.log(rec)
                     if opts.on_log:
                         opts.on_log(rec)
-                    history.append({"epoch": epoch, "test_acc": ev["test_acc"], "ensemble_acc": ev["ensemble_acc"]})
-                epoch, start_step = epoch + 1, 0
-                checkpoint(epoch, 0)
+                    history.append({"epoch": epoch - 1, "test_acc": ev["test_acc"], "ensemble_acc": ev["ensemble_acc"]})
+                if ctx.world == 1:
+                    checkpoint(epoch, 0)
         except KeyboardInterrupt:
             raise TrainingError(f"interrupted; the last checkpoint is in {ckpt_dir}. Continue with: "
                                 f"gndgl train --resume {run_dir}") from None
-    final = state_tensors(art.modules, plan)
+    if ctx.world > 1:
+        if ctx.comm is not None:
+            ctx.comm.drain()
+        if not (ckpt_dir / f"ckpt-{gstep:09d}.json").exists():
+            checkpoint(epoch, start_step)
+        from .distributed import barrier
+        barrier()
+        if ctx.rank != 0:
+            return {"rank": ctx.rank, "steps": gstep, "bytes_sent": ctx.comm.bytes_sent if ctx.comm else 0}
+        final = gather_tensors(ckpt_root, gstep, ctx.world)
+        merge_rank_metrics(run_dir, ctx.world)
+    else:
+        final = state_tensors(art.modules, plan)
     save_file(final, str(run_dir / "weights.safetensors.tmp"))
     (run_dir / "weights.safetensors.tmp").replace(run_dir / "weights.safetensors")
     wall = time.time() - t_start

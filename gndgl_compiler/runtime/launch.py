@@ -1,0 +1,104 @@
+"""Local launcher: ``gndgl train compiled/ --workers N`` runs N ranks on this machine.
+
+It sets the same environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT) and starts ``python -m gndgl_compiler.train`` N times.
+If any rank exits non-zero, the others are stopped (SIGTERM, then SIGKILL) and
+the error names the rank and its partitions; children die with the launcher
+(PR_SET_PDEATHSIG), so no orphan survives.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from ..errors import DistributedError
+
+PR_SET_PDEATHSIG = 1
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_port(port: int) -> None:
+    """Raise :class:`DistributedError` if ``port`` is already taken."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise DistributedError(f"port {port} is in use; choose another with --port or omit it") from None
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def launch_local(workers: int, worker_args: list[str], *, port: int | None = None, threads: int | None = None,
+                 partitions_of: dict[int, list[str]] | None = None, poll_s: float = 0.2) -> None:
+    """Run ``workers`` ranks of ``python -m gndgl_compiler.train worker_args`` and wait for all.
+
+    Args:
+        workers: number of ranks.
+        worker_args: arguments of ``gndgl_compiler.train``.
+        port: rendezvous port (default: a free one).
+        threads: intra-op threads per rank (default: cores // workers, at least 1).
+        partitions_of: rank -> partition names, for error messages.
+
+    Raises:
+        DistributedError: a rank failed; names it, its exit code and its partitions.
+    """
+    if workers < 1:
+        raise DistributedError(f"--workers must be at least 1, got {workers}")
+    if port is None:
+        port = free_port()
+    else:
+        check_port(port)
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    procs: list[subprocess.Popen] = []
+    base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(workers),
+                OMP_NUM_THREADS=str(threads), GNDGL_BACKEND=os.environ.get("GNDGL_BACKEND", ""))
+    try:
+        for r in range(workers):
+            env = dict(base, RANK=str(r), LOCAL_RANK=str(r))
+            procs.append(subprocess.Popen([sys.executable, "-m", "gndgl_compiler.train", *worker_args,
+                                           "--threads", str(threads)], env=env, preexec_fn=_die_with_parent))
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                r, c = failed[0]
+                _stop(procs)
+                names = ", ".join((partitions_of or {}).get(r, [])) or "?"
+                raise DistributedError(f"rank {r} (partitions {names}) exited with code {c}; the other ranks were "
+                                       "stopped. The last committed checkpoint stays resumable (--resume RUN_DIR).")
+            if all(c == 0 for c in codes):
+                return
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        _stop(procs)
+        raise
+
+
+def _stop(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.time() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
