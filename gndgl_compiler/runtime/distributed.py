@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import collections
 import os
+import signal
+import time
 from datetime import timedelta
 import torch
 import torch.distributed as dist
@@ -53,7 +55,7 @@ class PeerComm:
         self.owner = {p.id: p.worker for p in plan.partitions}
         self.parts = {p.id: p for p in plan.partitions}
         self.step = 0
-        self.pending: collections.deque[list[dist.Work]] = collections.deque()
+        self.pending: collections.deque[list] = collections.deque()
         self.max_inflight = max_inflight
         self.bytes_sent = 0
         # who needs what from each partition: {src: {rank: kind-set}}
@@ -72,32 +74,49 @@ class PeerComm:
                 for sib in p.siblings:
                     if self.owner[sib] != self.owner[p.id]:
                         self.div_dst[sib].add(self.owner[p.id])
-        self._work: list[dist.Work] = []
+        self._work: list = []
+        self._fault = _parse_fault(os.environ.get("GNDGL_FAULT", ""), rank)
 
     # -- step bookkeeping -------------------------------------------------------------------
     def begin_step(self, step: int) -> None:
         """Start step ``step``; wait for sends older than ``max_inflight`` steps."""
         self.step = step
+        if self._fault is not None and step == self._fault[1]:
+            _inject(self._fault[0])
         self._work = []
         self.pending.append(self._work)
         while len(self.pending) > self.max_inflight:
-            for w in self.pending.popleft():
-                w.wait()
+            self._wait_all(self.pending.popleft())
 
     def drain(self) -> None:
         """Wait for every outstanding send (end of an epoch / before checkpoints)."""
         while self.pending:
-            for w in self.pending.popleft():
+            self._wait_all(self.pending.popleft())
+
+    def _peer(self, rank: int) -> str:
+        names = [p.name for p in self.plan.partitions if p.worker == rank]
+        return f"rank {rank} (partitions {', '.join(names[:6])}{', ...' if len(names) > 6 else ''})"
+
+    def _wait_all(self, works: list) -> None:
+        for dst, w in works:
+            try:
                 w.wait()
+            except Exception as exc:  # gloo/NCCL raise RuntimeError subclasses
+                raise DistributedError(f"rank {self.rank}: sending to {self._peer(dst)} failed at step {self.step}: "
+                                       f"it died or stopped responding ({str(exc).splitlines()[0][-120:]})") from None
 
     def _isend(self, t: torch.Tensor, dst: int, tag: int) -> None:
         t = t.detach().to(self.dtype).contiguous()
         self.bytes_sent += t.numel() * t.element_size()
-        self._work.append(dist.isend(t, dst, tag=tag))
+        self._work.append((dst, dist.isend(t, dst, tag=tag)))
 
     def _recv(self, shape: list[int], src_rank: int, tag: int) -> torch.Tensor:
         buf = torch.empty([self.bs, *shape], dtype=self.dtype, device=self.device)
-        dist.recv(buf, src_rank, tag=tag)
+        try:
+            dist.recv(buf, src_rank, tag=tag)
+        except Exception as exc:  # gloo/NCCL raise RuntimeError subclasses
+            raise DistributedError(f"rank {self.rank}: no data from {self._peer(src_rank)} at step {self.step}: it "
+                                   f"died or stopped responding ({str(exc).splitlines()[0][-120:]})") from None
         return buf
 
     # -- hooks called by the Executor ------------------------------------------------------------
@@ -139,6 +158,23 @@ class PeerComm:
                 if sib not in p_hat and self.owner[sib] != self.rank:
                     p_hat[sib] = self._recv([self.plan.num_classes], self.owner[sib],
                                             _tag(self.step, sib, "diversity")).float()
+
+
+def _parse_fault(text: str, rank: int) -> tuple[str, int] | None:
+    """Fault injection for tests: GNDGL_FAULT='kill|hang|raise:RANK:STEP'."""
+    if not text:
+        return None
+    kind, r, step = text.split(":")
+    return (kind, int(step)) if int(r) == rank else None
+
+
+def _inject(kind: str) -> None:
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif kind == "hang":
+        time.sleep(10 ** 6)
+    else:
+        raise RuntimeError("injected fault (GNDGL_FAULT)")
 
 
 def init_process_group(timeout_s: float) -> tuple[int, int]:
