@@ -27,14 +27,19 @@ class PartitionModule(nn.Module):
         num_classes: classes of the task.
     """
 
-    def __init__(self, part: Partition, num_classes: int):
+    def __init__(self, part: Partition, num_classes: int, loss: fx.GraphModule | None = None):
         super().__init__()
         self.part = part
         base = _cls(part.name)
         self.body = emit_ir(part.body, part.output, f"{base}Body")
         self.aux = emit_ir(part.head, part.head_outputs, f"{base}Head", live_inputs=("h",))
-        n_sib = len(part.siblings) if part.loss.diversity_weight > 0 else 0
-        self.loss = emit_loss(part.loss, part.head_outputs, num_classes, n_sib, f"{base}Loss")
+        self.loss = loss if loss is not None else emit_loss(
+            part.loss, part.head_outputs, num_classes, self.n_diversity_inputs(part), f"{base}Loss")
+
+    @staticmethod
+    def n_diversity_inputs(part: Partition) -> int:
+        """How many sibling diversity vectors the loss reads."""
+        return len(part.siblings) if part.loss.diversity_weight > 0 else 0
 
     @property
     def share_sources(self) -> list[int]:
@@ -69,8 +74,7 @@ def init_weights(module: nn.Module, seed: int) -> None:
                 if m.bias is not None:
                     m.bias.zero_()
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+            m.reset_parameters()  # weight 1, bias 0, running stats reset
         elif isinstance(m, nn.Linear):
             bound = 1.0 / m.in_features ** 0.5
             with torch.no_grad():
@@ -91,9 +95,14 @@ def build_partitions(plan: PartitionPlan, seed: int = 0, ids: list[int] | None =
         ``{partition id: PartitionModule}``.
     """
     out = {}
+    losses: dict[str, fx.GraphModule] = {}  # parameter-free loss graphs, shared between equal partitions
     for p in plan.partitions:
         if ids is None or p.id in ids:
-            pm = PartitionModule(p, plan.num_classes)
+            key = repr((p.loss, sorted(p.head_outputs), PartitionModule.n_diversity_inputs(p)))
+            with torch.device("meta"):  # allocate once, below, instead of default-initialising
+                pm = PartitionModule(p, plan.num_classes, losses.get(key))
+            pm.to_empty(device="cpu")
+            losses.setdefault(key, pm.loss)
             init_weights(pm, seed * 1_000_003 + p.id)
             out[p.id] = pm
     return out
