@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,7 +230,8 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
     aug = cfg.get("augment") or {"crop_pad": 0, "flip": False}
     t_start = time.time()
     images = 0
-    done = False
+    done = interrupted = False
+    stop = StopFlag()
 
     def checkpoint(ep: int, step_in_epoch: int) -> None:
         if ctx.comm is not None:
@@ -284,11 +287,15 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
                                 opts.on_log(rec)
                         acc_loss, acc_correct, n_acc, t_log = {}, {}, 0, time.time()
                     if cfg["checkpoint_every"] and gstep % cfg["checkpoint_every"] == 0:
+                        _check_finite(acc_loss, names, gstep)
                         checkpoint(epoch, step + 1)
-                    if opts.max_steps is not None and gstep >= opts.max_steps:
+                    if stop.requested and ctx.world == 1:
+                        interrupted = done = True
+                    if (opts.max_steps is not None and gstep >= opts.max_steps) or done:
                         done = True
                         break
                 if done and not (step == spe - 1):
+                    _check_finite(acc_loss, names, gstep)
                     checkpoint(epoch, step + 1)
                     break
                 epoch, start_step = epoch + 1, 0
@@ -306,8 +313,13 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
                 if ctx.world == 1:
                     checkpoint(epoch, 0)
         except KeyboardInterrupt:
-            raise TrainingError(f"interrupted; the last checkpoint is in {ckpt_dir}. Continue with: "
-                                f"gndgl train --resume {run_dir}") from None
+            raise Interrupted(f"interrupted; the last checkpoint is in {ckpt_dir}. Continue with: "
+                              f"gndgl train --resume {run_dir}") from None
+        finally:
+            stop.restore()
+    if interrupted:
+        raise Interrupted(f"interrupted at step {gstep}; a checkpoint was written. Continue with: "
+                          f"gndgl train --resume {run_dir}")
     if ctx.world > 1:
         if ctx.comm is not None:
             ctx.comm.drain()
@@ -332,6 +344,42 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
                "fused": cfg["fused"], "amp": amp, "dataset": cfg["dataset"], "complete": epoch >= total_epochs}
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
     return summary
+
+
+class Interrupted(GndglError):
+    """Training was stopped by Ctrl-C / SIGTERM after writing a checkpoint."""
+
+    exit_code = 130
+
+
+class StopFlag:
+    """First SIGINT/SIGTERM asks the loop to checkpoint and stop; a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:  # noqa: ANN001 - signal handler signature
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        """Put the previous handlers back."""
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+
+def _check_finite(acc_loss: dict, names: dict, gstep: int) -> None:
+    """Raise before a checkpoint could store weights trained on a non-finite loss."""
+    for pid, total in acc_loss.items():
+        if not math.isfinite(float(total)):
+            raise TrainingError(f"partition {names[pid]} has a non-finite loss around step {gstep}; lower the "
+                                "learning rate or check the data. The last good checkpoint is kept.")
 
 
 def _log_records(acc_loss, acc_correct, n, bs, names, epoch, gstep, lr, ips) -> list[dict]:
