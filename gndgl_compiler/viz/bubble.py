@@ -1,0 +1,111 @@
+"""The paper's Figure 3 for a sweep: accuracy (or speed-up) against the largest
+partition's training MACs, bubble area ∝ inference MACs, one colour per G."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import GndglError
+from .sweep import SweepRow
+
+COLORS = ["#444444", "#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+
+
+def bubble_chart(rows: list[SweepRow], out_base: str | os.PathLike, *, title: str = "",
+                 formats: tuple[str, ...] = ("png", "svg")) -> list[Path]:
+    """Draw the Figure-3-style bubble chart of a sweep.
+
+    Args:
+        rows: sweep results (rows that did not compile are left out).
+        out_base: output path without suffix (``sweep/bubble`` → ``bubble.png``, ``bubble.svg``).
+        title: figure title.
+        formats: file formats to write.
+
+    Returns:
+        The paths written.
+
+    Raises:
+        GndglError: no configuration compiled, or matplotlib is missing.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.lines import Line2D
+    except ImportError as exc:
+        raise GndglError(f"matplotlib is needed for the bubble chart ({exc}); run `pip install matplotlib`") from None
+    ok = [r for r in rows if r.ok]
+    if not ok:
+        raise GndglError("no configuration of the sweep compiled; nothing to plot")
+    trained = [r for r in ok if r.test_acc is not None]
+    use_acc = bool(trained)
+    pts = trained if use_acc else ok
+    ys = [100 * r.test_acc if use_acc else r.training_speedup for r in pts]
+    xs = [r.max_partition_train_macs or r.max_partition_macs for r in pts]
+    inf = [r.inference_macs or 1 for r in pts]
+    biggest = max(inf)
+    sizes = [50 + 1000 * v / biggest for v in inf]
+    gs = sorted({r.G for r in pts})
+    color = {G: COLORS[i % len(COLORS)] for i, G in enumerate(gs)}
+
+    fig = Figure(figsize=(9, 6), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.set_xscale("log")
+    if not use_acc:
+        ax.set_yscale("log")
+    for G in gs:
+        sel = [i for i, r in enumerate(pts) if r.G == G]
+        ax.scatter([xs[i] for i in sel], [ys[i] for i in sel], s=[sizes[i] for i in sel], c=color[G], alpha=0.45,
+                   edgecolors=color[G], linewidths=1.2, zorder=3)
+    texts = []
+    for x, y, r in zip(xs, ys, pts):
+        e2e = r.K == 1 and r.G == 1
+        if e2e:
+            ax.scatter([x], [y], marker="*", s=260, c="gold", edgecolors="black", linewidths=1.0, zorder=5)
+        label = "end-to-end" if e2e else (f"DGL K={r.K}" if r.G == 1 else f"K={r.K}")
+        texts.append(ax.annotate(label, (x, y), textcoords="offset points", xytext=(7, 6), fontsize=8,
+                                 fontweight="bold" if e2e or r.G == 1 else "normal",
+                                 color="black" if r.G == 1 else color[r.G], zorder=6))
+    ax.margins(0.12)
+    _declutter(fig, texts)
+    ax.set_xlabel("max training MACs of one partition (forward + backward, per sample, log scale)")
+    ax.set_ylabel("test accuracy (%)" if use_acc else "training speed-up over end-to-end (×, log scale)")
+    ax.grid(True, which="both", alpha=0.25, zorder=0)
+    handles = [Line2D([], [], marker="o", linestyle="", markersize=9, markerfacecolor=color[G], alpha=0.6,
+                      markeredgecolor=color[G], label=("G=1 (DGL)" if G == 1 else f"GN-DGL G={G}")) for G in gs]
+    if any(r.K == 1 and r.G == 1 for r in pts):
+        handles.append(Line2D([], [], marker="*", linestyle="", markersize=13, markerfacecolor="gold",
+                              markeredgecolor="black", label="end-to-end (K=G=1)"))
+    handles.append(Line2D([], [], linestyle="", label="bubble area ∝ inference MACs"))
+    ax.legend(handles=handles, loc="best", fontsize=8, framealpha=0.85)
+    sub = "" if use_acc else " (untrained: y = training speed-up)"
+    ax.set_title((title or "Sweep") + sub, fontsize=11)
+    fig.tight_layout()
+    base = Path(out_base)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    out = []
+    for fmt in formats:
+        path = base.with_name(base.name + "." + fmt)
+        fig.savefig(path, format=fmt)
+        out.append(path)
+    return out
+
+
+def _declutter(fig, texts) -> None:
+    """Move annotation labels so that they do not overlap (greedy, a few candidate offsets)."""
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    offsets = [(7, 6), (7, -12), (-7, 6), (-7, -12), (9, 16), (9, -22), (-9, 16), (-9, -22), (12, 26), (12, -32)]
+    for t in sorted(texts, key=lambda t: -t.xy[1]):
+        for dx, dy in offsets:
+            t.set_position((dx, dy))
+            t.set_horizontalalignment("left" if dx > 0 else "right")
+            box = t.get_window_extent(renderer).expanded(1.05, 1.1)
+            if not any(box.overlaps(b) for b in placed):
+                break
+        else:
+            t.set_position(offsets[0])
+            t.set_horizontalalignment("left")
+            box = t.get_window_extent(renderer)
+        placed.append(box)
