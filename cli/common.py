@@ -6,11 +6,31 @@ from typing import Any, Callable
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from gndgl_compiler.errors import GndglError
 
 console = Console()
 console_err = Console(stderr=True)
+
+
+def _click_classes(name: str) -> tuple[type, ...]:
+    """The exception class ``name`` from click and from typer's vendored copy (typer>=0.20)."""
+    found: list[type] = []
+    for modname in ("click.exceptions", "typer._click.exceptions", "typer.exceptions"):
+        try:
+            mod = __import__(modname, fromlist=[name])
+        except ImportError:
+            continue
+        cls = getattr(mod, name, None)
+        if isinstance(cls, type) and cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
+_EXIT = _click_classes("Exit")
+_CLICK_ERROR = _click_classes("ClickException")
+_ABORT = _click_classes("Abort")
 
 
 def run_guarded(fn: Callable[[], Any]) -> int:
@@ -23,14 +43,14 @@ def run_guarded(fn: Callable[[], Any]) -> int:
         result = fn()
         return result if isinstance(result, int) else 0
     except GndglError as err:
-        console_err.print(f"[bold red]error:[/] {err}", highlight=False, markup=True, soft_wrap=True)
+        console_err.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         return err.exit_code
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:
+    except _EXIT as exc:
+        return int(getattr(exc, "exit_code", 0) or 0)
+    except _CLICK_ERROR as exc:
         exc.show()
-        return 2
-    except click.exceptions.Abort:
+        return int(getattr(exc, "exit_code", 2) or 2)
+    except _ABORT:
         console_err.print("[yellow]aborted[/]")
         return 130
 

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from gndgl_compiler.errors import GndglError
+from gndgl_compiler.errors import DistributedSetupError, GndglError
 
 from .common import console
 
@@ -61,6 +61,8 @@ def _launch(art, workers: int, **kw) -> None:
     args: list[str] = []
     resume = kw.pop("resume")
     if resume is not None:
+        from gndgl_compiler.runtime.train import check_resume_world
+        check_resume_world(resume, workers)
         art = load_artifact(Path(resume) / "artifact")
         args += ["--resume", str(resume)]
     port = kw.pop("port")
@@ -73,7 +75,7 @@ def _launch(art, workers: int, **kw) -> None:
             args += ["--" + key.replace("_", "-"), str(val)]
     n = len(art.plan.partitions)
     if workers > n:
-        raise GndglError(f"--workers {workers} is more than the {n} partitions; use --workers {n} or fewer")
+        raise DistributedSetupError(f"--workers {workers} is more than the {n} partitions; use --workers {n} or fewer")
     place(art.plan, art.plan.devices, workers)
     owners: dict[int, list[str]] = {}
     for p in art.plan.partitions:
@@ -121,7 +123,7 @@ def register(app: typer.Typer) -> None:
             assert source is not None
             if source.is_file() or source.suffix in (".yaml", ".yml"):
                 out = Path("compiled") / source.stem
-                console.print(f"compiling {source} → {out}/", highlight=False)
+                console.print(f"compiling {source} → {out}/", highlight=False, markup=False)
                 art = compile_spec(source, out)
             else:
                 from gndgl_compiler import load_artifact

@@ -88,7 +88,7 @@ def register(app: typer.Typer) -> None:
         opts = {"epochs": epochs, "dataset": dataset, "device": device, "batch_size": batch_size,
                 "limit_train": limit_train, "limit_test": limit_test}
         rows = run_sweep(spec, depths, widths, train=train, out_dir=output, train_options=opts,
-                         log=lambda line: console.print(line, highlight=False))
+                         log=lambda line: console.print(line, highlight=False, markup=False))
         title = f"{base.name}: depth K ∈ {{{depth}}} × width G ∈ {{{width}}}"
         written = write_tables(rows, output, title=title, paper=paper)
         if any(r.ok for r in rows):
@@ -98,7 +98,7 @@ def register(app: typer.Typer) -> None:
             raise GndglError(f"no configuration compiled (every K × G was invalid for this network); the reasons "
                              f"are in {output / 'table.md'}")
         done = f"{len(rows) - skipped} configurations" + (f", {skipped} skipped (see table.md)" if skipped else "")
-        console.print(f"{done}; wrote {', '.join(str(p) for p in written)}", highlight=False)
+        console.print(f"{done}; wrote {', '.join(str(p) for p in written)}", highlight=False, markup=False)
 
     @app.command("plot")
     def plot(

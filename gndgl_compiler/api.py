@@ -84,9 +84,7 @@ def compile_spec(source: str | os.PathLike | dict | Spec, out_dir: str | os.Path
         plan = build_plan(spec, og)
         validate_plan(plan, og)
     except PartitionError as err:
-        path = ("cuts", "width") if "G=" in str(err) else ("cuts", "depth")
-        if "mode" in str(err):
-            path = ("local", "final_head", "mode")
+        path = err.field or (("cuts", "width") if "G=" in str(err) else ("cuts", "depth"))
         raise spec_error(spec, path, str(err)) from None
     modules = build_partitions(plan, seed=spec.train.seed)
     spec_json = spec.model_dump(mode="json")

@@ -64,7 +64,16 @@ class GraphError(GndglError):
 
 
 class PartitionError(GndglError):
-    """Cuts, groups or placement are impossible for this network."""
+    """Cuts, groups or placement are impossible for this network.
+
+    Args:
+        message: what is impossible and what to do instead.
+        field: the spec field to blame, e.g. ``("cuts", "width")``, when known.
+    """
+
+    def __init__(self, message: str, field: tuple[str, ...] | None = None):
+        self.field = field
+        super().__init__(message)
 
 
 class ArtifactError(GndglError):
@@ -73,6 +82,10 @@ class ArtifactError(GndglError):
 
 class DataError(GndglError):
     """A data set cannot be found, read or decoded."""
+
+
+class RunError(GndglError):
+    """A training option, run directory or data set does not fit the run (bad input, exit 2)."""
 
 
 class TrainingError(GndglError):
@@ -89,3 +102,9 @@ class DistributedError(GndglError):
     """A distributed run failed: a rank died, hung or could not connect."""
 
     exit_code = 1
+
+
+class DistributedSetupError(DistributedError):
+    """A distributed run cannot start as asked: --workers, --port or the placement (bad input, exit 2)."""
+
+    exit_code = 2

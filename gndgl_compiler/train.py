@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import DistributedError, GndglError
-from .runtime.train import DistContext, TrainOptions, _merge, _new_run_dir, _run
+from .errors import DistributedSetupError, GndglError
+from .runtime.train import DistContext, TrainOptions, _merge, _new_run_dir, _run, check_resume_world
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,8 +59,7 @@ def run_worker(args: argparse.Namespace, rank: int, world: int) -> dict:
                         log_every=args.log_every, fused=False if args.no_fused else None, tensorboard=False)
     if args.resume:
         run_dir = Path(args.resume)
-        if not (run_dir / "run.json").exists():
-            raise DistributedError(f"'{run_dir}' is not a gndgl run directory; give the one 'gndgl train' made")
+        check_resume_world(run_dir, world)
         cfg = json.loads((run_dir / "run.json").read_text())["config"]
         if args.epochs:
             cfg["epochs"] = args.epochs
@@ -80,10 +79,10 @@ def run_worker(args: argparse.Namespace, rank: int, world: int) -> dict:
     art = load_artifact(run_dir / "artifact", workers=world, rank=rank)
     n_parts = len(art.plan.partitions)
     if world > n_parts:
-        raise DistributedError(f"{world} workers for {n_parts} partitions: every worker needs at least one; "
+        raise DistributedSetupError(f"{world} workers for {n_parts} partitions: every worker needs at least one; "
                                f"use --workers {n_parts} or fewer")
     if art.plan.schedule == "sequential":
-        raise DistributedError("the sequential schedule trains one module at a time; run it in one process")
+        raise DistributedSetupError("the sequential schedule trains one module at a time; run it in one process")
     if args.device:
         device = args.device
     elif torch.cuda.is_available() and any(d.startswith("cuda") for d in art.plan.devices):
@@ -105,6 +104,18 @@ def _print_record(rec: dict) -> None:
               f"{100 * rec['ensemble_acc']:.2f}% · {rec['wall_s']:.0f}s", flush=True)
 
 
+def _wants_cuda(args: argparse.Namespace) -> bool:
+    """Whether the ranks will train on CUDA (NCCL) rather than the CPU (gloo), read from the plan."""
+    if args.device:
+        return args.device.startswith("cuda")
+    art_dir = Path(args.resume) / "artifact" if args.resume else Path(args.artifact)
+    try:
+        devices = json.loads((art_dir / "plan.json").read_text()).get("devices", [])
+    except (OSError, ValueError, AttributeError):
+        return False
+    return torch.cuda.is_available() and any(str(d).startswith("cuda") for d in devices)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of one rank; returns the exit code."""
     from .runtime.distributed import init_process_group
@@ -112,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     try:
-        rank, world = init_process_group(args.timeout)
+        rank, world = init_process_group(args.timeout, use_cuda=_wants_cuda(args))
         summary = run_worker(args, rank, world)
         if rank == 0:
             print(json.dumps({k: v for k, v in summary.items() if k != "history"}), flush=True)

@@ -41,9 +41,6 @@ SPECS = ROOT / "specs"
 BAD = Path(__file__).resolve().parent / "bad_specs"
 BAD_FILES = sorted(BAD.glob("*.yaml"))
 
-CLI_USAGE_BUG = ("cli/common.py run_guarded catches click.ClickException / click.exceptions.Exit, but typer "
-                 "0.29 raises its vendored typer._click.exceptions.* (not subclasses), so usage errors escape "
-                 "as a traceback with exit code 1")
 
 
 # ----------------------------------------------------------------------------- corpus reading
@@ -319,7 +316,6 @@ def test_bad_invocation_exits_2_with_clean_message(name, runs, cli_tmp):
 
 @pytest.mark.parametrize("name", ["usage_missing_argument", "usage_unknown_command", "usage_bad_option_value",
                                   "usage_unknown_option", "usage_no_arguments"])
-@pytest.mark.xfail(reason=CLI_USAGE_BUG)
 def test_usage_error_exits_2_without_traceback(name, runs):
     res = runs["misc"][name]
     assert "Traceback" not in res.stdout + res.stderr, res

@@ -292,8 +292,6 @@ def test_distributed_matches_single_process(art, single, dist_run, name, workers
     _assert_same_weights(_weights(run), single(name, 32, fused))
 
 
-@pytest.mark.xfail(reason="dropout draws from the process-global RNG in execution order, so a rank draws "
-                          "different masks than the single process (runtime/train.py seeds once per process)")
 def test_distributed_matches_single_process_with_dropout(art, tmp_path):
     import yaml
 
@@ -343,8 +341,6 @@ def test_eval_and_merged_metrics_after_distributed_run(resumed_run):
     assert any(x["kind"] == "eval" for x in recs)
 
 
-@pytest.mark.xfail(reason="merge_rank_metrics appends ranks>=1 records again on resume: rank 0's metrics.jsonl "
-                          "already holds them from the first (stopped) run and truncate_metrics keeps them")
 def test_metrics_have_no_duplicates_after_resume(resumed_run):
     seen = [(x["kind"], x["step"], x.get("partition")) for x in _metrics(resumed_run["run"])]
     dup = sorted({k for k in seen if seen.count(k) > 1})
@@ -380,16 +376,12 @@ def test_resume_after_killed_rank_matches_uninterrupted_run(fault_runs, referenc
     _assert_same_weights(_weights(run), _weights(reference_run))
 
 
-@pytest.mark.xfail(reason="evaluate_run looks for checkpoints in run_dir/checkpoints only, not the committed "
-                          "per-rank checkpoints/rank<r>/ of a distributed run: 'has no weights or checkpoints yet'")
 def test_eval_of_interrupted_distributed_run(fault_runs):
     r = _gndgl("eval", str(fault_runs("raise")["run"]), "--json")
     assert r.returncode == 0, r.out[-2000:]
     assert "000000003" in r.out
 
 
-@pytest.mark.xfail(reason="a single-process --resume of a distributed run ignores checkpoints/rank<r>/ and "
-                          "silently trains again from step 0")
 def test_single_process_resume_of_distributed_run(fault_runs, tmp_path):
     run = tmp_path / "hung"
     shutil.copytree(fault_runs("hang")["run"], run)
@@ -401,11 +393,6 @@ def test_single_process_resume_of_distributed_run(fault_runs, tmp_path):
     assert len(steps) == len(set(steps)), "steps 1..3 were trained twice"
 
 
-@pytest.mark.xfail(reason="resume never checks the commit's world size: each rank loads checkpoints/rank<r>/ "
-                          "written for another placement (3 -> 2 workers: 'weights of partition m2.g1 do not match "
-                          "its plan ... recompile the spec'; 2 -> 3 fused: raw 'ValueError: loaded state dict has a "
-                          "different number of parameter groups'; 2 -> 3 unfused: the new rank starts at step 0 and "
-                          "the others hang until --timeout)")
 def test_resume_with_other_worker_count_is_refused_or_works(dist_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(dist_run("resnet32_k2g2", 3, None), run)
@@ -417,8 +404,6 @@ def test_resume_with_other_worker_count_is_refused_or_works(dist_run, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- bad input
-@pytest.mark.xfail(reason="typer 0.2x vendors click (typer._click): cli/common.py run_guarded catches "
-                          "click.ClickException only, so BadParameter escapes with a traceback and exit 1")
 def test_zero_workers_is_rejected(art, tmp_path):
     r = _gndgl("train", str(art("resnet32_k2g1")), "--workers", "0", "--run-dir", str(tmp_path / "r"), *DATA)
     assert r.returncode == 2 and "Traceback" not in r.out, r.out[-2000:]
@@ -453,7 +438,6 @@ def test_busy_port_is_reported(busy_port_run):
     assert not _workers_alive(str(run)) and not run.exists()
 
 
-@pytest.mark.xfail(reason="check_port raises DistributedError (exit_code 1); a taken --port is bad input (2)")
 def test_busy_port_exits_2(busy_port_run):
     assert busy_port_run[1].returncode == 2
 

@@ -460,10 +460,6 @@ def test_sequential_schedule_trains_module_by_module(tmp_path):
 # a start that fails on bad input must not leave a run directory behind
 # ======================================================================================
 
-@pytest.mark.xfail(reason="bug: train_artifact (gndgl_compiler/runtime/train.py) creates the run directory and "
-                          "copies the artifact before resolve_devices / load_dataset / the num_classes check run in "
-                          "_run; after 'remap with --device cpu' the same command then fails with 'run directory "
-                          "is not empty'", strict=False)
 def test_failed_start_leaves_no_run_directory(tmp_path):
     from gndgl_compiler.errors import GndglError
 

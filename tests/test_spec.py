@@ -211,18 +211,16 @@ def test_duplicate_keys_are_refused_with_their_line():
     assert info.value.path == "model.width"
 
 
-TAG_BUG = ("yaml_loader._construct (gndgl_compiler/spec/yaml_loader.py) checks node.tag only for scalar nodes; "
-           "a tag on a mapping or sequence node is silently dropped and the plain data is used")
 
 
 @pytest.mark.parametrize("text", [
     "name: !!python/name:os.system\n",
     "name: !!python/object/new:str x\n",
     "x: !custom 3\n",
-    pytest.param("name: !!python/object/apply:os.system ['echo pwned']\n", marks=pytest.mark.xfail(reason=TAG_BUG)),
-    pytest.param("x: !!python/tuple [1, 2]\n", marks=pytest.mark.xfail(reason=TAG_BUG)),
-    pytest.param("model: !!python/object/new:dict {template: resnet32}\n", marks=pytest.mark.xfail(reason=TAG_BUG)),
-    pytest.param("a: !foo {b: 1}\n", marks=pytest.mark.xfail(reason=TAG_BUG)),
+    "name: !!python/object/apply:os.system ['echo pwned']\n",
+    "x: !!python/tuple [1, 2]\n",
+    "model: !!python/object/new:dict {template: resnet32}\n",
+    "a: !foo {b: 1}\n",
 ])
 def test_python_and_custom_tags_are_refused(text):
     with pytest.raises(SpecError) as info:

@@ -120,15 +120,8 @@ def test_bad_input_gives_a_clean_message(cli_runs, case):
         assert needle in flat, f"{needle!r} not in {flat!r}"
 
 
-# Bad input must exit with status 2 (README: "Bad input never gives a traceback ... and exits with
-# status 2"; errors.py: "2 for bad input"). These four raise TrainingError, whose exit_code is 1.
-EXIT_1_BUG = pytest.mark.xfail(reason="bug: gndgl_compiler/runtime/train.py raises TrainingError (exit_code 1, "
-                                      "errors.py) for bad user input — non-empty --run-dir, --resume/eval of a "
-                                      "non-run directory, num_classes != data set classes — instead of an "
-                                      "exit-2 error", strict=False)
-EXIT_CASES = [pytest.param(c, marks=EXIT_1_BUG) if c in ("run-dir-not-empty", "resume-not-a-run",
-                                                          "eval-not-a-run", "num-classes-mismatch") else c
-              for c in sorted(ERROR_CASES)]
+# Bad input must exit with status 2 (README; errors.py: "2 for bad input").
+EXIT_CASES = sorted(ERROR_CASES)
 
 
 @pytest.mark.parametrize("case", EXIT_CASES)

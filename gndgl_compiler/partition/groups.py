@@ -32,11 +32,11 @@ def group_sizes(channels: int, groups: int, split: str = "equal") -> list[int]:
         PartitionError: G does not divide the count ('equal') or exceeds it.
     """
     if groups > channels:
-        raise PartitionError(f"G={groups} is larger than the {channels} channels to split")
+        raise PartitionError(f"G={groups} is larger than the {channels} channels to split", field=("cuts", "width"))
     if channels % groups:
         if split != "balanced":
             raise PartitionError(f"G={groups} does not divide {channels} channels; choose a divisor of {channels} "
-                                 "or set cuts.split: balanced")
+                                 "or set cuts.split: balanced", field=("cuts", "width"))
         q, r = divmod(channels, groups)
         return [q + 1 if i < r else q for i in range(groups)]
     return [channels // groups] * groups
@@ -103,7 +103,7 @@ def module_body(og: OpGraph, nodes: list[str], module_input: str, x: str, groups
             full.add(n)
         elif any(p in full for p in preds):
             raise PartitionError(f"op '{n}' ({kind}) reads the full module input after grouping started; "
-                                 "cut the module elsewhere")
+                                 "cut the module elsewhere", field=("cuts", "depth"))
         else:
             ir[n] = b.add(n, kind, attrs, args, source=n)
     return ir[nodes[-1]]

@@ -42,7 +42,7 @@ def _widths(spec: Spec, k: int) -> list[int]:
         return [w] * k
     if len(w) != k:
         raise PartitionError(f"cuts.width lists {len(w)} values but there are {k} modules; give one G per module "
-                             "or a single integer")
+                             "or a single integer", field=("cuts", "width"))
     return list(w)
 
 
@@ -103,9 +103,11 @@ def build_plan(spec: Spec, og: OpGraph) -> PartitionPlan:
     joint = loc.final_head.mode == "joint" and not e2e
     if joint and groups[-1] != 1:
         raise PartitionError(f"final_head.mode 'joint' closes the last module with the classifier, so that module "
-                             f"needs G=1 (it has G={groups[-1]}); use mode 'separate' or G=1 there")
+                             f"needs G=1 (it has G={groups[-1]}); use mode 'separate' or G=1 there",
+                             field=("local", "final_head", "mode"))
     if joint and k_mod == 1:
-        raise PartitionError("final_head.mode 'joint' with K=1 and G=1 is plain end-to-end; drop the mode or cut deeper")
+        raise PartitionError("final_head.mode 'joint' with K=1 and G=1 is plain end-to-end; drop the mode or cut deeper",
+                             field=("local", "final_head", "mode"))
     head_kind = loc.head.kind
     local_modules = k_mod - 1 if joint else k_mod
     parts: list[Partition] = []
@@ -137,7 +139,8 @@ def build_plan(spec: Spec, og: OpGraph) -> PartitionPlan:
             try:
                 out = module_body(og, nodes, prev_node, x, G, g, spec.cuts.split, b)
             except PartitionError as err:
-                raise PartitionError(f"module {k + 1} (units {units[0]}..{units[-1]}), G={G}: {err}") from None
+                raise PartitionError(f"module {k + 1} (units {units[0]}..{units[-1]}), G={G}: {err}",
+                                     field=err.field or ("cuts", "width")) from None
             body = b.nodes
             c_out = body[-1].shape[0]
             full_c = og.node(nodes[-1])["shape"][0]
@@ -175,7 +178,7 @@ def build_plan(spec: Spec, og: OpGraph) -> PartitionPlan:
                 try:
                     outs = HEADS[head_kind](hb, h, og.num_classes, hidden, **extra)
                 except PartitionError as err:
-                    raise PartitionError(f"partition {name}: {err}") from None
+                    raise PartitionError(f"partition {name}: {err}", field=("local", "head", "kind")) from None
                 lr, lt = _infopro_lambdas(loc.head.recon_weight, loc.head.task_weight, k, local_modules)
                 div_on = G > 1 and loc.diversity.weight > 0
                 loss = Loss({"1c2f": "ce", "linear": "ce", "mlp-sr": "ce", "predsim": "predsim",

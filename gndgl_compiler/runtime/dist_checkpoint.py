@@ -49,6 +49,12 @@ def _commits(root: Path) -> list[int]:
     return sorted((int(p.stem.split("-")[1]) for p in root.glob("commit-*.json")), reverse=True)
 
 
+def latest_commit(root: Path) -> int | None:
+    """The newest committed step under ``root`` (``checkpoints/``), or None."""
+    steps = _commits(root) if root.exists() else []
+    return steps[0] if steps else None
+
+
 def committed_checkpoint(root: Path, rank: int) -> LoadedCheckpoint | None:
     """This rank's part of the newest committed checkpoint, or None for a fresh run."""
     if not root.exists():
@@ -88,6 +94,12 @@ def merge_rank_metrics(run_dir: Path, world: int) -> None:
             records += read_metrics(d)
     if not records:
         return
-    mine = read_metrics(run_dir)
-    merged = sorted(mine + records, key=lambda rec: (rec.get("step", 0), rec.get("kind") != "train"))
+    seen: set[tuple] = set()
+    merged = []
+    for rec in read_metrics(run_dir) + records:  # a resumed run already holds the records merged before
+        key = (rec.get("kind"), rec.get("step"), rec.get("partition"), rec.get("epoch"))
+        if key not in seen:
+            seen.add(key)
+            merged.append(rec)
+    merged.sort(key=lambda rec: (rec.get("step", 0), rec.get("kind") != "train"))
     atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(rec) + "\n" for rec in merged))

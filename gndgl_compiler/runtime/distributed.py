@@ -177,8 +177,13 @@ def _inject(kind: str) -> None:
         raise RuntimeError("injected fault (GNDGL_FAULT)")
 
 
-def init_process_group(timeout_s: float) -> tuple[int, int]:
+def init_process_group(timeout_s: float, use_cuda: bool = True) -> tuple[int, int]:
     """Join the process group described by torchrun's environment variables.
+
+    Args:
+        timeout_s: seconds a collective or receive may wait for a peer.
+        use_cuda: the ranks train on CUDA devices (NCCL); False for CPU plans (gloo).
+            ``GNDGL_BACKEND`` overrides the choice.
 
     Returns:
         ``(rank, world_size)``.
@@ -191,7 +196,7 @@ def init_process_group(timeout_s: float) -> tuple[int, int]:
     except KeyError as exc:
         raise DistributedError(f"environment variable {exc} is not set; launch with 'gndgl train --workers N' "
                                "or torchrun") from None
-    backend = "nccl" if torch.cuda.is_available() and os.environ.get("GNDGL_BACKEND", "") != "gloo" else "gloo"
+    backend = os.environ.get("GNDGL_BACKEND") or ("nccl" if use_cuda and torch.cuda.is_available() else "gloo")
     try:
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
     except Exception as exc:  # rendezvous errors come in many types

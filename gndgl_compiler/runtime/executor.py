@@ -26,6 +26,23 @@ from ..partition.plan import IMAGE, PartitionPlan
 from .optim import make_optimizer, set_lr
 
 HEAD_KEYS = ("logits", "sim", "recon", "proj")
+RANDOM_OPS = ("dropout",)
+
+
+def _partition_seed(seed: int, step: int, pid: int) -> int:
+    """Seed of partition ``pid``'s random ops at global step ``step`` (independent of placement)."""
+    return ((seed * 1_000_003 + step) * 65_537 + pid) % (2 ** 63)
+
+
+@contextlib.contextmanager
+def _seeded(device: torch.device, seed: int):
+    """Run the block with the global RNG (CPU, and ``device`` if CUDA) seeded to ``seed``; restore it after."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 class Executor:
@@ -51,6 +68,8 @@ class Executor:
         """Optional transport (distributed runs): recv_inputs / send_output / recv_shares / exchange_diversity."""
         self.parts = {p.id: p for p in plan.partitions}
         self.order = [p.id for p in plan.partitions if p.id in modules]
+        self.random = {p.id for p in plan.partitions if any(n.kind in RANDOM_OPS for n in p.body + p.head)}
+        """Partitions with random ops: they draw from a generator seeded by (seed, step, partition)."""
         for pid in self.order:
             m = modules[pid].to(devices[pid])
             if channels_last:
@@ -72,8 +91,16 @@ class Executor:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _rng(self, pid: int, seed: tuple[int, int] | None):
+        """Fork the RNG and seed it per (seed, step, partition), so dropout masks do not depend on
+        which partitions share a process or in which order they run."""
+        if seed is None or pid not in self.random:
+            return contextlib.nullcontext()
+        return _seeded(self.devices[pid], _partition_seed(seed[0], seed[1], pid))
+
     def forward(self, x: torch.Tensor, y: torch.Tensor, active: set[int] | None = None,
-                with_loss: bool = True) -> tuple[dict[int, dict], dict[int, torch.Tensor]]:
+                with_loss: bool = True, seed: tuple[int, int] | None = None
+                ) -> tuple[dict[int, dict], dict[int, torch.Tensor]]:
         """Bodies, heads, diversity exchange and losses for one batch.
 
         Args:
@@ -81,6 +108,7 @@ class Executor:
             y: labels.
             active: partitions that train (others run without grad; sequential schedule).
             with_loss: also compute the local losses.
+            seed: ``(run seed, global step)`` for the random ops of the partitions (training).
 
         Returns:
             ``(head outputs by partition, losses by partition)``.
@@ -93,7 +121,8 @@ class Executor:
             if comm is not None:
                 comm.recv_inputs(pid, h)
             grad = active is None or pid in active
-            with torch.set_grad_enabled(grad and torch.is_grad_enabled()), self._autocast(dev):
+            with torch.set_grad_enabled(grad and torch.is_grad_enabled()), self._autocast(dev), \
+                    self._rng(pid, seed):
                 args = [h[i.source].to(dev, non_blocking=True) for i in p.inputs]
                 h[pid] = self.modules[pid].body(*args)
             if comm is not None:
@@ -104,7 +133,8 @@ class Executor:
                 continue
             if comm is not None:
                 comm.recv_shares(pid, h)
-            with torch.set_grad_enabled(torch.is_grad_enabled()), self._autocast(dev):
+            with torch.set_grad_enabled(torch.is_grad_enabled()), self._autocast(dev), \
+                    self._rng(pid, None if seed is None else (seed[0], seed[1] + (1 << 40))):
                 shares = [h[s.source][:, :s.channels].to(dev, non_blocking=True) for s in p.shares]
                 outs[pid] = self.modules[pid].aux(h[pid], *shares)
         losses: dict[int, torch.Tensor] = {}
@@ -138,16 +168,22 @@ class Executor:
         return (x.float() * s + m).clamp(0, 1)
 
     # ------------------------------------------------------------------ training
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, active: set[int] | None = None
-                   ) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, active: set[int] | None = None,
+                   seed: tuple[int, int] | None = None) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
         """One optimisation step of every (active) partition.
+
+        Args:
+            x, y: the batch.
+            lr: learning rate of this step.
+            active: partitions that train (sequential schedule); None = all.
+            seed: ``(run seed, global step)``: seeds dropout per partition (see :meth:`_rng`).
 
         Returns:
             ``{pid: (detached loss, number of correct predictions or None)}``, on device (no host sync).
         """
         for pid in self.order:
             self.modules[pid].train(active is None or pid in active)
-        outs, losses = self.forward(x, y, active)
+        outs, losses = self.forward(x, y, active, seed=seed)
         if self.fused:
             by_dev: dict[str, list[torch.Tensor]] = {}
             for pid, loss in losses.items():

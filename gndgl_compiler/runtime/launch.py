@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from ..errors import DistributedError
+from ..errors import DistributedError, DistributedSetupError
 
 PR_SET_PDEATHSIG = 1
 
@@ -30,12 +30,12 @@ def free_port() -> int:
 
 
 def check_port(port: int) -> None:
-    """Raise :class:`DistributedError` if ``port`` is already taken."""
+    """Raise :class:`DistributedSetupError` (exit 2) if ``port`` is already taken."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
-            raise DistributedError(f"port {port} is in use; choose another with --port or omit it") from None
+            raise DistributedSetupError(f"port {port} is in use; choose another with --port or omit it") from None
 
 
 def _die_with_parent() -> None:
@@ -60,7 +60,7 @@ def launch_local(workers: int, worker_args: list[str], *, port: int | None = Non
         DistributedError: a rank failed; names it, its exit code and its partitions.
     """
     if workers < 1:
-        raise DistributedError(f"--workers must be at least 1, got {workers}")
+        raise DistributedSetupError(f"--workers must be at least 1, got {workers}")
     if port is None:
         port = free_port()
     else:
@@ -78,7 +78,10 @@ def launch_local(workers: int, worker_args: list[str], *, port: int | None = Non
             codes = [p.poll() for p in procs]
             failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
             if failed:
-                r, c = failed[0]
+                time.sleep(min(1.0, 5 * poll_s))  # a peer that noticed first may exit first: look again
+                codes = [p.poll() for p in procs]
+                failed += [(r, c) for r, c in enumerate(codes) if c not in (None, 0) and (r, c) not in failed]
+                r, c = _culprit(failed)
                 _stop(procs)
                 names = ", ".join((partitions_of or {}).get(r, [])) or "?"
                 raise DistributedError(f"rank {r} (partitions {names}) exited with code {c}; the other ranks were "
@@ -89,6 +92,13 @@ def launch_local(workers: int, worker_args: list[str], *, port: int | None = Non
     except KeyboardInterrupt:
         _stop(procs)
         raise
+
+
+def _culprit(failed: list[tuple[int, int]]) -> tuple[int, int]:
+    """The rank to blame among ``(rank, exit code)`` in the order seen: one killed by a signal
+    (negative code) first, since its peers only exit because it vanished; else the first seen."""
+    killed = [(r, c) for r, c in failed if c < 0]
+    return (killed or failed)[0]
 
 
 def _stop(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:

@@ -29,12 +29,12 @@ from safetensors.torch import save_file
 
 from ..api import Artifact, load_artifact
 from ..codegen.artifact import load_state_tensors, state_tensors
-from ..errors import DeviceError, GndglError, TrainingError
+from ..errors import DataError, DeviceError, GndglError, RunError, TrainingError
 from .checkpoint import (atomic_write_text, latest_valid_checkpoint, prune_checkpoints, rng_state,
                          save_checkpoint, set_rng_state)
 from .data import Batches, load_dataset, steps_per_epoch
 from .dist_checkpoint import (commit_checkpoint, committed_checkpoint, gather_modules, gather_tensors,
-                              merge_rank_metrics, metrics_dir)
+                              latest_commit, merge_rank_metrics, metrics_dir)
 from .executor import Executor
 from .metrics import MetricsLogger, truncate_metrics
 from .optim import lr_at
@@ -111,7 +111,7 @@ def _new_run_dir(name: str, requested: str | None) -> Path:
     if requested:
         d = Path(requested)
         if d.exists() and any(d.iterdir()):
-            raise TrainingError(f"run directory '{d}' is not empty; resume it with --resume {d} or choose another")
+            raise RunError(f"run directory '{d}' is not empty; resume it with --resume {d} or choose another")
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         d = Path("runs") / f"{name}-{stamp}"
@@ -121,8 +121,34 @@ def _new_run_dir(name: str, requested: str | None) -> Path:
     try:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise TrainingError(f"cannot create run directory '{d}': {exc.strerror}") from None
+        raise RunError(f"cannot create run directory '{d}': {exc.strerror}; choose another with --run-dir") from None
     return d
+
+
+def check_resume_world(run_dir: str | Path, world: int) -> dict:
+    """Check that ``run_dir`` is a run directory trained with ``world`` processes.
+
+    Returns:
+        The run's ``run.json`` record.
+
+    Raises:
+        RunError: not a run directory, or trained with another number of workers (says which to use).
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "artifact").is_dir() or not (run_dir / "run.json").is_file():
+        raise RunError(f"'{run_dir}' is not a gndgl run directory (expected artifact/ and run.json inside); "
+                       "give the directory 'gndgl train' created")
+    try:
+        saved = json.loads((run_dir / "run.json").read_text())
+        saved_world = int(saved.get("world", 1))
+        saved["config"]["epochs"]
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise RunError(f"'{run_dir / 'run.json'}' is unreadable or damaged ({exc}); the run cannot be resumed") from None
+    if saved_world != world:
+        how = f"--workers {saved_world}" if saved_world > 1 else "no --workers (one process)"
+        raise RunError(f"'{run_dir}' was trained with {saved_world} worker(s) and its checkpoints hold that "
+                       f"placement; resume it with {how}, or start a new run")
+    return saved
 
 
 def train_artifact(source: str | Path | Artifact, opts: TrainOptions | None = None) -> dict[str, Any]:
@@ -142,11 +168,8 @@ def train_artifact(source: str | Path | Artifact, opts: TrainOptions | None = No
     opts = opts or TrainOptions()
     if opts.resume:
         run_dir = Path(opts.resume)
-        if not (run_dir / "artifact").is_dir():
-            raise TrainingError(f"'{run_dir}' is not a gndgl run directory (no artifact/ inside); "
-                                "give the directory 'gndgl train' created")
+        saved = check_resume_world(run_dir, 1)
         art = load_artifact(run_dir / "artifact")
-        saved = json.loads((run_dir / "run.json").read_text())
         cfg = saved["config"]
         for key in ("epochs", "max_steps"):
             if getattr(opts, key, None) is not None and key in cfg:
@@ -157,15 +180,34 @@ def train_artifact(source: str | Path | Artifact, opts: TrainOptions | None = No
     else:
         art = source if isinstance(source, Artifact) else load_artifact(source)
         cfg = _merge(art.spec["train"], opts)
+        resolve_devices(art, opts.device)  # fail before anything is written
+        fresh = not Path(opts.run_dir).exists() if opts.run_dir else True
         run_dir = _new_run_dir(art.plan.name, opts.run_dir)
         if art.path is not None:
             shutil.copytree(art.path, run_dir / "artifact")
         device = opts.device
         cfg.setdefault("limit_train", opts.limit_train)
         cfg.setdefault("limit_test", opts.limit_test)
-        atomic_write_text(run_dir / "run.json", json.dumps({"config": cfg, "device": device,
+        atomic_write_text(run_dir / "run.json", json.dumps({"config": cfg, "device": device, "world": 1,
                                                             "source": str(art.path)}, indent=1))
+        try:
+            return _run(art, cfg, run_dir, device, opts)
+        except (RunError, DataError, DeviceError):
+            _discard_unstarted(run_dir, fresh)
+            raise
     return _run(art, cfg, run_dir, device, opts)
+
+
+def _discard_unstarted(run_dir: Path, fresh: bool) -> None:
+    """Undo a run directory whose start failed on bad input (nothing was trained in it), so the
+    same command works once the input is fixed."""
+    if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+        return
+    if fresh:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    else:
+        for child in run_dir.iterdir():
+            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
 
 
 @dataclass
@@ -191,7 +233,7 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
                         input_shape=tuple(plan.input_shape), limit_train=cfg.get("limit_train"),
                         limit_test=cfg.get("limit_test"))
     if data.num_classes != plan.num_classes:
-        raise TrainingError(f"data set '{cfg['dataset']}' has {data.num_classes} classes but the network was "
+        raise RunError(f"data set '{cfg['dataset']}' has {data.num_classes} classes but the network was "
                             f"compiled for {plan.num_classes}; set model.num_classes: {data.num_classes} and recompile")
     data = data.to(first_dev)
     torch.manual_seed(cfg["seed"])
@@ -201,7 +243,7 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
     bs = cfg["batch_size"]
     spe = steps_per_epoch(len(data.train_y), bs)
     if spe == 0:
-        raise TrainingError(f"batch size {bs} is larger than the {len(data.train_y)} training images; use a smaller "
+        raise RunError(f"batch size {bs} is larger than the {len(data.train_y)} training images; use a smaller "
                             "--batch-size")
     modules = sorted({p.module for p in plan.partitions})
     phases = [None] if plan.schedule == "parallel" else [
@@ -210,7 +252,7 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
     total_epochs = epochs * len(phases)
     ckpt_root = run_dir / "checkpoints"
     ckpt_dir = ckpt_root / f"rank{ctx.rank}" if ctx.world > 1 else ckpt_root
-    epoch, start_step, gstep, history = 0, 0, 0, []
+    epoch, start_step, gstep, history, window = 0, 0, 0, [], None
     if ctx.world > 1:
         loaded = committed_checkpoint(ckpt_root, ctx.rank)
     else:
@@ -218,20 +260,24 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
     if loaded is not None:
         state = loaded.state
         if state.get("fused") != cfg["fused"]:
-            raise TrainingError("this run was checkpointed with fused="
+            raise RunError("this run was checkpointed with fused="
                                 f"{state.get('fused')}; resume with the same --fused/--no-fused setting")
         load_state_tensors(art.modules, plan, loaded.tensors, str(ckpt_dir / loaded.name))
         for key, opt in ex.optimizers.items():
             opt.load_state_dict(state["optim"][str(key)])
         set_rng_state(state["rng"])
         epoch, start_step, gstep, history = state["epoch"], state["step_in_epoch"], state["step"], state["history"]
+        window = state.get("window")
         truncate_metrics(metrics_dir(run_dir, ctx.rank), gstep)
     names = {p.id: p.name for p in plan.partitions}
     aug = cfg.get("augment") or {"crop_pad": 0, "flip": False}
     t_start = time.time()
     images = 0
     done = interrupted = False
-    stop = StopFlag()
+    stop = StopFlag(immediate=ctx.world > 1)
+    acc_loss: dict[int, torch.Tensor] = {}
+    acc_correct: dict[int, torch.Tensor] = {}
+    n_acc = 0
 
     def checkpoint(ep: int, step_in_epoch: int) -> None:
         if ctx.comm is not None:
@@ -239,7 +285,10 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
         tensors = state_tensors(art.modules, plan)
         st = {"step": gstep, "epoch": ep, "step_in_epoch": step_in_epoch, "fused": cfg["fused"],
               "optim": {str(k): o.state_dict() for k, o in ex.optimizers.items()}, "rng": rng_state(),
-              "history": history}
+              "history": history,
+              # the metrics of the steps since the last log record, so a resumed run logs the same averages
+              "window": {"n": n_acc, "loss": {str(k): float(v) for k, v in acc_loss.items()},
+                         "correct": {str(k): int(v) for k, v in acc_correct.items()}}}
         save_checkpoint(ckpt_dir, f"ckpt-{gstep:09d}", tensors=tensors, state=st)
         if ctx.world > 1:
             commit_checkpoint(ckpt_root, gstep, ctx)
@@ -264,14 +313,16 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
                 batches = Batches(data, batch_size=bs, seed=cfg["seed"], epoch=epoch, start_step=start_step,
                                   train=True, augment=bool(aug["crop_pad"] or aug["flip"]), pad=aug["crop_pad"],
                                   flip=aug["flip"], channels_last=channels_last)
-                acc_loss: dict[int, torch.Tensor] = {}
-                acc_correct: dict[int, torch.Tensor] = {}
-                n_acc, t_log = 0, time.time()
+                acc_loss, acc_correct, n_acc, t_log = {}, {}, 0, time.time()
+                if window:
+                    acc_loss = {int(k): torch.tensor(v, dtype=torch.float32) for k, v in window["loss"].items()}
+                    acc_correct = {int(k): torch.tensor(v) for k, v in window["correct"].items()}
+                    n_acc, window = window["n"], None
                 for step, x, y in batches:
                     if ctx.comm is not None:
                         ctx.comm.begin_step(gstep)
                     lr = lr_at(gstep - phase_step0, spe, cfg["optimizer"]["lr"], cfg["schedule"], epochs)
-                    stats = _guard_oom(lambda: ex.train_step(x, y, lr, active), first_dev, bs)
+                    stats = _guard_oom(lambda: ex.train_step(x, y, lr, active, seed=(cfg["seed"], gstep)), first_dev, bs)
                     for pid, (loss, correct) in stats.items():
                         acc_loss[pid] = acc_loss.get(pid, 0) + loss.float()
                         if correct is not None:
@@ -355,15 +406,17 @@ class Interrupted(GndglError):
 class StopFlag:
     """First SIGINT/SIGTERM asks the loop to checkpoint and stop; a second one interrupts at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, immediate: bool = False) -> None:
         self.requested = False
+        self.immediate = immediate
+        """Interrupt at the first signal (distributed ranks: the launcher stops every rank together)."""
         self._old: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:  # noqa: ANN001 - signal handler signature
-        if self.requested:
+        if self.requested or self.immediate:
             raise KeyboardInterrupt
         self.requested = True
 
@@ -419,16 +472,28 @@ def evaluate_run(run_dir: str | Path, device: str | None = None, limit_test: int
     """
     run_dir = Path(run_dir)
     if not (run_dir / "artifact").is_dir() or not (run_dir / "run.json").exists():
-        raise TrainingError(f"'{run_dir}' is not a gndgl run directory (expected artifact/ and run.json)")
+        raise RunError(f"'{run_dir}' is not a gndgl run directory (expected artifact/ and run.json); give the "
+                       "directory 'gndgl train' created")
     art = load_artifact(run_dir / "artifact")
-    cfg = json.loads((run_dir / "run.json").read_text())["config"]
+    saved = json.loads((run_dir / "run.json").read_text())
+    cfg = saved["config"]
     from safetensors.torch import load_file
+    ckpts = run_dir / "checkpoints"
     if (run_dir / "weights.safetensors").exists():
-        tensors, source = load_file(str(run_dir / "weights.safetensors")), "final weights"
+        try:
+            tensors, source = load_file(str(run_dir / "weights.safetensors")), "final weights"
+        except Exception as exc:  # noqa: BLE001 - safetensors raises several types on damaged files
+            raise RunError(f"'{run_dir / 'weights.safetensors'}' is damaged ({exc}); delete it to evaluate the "
+                           "last checkpoint instead") from None
+    elif int(saved.get("world", 1)) > 1:
+        step = latest_commit(ckpts)
+        if step is None:
+            raise RunError(f"'{run_dir}' has no weights or committed checkpoints yet")
+        tensors, source = gather_tensors(ckpts, step, int(saved["world"])), f"committed checkpoint ckpt-{step:09d}"
     else:
-        loaded = latest_valid_checkpoint(run_dir / "checkpoints")
+        loaded = latest_valid_checkpoint(ckpts) if ckpts.exists() else None
         if loaded is None:
-            raise TrainingError(f"'{run_dir}' has no weights or checkpoints yet")
+            raise RunError(f"'{run_dir}' has no weights or checkpoints yet")
         tensors, source = loaded.tensors, f"checkpoint {loaded.name}"
     load_state_tensors(art.modules, art.plan, tensors, str(run_dir))
     devices = resolve_devices(art, device or "cpu")

@@ -23,7 +23,10 @@ def _yaml_path(data: Any, loc: tuple) -> tuple:
     """Drop pydantic's union-tag elements from ``loc`` so it follows the YAML data."""
     out: list = []
     node = data
-    for part in loc:
+    for i, part in enumerate(loc):
+        nxt = loc[i + 1] if i + 1 < len(loc) else None
+        if isinstance(node, dict) and part not in node and (node.get("op") == part or (nxt is not None and nxt in node)):
+            continue  # a union/discriminator tag such as 'dropout' in layers[1].dropout.p
         if isinstance(node, dict) and part in node:
             out.append(part)
             node = node[part]

@@ -118,6 +118,17 @@ class Cuts(_Strict):
     width: int | list[int] = Field(1, description="Groups per module: one G for all, or one value per module.")
     split: Literal["equal", "balanced"] = Field("equal", description="'equal' needs G to divide every channel count; 'balanced' allows sizes differing by one.")
 
+    @field_validator("depth", "width", mode="before")
+    @classmethod
+    def _no_booleans(cls, v, info):
+        # Before pydantic's lax coercion turns `true` into 1.
+        for x in (v if isinstance(v, list) else [v]):
+            if isinstance(x, bool):
+                what = "an integer K or a list of cut points" if info.field_name == "depth" else \
+                    "an integer G or a list of integers (one per module)"
+                raise ValueError(f"{info.field_name} must be {what}, not a boolean")
+        return v
+
     @field_validator("depth")
     @classmethod
     def _depth(cls, v):

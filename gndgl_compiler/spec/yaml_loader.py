@@ -47,6 +47,10 @@ def _construct(node: yaml.Node, path: Path_, lines: LineMap, budget: list[int], 
     if depth > MAX_DEPTH:
         raise SpecError(f"the YAML document is nested deeper than {MAX_DEPTH} levels", line=node.start_mark.line + 1)
     lines.setdefault(path, node.start_mark.line + 1)
+    plain = {yaml.MappingNode: "tag:yaml.org,2002:map", yaml.SequenceNode: "tag:yaml.org,2002:seq"}
+    if type(node) in plain and node.tag != plain[type(node)]:
+        raise SpecError(f"YAML tag '{node.tag}' is not allowed in a spec (specs hold plain data only); "
+                        "remove the tag", line=node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
