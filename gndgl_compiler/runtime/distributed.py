@@ -141,8 +141,10 @@ class PeerComm:
             if s.source in h:
                 continue
             src_rank = self.owner[s.source]
-            if self.rank in self.act_dst.get(s.source, set()):
-                continue  # arrives as a full activation through recv_inputs
+            if self.rank in self.act_dst.get(s.source, set()):  # a later partition here reads all of it
+                h[s.source] = self._recv(self.parts[s.source].out_shape, src_rank,
+                                         _tag(self.step, s.source, "activation"))
+                continue
             ch = self.share_dst[s.source][self.rank]
             shape = [ch, *self.parts[s.source].out_shape[1:]]
             h[s.source] = self._recv(shape, src_rank, _tag(self.step, s.source, "share"))

@@ -68,6 +68,22 @@ class Executor:
         """Optional transport (distributed runs): recv_inputs / send_output / recv_shares / exchange_diversity."""
         self.parts = {p.id: p for p in plan.partitions}
         self.order = [p.id for p in plan.partitions if p.id in modules]
+        self.stages: list[list[int]] = []
+        """Owned partitions grouped by module, in network order (siblings run together)."""
+        for pid in self.order:
+            if not self.stages or self.parts[self.stages[-1][0]].module != self.parts[pid].module:
+                self.stages.append([])
+            self.stages[-1].append(pid)
+        last: dict[int, int] = {}
+        for i, stage in enumerate(self.stages):
+            for pid in stage:
+                last[pid] = max(last.get(pid, i), i)
+                for src in [inp.source for inp in self.parts[pid].inputs] + [sh.source for sh in self.parts[pid].shares]:
+                    last[src] = max(last.get(src, i), i)
+        self.release: dict[int, list[int]] = {}
+        """Stage index -> body outputs no later stage reads (dropped from memory after it)."""
+        for src, i in last.items():
+            self.release.setdefault(i, []).append(src)
         self.random = {p.id for p in plan.partitions if any(n.kind in RANDOM_OPS for n in p.body + p.head)}
         """Partitions with random ops: they draw from a generator seeded by (seed, step, partition)."""
         for pid in self.order:
@@ -101,7 +117,7 @@ class Executor:
     def forward(self, x: torch.Tensor, y: torch.Tensor, active: set[int] | None = None,
                 with_loss: bool = True, seed: tuple[int, int] | None = None
                 ) -> tuple[dict[int, dict], dict[int, torch.Tensor]]:
-        """Bodies, heads, diversity exchange and losses for one batch.
+        """Bodies, heads, diversity exchange and losses for one batch (all modules, no backward).
 
         Args:
             x: normalised images (on the first partition's device).
@@ -113,10 +129,22 @@ class Executor:
         Returns:
             ``(head outputs by partition, losses by partition)``.
         """
-        comm = self.comm
         h: dict[int, torch.Tensor] = {IMAGE: x}
         outs: dict[int, dict] = {}
-        for pid in self.order:
+        losses: dict[int, torch.Tensor] = {}
+        for stage in self.stages:
+            losses.update(self._forward_stage(stage, x, y, h, outs, active, with_loss, seed))
+        return outs, losses
+
+    def _forward_stage(self, stage: list[int], x: torch.Tensor, y: torch.Tensor, h: dict[int, torch.Tensor],
+                       outs: dict[int, dict], active: set[int] | None, with_loss: bool,
+                       seed: tuple[int, int] | None) -> dict[int, torch.Tensor]:
+        """One module's partitions (siblings): bodies, aux heads, diversity exchange, losses.
+
+        Fills ``h`` (body outputs) and ``outs`` (head outputs); returns the losses of the stage.
+        """
+        comm = self.comm
+        for pid in stage:
             p, dev = self.parts[pid], self.devices[pid]
             if comm is not None:
                 comm.recv_inputs(pid, h)
@@ -127,10 +155,9 @@ class Executor:
                 h[pid] = self.modules[pid].body(*args)
             if comm is not None:
                 comm.send_output(pid, h[pid])
-        for pid in self.order:
+        live = [pid for pid in stage if active is None or pid in active]
+        for pid in live:
             p, dev = self.parts[pid], self.devices[pid]
-            if active is not None and pid not in active:
-                continue
             if comm is not None:
                 comm.recv_shares(pid, h)
             with torch.set_grad_enabled(torch.is_grad_enabled()), self._autocast(dev), \
@@ -139,18 +166,16 @@ class Executor:
                 outs[pid] = self.modules[pid].aux(h[pid], *shares)
         losses: dict[int, torch.Tensor] = {}
         if not with_loss:
-            return outs, losses
+            return losses
         p_hat: dict[int, torch.Tensor] = {}
-        for pid in self.order:
+        for pid in stage:
             lp = self.parts[pid].loss
             if lp.diversity_weight > 0 and pid in outs:
                 p_hat[pid] = L.diversity_probs(outs[pid]["logits"].detach(), y.to(self.devices[pid]),
                                                lp.diversity_temperature)
         if comm is not None:
             comm.exchange_diversity(p_hat)
-        for pid in self.order:
-            if active is not None and pid not in active:
-                continue
+        for pid in live:
             p, dev = self.parts[pid], self.devices[pid]
             yd = y.to(dev, non_blocking=True)
             args = [outs[pid][k] for k in HEAD_KEYS if k in p.head_outputs] + [yd]
@@ -159,7 +184,7 @@ class Executor:
             if p.loss.diversity_weight > 0:
                 args += [p_hat[s].to(dev) for s in p.siblings]
             losses[pid] = self.modules[pid].loss(*args)
-        return outs, losses
+        return losses
 
     def _image01(self, x: torch.Tensor) -> torch.Tensor:
         mean, std = self.denorm or ((0.0,), (1.0,))
@@ -172,6 +197,12 @@ class Executor:
                    seed: tuple[int, int] | None = None) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
         """One optimisation step of every (active) partition.
 
+        Module by module (sibling partitions together): forward, losses, backward — so only one
+        module's activations are alive at a time, as in a hand-written local-learning loop. The
+        optimizers step at the end (fused: one multi-tensor step per device), or right after each
+        partition's backward (unfused); no partition reads another's parameters, so both orders
+        give the same weights.
+
         Args:
             x, y: the batch.
             lr: learning rate of this step.
@@ -183,34 +214,41 @@ class Executor:
         """
         for pid in self.order:
             self.modules[pid].train(active is None or pid in active)
-        outs, losses = self.forward(x, y, active, seed=seed)
-        if self.fused:
-            by_dev: dict[str, list[torch.Tensor]] = {}
+        h: dict[int, torch.Tensor] = {IMAGE: x}
+        outs: dict[int, dict] = {}
+        stats = {}
+        for i, stage in enumerate(self.stages):
+            losses = self._forward_stage(stage, x, y, h, outs, active, True, seed)
+            if self.fused:
+                by_dev: dict[str, list[torch.Tensor]] = {}
+                for pid, loss in losses.items():
+                    by_dev.setdefault(str(self.devices[pid]), []).append(loss)
+                for ls in by_dev.values():
+                    total = ls[0]
+                    for extra in ls[1:]:
+                        total = total + extra
+                    total.backward()
+            else:
+                for pid, loss in losses.items():
+                    loss.backward()
+                    opt = self.optimizers[pid]
+                    set_lr(opt, lr)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
             for pid, loss in losses.items():
-                by_dev.setdefault(str(self.devices[pid]), []).append(loss)
-            for dev, ls in by_dev.items():
-                total = ls[0]
-                for extra in ls[1:]:
-                    total = total + extra
-                total.backward()
+                logits = outs[pid].pop("logits", None)
+                correct = None
+                if logits is not None:
+                    correct = (logits.detach().argmax(1) == y.to(logits.device)).sum()
+                stats[pid] = (loss.detach(), correct)
+                outs[pid] = {}  # free the head outputs (and their graph) before the next module
+            for src in self.release.get(i, ()):
+                h.pop(src, None)  # no later module reads it
+        if self.fused:
             for opt in self.optimizers.values():
                 set_lr(opt, lr)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-        else:
-            for pid, loss in losses.items():
-                loss.backward()
-                opt = self.optimizers[pid]
-                set_lr(opt, lr)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-        stats = {}
-        for pid, loss in losses.items():
-            logits = outs[pid].get("logits")
-            correct = None
-            if logits is not None:
-                correct = (logits.detach().argmax(1) == y.to(logits.device)).sum()
-            stats[pid] = (loss.detach(), correct)
         return stats
 
     # ------------------------------------------------------------------ evaluation
