@@ -9,19 +9,24 @@
       code/inference.py    the assembled inference network
       weights.safetensors  initial weights, '<partition>.<param>'
 
-Writing builds a temporary sibling directory and renames it into place, so an
-interrupted compile never leaves a half-written artifact. Loading verifies every
+Writing builds a temporary sibling directory and renames it into place (an existing
+artifact is swapped with it in one atomic ``renameat2(RENAME_EXCHANGE)`` on Linux), so
+an interrupted compile never leaves a half-written artifact. Loading verifies every
 hash, then rebuilds the modules from ``plan.json`` with the same codegen: no stored
 code is executed and nothing is unpickled.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import glob
 import hashlib
 import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -38,6 +43,9 @@ from .modules import PartitionModule, build_assembled
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
+REQUIRED = ("spec.json", "plan.json", WEIGHTS)
+"""Files every manifest must list (so that dropping an entry cannot hide an edit)."""
+RECOMPILE = "recompile the spec"
 
 
 def sha256_file(path: Path) -> str:
@@ -50,13 +58,17 @@ def sha256_file(path: Path) -> str:
 
 
 def state_tensors(parts: dict[int, PartitionModule], plan: PartitionPlan) -> dict[str, torch.Tensor]:
-    """All parameters and buffers as ``'<partition>.<name>' -> CPU tensor``."""
+    """All parameters and buffers as ``'<partition>.<name>' -> CPU tensor``.
+
+    CPU tensors are returned without a copy (they alias the live parameters): write them out
+    before the next optimizer step, or ``.clone()`` them to keep a snapshot.
+    """
     out = {}
     for p in plan.partitions:
         if p.id not in parts:
             continue
         for key, t in parts[p.id].state_dict().items():
-            out[f"{p.name}.{key}"] = t.detach().to("cpu").contiguous().clone()
+            out[f"{p.name}.{key}"] = t.detach().to("cpu").contiguous()
     return out
 
 
@@ -80,8 +92,48 @@ def load_state_tensors(parts: dict[int, PartitionModule], plan: PartitionPlan, t
                                 f"({' '.join(first)}); recompile the spec") from None
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing directories atomically (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns:
+        False where the platform or file system cannot do it (nothing was changed).
+
+    Raises:
+        OSError: any other failure.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # no libc symbol (glibc < 2.28, musl)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _interrupted_swap(out: Path) -> Path | None:
+    """The previous artifact that an interrupted non-atomic replacement of ``out`` left aside, if any."""
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        for cand in sorted(parent.glob(f".{glob.escape(out.name)}.old-*/a")):
+            if (cand / MANIFEST).is_file():
+                return cand
+    except OSError:
+        pass
+    return None
+
+
+def _write_json(path: Path, obj: Any, compact: bool = False) -> None:
+    """Write ``obj`` as JSON; ``compact`` (no indentation) for the big machine-read files: the C
+    encoder is several times faster (``python -m json.tool FILE`` pretty-prints them)."""
+    text = json.dumps(obj, separators=(",", ":")) if compact else json.dumps(obj, indent=1)
+    path.write_text(text + "\n")
 
 
 def write_artifact(out_dir: str | os.PathLike, *, spec_json: dict, graph: nx.DiGraph, segments: list[dict],
@@ -118,10 +170,10 @@ def write_artifact(out_dir: str | os.PathLike, *, spec_json: dict, graph: nx.DiG
         (tmp / "code").mkdir()
         _write_json(tmp / "spec.json", spec_json)
         g = nx.node_link_data(graph, edges="edges")
-        _write_json(tmp / "graph.json", {"graph": g, "segments": segments})
+        _write_json(tmp / "graph.json", {"graph": g, "segments": segments}, compact=True)
         plan_d = plan.to_dict()
         plan_d["train"] = train
-        _write_json(tmp / "plan.json", plan_d)
+        _write_json(tmp / "plan.json", plan_d, compact=True)
         _write_json(tmp / "costs.json", {"summary": plan.summary,
                                          "partitions": {p.name: p.costs for p in plan.partitions}})
         for p in plan.partitions:
@@ -139,12 +191,14 @@ def write_artifact(out_dir: str | os.PathLike, *, spec_json: dict, graph: nx.DiG
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-        old = None
-        if out.exists():
+        if not out.exists():
+            os.replace(tmp, out)
+        elif _exchange(tmp, out):  # out is the new artifact in one step; tmp now holds the old one
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:  # two renames: a crash in between leaves the old artifact in .<name>.old-*/a (see read_manifest)
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
             os.replace(out, old / "a")
-        os.replace(tmp, out)
-        if old is not None:
+            os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -155,8 +209,13 @@ def write_artifact(out_dir: str | os.PathLike, *, spec_json: dict, graph: nx.DiG
     return out
 
 
-def read_manifest(art_dir: str | os.PathLike, verify: bool = True) -> dict:
+def read_manifest(art_dir: str | os.PathLike, verify: bool = True, remedy: str = RECOMPILE) -> dict:
     """Read and check ``manifest.json``.
+
+    Args:
+        art_dir: the artifact directory.
+        verify: check every listed file's sha256.
+        remedy: what the error messages tell the user to do about a damaged artifact.
 
     Raises:
         ArtifactError: missing directory or manifest, another format version, a
@@ -164,6 +223,10 @@ def read_manifest(art_dir: str | os.PathLike, verify: bool = True) -> dict:
     """
     d = Path(art_dir)
     if not d.is_dir():
+        moved = _interrupted_swap(d)
+        if moved is not None:
+            raise ArtifactError(f"'{d}' is missing: a compile that replaced it was interrupted and left the previous "
+                                f"artifact in '{moved}'; move it back (mv '{moved}' '{d}') or compile again")
         raise ArtifactError(f"'{d}' is not a directory; compile a spec first: gndgl compile SPEC -o {d}")
     mpath = d / MANIFEST
     if not mpath.exists():
@@ -172,34 +235,39 @@ def read_manifest(art_dir: str | os.PathLike, verify: bool = True) -> dict:
         manifest = json.loads(mpath.read_text())
         files = manifest["files"]
         fmt = manifest["format"]
-    except (ValueError, KeyError, TypeError):
-        raise ArtifactError(f"'{mpath}' is corrupt; recompile the spec") from None
+        if not isinstance(files, dict):
+            raise TypeError("'files' is not a mapping")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        raise ArtifactError(f"'{mpath}' is corrupt; {remedy}") from None
     if fmt != FORMAT_VERSION:
-        raise ArtifactError(f"'{d}' has artifact format {fmt}, this gndgl reads format {FORMAT_VERSION}; "
-                            "recompile the spec with this version")
+        fix = f"{remedy} with this version" if remedy == RECOMPILE else remedy
+        raise ArtifactError(f"'{d}' has artifact format {fmt}, this gndgl reads format {FORMAT_VERSION}; {fix}")
     if verify:
+        unlisted = [name for name in REQUIRED if name not in files]
+        if unlisted:
+            raise ArtifactError(f"'{mpath}' does not list {', '.join(unlisted)} (edited or corrupted); {remedy}")
         for name, digest in files.items():
             f = d / name
             if not f.is_file():
-                raise ArtifactError(f"'{f}' is missing from the artifact; recompile the spec")
+                raise ArtifactError(f"'{f}' is missing from the artifact; {remedy}")
             if sha256_file(f) != digest:
                 raise ArtifactError(f"'{f}' does not match its sha256 in {MANIFEST} (edited or corrupted); "
-                                    "recompile the spec")
+                                    f"{remedy}")
     return manifest
 
 
-def read_json(art_dir: Path, name: str) -> Any:
+def read_json(art_dir: Path, name: str, remedy: str = RECOMPILE) -> Any:
     """Parse one JSON file of an artifact."""
     try:
         return json.loads((Path(art_dir) / name).read_text())
     except (OSError, ValueError) as exc:
-        raise ArtifactError(f"cannot read '{Path(art_dir) / name}': {exc}; recompile the spec") from None
+        raise ArtifactError(f"cannot read '{Path(art_dir) / name}': {exc}; {remedy}") from None
 
 
-def read_weights(art_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_weights(art_dir: str | os.PathLike, remedy: str = RECOMPILE) -> dict[str, torch.Tensor]:
     """Initial weights of an artifact (tensors only; safetensors never unpickles)."""
     path = Path(art_dir) / WEIGHTS
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types
-        raise ArtifactError(f"cannot read '{path}': {exc}; recompile the spec") from None
+        raise ArtifactError(f"cannot read '{path}': {exc}; {remedy}") from None

@@ -150,8 +150,8 @@ class PartitionPlan:
         return self.partitions[-1]
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return dataclasses.asdict(self)
+        """JSON-ready dict (like ``dataclasses.asdict`` without its deep copies of every leaf)."""
+        return _plain(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PartitionPlan":
@@ -167,3 +167,14 @@ class PartitionPlan:
             parts.append(Partition(**p))
         rest = {k: v for k, v in d.items() if k not in ("partitions", "edges")}
         return cls(partitions=parts, edges=[Edge(**e) for e in d["edges"]], **rest)
+
+
+def _plain(obj: Any) -> Any:
+    """Dataclasses, lists, tuples and dicts turned into plain dicts and lists; leaves are shared."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    return obj
