@@ -19,8 +19,8 @@ side in one run, interleaved over ``--repeat`` rounds) and prints:
   blocking receives), blocked in receives (``PeerComm._recv``: waiting for an upstream
   rank), blocked in send waits (``PeerComm._wait_all``: the ``max_inflight`` window);
 - the bytes that crossed a process boundary per sample (``bytes_sent`` of every rank over
-  the window / (steps x batch)) next to the plan's prediction (sum of ``plan.edges``
-  ``bytes_per_sample`` whose source and destination partitions are on different workers).
+  the window / (steps x batch)) next to the plan's prediction (``cross_worker_bytes``: each
+  ``plan.edges`` tensor once per destination worker, as the runtime sends it).
 
 The workers get the environment ``launch_local`` gives them (torchrun variables,
 ``--threads 1``), but run a small entry point in this file that wraps a few methods
@@ -165,8 +165,7 @@ def _window(ranks: list[dict], warmup: int, steps: int) -> dict:
 def _prediction(art_dir: Path, workers: int) -> tuple[float, float, list[list[str]]]:
     """(predicted speed-up, predicted cross-worker bytes per sample, partition names per worker)."""
     from gndgl_compiler import load_artifact
-    from gndgl_compiler.partition.placement import place
-    from gndgl_compiler.partition.plan import IMAGE
+    from gndgl_compiler.partition.placement import cross_worker_bytes, place
 
     plan = load_artifact(art_dir, verify=False).plan
     place(plan, plan.devices, workers)
@@ -176,8 +175,7 @@ def _prediction(art_dir: Path, workers: int) -> tuple[float, float, list[list[st
     for p in plan.partitions:
         per_worker[p.worker] = per_worker.get(p.worker, 0) + p.costs["train_macs"]
         names.setdefault(p.worker, []).append(p.name)
-    owner = {p.id: p.worker for p in plan.partitions}
-    cross = sum(e.bytes_per_sample for e in plan.edges if e.src != IMAGE and owner[e.src] != owner[e.dst])
+    cross = cross_worker_bytes(plan)
     return total / max(per_worker.values()), float(cross), [names[w] for w in sorted(names)]
 
 
@@ -252,8 +250,8 @@ def main() -> None:
               f"{r['pred']:>8.2f}x {ceiling:>8} {r['bytes']:>9.0f} {r['pred_bytes']:>9.0f} "
               f"{r['summary'][0]:>11.1f}, {r['summary'][1]:<9.1f}")
     print(f"speed-up = {n}w / 1w images/s; predicted = total train MACs / busiest worker's; ceiling = {n} concurrent "
-          f"1-worker runs / one alone; B/sample = bytes sent by all ranks per timed sample, predicted = plan.edges "
-          f"crossing workers; summary img/s = rank 0's images_per_s (start-up excluded, final checkpoint included)")
+          f"1-worker runs / one alone; B/sample = bytes sent by all ranks per timed sample, predicted = cross_worker_bytes(plan) "
+          f"(each tensor once per destination worker); summary img/s = rank 0's images_per_s (start-up excluded, final checkpoint included)")
     print("\nper rank over the timed window (s): compute = train_step minus blocking receives")
     for r in rows:
         ranks = " · ".join(f"rank {x['rank']}: compute {x['compute']:.2f} recv-wait {x['recv']:.2f} "
