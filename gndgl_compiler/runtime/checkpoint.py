@@ -6,7 +6,8 @@ A checkpoint ``<name>`` in a directory is two files:
   state (optimizer, scheduler, RNG states);
 - ``<name>.json`` — a JSON skeleton of the state (tensors replaced by references
   into the safetensors file), the names of the weights, the step, and the sha256 of
-  the safetensors file. It is written last and is the commit point: a checkpoint
+  the safetensors file, and a ``digest`` (sha256 of the record itself, so an edited
+  JSON is detected too). It is written last and is the commit point: a checkpoint
   exists once its JSON exists.
 
 Nested state is turned into tensors + JSON by :func:`flatten_state`; special
@@ -276,8 +277,15 @@ def save_checkpoint(directory: str | os.PathLike, name: str, *, tensors: dict[st
         "weights": sorted(tensors),
         "state": skeleton,
     }
+    record["digest"] = _record_digest(record)
     atomic_write_text(json_path, json.dumps(record, indent=1, allow_nan=False) + "\n")
     return json_path
+
+
+def _record_digest(record: dict) -> str:
+    """sha256 of a checkpoint record without its ``digest`` field (canonical JSON)."""
+    body = {k: v for k, v in record.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()).hexdigest()
 
 
 def _read_record(json_path: Path) -> dict:
@@ -291,6 +299,10 @@ def _read_record(json_path: Path) -> dict:
         raise ArtifactError(f"{json_path} is not a gndgl checkpoint (no \"format\": \"{FORMAT}\")")
     if record.get("version") != FORMAT_VERSION:
         raise ArtifactError(f"{json_path} has checkpoint format version {record.get('version')}; this gndgl reads version {FORMAT_VERSION}")
+    # checkpoints written before the digest existed have none; a present digest must match
+    if "digest" in record and record["digest"] != _record_digest(record):
+        raise ArtifactError(f"checkpoint file {json_path} was modified after it was written (its digest does not "
+                            "match its content); use an earlier checkpoint")
     return record
 
 
@@ -342,7 +354,8 @@ def load_checkpoint(directory: str | os.PathLike, name: str) -> tuple[dict[str, 
     return weights, unflatten_state(state_tensors, record.get("state"))
 
 
-def list_checkpoints(directory: str | os.PathLike) -> list[str]:
+def list_checkpoints(directory: str | os.PathLike, problems: list[str] | None = None, *,
+                     quiet: bool = False) -> list[str]:
     """Names of the checkpoints in ``directory``, oldest → newest by recorded step.
 
     Only JSON files that declare the gndgl checkpoint format count (ties and
@@ -352,6 +365,8 @@ def list_checkpoints(directory: str | os.PathLike) -> list[str]:
 
     Args:
         directory: the checkpoint directory; a missing directory has none.
+        problems: if given, the message of every reported checkpoint is appended to it.
+        quiet: do not warn (the caller reports unreadable checkpoints itself, or already did).
 
     Returns:
         List of checkpoint names.
@@ -366,7 +381,10 @@ def list_checkpoints(directory: str | os.PathLike) -> list[str]:
             record = _read_record(json_path)
         except ArtifactError as exc:
             if (d / f"{name}.safetensors").exists():
-                warnings.warn(f"skipping checkpoint '{name}': {exc}", stacklevel=2)
+                if not quiet:
+                    warnings.warn(f"skipping checkpoint '{name}': {exc}", stacklevel=2)
+                if problems is not None:
+                    problems.append(str(exc))
             continue
         step = record.get("step")
         try:
@@ -385,7 +403,7 @@ class LoadedCheckpoint(NamedTuple):
     state: Any
 
 
-def latest_valid_checkpoint(directory: str | os.PathLike) -> LoadedCheckpoint | None:
+def latest_valid_checkpoint(directory: str | os.PathLike, problems: list[str] | None = None) -> LoadedCheckpoint | None:
     """The newest checkpoint of ``directory`` that loads and verifies.
 
     Walks from newest to oldest; each corrupt checkpoint is reported with
@@ -393,15 +411,20 @@ def latest_valid_checkpoint(directory: str | os.PathLike) -> LoadedCheckpoint | 
 
     Args:
         directory: the checkpoint directory.
+        problems: if given, the message of every skipped checkpoint is appended to it
+            (unreadable records first, then failed loads newest first), e.g. to explain
+            why none was found.
 
     Returns:
         ``LoadedCheckpoint(name, tensors, state)``, or ``None`` if none is valid.
     """
-    for name in reversed(list_checkpoints(directory)):
+    for name in reversed(list_checkpoints(directory, problems)):
         try:
             tensors, state = load_checkpoint(directory, name)
         except ArtifactError as exc:
             warnings.warn(f"skipping corrupt checkpoint '{name}': {exc}", stacklevel=2)
+            if problems is not None:
+                problems.append(str(exc))
             continue
         return LoadedCheckpoint(name, tensors, state)
     return None
@@ -416,10 +439,30 @@ def _is_valid(directory: Path, name: str) -> bool:
     return True
 
 
+def remove_temp_files(directory: str | os.PathLike) -> list[str]:
+    """Delete the temp files (``.<name>.*.tmp``) of atomic writes that a killed process left in ``directory``.
+
+    Call it only where no other process writes into ``directory`` at the same time.
+
+    Returns:
+        Names of the deleted files (a file that cannot be deleted is left alone).
+    """
+    deleted = []
+    for tmp in Path(directory).glob(".*.tmp"):
+        try:
+            if tmp.is_file():
+                tmp.unlink()
+                deleted.append(tmp.name)
+        except OSError:
+            pass
+    return deleted
+
+
 def prune_checkpoints(directory: str | os.PathLike, keep: int = 2) -> list[str]:
     """Delete all but the newest ``keep`` checkpoints, never the newest valid one.
 
-    A checkpoint is deleted JSON first (un-commit), then its tensor file.
+    A checkpoint is deleted JSON first (un-commit), then its tensor file. Temp files
+    that a killed writer left are deleted too (:func:`remove_temp_files`).
 
     Args:
         directory: the checkpoint directory.
@@ -435,7 +478,7 @@ def prune_checkpoints(directory: str | os.PathLike, keep: int = 2) -> list[str]:
     if keep < 1:
         raise ValueError(f"prune_checkpoints needs keep >= 1, got {keep}")
     d = Path(directory)
-    names = list_checkpoints(d)
+    names = list_checkpoints(d, quiet=True)  # resuming already warned about unreadable ones
     kept = set(names[-keep:])
     newest_valid = next((n for n in reversed(names) if _is_valid(d, n)), None)
     if newest_valid is not None:
@@ -451,6 +494,7 @@ def prune_checkpoints(directory: str | os.PathLike, keep: int = 2) -> list[str]:
         except OSError as exc:
             raise TrainingError(f"could not delete old checkpoint {json_path}: {exc.strerror or exc}; check the directory is writable") from exc
         deleted.append(name)
+    remove_temp_files(d)
     return deleted
 
 

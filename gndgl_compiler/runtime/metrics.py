@@ -144,19 +144,31 @@ class MetricsLogger:
             self._writer.add_scalar(tag, value, global_step=step if isinstance(step, int) else None)
 
     def close(self) -> None:
-        """Flush and close the metrics file and the TensorBoard writer (idempotent)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """Flush and close the metrics file and the TensorBoard writer (idempotent).
+
+        Raises:
+            TrainingError: if buffered records cannot be written (the file is closed anyway).
+        """
+        f, self._file = self._file, None
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if f is not None:
+            try:
+                f.close()  # closes the descriptor even when the final flush fails
+            except OSError as exc:
+                raise TrainingError(f"cannot write to {self.path}: {exc.strerror or exc}; check free disk space") from exc
 
     def __enter__(self) -> MetricsLogger:
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.close()
+        except TrainingError:
+            if exc_type is None:
+                raise
+            # an error is already on its way (e.g. the disk filled up): report that one, not the failed flush
 
 
 def _read_text(run_dir: str | os.PathLike) -> tuple[Path, str]:

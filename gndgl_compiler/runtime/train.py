@@ -30,8 +30,8 @@ from safetensors.torch import save_file
 from ..api import Artifact, load_artifact
 from ..codegen.artifact import load_state_tensors, state_tensors
 from ..errors import DataError, DeviceError, GndglError, RunError, TrainingError
-from .checkpoint import (atomic_write_text, latest_valid_checkpoint, prune_checkpoints, rng_state,
-                         save_checkpoint, set_rng_state)
+from .checkpoint import (atomic_write_text, latest_valid_checkpoint, prune_checkpoints, remove_temp_files,
+                         rng_state, save_checkpoint, set_rng_state)
 from .data import Batches, load_dataset, steps_per_epoch
 from .dist_checkpoint import (commit_checkpoint, committed_checkpoint, gather_modules, gather_tensors,
                               latest_commit, merge_rank_metrics, metrics_dir)
@@ -125,25 +125,86 @@ def _new_run_dir(name: str, requested: str | None) -> Path:
     return d
 
 
+def read_run_record(run_dir: str | Path) -> dict:
+    """The checked ``run.json`` of a run directory (its training settings).
+
+    Returns:
+        The record; ``config`` holds every field of the spec's ``train`` section.
+
+    Raises:
+        RunError: not a run directory; ``run.json`` or ``artifact/`` missing; ``run.json``
+            unreadable or with a missing or ill-typed setting (naming the file and field).
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / "run.json"
+    has_artifact, has_record = (run_dir / "artifact").is_dir(), path.is_file()
+    if not has_artifact and not has_record:
+        raise RunError(f"'{run_dir}' is not a gndgl run directory (expected artifact/ and run.json inside); "
+                       "give the directory 'gndgl train' created")
+    if not has_record:
+        raise RunError(f"'{path}' is missing; it holds the settings of the run in '{run_dir}', which cannot be "
+                       "resumed or evaluated without it. Restore it, or start a new run")
+    if not has_artifact:
+        raise RunError(f"'{run_dir / 'artifact'}' is missing; it holds the compiled network of the run. Restore it "
+                       "(a copy of the artifact the run was started from), or start a new run")
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+            raise ValueError("no 'config' object")
+        world = saved.get("world", 1)
+        if not isinstance(world, int) or isinstance(world, bool) or world < 1:
+            raise ValueError(f"'world' is {world!r}, not a positive integer")
+        if not isinstance(saved.get("device"), (str, type(None))):
+            raise ValueError(f"'device' is {saved['device']!r}, not a device name")
+        _check_run_config(saved["config"])
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise RunError(f"'{path}' is unreadable or damaged ({exc}); restore it, or start a new run") from None
+    return saved
+
+
+def _check_run_config(cfg: dict) -> None:
+    """Check the ``config`` of a ``run.json`` in place (fills nested defaults); ValueError names a bad field."""
+    from pydantic import ValidationError
+
+    from ..spec.models import Train
+
+    missing = sorted(set(Train.model_fields) - set(cfg))
+    if missing:
+        raise ValueError(f"config has no {', '.join(repr(m) for m in missing)}")
+    for key in ("limit_train", "limit_test"):
+        val = cfg.get(key)
+        if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 1):
+            raise ValueError(f"config.{key} is {val!r}, not a positive integer or null")
+    train = {k: v for k, v in cfg.items() if k not in ("limit_train", "limit_test")}
+    try:
+        checked = Train.model_validate_json(json.dumps(train), strict=True)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ValueError(f"config.{'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
+    cfg.update(checked.model_dump(mode="json"))
+
+
+def _load_run_artifact(run_dir: Path, saved: dict) -> Artifact:
+    """The run's own copy of its artifact; a damaged file is named with the fix for a run directory."""
+    source = saved.get("source")
+    origin = f" (e.g. from '{source}', if it was not recompiled since)" if source and source != "None" else ""
+    return load_artifact(run_dir / "artifact", remedy=f"the run directory was modified: restore the file{origin}, "
+                                                      "or start a new run")
+
+
 def check_resume_world(run_dir: str | Path, world: int) -> dict:
     """Check that ``run_dir`` is a run directory trained with ``world`` processes.
 
     Returns:
-        The run's ``run.json`` record.
+        The run's ``run.json`` record (see :func:`read_run_record`).
 
     Raises:
-        RunError: not a run directory, or trained with another number of workers (says which to use).
+        RunError: not a run directory, a damaged ``run.json``, or trained with another number
+            of workers (says which to use).
     """
     run_dir = Path(run_dir)
-    if not (run_dir / "artifact").is_dir() or not (run_dir / "run.json").is_file():
-        raise RunError(f"'{run_dir}' is not a gndgl run directory (expected artifact/ and run.json inside); "
-                       "give the directory 'gndgl train' created")
-    try:
-        saved = json.loads((run_dir / "run.json").read_text())
-        saved_world = int(saved.get("world", 1))
-        saved["config"]["epochs"]
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise RunError(f"'{run_dir / 'run.json'}' is unreadable or damaged ({exc}); the run cannot be resumed") from None
+    saved = read_run_record(run_dir)
+    saved_world = saved.get("world", 1)
     if saved_world != world:
         how = f"--workers {saved_world}" if saved_world > 1 else "no --workers (one process)"
         raise RunError(f"'{run_dir}' was trained with {saved_world} worker(s) and its checkpoints hold that "
@@ -169,7 +230,7 @@ def train_artifact(source: str | Path | Artifact, opts: TrainOptions | None = No
     if opts.resume:
         run_dir = Path(opts.resume)
         saved = check_resume_world(run_dir, 1)
-        art = load_artifact(run_dir / "artifact")
+        art = _load_run_artifact(run_dir, saved)
         cfg = saved["config"]
         for key in ("epochs", "max_steps"):
             if getattr(opts, key, None) is not None and key in cfg:
@@ -256,7 +317,10 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
     if ctx.world > 1:
         loaded = committed_checkpoint(ckpt_root, ctx.rank)
     else:
-        loaded = latest_valid_checkpoint(ckpt_dir) if ckpt_dir.exists() else None
+        problems: list[str] = []
+        loaded = latest_valid_checkpoint(ckpt_dir, problems) if ckpt_dir.exists() else None
+        if loaded is None and problems:  # never silently start a checkpointed run again from step 0
+            raise RunError(_no_usable_checkpoint(ckpt_dir, problems))
     if loaded is not None:
         state = loaded.state
         if state.get("fused") != cfg["fused"]:
@@ -268,7 +332,10 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
         set_rng_state(state["rng"])
         epoch, start_step, gstep, history = state["epoch"], state["step_in_epoch"], state["step"], state["history"]
         window = state.get("window")
-        truncate_metrics(metrics_dir(run_dir, ctx.rank), gstep)
+    # drop what a killed earlier attempt logged after the checkpoint (everything, if it died before the first)
+    truncate_metrics(metrics_dir(run_dir, ctx.rank), gstep)
+    if ctx.rank == 0:
+        remove_temp_files(run_dir)  # of atomic writes (metrics, summary) that a killed attempt left
     names = {p.id: p.name for p in plan.partitions}
     aug = cfg.get("augment") or {"crop_pad": 0, "flip": False}
     t_start = time.time()
@@ -427,6 +494,14 @@ class StopFlag:
         self._old = {}
 
 
+def _no_usable_checkpoint(ckpt_dir: Path, problems: list[str]) -> str:
+    run_dir = ckpt_dir.parent
+    more = f"; and {len(problems) - 1} more" if len(problems) > 1 else ""
+    return (f"'{ckpt_dir}' has checkpoints but none is usable ({problems[0]}{more}). There is no earlier "
+            f"checkpoint to fall back to: restore the damaged files, or move '{ckpt_dir}' away and run "
+            f"'gndgl train --resume {run_dir}' to train the run again from step 0")
+
+
 def _check_finite(acc_loss: dict, names: dict, gstep: int) -> None:
     """Raise before a checkpoint could store weights trained on a non-finite loss."""
     for pid, total in acc_loss.items():
@@ -471,11 +546,8 @@ def evaluate_run(run_dir: str | Path, device: str | None = None, limit_test: int
         GndglError: not a run directory, or no weights in it.
     """
     run_dir = Path(run_dir)
-    if not (run_dir / "artifact").is_dir() or not (run_dir / "run.json").exists():
-        raise RunError(f"'{run_dir}' is not a gndgl run directory (expected artifact/ and run.json); give the "
-                       "directory 'gndgl train' created")
-    art = load_artifact(run_dir / "artifact")
-    saved = json.loads((run_dir / "run.json").read_text())
+    saved = read_run_record(run_dir)
+    art = _load_run_artifact(run_dir, saved)
     cfg = saved["config"]
     from safetensors.torch import load_file
     ckpts = run_dir / "checkpoints"
@@ -491,7 +563,10 @@ def evaluate_run(run_dir: str | Path, device: str | None = None, limit_test: int
             raise RunError(f"'{run_dir}' has no weights or committed checkpoints yet")
         tensors, source = gather_tensors(ckpts, step, int(saved["world"])), f"committed checkpoint ckpt-{step:09d}"
     else:
-        loaded = latest_valid_checkpoint(ckpts) if ckpts.exists() else None
+        problems: list[str] = []
+        loaded = latest_valid_checkpoint(ckpts, problems) if ckpts.exists() else None
+        if loaded is None and problems:
+            raise RunError(_no_usable_checkpoint(ckpts, problems))
         if loaded is None:
             raise RunError(f"'{run_dir}' has no weights or checkpoints yet")
         tensors, source = loaded.tensors, f"checkpoint {loaded.name}"
@@ -507,4 +582,4 @@ def evaluate_run(run_dir: str | Path, device: str | None = None, limit_test: int
     return ev
 
 
-__all__ = ["GndglError", "TrainOptions", "evaluate_run", "train_artifact"]
+__all__ = ["GndglError", "TrainOptions", "evaluate_run", "read_run_record", "train_artifact"]
