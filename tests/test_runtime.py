@@ -11,6 +11,7 @@ buffer must be bit-for-bit equal afterwards.
 from __future__ import annotations
 
 import copy
+import json
 import re
 from pathlib import Path
 
@@ -471,3 +472,32 @@ def test_failed_start_leaves_no_run_directory(tmp_path):
     # the user follows the advice of the message and runs the same command on the CPU
     summary = train_artifact(art, TrainOptions(device="cpu", **opts))
     assert summary["complete"]
+
+
+# ======================================================================================
+# a non-finite loss stops the run, names the partition and step, keeps the last good checkpoint
+# ======================================================================================
+
+def test_non_finite_loss_stops_naming_partition_and_keeps_good_checkpoint(tmp_path):
+    from gndgl_compiler.errors import TrainingError
+    from gndgl_compiler.runtime.checkpoint import latest_valid_checkpoint
+
+    art = tiny_artifact(tmp_path)
+    run = tmp_path / "run"
+    common = dict(run_dir=str(run), limit_train=64, limit_test=16, tensorboard=False, log_every=1)
+    # 4 good steps (checkpointed at step 4 by checkpoint_every), then a learning rate that blows up
+    train_artifact(art, TrainOptions(max_steps=4, checkpoint_every=4, **common))
+    good = latest_valid_checkpoint(run / "checkpoints")
+    assert good is not None and good.state["step"] == 4
+    cfg = json.loads((run / "run.json").read_text())
+    cfg["config"]["optimizer"]["lr"] = 100.0  # the largest a spec allows
+    (run / "run.json").write_text(json.dumps(cfg))
+    with pytest.raises(TrainingError, match=r"partition \S+ has a non-finite loss .*step \d+") as info:
+        train_artifact(None, TrainOptions(resume=str(run), max_steps=12))
+    assert info.value.exit_code == 1 and "last good checkpoint" in str(info.value)
+    after = latest_valid_checkpoint(run / "checkpoints")
+    for key, t in after.tensors.items():
+        assert torch.isfinite(t.float()).all(), f"a checkpoint holds non-finite {key}"
+    from safetensors.torch import load_file
+    for key, t in load_file(str(run / "weights.safetensors")).items():  # the weights of the good first part
+        assert torch.isfinite(t.float()).all(), f"weights.safetensors holds non-finite {key}"
