@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import click
@@ -33,12 +34,21 @@ _CLICK_ERROR = _click_classes("ClickException")
 _ABORT = _click_classes("Abort")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """Print a warning as one 'warning: ...' paragraph (no source location or code line)."""
+    kind = "" if category is UserWarning else f"{category.__name__}: "
+    console_err.print(f"[bold yellow]warning:[/] {escape(kind + str(message))}", highlight=False, soft_wrap=True)
+
+
 def run_guarded(fn: Callable[[], Any]) -> int:
     """Run a Typer app call; turn user errors into clean messages and exit codes.
+
+    Warnings (e.g. a damaged checkpoint that is skipped) are printed as ``warning: ...``.
 
     Returns:
         The process exit code.
     """
+    old_show, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         result = fn()
         return result if isinstance(result, int) else 0
@@ -53,6 +63,8 @@ def run_guarded(fn: Callable[[], Any]) -> int:
     except _ABORT:
         console_err.print("[yellow]aborted[/]")
         return 130
+    finally:
+        warnings.showwarning = old_show
 
 
 def fmt_int(n: float) -> str:

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch.fx as fx
 
-from .codegen.artifact import (load_state_tensors, read_json, read_manifest, read_weights, write_artifact)
+from .codegen.artifact import (RECOMPILE, load_state_tensors, read_json, read_manifest, read_weights,
+                               write_artifact)
 from .codegen.modules import PartitionModule, build_assembled, build_partitions
 from .errors import GndglError, PartitionError, SpecError
 from .graph.build import build_graph
@@ -53,6 +54,23 @@ class Artifact:
         return build_assembled(self.plan, self.modules)
 
 
+MAX_PARAMS = 250_000_000
+"""Most parameters (bodies and heads) a compile allocates, initialises and writes: 1 GB of fp32."""
+
+
+def _check_params(spec: Spec, plan: PartitionPlan) -> None:
+    """Refuse a plan whose weights would not fit, before allocating any of them."""
+    total = plan.summary["params"]
+    if total <= MAX_PARAMS:
+        return
+    heads = total - sum(p.costs["body_params"] for p in plan.partitions)
+    path = ("local", "head") if heads > total - heads else ("model",)
+    raise spec_error(spec, path, f"the partitions have {total:,} parameters ({heads:,} in heads), "
+                                 f"{total * 4 / 2**30:.1f} GiB of fp32 weights; gndgl compiles at most {MAX_PARAMS:,}; "
+                                 "use a narrower model (model.width, 'out' of the units), fewer classes, a smaller "
+                                 "local.head.hidden or fewer modules/groups")
+
+
 def _spec_of(source: str | os.PathLike | dict | Spec) -> Spec:
     return source if isinstance(source, Spec) else load_spec(source)
 
@@ -86,6 +104,7 @@ def compile_spec(source: str | os.PathLike | dict | Spec, out_dir: str | os.Path
     except PartitionError as err:
         path = err.field or (("cuts", "width") if "G=" in str(err) else ("cuts", "depth"))
         raise spec_error(spec, path, str(err)) from None
+    _check_params(spec, plan)
     modules = build_partitions(plan, seed=spec.train.seed)
     spec_json = spec.model_dump(mode="json")
     art = Artifact(spec_json, plan, modules)
@@ -101,7 +120,7 @@ def compile_spec(source: str | os.PathLike | dict | Spec, out_dir: str | os.Path
 
 
 def load_artifact(path: str | os.PathLike, *, workers: int | None = None, rank: int | None = None,
-                  verify: bool = True) -> Artifact:
+                  verify: bool = True, remedy: str = RECOMPILE) -> Artifact:
     """Load a compiled artifact: verify hashes, rebuild modules from the plan, load weights.
 
     Args:
@@ -109,6 +128,8 @@ def load_artifact(path: str | os.PathLike, *, workers: int | None = None, rank: 
         workers: re-place the partitions over this many distributed workers.
         rank: build only the partitions placed on this worker.
         verify: check every file's sha256 against the manifest.
+        remedy: what error messages about damaged files tell the user to do (a run
+            directory's copy of its artifact cannot simply be recompiled).
 
     Returns:
         The :class:`Artifact`.
@@ -117,20 +138,20 @@ def load_artifact(path: str | os.PathLike, *, workers: int | None = None, rank: 
         ArtifactError: missing, tampered or incompatible files.
     """
     d = Path(path)
-    manifest = read_manifest(d, verify=verify)
-    spec = read_json(d, "spec.json")
-    plan_d = read_json(d, "plan.json")
+    manifest = read_manifest(d, verify=verify, remedy=remedy)
+    spec = read_json(d, "spec.json", remedy)
+    plan_d = read_json(d, "plan.json", remedy)
     plan_d.pop("train", None)
     try:
         plan = PartitionPlan.from_dict(plan_d)
     except (TypeError, KeyError) as exc:
         from .errors import ArtifactError
-        raise ArtifactError(f"'{d / 'plan.json'}' does not describe a plan ({exc}); recompile the spec") from None
+        raise ArtifactError(f"'{d / 'plan.json'}' does not describe a plan ({exc}); {remedy}") from None
     if workers is not None:
         place(plan, plan.devices, workers)
     ids = None if rank is None else [p.id for p in plan.partitions if p.worker == rank]
     modules = build_partitions(plan, seed=0, ids=ids)
-    load_state_tensors(modules, plan, read_weights(d), str(d / "weights.safetensors"))
+    load_state_tensors(modules, plan, read_weights(d, remedy), str(d / "weights.safetensors"))
     return Artifact(spec, plan, modules, d, manifest)
 
 

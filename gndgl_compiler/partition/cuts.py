@@ -36,19 +36,31 @@ def balanced_split(costs: list[int], k: int) -> list[int]:
     prefix = [0]
     for c in costs:
         prefix.append(prefix[-1] + c)
-    # dp[j][i]: best max cost splitting the first i pieces into j parts
+    # dp[j][i]: best max cost splitting the first i pieces into j parts, from row dp[j-1] (``prev``).
+    # dp[j-1][s] grows with s and the last run prefix[i] - prefix[s] shrinks, so the best s sits at
+    # their crossing, which only moves right as i grows: O(k·n) instead of O(k·n²) (n, k ≤ 4096).
+    # Ties go to the smallest s, as a scan over every s would pick.
+    first = list(range(n + 1))  # first[s]: the smallest t with prefix[t] == prefix[s] (zero-cost pieces)
+    for s in range(1, n + 1):
+        if prefix[s] == prefix[s - 1]:
+            first[s] = first[s - 1]
     inf = float("inf")
-    dp = [[inf] * (n + 1) for _ in range(k + 1)]
+    prev = [inf] * (n + 1)
+    prev[0] = 0
     arg = [[0] * (n + 1) for _ in range(k + 1)]
-    dp[0][0] = 0
     for j in range(1, k + 1):
+        cur = [inf] * (n + 1)
+        s = j - 1  # the first s with prev[s] >= prefix[i] - prefix[s]
         for i in range(j, n - (k - j) + 1):
+            while s < i and prev[s] < prefix[i] - prefix[s]:
+                s += 1
             best, besti = inf, j - 1
-            for s in range(j - 1, i):
-                v = max(dp[j - 1][s], prefix[i] - prefix[s])
-                if v < best:
-                    best, besti = v, s
-            dp[j][i], arg[j][i] = best, besti
+            if s > j - 1:  # left of the crossing the last run decides: smallest at s - 1
+                best, besti = prefix[i] - prefix[s - 1], max(j - 1, first[s - 1])
+            if s < i and prev[s] < best:
+                best, besti = prev[s], s
+            cur[i], arg[j][i] = best, besti
+        prev = cur
     starts, i = [], n
     for j in range(k, 0, -1):
         s = arg[j][i]

@@ -27,6 +27,10 @@ from .placement import place
 from .plan import IMAGE, Edge, Input, IRNode, Loss, Partition, PartitionPlan, Share
 
 FLOAT_BYTES = 4
+MAX_PARTITIONS = 2048
+"""Most partitions one spec may compile into (each is a generated module with its own head)."""
+MAX_SIBLING_LINKS = 65536
+"""Most sibling reads (stop-gradient shares, diversity terms): Σ G·(G−1) over the modules."""
 
 
 def _numel(shape: list[int]) -> int:
@@ -99,6 +103,7 @@ def build_plan(spec: Spec, og: OpGraph) -> PartitionPlan:
     k_mod = len(modules)
     groups = _widths(spec, k_mod)
     loc = spec.local
+    _check_size(k_mod, groups, loc.share_ratio > 0 or loc.diversity.weight > 0)
     e2e = k_mod == 1 and groups == [1]
     joint = loc.final_head.mode == "joint" and not e2e
     if joint and groups[-1] != 1:
@@ -230,6 +235,22 @@ def build_plan(spec: Spec, og: OpGraph) -> PartitionPlan:
     annotate_costs(plan, og)
     place(plan, plan.devices, plan.workers)
     return plan
+
+
+def _check_size(k_mod: int, groups: list[int], siblings: bool) -> None:
+    """Refuse plans too large to build in reasonable time and memory, before building them."""
+    g_text = str(groups[0]) if len(set(groups)) == 1 else str(groups)
+    n_parts = sum(groups) + 1
+    if n_parts > MAX_PARTITIONS:
+        raise PartitionError(f"K={k_mod} modules with G={g_text} make {n_parts} partitions; gndgl compiles at most "
+                             f"{MAX_PARTITIONS}; use fewer modules (cuts.depth) or groups (cuts.width)",
+                             field=("cuts", "width"))
+    links = sum(g * (g - 1) for g in groups)
+    if siblings and links > MAX_SIBLING_LINKS:
+        raise PartitionError(f"G={g_text} over K={k_mod} modules with local.share_ratio or local.diversity on makes "
+                             f"{links} sibling reads (every group reads the other G-1); gndgl compiles at most "
+                             f"{MAX_SIBLING_LINKS}; use fewer groups, or share_ratio: 0 and diversity weight: 0",
+                             field=("cuts", "width"))
 
 
 def _infopro_lambdas(recon: tuple[float, float], task: tuple[float, float], k: int, n: int) -> tuple[float, float]:

@@ -97,12 +97,19 @@ def _allowed_keys(data: Any, path: tuple) -> list[str]:
     return sorted(getattr(cls, "model_fields", {}))
 
 
+def _show(value: Any) -> str:
+    """A short JSON-like rendering of a found value (any data, e.g. a dict with bytes keys given to the API)."""
+    try:
+        text = json.dumps(value, default=str)
+    except (TypeError, ValueError):  # keys json cannot write (bytes, dates, ...)
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _describe(err: dict, data: Any, path: tuple) -> str:
     kind = err.get("type", "")
     found = err.get("input")
-    found_s = json.dumps(found, default=str)
-    if len(found_s) > 60:
-        found_s = found_s[:57] + "..."
+    found_s = _show(found)
     key = path[-1] if path else ""
     if kind == "extra_forbidden":
         allowed = _allowed_keys(data, path)
@@ -110,7 +117,7 @@ def _describe(err: dict, data: Any, path: tuple) -> str:
     if kind == "missing":
         return "this required field is missing"
     if kind == "union_tag_invalid":
-        return f"unknown op {found_s if not isinstance(found, dict) else json.dumps(found.get('op'))}; allowed ops: {', '.join(LAYER_OPS)}"
+        return f"unknown op {found_s if not isinstance(found, dict) else _show(found.get('op'))}; allowed ops: {', '.join(LAYER_OPS)}"
     if kind == "union_tag_not_found":
         return f"each unit needs an 'op'; allowed ops: {', '.join(LAYER_OPS)}"
     msg = err.get("msg", "invalid value")
@@ -131,7 +138,9 @@ def spec_errors_from_validation(exc: ValidationError, data: Any, lines: LineMap,
             continue
         seen.add((path, msg))
         errors.append(SpecError(msg, path=_dotted(path), line=lines.line_of(path), file=file))
-    return SpecErrors(errors[:20])
+        if len(errors) == 20:  # the first 20 are reported; a spec with 10⁵ unknown keys need not wait for the rest
+            break
+    return SpecErrors(errors)
 
 
 def _dotted(path: tuple) -> str:

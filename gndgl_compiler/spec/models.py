@@ -12,8 +12,14 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 
 
+Weight = Annotated[float, Field(ge=0, le=1000)]
+Beta = Annotated[float, Field(ge=0, lt=1)]
+Epoch = Annotated[float, Field(ge=0, le=100_000)]
+LR = Annotated[float, Field(ge=0, le=100)]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=False, validate_default=True, allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -170,8 +176,8 @@ class Head(_Strict):
     hidden: int | None = Field(None, ge=1, le=65536, description="Hidden width F of 1c2f / mlp-sr heads; default 128 × width.")
     beta: float = Field(0.99, ge=0, le=1, description="predsim: weight of the similarity-matching term.")
     variant: Literal["contrast", "softmax"] = Field("contrast", description="infopro: task term, supervised contrastive or softmax.")
-    recon_weight: tuple[float, float] = Field((5.0, 0.0), description="infopro: λ_recon at the first and last local module.")
-    task_weight: tuple[float, float] = Field((0.0, 2.0), description="infopro: λ_task at the first and last local module.")
+    recon_weight: tuple[Weight, Weight] = Field((5.0, 0.0), description="infopro: λ_recon at the first and last local module.")
+    task_weight: tuple[Weight, Weight] = Field((0.0, 2.0), description="infopro: λ_task at the first and last local module.")
     temperature: float = Field(0.07, gt=0, le=100, description="infopro contrast: temperature of the contrastive loss.")
     projection: int = Field(128, ge=1, le=65536, description="infopro contrast: projection dimension.")
 
@@ -228,7 +234,7 @@ class Optimizer(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     nesterov: bool = Field(True, description="SGD Nesterov momentum.")
     weight_decay: float = Field(0.0, ge=0, le=1, description="L2 weight decay (decoupled for adamw).")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="Adam betas.")
 
     @model_validator(mode="after")
     def _nesterov(self) -> "Optimizer":
@@ -242,9 +248,9 @@ class Schedule(_Strict):
     warmup_epochs: float = Field(0.0, ge=0, le=10000, description="Linear warm-up length in epochs.")
     warmup_start_lr: float = Field(0.0, ge=0, le=100, description="LR at the start of the warm-up.")
     min_lr: float = Field(0.0, ge=0, le=100, description="cosine: final LR.")
-    milestones: list[float] = Field(default_factory=list, description="multistep: epochs at which the LR drops.")
+    milestones: list[Epoch] = Field(default_factory=list, max_length=10000, description="multistep: epochs at which the LR drops.")
     gamma: float = Field(0.1, gt=0, le=1, description="multistep: factor per milestone (unless 'values' is given).")
-    values: list[float] | None = Field(None, description="multistep: explicit LR after each milestone.")
+    values: list[LR] | None = Field(None, max_length=10000, description="multistep: explicit LR after each milestone.")
 
     @model_validator(mode="after")
     def _multistep(self) -> "Schedule":

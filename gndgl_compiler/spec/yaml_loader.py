@@ -18,6 +18,9 @@ from ..errors import SpecError
 MAX_BYTES = 1_000_000
 MAX_NODES = 200_000
 MAX_DEPTH = 64
+SCALAR_TAGS = frozenset(f"tag:yaml.org,2002:{t}"
+                        for t in ("str", "int", "float", "bool", "null", "timestamp", "binary"))
+MAX_INT_BITS = 1000  # ~300 digits; sexagesimal ints (1:2:3...) could otherwise grow without bound
 
 Path_ = tuple[Any, ...]
 
@@ -60,6 +63,12 @@ def _construct(node: yaml.Node, path: Path_, lines: LineMap, budget: list[int], 
             key = _construct(key_node, path, LineMap(), budget, depth + 1)
             if isinstance(key, (dict, list)):
                 raise SpecError("a mapping key must be a plain scalar", line=key_node.start_mark.line + 1)
+            if not isinstance(key, str):  # every key of a spec is a field name (YAML 1.1 reads `on:` as True)
+                kind = {bool: "a boolean", int: "a number", float: "a number", bytes: "binary data",
+                        type(None): "null"}.get(type(key), "a date")
+                raise SpecError(f"mapping key '{key_node.value}' is read as {kind}, not a field name; spec keys are "
+                                "names such as 'model' or 'cuts' (quote the key to make it text)",
+                                path=".".join(map(str, path)), line=key_node.start_mark.line + 1)
             if key in out:
                 raise SpecError(f"duplicate key '{key}'", path=".".join(map(str, path + (key,))),
                                 line=key_node.start_mark.line + 1)
@@ -68,10 +77,26 @@ def _construct(node: yaml.Node, path: Path_, lines: LineMap, budget: list[int], 
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_construct(v, path + (i,), lines, budget, depth + 1) for i, v in enumerate(node.value)]
-    if node.tag.startswith("tag:yaml.org,2002:") and not node.tag.startswith("tag:yaml.org,2002:python"):
-        return _Loader("").construct_object(node)
+    if node.tag in SCALAR_TAGS:
+        return _scalar(node)
     raise SpecError(f"YAML tag '{node.tag}' is not allowed in a spec (specs hold plain data only)",
                     line=node.start_mark.line + 1)
+
+
+def _scalar(node: yaml.ScalarNode) -> Any:
+    """Construct one plain scalar (str, int, float, bool, null, timestamp, binary)."""
+    line = node.start_mark.line + 1
+    kind = node.tag.replace("tag:yaml.org,2002:", "!!")
+    shown = repr(node.value) if len(node.value) <= 40 else repr(node.value[:37]) + "..."
+    try:
+        value = _Loader("").construct_object(node)
+    except Exception as exc:  # PyYAML's constructors raise ValueError, KeyError, IndexError, AttributeError, ...
+        why = getattr(exc, "problem", None) or (str(exc) if isinstance(exc, ValueError) else "")
+        raise SpecError(f"the YAML value {shown} is not a valid {kind}" + (f" ({why})" if why else "") +
+                        f"; write a valid {kind[2:]} or a quoted string", line=line) from None
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > MAX_INT_BITS:
+        raise SpecError(f"the YAML integer {shown} has more than 300 digits; no spec value is that large", line=line)
+    return value
 
 
 def load_yaml(text: str | bytes, file: str | None = None) -> tuple[Any, LineMap]:
