@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import functools
+import gc
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +77,26 @@ def _spec_of(source: str | os.PathLike | dict | Spec) -> Spec:
     return source if isinstance(source, Spec) else load_spec(source)
 
 
+def _gc_paused(fn):
+    """Run ``fn`` with the cyclic garbage collector paused (restored afterwards).
+
+    Building 129 partitions creates ~10^5 small Python objects (fx nodes, modules) that all
+    stay alive; the collector's repeated full passes over them cost ~20% of the pipeline.
+    Reference counting still frees everything that is not cyclic.
+    """
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if was_enabled:
+                gc.enable()
+    return wrapper
+
+
+@_gc_paused
 def compile_spec(source: str | os.PathLike | dict | Spec, out_dir: str | os.PathLike | None = None,
                  *, workers: int | None = None) -> Artifact:
     """Compile a spec: graph → partitions → fx modules (and write the artifact).
@@ -119,6 +141,7 @@ def compile_spec(source: str | os.PathLike | dict | Spec, out_dir: str | os.Path
     return art
 
 
+@_gc_paused
 def load_artifact(path: str | os.PathLike, *, workers: int | None = None, rank: int | None = None,
                   verify: bool = True, remedy: str = RECOMPILE) -> Artifact:
     """Load a compiled artifact: verify hashes, rebuild modules from the plan, load weights.
