@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from gndgl_compiler.errors import GndglError
+from gndgl_compiler.viz.style import fmt_bytes, fmt_count as fmt_int  # noqa: F401  (re-exported for the commands)
 
 console = Console()
 console_err = Console(stderr=True)
@@ -65,21 +66,3 @@ def run_guarded(fn: Callable[[], Any]) -> int:
         return 130
     finally:
         warnings.showwarning = old_show
-
-
-def fmt_int(n: float) -> str:
-    """Human-readable count: 69.1M, 1.2k, 512."""
-    n = float(n)
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.1f}{unit}"
-    return f"{int(n)}"
-
-
-def fmt_bytes(n: float) -> str:
-    """Human-readable bytes: 64.0 KiB."""
-    n = float(n)
-    for unit, div in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if abs(n) >= div:
-            return f"{n / div:.1f} {unit}"
-    return f"{int(n)} B"

@@ -20,12 +20,7 @@ SPEC = ("name: art_k2g2\nmodel: {template: resnet32}\ncuts: {depth: 2, width: 2}
         "local: {share_ratio: 1.0, diversity: {weight: 0.5}}\n")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

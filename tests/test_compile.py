@@ -23,12 +23,7 @@ BLOCKS = [f"s{s}.b{b}" for s in (1, 2, 3) for b in range(5)]
 STEM = ["stem", "stem_bn", "stem_relu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rn(K, G=1, local="{}"):

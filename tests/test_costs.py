@@ -32,12 +32,7 @@ TABLE5 = {(2, 1): 1, (4, 1): 1, (8, 1): 1, (16, 1): 1,
 RESNET32_MACS = 69_124_736  # analytic, see test_resnet32_e2e_macs_closed_form
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def paper_spec(K: int, G: int) -> str:

@@ -47,6 +47,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_spec import tiny_spec
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses fork, SIGKILL and /proc (Linux)")
 
@@ -55,26 +56,7 @@ SEED = int(os.environ.get("GNDGL_FAULT_SEED", "20250611"))
 
 # A small GN-DGL net (K=2, G=2, sharing, diversity, separate 1c2f head) with SGD + augmentation, so a
 # resume must restore the optimizer, the RNG, the data position and the metrics window exactly.
-SPEC = """
-name: tiny_faults
-model:
-  input_shape: [3, 32, 32]
-  num_classes: 10
-  layers:
-    - {op: conv, name: conv1, out: 8, stride: 2}
-    - {op: bn}
-    - {op: relu}
-    - {op: block, name: block1, out: 8}
-    - {op: block, name: block2, out: 16, stride: 2}
-    - {op: adaptive_avgpool, size: 1}
-    - {op: flatten}
-    - {op: linear, name: fc, out: 10}
-cuts: {depth: [block1], width: 2}
-local:
-  head: {kind: 1c2f, hidden: 32}
-  share_ratio: 1.0
-  diversity: {weight: 0.5, temperature: 3.0}
-  final_head: {kind: 1c2f, mode: separate, hidden: 32}
+SPEC = tiny_spec("tiny_faults", """
 train:
   dataset: synthetic
   batch_size: 16
@@ -83,7 +65,7 @@ train:
   schedule: {kind: cosine, warmup_epochs: 0.5, warmup_start_lr: 0.01}
   augment: {crop_pad: 4, flip: true}
   seed: SEED
-"""
+""", deep=False)
 # 256 images / batch 16 = 16 steps per epoch, 3 epochs = 48 steps; a checkpoint every 3 steps and at
 # every epoch end (keep 2); 5 partitions log every 2 steps.
 SETTINGS = ["--dataset", "synthetic", "--limit-train", "256", "--limit-test", "32", "--batch-size", "16",

@@ -17,30 +17,11 @@ from safetensors.torch import load_file
 from gndgl_compiler import compile_spec
 from gndgl_compiler.runtime.metrics import read_metrics
 from gndgl_compiler.runtime.train import TrainOptions, train_artifact
+from tiny_spec import tiny_spec
 
 # A small GN-DGL net (K=2, G=2, sharing, diversity, separate 1c2f head) on the 3x32x32 synthetic data.
 # Augmentation is on so that resuming must also reproduce the crop/flip draws.
-TINY = """
-name: tiny_resume
-model:
-  input_shape: [3, 32, 32]
-  num_classes: 10
-  layers:
-    - {op: conv, name: conv1, out: 8, stride: 2}
-    - {op: bn}
-    - {op: relu}
-    - {op: block, name: block1, out: 8}
-    - {op: block, name: block2, out: 16, stride: 2}
-    - {op: block, name: block3, out: 16}
-    - {op: adaptive_avgpool, size: 1}
-    - {op: flatten}
-    - {op: linear, name: fc, out: 10}
-cuts: {depth: [block1], width: 2}
-local:
-  head: {kind: 1c2f, hidden: 32}
-  share_ratio: 1.0
-  diversity: {weight: 0.5, temperature: 3.0}
-  final_head: {kind: 1c2f, mode: separate, hidden: 32}
+TINY = tiny_spec("tiny_resume", """
 train:
   dataset: synthetic
   batch_size: 16
@@ -50,17 +31,12 @@ train:
   augment: {crop_pad: 4, flip: true}
   seed: 3
   log_every: 2
-"""
+""")
 SGD = "{kind: sgd, lr: 0.1, momentum: 0.9, nesterov: true, weight_decay: 5.0e-4}"
 ADAM = "{kind: adam, lr: 0.003, weight_decay: 1.0e-4}"
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def spec_text(optimizer: str = SGD) -> str:

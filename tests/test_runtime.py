@@ -24,6 +24,7 @@ from gndgl_compiler import compile_spec
 from gndgl_compiler.runtime.executor import Executor
 from gndgl_compiler.runtime.metrics import read_metrics
 from gndgl_compiler.runtime.train import TrainOptions, evaluate_run, train_artifact
+from tiny_spec import tiny_spec
 
 SGD = {"kind": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4, "betas": (0.9, 0.999)}
 ADAM = {"kind": "adam", "lr": 1e-3, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4, "betas": (0.9, 0.999)}
@@ -31,13 +32,7 @@ CPU = torch.device("cpu")
 SPECS = Path(__file__).resolve().parents[1] / "specs"
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """One intra-op thread: fast on small shared CI machines (the results are bit-exact with 2 threads too)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batch(n: int = 8, seed: int = 0, classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
@@ -320,28 +315,7 @@ def test_fused_equals_unfused(k2g2, optimizer):
 # small explicit-layer GN-DGL spec (3x32x32, matches the synthetic data) for train_artifact
 # ======================================================================================
 
-TINY = """
-name: tiny_gn
-model:
-  input_shape: [3, 32, 32]
-  num_classes: 10
-  layers:
-    - {op: conv, name: conv1, out: 8, stride: 2}
-    - {op: bn}
-    - {op: relu}
-    - {op: block, name: block1, out: 8}
-    - {op: block, name: block2, out: 16, stride: 2}
-    - {op: block, name: block3, out: 16}
-    - {op: adaptive_avgpool, size: 1}
-    - {op: flatten}
-    - {op: linear, name: fc, out: 10}
-cuts: {depth: [block1], width: 2}
-local:
-  head: {kind: 1c2f, hidden: 32}
-  share_ratio: 1.0
-  diversity: {weight: 0.5, temperature: 3.0}
-  final_head: {kind: 1c2f, mode: separate, hidden: 32}
-  schedule: SCHEDULE
+TINY = tiny_spec("tiny_gn", """
 train:
   dataset: synthetic
   batch_size: 16
@@ -351,7 +325,7 @@ train:
   augment: null
   seed: 0
   log_every: 4
-"""
+""", schedule='SCHEDULE')
 PARTS = ["m1.g0", "m1.g1", "m2.g0", "m2.g1", "head"]
 
 

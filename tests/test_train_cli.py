@@ -15,35 +15,17 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny_spec import tiny_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
-TINY = """
-name: tiny_cli
-model:
-  input_shape: [3, 32, 32]
-  num_classes: NUM_CLASSES
-  layers:
-    - {op: conv, name: conv1, out: 8, stride: 2}
-    - {op: bn}
-    - {op: relu}
-    - {op: block, name: block1, out: 8}
-    - {op: block, name: block2, out: 16, stride: 2}
-    - {op: adaptive_avgpool, size: 1}
-    - {op: flatten}
-    - {op: linear, name: fc, out: NUM_CLASSES}
-cuts: {depth: [block1], width: 2}
-local:
-  head: {kind: 1c2f, hidden: 32}
-  share_ratio: 1.0
-  diversity: {weight: 0.5, temperature: 3.0}
-  final_head: {kind: 1c2f, mode: separate, hidden: 32}
+TINY = tiny_spec("tiny_cli", """
 train:
   dataset: synthetic
   batch_size: 16
   epochs: 1
   augment: null
-"""
+""", num_classes='NUM_CLASSES', deep=False)
 
 SMALL = ["--epochs", "1", "--limit-train", "64", "--limit-test", "32", "--batch-size", "16", "--no-tensorboard"]
 
