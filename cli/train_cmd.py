@@ -91,7 +91,7 @@ def register(app: typer.Typer) -> None:
     @app.command("train")
     def train(
         source: Optional[Path] = typer.Argument(None, help="Compiled artifact directory or a spec (.yaml) to compile on the fly."),
-        epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override train.epochs."),
+        epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override train.epochs (the warm-up and LR milestones scale with it)."),
         dataset: Optional[str] = typer.Option(None, "--dataset", help="Override train.dataset (cifar10, fashion-mnist, synthetic, a folder/.tar.gz, ...)."),
         data_root: Optional[str] = typer.Option(None, "--data-root", help="Where data set files live."),
         download: bool = typer.Option(False, "--download", help="Let torchvision download CIFAR (needs internet)."),

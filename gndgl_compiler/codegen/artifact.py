@@ -227,7 +227,8 @@ def read_manifest(art_dir: str | os.PathLike, verify: bool = True, remedy: str =
         if moved is not None:
             raise ArtifactError(f"'{d}' is missing: a compile that replaced it was interrupted and left the previous "
                                 f"artifact in '{moved}'; move it back (mv '{moved}' '{d}') or compile again")
-        raise ArtifactError(f"'{d}' is not a directory; compile a spec first: gndgl compile SPEC -o {d}")
+        what = "is not a directory" if d.exists() else "does not exist"
+        raise ArtifactError(f"'{d}' {what}; compile a spec first: gndgl compile SPEC -o {d}")
     mpath = d / MANIFEST
     if not mpath.exists():
         raise ArtifactError(f"'{d}' has no {MANIFEST}; it is not a gndgl artifact (gndgl compile SPEC -o {d})")

@@ -96,7 +96,18 @@ def resolve_devices(art: Artifact, device: str | None) -> dict[int, torch.device
 
 
 def _merge(spec_train: dict, o: TrainOptions) -> dict:
+    """The spec's ``train`` section with the options applied.
+
+    Overriding ``epochs`` keeps the recipe's shape: the warm-up and the multistep milestones
+    scale with the run length (160 epochs with 10 of warm-up run as 16 with 1).
+    """
     cfg = json.loads(json.dumps(spec_train))
+    if o.epochs is not None and o.epochs != cfg["epochs"]:
+        ratio, sched = o.epochs / cfg["epochs"], cfg["schedule"]
+        if sched.get("warmup_epochs"):
+            sched["warmup_epochs"] = sched["warmup_epochs"] * ratio
+        if sched.get("milestones"):
+            sched["milestones"] = [m * ratio for m in sched["milestones"]]
     for key in ("epochs", "dataset", "data_root", "batch_size", "seed", "fused", "amp", "channels_last",
                 "log_every", "checkpoint_every"):
         val = getattr(o, key)
