@@ -150,14 +150,16 @@ def register(app: typer.Typer) -> None:
 
     @app.command("eval")
     def eval_(
-        run: Path = typer.Argument(..., help="Run directory made by 'gndgl train'."),
+        run: Optional[Path] = typer.Argument(None, help="Run directory made by 'gndgl train'; default: the newest "
+                                                        "in ./runs."),
         device: Optional[str] = typer.Option(None, "--device", help="Device to evaluate on."),
         limit_test: Optional[int] = typer.Option(None, "--limit-test", min=1, help="Use only N test images."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
         """Test accuracy (final head, layerwise ensemble, each partition) of a finished or partial run."""
-        from gndgl_compiler.runtime.train import evaluate_run
+        from gndgl_compiler.runtime.train import evaluate_run, latest_run
 
+        run = run if run is not None else latest_run()
         ev = evaluate_run(run, device=device, limit_test=limit_test)
         if as_json:
             print(json.dumps(ev, indent=1))

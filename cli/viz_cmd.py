@@ -102,12 +102,14 @@ def register(app: typer.Typer) -> None:
 
     @app.command("plot")
     def plot(
-        run_dir: Path = typer.Argument(..., help="Run directory of `gndgl train` (with metrics.jsonl)."),
+        run_dir: Optional[Path] = typer.Argument(None, help="Run directory of `gndgl train` (with metrics.jsonl); "
+                                                            "default: the newest in ./runs."),
         output: Optional[Path] = typer.Option(None, "-o", "--output", help="Image file (.png/.svg/.pdf); "
                                                                           "default RUN_DIR/curves.png."),
     ) -> None:
         """Plot local loss / accuracy per partition and test accuracy per epoch of a run."""
+        from gndgl_compiler.runtime.train import latest_run
         from gndgl_compiler.viz.plots import plot_run
 
-        path = plot_run(run_dir, output)
+        path = plot_run(run_dir if run_dir is not None else latest_run(), output)
         console.print(f"wrote [bold]{path}[/]", highlight=False)

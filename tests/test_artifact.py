@@ -153,8 +153,11 @@ def test_missing_manifest_or_directory(compiled, tmp_path):
     (d / MANIFEST).unlink()
     with pytest.raises(ArtifactError, match="has no manifest.json"):
         load_artifact(d)
-    with pytest.raises(ArtifactError, match="is not a directory"):
+    with pytest.raises(ArtifactError, match="does not exist"):
         load_artifact(tmp_path / "nowhere")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ArtifactError, match="is not a directory"):
+        load_artifact(tmp_path / "a_file")
 
 
 @pytest.mark.parametrize("fmt", [FORMAT_VERSION + 1, 0, "1"])

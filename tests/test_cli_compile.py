@@ -300,7 +300,7 @@ BAD_INVOCATIONS = {
     "output_is_non_artifact_dir": ["exists and is not a gndgl artifact", NOT_ARTIFACT],
     "output_is_a_file": ["exists and is not a gndgl artifact", "a_file"],
     "inspect_non_artifact": ["has no manifest.json", "not a gndgl artifact"],
-    "inspect_missing_dir": ["is not a directory", "gndgl compile"],
+    "inspect_missing_dir": ["does not exist", "gndgl compile"],
     "inspect_a_file": ["is not a directory"],
 }
 

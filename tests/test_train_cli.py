@@ -41,6 +41,7 @@ ERROR_CASES = {
                           ["not empty", "--resume"]),
     "resume-not-a-run": (["train", "--resume", "{plain}"], ["not a gndgl run directory"]),
     "eval-not-a-run": (["eval", "{plain}"], ["not a gndgl run directory"]),
+    "eval-no-runs": (["eval"], ["no run directory in 'runs/'", "pass one"]),
     "num-classes-mismatch": (["train", "{spec100}", "--dataset", "synthetic", "--run-dir", "r", *SMALL],
                              ["10 classes", "100", "num_classes"]),
 }
@@ -142,3 +143,22 @@ def test_eval_json(cli_runs):
     assert all(0.0 <= a <= 1.0 for a in ev["partition_acc"].values())
     summary = json.loads((cwd / "tmp" / "summary.json").read_text())
     assert ev["test_acc"] == summary["test_acc"] and ev["ensemble_acc"] == summary["ensemble_acc"]
+
+
+def test_eval_and_plot_default_to_the_newest_run(cli_runs, tmp_path):
+    """Without an argument, `gndgl eval` and `gndgl plot` take the newest run under ./runs."""
+    code, so, se, cwd = cli_runs["train-ok"]
+    assert code == 0, so + se
+    (tmp_path / "runs").mkdir()
+    older = tmp_path / "runs" / "older"
+    older.mkdir()
+    (older / "run.json").write_text("{}")  # would fail to evaluate: must not be chosen
+    os.utime(older / "run.json", (1, 1))
+    (tmp_path / "runs" / "newest").symlink_to(cwd / "tmp")
+    res = subprocess.run(cli("eval", "--json"), cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert json.loads(res.stdout)["test_acc"] == json.loads((cwd / "tmp" / "summary.json").read_text())["test_acc"]
+    res = subprocess.run(cli("plot", "-o", "curves.png"), cwd=tmp_path, env=env(), capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (tmp_path / "curves.png").stat().st_size > 1000

@@ -136,6 +136,19 @@ def _new_run_dir(name: str, requested: str | None) -> Path:
     return d
 
 
+def latest_run(root: str | Path = "runs") -> Path:
+    """The most recently started run under ``root`` (what ``gndgl eval`` / ``plot`` use by default).
+
+    Raises:
+        RunError: ``root`` holds no run directory.
+    """
+    root = Path(root)
+    runs = [d for d in root.iterdir() if (d / "run.json").is_file()] if root.is_dir() else []
+    if not runs:
+        raise RunError(f"no run directory in '{root}/'; pass one (gndgl train writes runs/NAME-TIME/)")
+    return max(runs, key=lambda d: (d / "run.json").stat().st_mtime)
+
+
 def read_run_record(run_dir: str | Path) -> dict:
     """The checked ``run.json`` of a run directory (its training settings).
 
