@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from tiny_spec import tiny_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,8 +43,8 @@ ERROR_CASES = {
     "resume-not-a-run": (["train", "--resume", "{plain}"], ["not a gndgl run directory"]),
     "eval-not-a-run": (["eval", "{plain}"], ["not a gndgl run directory"]),
     "eval-no-runs": (["eval"], ["no run directory in 'runs/'", "pass one"]),
-    "num-classes-mismatch": (["train", "{spec100}", "--dataset", "synthetic", "--run-dir", "r", *SMALL],
-                             ["10 classes", "100", "num_classes"]),
+    "num-classes-mismatch": (["train", "{spec100}", "--dataset", "{folder}", "--run-dir", "r", *SMALL],
+                             ["2 classes", "100", "num_classes: 2"]),
 }
 
 
@@ -51,9 +52,9 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "gndgl_cli.main", *args]
 
 
-def env() -> dict:
+def env(**extra: str) -> dict:
     e = dict(os.environ)
-    e.update(OMP_NUM_THREADS="1", COLUMNS="200", NO_COLOR="1")
+    e.update(OMP_NUM_THREADS="1", COLUMNS="200", NO_COLOR="1", **extra)
     return e
 
 
@@ -67,7 +68,12 @@ def cli_runs(tmp_path_factory):
     (tmp / "plain" / "notes.txt").write_text("not a run\n")
     (tmp / "nonempty").mkdir()
     (tmp / "nonempty" / "keep.txt").write_text("x\n")
-    subst = {"{spec}": str(tmp / "tiny.yaml"), "{spec100}": str(tmp / "tiny100.yaml"),
+    for split in ("train", "test"):  # a 2-class image folder
+        for cls in ("cat", "dog"):
+            (tmp / "folder" / split / cls).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(tmp / "folder" / split / cls / f"{i}.png")
+    subst = {"{spec}": str(tmp / "tiny.yaml"), "{spec100}": str(tmp / "tiny100.yaml"), "{folder}": str(tmp / "folder"),
              "{plain}": str(tmp / "plain"), "{nonempty}": str(tmp / "nonempty")}
     cmds = {k: [subst.get(a, a) for a in argv] for k, (argv, _) in ERROR_CASES.items()}
     cmds["train-ok"] = ["train", str(REPO / "specs" / "resnet32_k2g2.yaml"), "--dataset", "synthetic",
@@ -77,7 +83,7 @@ def cli_runs(tmp_path_factory):
     for key, argv in cmds.items():
         cwd = tmp / key
         cwd.mkdir()
-        procs[key] = (subprocess.Popen(cli(*argv), cwd=cwd, env=env(), stdout=subprocess.PIPE,
+        procs[key] = (subprocess.Popen(cli(*argv), cwd=cwd, env=env(GNDGL_CACHE=str(tmp / "cache")), stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE, text=True), cwd)
     out = {}
     deadline = time.monotonic() + 150
@@ -162,3 +168,13 @@ def test_eval_and_plot_default_to_the_newest_run(cli_runs, tmp_path):
                          timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_synthetic_data_takes_the_networks_shape_and_classes(tmp_path):
+    """`--dataset synthetic` smoke-tests any spec: grey 28x28 with 100 classes trains as well."""
+    spec = tmp_path / "grey100.yaml"
+    spec.write_text(TINY.replace("NUM_CLASSES", "100").replace("[3, 32, 32]", "[1, 28, 28]"))
+    res = subprocess.run(cli("train", str(spec), "--dataset", "synthetic", "--run-dir", "r", *SMALL),
+                         cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["complete"]

@@ -95,6 +95,12 @@ def resolve_devices(art: Artifact, device: str | None) -> dict[int, torch.device
     return out
 
 
+def _synthetic_like(plan) -> dict:
+    """``synthetic`` data shaped like the network's input, with its number of classes, so that any
+    spec can be smoke-tested with ``--dataset synthetic``."""
+    return {"shape": tuple(plan.input_shape), "num_classes": plan.num_classes}
+
+
 def _merge(spec_train: dict, o: TrainOptions) -> dict:
     """The spec's ``train`` section with the options applied.
 
@@ -316,7 +322,7 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
     channels_last = cfg["channels_last"] == "on" or (cfg["channels_last"] == "auto" and on_cuda)
     data = load_dataset(cfg["dataset"], root=cfg.get("data_root"), download=opts.download,
                         input_shape=tuple(plan.input_shape), limit_train=cfg.get("limit_train"),
-                        limit_test=cfg.get("limit_test"))
+                        limit_test=cfg.get("limit_test"), synthetic=_synthetic_like(plan))
     if data.num_classes != plan.num_classes:
         raise RunError(f"data set '{cfg['dataset']}' has {data.num_classes} classes but the network was "
                             f"compiled for {plan.num_classes}; set model.num_classes: {data.num_classes} and recompile")
@@ -597,7 +603,7 @@ def evaluate_run(run_dir: str | Path, device: str | None = None, limit_test: int
     load_state_tensors(art.modules, art.plan, tensors, str(run_dir))
     devices = resolve_devices(art, device or "cpu")
     data = load_dataset(cfg["dataset"], root=cfg.get("data_root"), input_shape=tuple(art.plan.input_shape),
-                        limit_train=1, limit_test=limit_test or cfg.get("limit_test"))
+                        limit_train=1, limit_test=limit_test or cfg.get("limit_test"), synthetic=_synthetic_like(art.plan))
     first = devices[art.plan.partitions[0].id]
     data = data.to(first)
     ex = Executor(art.plan, art.modules, cfg["optimizer"], devices, fused=False, denorm=(data.mean, data.std))
