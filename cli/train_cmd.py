@@ -143,10 +143,11 @@ def register(app: typer.Typer) -> None:
         t0 = time.time()
         with display.progress:
             summary = train_artifact(art if art is not None else Path("."), opts)
-        acc = summary.get("test_acc")
-        console.print(f"[bold green]done[/] in {time.time() - t0:.0f}s · test accuracy "
-                      f"{'n/a' if acc is None else f'{100 * acc:.2f}%'} · run directory {summary['run_dir']}",
-                      highlight=False)
+        acc, run_dir = summary.get("test_acc"), summary["run_dir"]
+        acc_text = (f"{100 * acc:.2f}%" if acc is not None
+                    else f"n/a (stopped before an epoch ended; evaluate with: gndgl eval {run_dir})")
+        console.print(f"[bold green]done[/] in {time.time() - t0:.0f}s · test accuracy {acc_text} · "
+                      f"run directory {run_dir}", highlight=False)
 
     @app.command("eval")
     def eval_(
