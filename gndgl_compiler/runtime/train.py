@@ -347,10 +347,7 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
     if ctx.world > 1:
         loaded = committed_checkpoint(ckpt_root, ctx.rank)
     else:
-        problems: list[str] = []
-        loaded = latest_valid_checkpoint(ckpt_dir, problems) if ckpt_dir.exists() else None
-        if loaded is None and problems:  # never silently start a checkpointed run again from step 0
-            raise RunError(_no_usable_checkpoint(ckpt_dir, problems))
+        loaded = _usable_checkpoint(ckpt_dir)
     if loaded is not None:
         state = loaded.state
         if state.get("fused") != cfg["fused"]:
@@ -524,12 +521,21 @@ class StopFlag:
         self._old = {}
 
 
-def _no_usable_checkpoint(ckpt_dir: Path, problems: list[str]) -> str:
-    run_dir = ckpt_dir.parent
-    more = f"; and {len(problems) - 1} more" if len(problems) > 1 else ""
-    return (f"'{ckpt_dir}' has checkpoints but none is usable ({problems[0]}{more}). There is no earlier "
-            f"checkpoint to fall back to: restore the damaged files, or move '{ckpt_dir}' away and run "
-            f"'gndgl train --resume {run_dir}' to train the run again from step 0")
+def _usable_checkpoint(ckpt_dir: Path):
+    """The newest valid checkpoint in ``ckpt_dir`` (None if there are none).
+
+    Raises:
+        RunError: there are checkpoints but none is usable (a checkpointed run is never
+            silently started again from step 0).
+    """
+    problems: list[str] = []
+    loaded = latest_valid_checkpoint(ckpt_dir, problems) if ckpt_dir.exists() else None
+    if loaded is None and problems:
+        more = f"; and {len(problems) - 1} more" if len(problems) > 1 else ""
+        raise RunError(f"'{ckpt_dir}' has checkpoints but none is usable ({problems[0]}{more}). There is no earlier "
+                       f"checkpoint to fall back to: restore the damaged files, or move '{ckpt_dir}' away and run "
+                       f"'gndgl train --resume {ckpt_dir.parent}' to train the run again from step 0")
+    return loaded
 
 
 def _check_finite(acc_loss: dict, names: dict, gstep: int) -> None:
@@ -593,10 +599,7 @@ def evaluate_run(run_dir: str | Path, device: str | None = None, limit_test: int
             raise RunError(f"'{run_dir}' has no weights or committed checkpoints yet")
         tensors, source = gather_tensors(ckpts, step, int(saved["world"])), f"committed checkpoint ckpt-{step:09d}"
     else:
-        problems: list[str] = []
-        loaded = latest_valid_checkpoint(ckpts, problems) if ckpts.exists() else None
-        if loaded is None and problems:
-            raise RunError(_no_usable_checkpoint(ckpts, problems))
+        loaded = _usable_checkpoint(ckpts)
         if loaded is None:
             raise RunError(f"'{run_dir}' has no weights or checkpoints yet")
         tensors, source = loaded.tensors, f"checkpoint {loaded.name}"
@@ -612,4 +615,4 @@ def evaluate_run(run_dir: str | Path, device: str | None = None, limit_test: int
     return ev
 
 
-__all__ = ["GndglError", "TrainOptions", "evaluate_run", "read_run_record", "train_artifact"]
+__all__ = ["GndglError", "TrainOptions", "evaluate_run", "latest_run", "read_run_record", "train_artifact"]
