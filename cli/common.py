@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 from typing import Any, Callable
 
-import click
 from rich.console import Console
 from rich.markup import escape
 

@@ -36,6 +36,28 @@ def _scalar(key: str, value: Any) -> Any:
     raise TypeError(f"metric '{key}' has type {type(value).__name__}; log numbers (or a string such as 'kind')")
 
 
+def flatten_scalars(record: dict, prefix: str = "") -> list[tuple[str, float]]:
+    """The numbers of a (nested) record as ``(tag, value)`` pairs, nested keys joined by ``/``.
+
+    ``{"test_acc": 0.9, "partition_acc": {"m0.g0": 0.5}}`` → ``[("test_acc", 0.9),
+    ("partition_acc/m0.g0", 0.5)]``. Strings, bools and None are left out.
+
+    Args:
+        record: a metric record (after :func:`_scalar`).
+        prefix: prepended to every tag (e.g. ``"eval/"``).
+
+    Returns:
+        The pairs in record order.
+    """
+    out: list[tuple[str, float]] = []
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out += flatten_scalars(value, f"{prefix}{key}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
 def _parse_lines(text: str, path: Path) -> tuple[list[dict], int]:
     """Parse JSON lines; return the records and the length of the valid prefix of ``text``."""
     records: list[dict] = []
@@ -137,10 +159,11 @@ class MetricsLogger:
     def _write_scalars(self, record: dict) -> None:
         kind = record.get("kind")
         step = record.get("step")
-        for key, value in record.items():
-            if key in ("kind", "step") or isinstance(value, (bool, str)) or value is None:
-                continue
-            tag = f"{kind}/{key}" if kind else key
+        prefix = f"{kind}/" if kind else ""
+        if kind == "train" and isinstance(record.get("partition"), str):
+            prefix += f"{record['partition']}/"  # one curve per partition
+        rest = {k: v for k, v in record.items() if k not in ("kind", "step", "partition")}
+        for tag, value in flatten_scalars(rest, prefix):
             self._writer.add_scalar(tag, value, global_step=step if isinstance(step, int) else None)
 
     def close(self) -> None:
@@ -229,3 +252,42 @@ def truncate_metrics(run_dir: str | os.PathLike, step: int) -> int:
     kept = [r for r in records if not after(r)]
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
     return len(records) - len(kept)
+
+
+METRICS_CSV = "metrics.csv"
+
+
+def write_metrics_csv(run_dir: str | os.PathLike) -> Path:
+    """Write ``run_dir/metrics.csv``: every record of ``metrics.jsonl`` as one row.
+
+    Columns are the union of the records' keys in first-seen order; nested values
+    (``partition_acc``) become one column per key (``partition_acc/m0.g0``). The file
+    is rewritten atomically from ``metrics.jsonl``, which stays the source of truth.
+
+    Args:
+        run_dir: the run directory.
+
+    Returns:
+        The path of the CSV file.
+
+    Raises:
+        ArtifactError: if ``metrics.jsonl`` is missing or damaged.
+    """
+    import csv
+    import io
+
+    rows: list[dict] = []
+    columns: dict[str, None] = {}
+    for rec in read_metrics(run_dir):
+        row = {k: v for k, v in rec.items() if not isinstance(v, dict)}
+        row.update(dict(flatten_scalars({k: v for k, v in rec.items() if isinstance(v, dict)})))
+        for k in row:
+            columns.setdefault(k, None)
+        rows.append(row)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    path = Path(run_dir) / METRICS_CSV
+    atomic_write_text(path, buf.getvalue())
+    return path

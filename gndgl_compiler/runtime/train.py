@@ -39,6 +39,9 @@ from .executor import Executor
 from .metrics import MetricsLogger, truncate_metrics
 from .optim import lr_at
 
+DATA_RECORD = "data.json"
+"""Run-directory file with the input normalisation and class names the run trained with."""
+
 
 @dataclass
 class TrainOptions:
@@ -327,6 +330,10 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
         raise RunError(f"data set '{cfg['dataset']}' has {data.num_classes} classes but the network was "
                             f"compiled for {plan.num_classes}; set model.num_classes: {data.num_classes} and recompile")
     data = data.to(first_dev)
+    if ctx.rank == 0:  # what inference needs to feed the trained net (load_run, gndgl export)
+        atomic_write_text(run_dir / DATA_RECORD, json.dumps({
+            "dataset": cfg["dataset"], "mean": list(data.mean), "std": list(data.std), "classes": list(data.classes),
+            "input_shape": list(plan.input_shape), "num_classes": plan.num_classes}, indent=1))
     torch.manual_seed(cfg["seed"])
     ex = Executor(plan, art.modules, cfg["optimizer"], devices, fused=cfg["fused"], amp=amp,
                   channels_last=channels_last, denorm=(data.mean, data.std))
