@@ -65,3 +65,43 @@ def run_guarded(fn: Callable[[], Any]) -> int:
         return 130
     finally:
         warnings.showwarning = old_show
+
+
+def tidy_flag_metavars(command: Any) -> Any:
+    """Give every on/off flag an empty metavar, in ``command`` and its subcommands.
+
+    Newer typer prints the type of a flag in help (``--fused/--no-fused  <bool>``); a flag
+    takes no value, so the column stays empty. Works on typer's vendored click and on click.
+
+    Args:
+        command: the click command built from the Typer app.
+
+    Returns:
+        ``command`` itself.
+    """
+    ctx = command.context_class(command)
+    for param in [*command.params, command.get_help_option(ctx)]:
+        if param is not None and getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        tidy_flag_metavars(sub)
+    return command
+
+
+def note_resolved(typed: Any, used: Any) -> None:
+    """Say which artifact a folder of artifacts (``compiled/``) stood for, when it was not the one typed.
+
+    Args:
+        typed: the path the user gave.
+        used: the artifact directory that was loaded.
+    """
+    from pathlib import Path
+
+    from gndgl_compiler.codegen.artifact import artifacts_in
+
+    if used is None or Path(typed) == Path(used):
+        return
+    n = len(artifacts_in(typed))
+    which = "the only artifact" if n == 1 else f"the newest of {n} artifacts"
+    console_err.print(f"using {escape(str(used))}/ ({which} in {escape(str(typed))}/)", highlight=False)
+

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Optional
 
 import typer
+from rich import box
 from rich.table import Table
 
 from gndgl_compiler import compile_spec, load_artifact
 from gndgl_compiler.api import Artifact
+from gndgl_compiler.errors import GndglError
 from gndgl_compiler.spec.models import Spec
 
-from .common import console, fmt_bytes, fmt_int
+from .common import console, fmt_bytes, fmt_int, note_resolved
 
 
 def summary_json(art: Artifact) -> dict:
@@ -34,31 +37,44 @@ def summary_json(art: Artifact) -> dict:
 
 
 def print_summary(art: Artifact, title: str) -> None:
-    """The rich table: one row per partition, a footer with the speed-ups."""
-    s = art.summary
-    table = Table(title=title, show_footer=False, header_style="bold")
-    for col, just in (("partition", "left"), ("module", "right"), ("group", "right"), ("device", "left"),
-                      ("layers", "left"), ("fwd MACs", "right"), ("bwd MACs", "right"), ("params", "right"),
-                      ("in / sample", "right"), ("out / sample", "right")):
-        table.add_column(col, justify=just)
-    rows = art.plan.partitions
+    """The partition table (fits 80 columns: pipes, logs) and a footer with the speed-ups."""
+    s, plan = art.summary, art.plan
+    devices = sorted({p.device for p in plan.partitions})
+    one_device = len(devices) == 1 and plan.workers <= 1
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True, header_style="bold",
+                  title_justify="left")
+    one_type = len(devices) == 1
+    place_col = [] if one_device else [("worker" if one_type else "device", "left")]
+    cols = [("partition", "left")] + place_col  # the name says module and group: m<k>.g<g>
+    cols += [("layers", "left"), ("fwd\nMACs", "right"), ("bwd\nMACs", "right"), ("params", "right"),
+             ("in\n/img", "right"), ("out\n/img", "right")]
+    for col, just in cols:
+        table.add_column(col, justify=just, no_wrap=True, overflow="ellipsis")
+    rows = plan.partitions
     shown = rows if len(rows) <= 40 else rows[:20] + rows[-20:]
     for i, p in enumerate(shown):
         if len(rows) > 40 and i == 20:
-            table.add_row("...", "", "", "", f"({len(rows) - 40} more)", "", "", "", "", "")
-        units = p.units if len(p.units) <= 3 else p.units[:1] + ["…"] + p.units[-1:]
-        dev = p.device + (f" / w{p.worker}" if art.plan.workers > 1 else "")
-        table.add_row(p.name, str(p.module), f"{p.group}/{p.groups}", dev, " ".join(units) or p.head_kind,
+            table.add_row("...", *([] if one_device else [""]), f"({len(rows) - 40} more)", "", "", "", "", "")
+        units = (p.units[0] if len(p.units) == 1 else f"{p.units[0]}..{p.units[-1]}") if p.units else p.head_kind
+        dev = [] if one_device else [f"w{p.worker}" if one_type else p.device + (f"/w{p.worker}" if plan.workers > 1 else "")]
+        table.add_row(p.name, *dev, units,
                       fmt_int(p.costs["fwd_macs"]), fmt_int(p.costs["bwd_macs"]), fmt_int(p.costs["params"]),
                       fmt_bytes(p.costs["bytes_in"]), fmt_bytes(p.costs["bytes_out"]))
     console.print(table)
+    g = plan.groups if len(set(plan.groups)) > 1 else plan.groups[0]
+    where = f" · all on {devices[0]}" if one_type else ""
     console.print(
-        f"[bold]{s['partitions']}[/] partitions · K={art.plan.num_modules} · G={art.plan.groups if len(set(art.plan.groups)) > 1 else art.plan.groups[0]}"
-        f" · end-to-end {fmt_int(s['e2e_macs'])} MACs · max partition {fmt_int(s['max_partition_macs'])} MACs · "
-        f"inference {fmt_int(s['inference_macs'])} MACs\n"
+        f"[bold]{s['partitions']}[/] partitions · K={plan.num_modules} · G={g}{where}\n"
+        f"MACs per image: end-to-end {fmt_int(s['e2e_macs'])} · max partition {fmt_int(s['max_partition_macs'])}"
+        f" · inference {fmt_int(s['inference_macs'])}\n"
         f"training speed-up [bold green]{s['training_speedup']:.2f}×[/] · inference speed-up "
-        f"[bold green]{s['inference_speedup']:.2f}×[/] · params {fmt_int(s['params'])} "
-        f"(inference {fmt_int(s['inference_params'])})", highlight=False)
+        f"[bold green]{s['inference_speedup']:.2f}×[/]\n"
+        f"params {fmt_int(s['params'])} (inference {fmt_int(s['inference_params'])})", highlight=False)
+
+
+def default_output(spec: Path) -> Path:
+    """Where ``gndgl compile SPEC`` (and ``gndgl train SPEC``) writes: ``compiled/<file name>/``."""
+    return Path("compiled") / spec.stem
 
 
 def register(app: typer.Typer) -> None:
@@ -67,12 +83,17 @@ def register(app: typer.Typer) -> None:
     @app.command("compile")
     def compile_(
         spec: Path = typer.Argument(..., help="Spec file (YAML)."),
-        output: Path = typer.Option(Path("compiled"), "-o", "--output", help="Artifact directory."),
+        output: Optional[Path] = typer.Option(None, "-o", "--output", metavar="DIR",
+                                              help="Artifact directory (default: compiled/<spec file name>)."),
         workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Balance over N distributed workers."),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+        sets: Optional[list[str]] = typer.Option(None, "--set", metavar="FIELD=VALUE",
+                                                 help="Set any spec field (repeatable), e.g. --set cuts.width=2."),
     ) -> None:
         """Compile a spec into partitions, fx modules and an artifact directory."""
-        art = compile_spec(spec, output, workers=workers)
+        with contextlib.nullcontext() if as_json else console.status(f"compiling {spec}"):
+            art = compile_spec(spec, output if output is not None else default_output(spec), workers=workers,
+                               overrides=sets or None)
         if as_json:
             print(json.dumps(summary_json(art), indent=1))
         else:
@@ -86,11 +107,45 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Summarise an existing compiled artifact (verifies its hashes)."""
         art = load_artifact(artifact)
+        note_resolved(artifact, art.path)
         if as_json:
             print(json.dumps(summary_json(art), indent=1))
         else:
             m = art.manifest
-            print_summary(art, f"{art.plan.name} ({artifact}, gndgl {m.get('gndgl')}, torch {m.get('torch')})")
+            print_summary(art, f"{art.plan.name} ({art.path}, gndgl {m.get('gndgl')}, torch {m.get('torch')})")
+            console.print(f"all {len(m.get('files', {}))} files match the sha256 hashes in manifest.json", highlight=False)
+
+    @app.command("units")
+    def units(
+        source: str = typer.Argument(..., metavar="TEMPLATE|SPEC",
+                                     help="A template (resnet20, resnet32, resnet56, resnet110, vgg6a) or a spec file."),
+        width: float = typer.Option(1.0, "--width", help="Template width multiplier."),
+    ) -> None:
+        """List the segments of a network: the names and indices to write depth cuts with."""
+        from gndgl_compiler import load_spec
+        from gndgl_compiler.graph.build import build_graph
+        from gndgl_compiler.spec.models import Model
+
+        templates = Model.model_fields["template"].annotation.__args__[0].__args__
+        if source in templates:
+            spec = load_spec({"name": source, "model": {"template": source, "width": width}})
+        elif Path(source).suffix in (".yaml", ".yml") or Path(source).exists():
+            spec = load_spec(source)
+        else:
+            raise GndglError(f"'{source}' is neither a template ({', '.join(templates)}) nor a spec file")
+        og = build_graph(spec)
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True, header_style="bold",
+                      title=f"{spec.name}: {len(og.segments)} segments; cut before any but the first, by name or "
+                            "index: cuts: {depth: [NAME, INDEX, ...]}", title_justify="left")
+        for col, just in (("index", "right"), ("name", "left"), ("units", "left"), ("output", "left"),
+                          ("MACs", "right"), ("params", "right")):
+            table.add_column(col, justify=just, no_wrap=True, overflow="ellipsis")
+        for seg in og.segments:
+            nodes = [og.graph.nodes[n] for n in seg.nodes]
+            shape = "×".join(map(str, og.graph.nodes[seg.output]["shape"]))
+            table.add_row(str(seg.index), seg.name, " ".join(seg.units), shape,
+                          fmt_int(sum(d["macs"] for d in nodes)), fmt_int(sum(d["params"] for d in nodes)))
+        console.print(table)
 
     @app.command("schema")
     def schema() -> None:

@@ -11,7 +11,7 @@ import sys
 import typer
 
 from . import compile_cmd, train_cmd, viz_cmd
-from .common import console_err, run_guarded
+from .common import console, console_err, run_guarded, tidy_flag_metavars
 
 app = typer.Typer(
     name="gndgl",
@@ -21,6 +21,22 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+
+def _version(value: bool) -> None:
+    if value:
+        from gndgl_compiler import __version__
+
+        console.print(f"gndgl {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Declarative graph compiler for local learning (Grouped Neuron DGL): compile, train, draw."""
+
+
 compile_cmd.register(app)
 train_cmd.register(app)
 viz_cmd.register(app)
@@ -29,7 +45,8 @@ viz_cmd.register(app)
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     try:
-        code = run_guarded(lambda: app(args=argv, standalone_mode=False))
+        command = tidy_flag_metavars(typer.main.get_command(app))
+        code = run_guarded(lambda: command.main(args=argv, prog_name="gndgl", standalone_mode=False))
     except KeyboardInterrupt:
         console_err.print("[yellow]interrupted[/]")
         code = 130

@@ -8,25 +8,52 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from gndgl_compiler.errors import DistributedSetupError, GndglError
+from gndgl_compiler.runtime.progress import ProgressEvent
+from gndgl_compiler.runtime.report import format_summary
 
-from .common import console
+from .common import console, note_resolved
+from .compile_cmd import default_output
 
 
 class _Display:
-    """Rich progress: epoch, step, mean loss, images/s, ETA; one line per evaluated epoch."""
+    """Training progress on the console.
 
-    def __init__(self, total_steps: int | None):
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                                 TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console,
-                                 transient=False, disable=not console.is_terminal)
-        self.task = self.progress.add_task("train", total=total_steps, info="")
+    On a terminal: a bar for the steps of the epoch and one for the whole run, each with its
+    ETA, plus loss, images/s and learning rate, redrawn 4 times a second by rich's thread (a
+    step only sets numbers: no device sync). In a pipe or log: one line per log record. An
+    evaluated epoch prints one line either way.
+    """
+
+    def __init__(self) -> None:
+        self.live = console.is_terminal
+        self.progress = Progress(TextColumn("[bold]{task.description:<12}"), BarColumn(bar_width=24),
+                                 MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                                 console=console, transient=False, disable=not self.live, refresh_per_second=4)
+        self.epoch_task = self.progress.add_task("epoch", total=None, info="", visible=False)
+        self.run_task = self.progress.add_task("run", total=None, info="", visible=False)
+        self.other_task = self.progress.add_task("", total=None, info="", visible=False)
         self.step_recs: list[dict] = []
+        self.info = ""
+
+    def on_progress(self, ev: ProgressEvent) -> None:
+        """Update the bars from a :class:`ProgressEvent` (cheap: called every step)."""
+        if ev.phase == "train":
+            self.progress.update(self.epoch_task, description=f"epoch {ev.epoch + 1}/{ev.epochs}", completed=ev.done,
+                                 total=ev.total, visible=True, info=self.info)
+            self.progress.update(self.run_task, completed=ev.step, total=ev.steps, visible=True, info="")
+            self.progress.update(self.other_task, visible=False)
+        else:
+            label = "test" if ev.phase == "eval" else "decoding"
+            self.progress.update(self.other_task, description=label, completed=ev.done, total=ev.total,
+                                 visible=ev.total is None or ev.done < ev.total, info="")
 
     def __call__(self, rec: dict) -> None:
-        if rec["kind"] == "train":
+        if rec["kind"] == "note":
+            console.print(rec["text"], highlight=False, markup=False, soft_wrap=True)
+        elif rec["kind"] == "train":
             if self.step_recs and self.step_recs[-1]["step"] != rec["step"]:
                 self._flush()
             self.step_recs.append(rec)
@@ -39,15 +66,19 @@ class _Display:
             console.print(f"epoch {rec['epoch'] + 1}: test {100 * rec['test_acc']:.2f}% · ensemble "
                           f"{100 * rec['ensemble_acc']:.2f}% · local {local} · {rec['wall_s']:.0f}s", highlight=False)
 
+    def finish(self) -> None:
+        """Show the records not shown yet (the last window before a --max-steps stop)."""
+        self._flush()
+
     def _flush(self) -> None:
         if not self.step_recs:
             return
         r = self.step_recs[0]
         loss = sum(x["loss"] for x in self.step_recs) / len(self.step_recs)
-        info = f"epoch {r['epoch'] + 1} · loss {loss:.3f} · {r['images_per_s']:.0f} img/s · lr {r['lr']:.3g}"
-        self.progress.update(self.task, completed=r["step"], info=info)
-        if not console.is_terminal:
-            console.print(f"step {r['step']}: {info}", highlight=False)
+        self.info = f"loss {loss:.3f} · {r['images_per_s']:.0f} img/s · lr {r['lr']:.3g}"
+        self.progress.update(self.epoch_task, info=self.info)
+        if not self.live:
+            console.print(f"epoch {r['epoch'] + 1} step {r['step']}: {self.info}", highlight=False)
         self.step_recs = []
 
 
@@ -91,26 +122,29 @@ def register(app: typer.Typer) -> None:
     @app.command("train")
     def train(
         source: Optional[Path] = typer.Argument(None, help="Compiled artifact directory or a spec (.yaml) to compile on the fly."),
-        epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override train.epochs (the warm-up and LR milestones scale with it)."),
-        dataset: Optional[str] = typer.Option(None, "--dataset", help="Override train.dataset (cifar10, fashion-mnist, synthetic, a folder/.tar.gz, ...)."),
-        data_root: Optional[str] = typer.Option(None, "--data-root", help="Where data set files live."),
+        epochs: Optional[int] = typer.Option(None, "--epochs", metavar="N", min=1, help="Override train.epochs (the warm-up and LR milestones scale with it)."),
+        dataset: Optional[str] = typer.Option(None, "--dataset", metavar="NAME|PATH", help="Override train.dataset (cifar10, fashion-mnist, synthetic, a folder/.tar.gz, ...)."),
+        data_root: Optional[str] = typer.Option(None, "--data-root", metavar="DIR", help="Where data set files live."),
         download: bool = typer.Option(False, "--download", help="Let torchvision download CIFAR (needs internet)."),
-        device: Optional[str] = typer.Option(None, "--device", help="Run every partition on this device (cpu, cuda, cuda:N)."),
-        batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Override train.batch_size."),
-        lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help="Override the peak learning rate."),
-        seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Override train.seed."),
+        device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="Run every partition on this device (cpu, cuda, cuda:N)."),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", metavar="N", min=1, help="Override train.batch_size."),
+        lr: Optional[float] = typer.Option(None, "--lr", metavar="LR", min=0.0, help="Override the peak learning rate."),
+        seed: Optional[int] = typer.Option(None, "--seed", metavar="N", min=0, help="Override train.seed."),
         fused: Optional[bool] = typer.Option(None, "--fused/--no-fused", help="Per-device fused step (default from the spec)."),
-        run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Run directory (default runs/<name>-<time>)."),
-        resume: Optional[str] = typer.Option(None, "--resume", help="Continue an interrupted run directory."),
-        limit_train: Optional[int] = typer.Option(None, "--limit-train", min=1, help="Use only N training images."),
-        limit_test: Optional[int] = typer.Option(None, "--limit-test", min=1, help="Use only N test images."),
-        max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after N steps (checkpointed)."),
-        checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", min=0, help="Also checkpoint every N steps."),
-        log_every: Optional[int] = typer.Option(None, "--log-every", min=1, help="Log every N steps."),
-        workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Distributed: spawn N local worker processes."),
+        run_dir: Optional[str] = typer.Option(None, "--run-dir", metavar="DIR", help="Run directory (default runs/<name>-<time>)."),
+        resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN_DIR", help="Continue an interrupted run directory."),
+        limit_train: Optional[int] = typer.Option(None, "--limit-train", metavar="N", min=1, help="Use only N training images."),
+        limit_test: Optional[int] = typer.Option(None, "--limit-test", metavar="N", min=1, help="Use only N test images."),
+        max_steps: Optional[int] = typer.Option(None, "--max-steps", metavar="N", min=1, help="Stop after N steps (checkpointed)."),
+        checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", metavar="N", min=0, help="Also checkpoint every N steps."),
+        log_every: Optional[int] = typer.Option(None, "--log-every", metavar="N", min=1, help="Log every N steps."),
+        workers: Optional[int] = typer.Option(None, "--workers", metavar="N", min=1, help="Distributed: spawn N local worker processes."),
         tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard", help="TensorBoard logs (default: when installed)."),
-        timeout: float = typer.Option(300.0, "--timeout", min=1.0, help="Distributed: seconds a rank waits for a peer."),
-        port: Optional[int] = typer.Option(None, "--port", min=1, max=65535, help="Distributed: rendezvous port (default: a free one)."),
+        timeout: float = typer.Option(300.0, "--timeout", metavar="SECONDS", min=1.0, help="Distributed: seconds a rank waits for a peer."),
+        port: Optional[int] = typer.Option(None, "--port", metavar="PORT", min=1, max=65535, help="Distributed: rendezvous port (default: a free one)."),
+        sets: Optional[list[str]] = typer.Option(None, "--set", metavar="FIELD=VALUE",
+                                                 help="Set any spec field (repeatable), e.g. --set train.optimizer.weight_decay=5e-4; "
+                                                      "on a compiled artifact only train.* fields."),
     ) -> None:
         """Train a compiled artifact (or a spec, compiled on the fly); resumable."""
         from gndgl_compiler import compile_spec
@@ -122,12 +156,15 @@ def register(app: typer.Typer) -> None:
         if resume is None:
             assert source is not None
             if source.is_file() or source.suffix in (".yaml", ".yml"):
-                out = Path("compiled") / source.stem
-                console.print(f"compiling {source} → {out}/", highlight=False, markup=False)
-                art = compile_spec(source, out)
+                out = default_output(source)
+                with console.status(f"compiling {source} → {out}/"):
+                    art = compile_spec(source, out, overrides=sets)
+                console.print(f"compiled {source} → {out}/", highlight=False, markup=False)
+                sets = None  # already in the compiled spec
             else:
                 from gndgl_compiler import load_artifact
                 art = load_artifact(source)
+                note_resolved(source, art.path)
         if workers is not None and workers > 1:
             _launch(art, workers, resume=resume, epochs=epochs, dataset=dataset, data_root=data_root, device=device,
                     batch_size=batch_size, lr=lr, seed=seed, fused=fused, run_dir=run_dir, limit_train=limit_train,
@@ -137,24 +174,22 @@ def register(app: typer.Typer) -> None:
         opts = TrainOptions(epochs=epochs, dataset=dataset, data_root=data_root, download=download, device=device,
                             batch_size=batch_size, lr=lr, seed=seed, fused=fused, run_dir=run_dir, resume=resume,
                             limit_train=limit_train, limit_test=limit_test, max_steps=max_steps,
-                            checkpoint_every=checkpoint_every, log_every=log_every, tensorboard=tensorboard)
-        display = _Display(None)
-        opts.on_log = display
+                            checkpoint_every=checkpoint_every, log_every=log_every, tensorboard=tensorboard,
+                            overrides=sets or None)
+        display = _Display()
+        opts.on_log, opts.on_progress = display, display.on_progress
         t0 = time.time()
         with display.progress:
             summary = train_artifact(art if art is not None else Path("."), opts)
-        acc, run_dir = summary.get("test_acc"), summary["run_dir"]
-        acc_text = (f"{100 * acc:.2f}%" if acc is not None
-                    else f"n/a (stopped before an epoch ended; evaluate with: gndgl eval {run_dir})")
-        console.print(f"[bold green]done[/] in {time.time() - t0:.0f}s · test accuracy {acc_text} · "
-                      f"run directory {run_dir}", highlight=False)
+            display.finish()
+        console.print(format_summary(summary, wall_s=time.time() - t0), highlight=False, markup=False, soft_wrap=True)
 
     @app.command("eval")
     def eval_(
         run: Optional[Path] = typer.Argument(None, help="Run directory made by 'gndgl train'; default: the newest "
                                                         "in ./runs."),
-        device: Optional[str] = typer.Option(None, "--device", help="Device to evaluate on."),
-        limit_test: Optional[int] = typer.Option(None, "--limit-test", min=1, help="Use only N test images."),
+        device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="Device to evaluate on."),
+        limit_test: Optional[int] = typer.Option(None, "--limit-test", metavar="N", min=1, help="Use only N test images."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
         """Test accuracy (final head, layerwise ensemble, each partition) of a finished or partial run."""

@@ -9,7 +9,7 @@ import typer
 
 from gndgl_compiler.errors import GndglError
 
-from .common import console
+from .common import console, note_resolved
 
 
 def _viz(source: Path, output: Optional[Path], level: str, fmt: Optional[str], terminal: bool, heads: bool,
@@ -17,6 +17,8 @@ def _viz(source: Path, output: Optional[Path], level: str, fmt: Optional[str], t
     from gndgl_compiler.viz import choose_level, load_plan, output_format, plan_to_dot, render_dot
 
     plan, art_dir = load_plan(source, workers=workers)
+    if art_dir is not None and art_dir.parent == source:
+        note_resolved(source, art_dir)
     if terminal:
         from gndgl_compiler.viz.terminal import print_plan_tree
         print_plan_tree(plan, console)
@@ -92,7 +94,12 @@ def register(app: typer.Typer) -> None:
         title = f"{base.name}: depth K ∈ {{{depth}}} × width G ∈ {{{width}}}"
         written = write_tables(rows, output, title=title, paper=paper)
         if any(r.ok for r in rows):
-            written += bubble_chart(rows, output / "bubble", title=base.name)
+            trained_on = ""
+            if train:
+                t = base.train
+                n = f"{limit_train} training images" if limit_train else "the full training set"
+                trained_on = f"{dataset or t.dataset}, {epochs or t.epochs} epoch(s), {n}"
+            written += bubble_chart(rows, output / "bubble", title=base.name, trained_on=trained_on)
         skipped = sum(not r.ok for r in rows)
         if skipped == len(rows):
             raise GndglError(f"no configuration compiled (every K × G was invalid for this network); the reasons "

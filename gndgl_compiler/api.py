@@ -17,7 +17,7 @@ from typing import Any
 
 import torch.fx as fx
 
-from .codegen.artifact import (RECOMPILE, load_state_tensors, read_json, read_manifest, read_weights,
+from .codegen.artifact import (RECOMPILE, find_artifact, load_state_tensors, read_json, read_manifest, read_weights,
                                write_artifact)
 from .codegen.modules import PartitionModule, build_assembled, build_partitions
 from .errors import GndglError, PartitionError, SpecError
@@ -73,8 +73,13 @@ def _check_params(spec: Spec, plan: PartitionPlan) -> None:
                                  "local.head.hidden or fewer modules/groups")
 
 
-def _spec_of(source: str | os.PathLike | dict | Spec) -> Spec:
-    return source if isinstance(source, Spec) else load_spec(source)
+def _spec_of(source: str | os.PathLike | dict | Spec, overrides: list[str] | None = None) -> Spec:
+    if isinstance(source, Spec):
+        if overrides:
+            raise SpecError("overrides apply to a spec file, YAML text or data, not to a loaded Spec; pass "
+                            "them to load_spec(path, overrides=...)")
+        return source
+    return load_spec(source, overrides=overrides)
 
 
 def _gc_paused(fn):
@@ -98,13 +103,14 @@ def _gc_paused(fn):
 
 @_gc_paused
 def compile_spec(source: str | os.PathLike | dict | Spec, out_dir: str | os.PathLike | None = None,
-                 *, workers: int | None = None) -> Artifact:
+                 *, workers: int | None = None, overrides: list[str] | None = None) -> Artifact:
     """Compile a spec: graph → partitions → fx modules (and write the artifact).
 
     Args:
         source: a spec path, YAML text, parsed data or a :class:`Spec`.
         out_dir: where to write the artifact; ``None`` keeps it in memory.
         workers: override ``placement.workers``.
+        overrides: ``"a.b.c=VALUE"`` field overrides (``--set``), validated like the spec.
 
     Returns:
         The :class:`Artifact`.
@@ -113,7 +119,7 @@ def compile_spec(source: str | os.PathLike | dict | Spec, out_dir: str | os.Path
         SpecError: the spec is invalid (field, line, what is allowed).
         ArtifactError: the output directory cannot be written.
     """
-    spec = _spec_of(source)
+    spec = _spec_of(source, overrides)
     if workers is not None:
         spec.placement.workers = workers
     try:
@@ -147,7 +153,8 @@ def load_artifact(path: str | os.PathLike, *, workers: int | None = None, rank: 
     """Load a compiled artifact: verify hashes, rebuild modules from the plan, load weights.
 
     Args:
-        path: the artifact directory.
+        path: the artifact directory, or a folder of them (``compiled/``: its only or
+            newest artifact, see :func:`~gndgl_compiler.codegen.artifact.find_artifact`).
         workers: re-place the partitions over this many distributed workers.
         rank: build only the partitions placed on this worker.
         verify: check every file's sha256 against the manifest.
@@ -160,7 +167,7 @@ def load_artifact(path: str | os.PathLike, *, workers: int | None = None, rank: 
     Raises:
         ArtifactError: missing, tampered or incompatible files.
     """
-    d = Path(path)
+    d = find_artifact(path)
     manifest = read_manifest(d, verify=verify, remedy=remedy)
     spec = read_json(d, "spec.json", remedy)
     plan_d = read_json(d, "plan.json", remedy)

@@ -18,6 +18,9 @@ from pathlib import Path
 import torch
 
 from .errors import DistributedSetupError, GndglError
+from .runtime.checkpoint import atomic_write_text
+from .runtime.report import format_summary
+from .runtime.resume import resume_config
 from .runtime.train import DistContext, TrainOptions, _merge, _new_run_dir, _run, check_resume_world
 
 
@@ -31,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(name, type=typ, default=None)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a rank waits for a peer before failing")
     p.add_argument("--no-fused", action="store_true")
+    p.add_argument("--json", action="store_true", help="end with the run summary as one JSON line")
     return p
 
 
@@ -59,10 +63,14 @@ def run_worker(args: argparse.Namespace, rank: int, world: int) -> dict:
                         log_every=args.log_every, fused=False if args.no_fused else None, tensorboard=False)
     if args.resume:
         run_dir = Path(args.resume)
-        check_resume_world(run_dir, world)
-        cfg = json.loads((run_dir / "run.json").read_text())["config"]
-        if args.epochs:
-            cfg["epochs"] = args.epochs
+        saved = check_resume_world(run_dir, world)
+        art0 = load_artifact(run_dir / "artifact", verify=False)
+        opts.device = args.device
+        cfg, notes = resume_config(run_dir, saved, opts, sequential=art0.plan.schedule == "sequential")
+        barrier()  # every rank has read run.json before rank 0 records the changes
+        if rank == 0 and notes:
+            atomic_write_text(run_dir / "run.json", json.dumps(saved, indent=1))
+            print("resume: " + "; ".join(notes), flush=True)
     else:
         made = None
         if rank == 0:
@@ -99,6 +107,10 @@ def run_worker(args: argparse.Namespace, rank: int, world: int) -> dict:
 
 
 def _print_record(rec: dict) -> None:
+    if rec["kind"] == "note":
+        print(rec["text"], flush=True)
+    if rec["kind"] == "train" and rec.get("partial"):
+        return
     if rec["kind"] == "eval":
         print(f"epoch {rec['epoch'] + 1}: test {100 * rec['test_acc']:.2f}% · ensemble "
               f"{100 * rec['ensemble_acc']:.2f}% · {rec['wall_s']:.0f}s", flush=True)
@@ -126,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         rank, world = init_process_group(args.timeout, use_cuda=_wants_cuda(args))
         summary = run_worker(args, rank, world)
         if rank == 0:
-            print(json.dumps({k: v for k, v in summary.items() if k != "history"}), flush=True)
+            print(json.dumps({k: v for k, v in summary.items() if k != "history"}) if args.json
+                  else format_summary(summary), flush=True)
         code = 0
     except GndglError as err:
         print(f"rank {rank}: error: {err}", file=sys.stderr, flush=True)

@@ -448,7 +448,7 @@ def test_torchrun_entry_point(art, single, tmp_path):
     run = tmp_path / "run"
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "gndgl_compiler.train",
            str(art("resnet32_k2g1")), "--run-dir", str(run), *DATA, "--batch-size", "32", "--threads", "1",
-           "--timeout", "60"]
+           "--timeout", "60", "--json"]
     env = dict(os.environ, GNDGL_BACKEND="gloo", OMP_NUM_THREADS="1")
     env.pop("GNDGL_FAULT", None)
     try:

@@ -129,6 +129,43 @@ def _interrupted_swap(out: Path) -> Path | None:
     return None
 
 
+def artifacts_in(folder: str | os.PathLike) -> list[Path]:
+    """The artifact directories directly inside ``folder`` (``compiled/<name>/``), newest first.
+
+    Args:
+        folder: a directory such as ``compiled/``.
+
+    Returns:
+        Sub-directories holding a manifest, ordered by the manifest's modification time
+        (newest first); empty when ``folder`` is not a directory.
+    """
+    d = Path(folder)
+    if not d.is_dir():
+        return []
+    found = [c for c in d.iterdir() if c.is_dir() and not c.name.startswith(".") and (c / MANIFEST).is_file()]
+    return sorted(found, key=lambda c: ((c / MANIFEST).stat().st_mtime, c.name), reverse=True)
+
+
+def find_artifact(path: str | os.PathLike) -> Path:
+    """Resolve what a user typed to one artifact directory.
+
+    ``gndgl compile`` writes ``compiled/<name>/``, so a folder of artifacts stands for its
+    only or newest one (``gndgl train compiled/``); an artifact directory stands for itself.
+
+    Args:
+        path: an artifact directory or a folder of them.
+
+    Returns:
+        The artifact directory; ``path`` unchanged when it holds neither (the loader then
+        says what is wrong with it).
+    """
+    d = Path(path)
+    if (d / MANIFEST).is_file():
+        return d
+    found = artifacts_in(d)
+    return found[0] if found else d
+
+
 def _write_json(path: Path, obj: Any, compact: bool = False) -> None:
     """Write ``obj`` as JSON; ``compact`` (no indentation) for the big machine-read files: the C
     encoder is several times faster (``python -m json.tool FILE`` pretty-prints them)."""
@@ -160,6 +197,10 @@ def write_artifact(out_dir: str | os.PathLike, *, spec_json: dict, graph: nx.DiG
         raise ArtifactError(f"'{out}' exists and is not a gndgl artifact; choose another output with -o "
                             "or remove it first")
     parent = out.parent if str(out.parent) else Path(".")
+    if (parent / MANIFEST).is_file():
+        raise ArtifactError(f"'{parent}' is itself an artifact (an older `gndgl compile` wrote it there), so "
+                            f"'{out}' cannot go inside it; move it away (mv {parent} {parent}-old) or choose "
+                            "another output with -o")
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
@@ -209,6 +250,13 @@ def write_artifact(out_dir: str | os.PathLike, *, spec_json: dict, graph: nx.DiG
     return out
 
 
+def _compile_hint(d: Path) -> str:
+    """How to make an artifact where ``d`` was expected (never into a run directory)."""
+    if d.name == "compiled" or not d.name:
+        return "compile a spec first: gndgl compile SPEC (it writes compiled/<name>/)"
+    return f"compile a spec first: gndgl compile SPEC -o {d}"
+
+
 def read_manifest(art_dir: str | os.PathLike, verify: bool = True, remedy: str = RECOMPILE) -> dict:
     """Read and check ``manifest.json``.
 
@@ -228,10 +276,13 @@ def read_manifest(art_dir: str | os.PathLike, verify: bool = True, remedy: str =
             raise ArtifactError(f"'{d}' is missing: a compile that replaced it was interrupted and left the previous "
                                 f"artifact in '{moved}'; move it back (mv '{moved}' '{d}') or compile again")
         what = "is not a directory" if d.exists() else "does not exist"
-        raise ArtifactError(f"'{d}' {what}; compile a spec first: gndgl compile SPEC -o {d}")
+        raise ArtifactError(f"'{d}' {what}; {_compile_hint(d)}")
     mpath = d / MANIFEST
     if not mpath.exists():
-        raise ArtifactError(f"'{d}' has no {MANIFEST}; it is not a gndgl artifact (gndgl compile SPEC -o {d})")
+        if (d / "run.json").is_file():
+            raise ArtifactError(f"'{d}' is a run directory, not an artifact; its compiled network is in "
+                                f"'{d / 'artifact'}' (to continue the run: gndgl train --resume {d})")
+        raise ArtifactError(f"'{d}' has no {MANIFEST}; it is not a gndgl artifact. {_compile_hint(d).capitalize()}")
     try:
         manifest = json.loads(mpath.read_text())
         files = manifest["files"]

@@ -23,13 +23,14 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import DataError
+from .progress import ProgressEvent
 
 CACHE_VERSION = 1
 NAMES = ("cifar10", "cifar100", "mnist", "fashion-mnist", "synthetic")
@@ -77,7 +78,7 @@ class DataBundle:
 def load_dataset(name: str, *, root: str | None = None, cache_dir: str | None = None,
                  download: bool = False, input_shape: tuple[int, int, int] | None = None,
                  limit_train: int | None = None, limit_test: int | None = None,
-                 synthetic: dict | None = None) -> DataBundle:
+                 synthetic: dict | None = None, progress: Callable[[Any], None] | None = None) -> DataBundle:
     """Load a data set by name or path.
 
     Args:
@@ -90,6 +91,8 @@ def load_dataset(name: str, *, root: str | None = None, cache_dir: str | None = 
         input_shape: C×H×W the model wants; 1→3 channels and smaller images (zero-padded) are adapted.
         limit_train, limit_test: keep only this many images (a fixed, class-mixing subset).
         synthetic: options for ``synthetic`` (n_train, n_test, num_classes, shape, seed).
+        progress: called with a ``ProgressEvent("data", done, total)`` while images are decoded
+            (image folders / archives on their first use; cached afterwards).
     Returns:
         The :class:`DataBundle` (CPU tensors).
     Raises:
@@ -106,7 +109,7 @@ def load_dataset(name: str, *, root: str | None = None, cache_dir: str | None = 
     elif low in IDX_CLASSES:
         bundle = _load_idx(low, root, cache)
     elif key.startswith("imagefolder:") or os.path.exists(os.path.expanduser(key)):
-        bundle = load_image_folder(key.removeprefix("imagefolder:"), cache)
+        bundle = load_image_folder(key.removeprefix("imagefolder:"), cache, progress=progress)
     elif "/" in key or low.endswith((".tar.gz", ".tgz", ".tar")):
         raise DataError(f"data set path '{key}' does not exist; give a folder or .tar.gz with "
                         "train/<class>/* and test/<class>/*")
@@ -387,12 +390,14 @@ def _iter_files(path: Path) -> Iterator[tuple[str, bytes]]:
                         "and test/<class>/*") from None
 
 
-def load_image_folder(path: str | os.PathLike, cache_dir: str | os.PathLike) -> DataBundle:
+def load_image_folder(path: str | os.PathLike, cache_dir: str | os.PathLike,
+                      progress: Callable[[Any], None] | None = None) -> DataBundle:
     """Load ``train/<class>/*`` and ``test/<class>/*`` images from a folder or tar archive (cached).
 
     Args:
         path: folder or ``.tar.gz``/``.tgz``/``.tar`` (may hold one top-level folder).
         cache_dir: where the decoded tensors are cached.
+        progress: called with ``ProgressEvent("data", done, total)`` every 256 decoded images.
     Returns:
         The bundle; classes are the sorted train class folder names, mean/std from the train set.
     Raises:
@@ -403,10 +408,10 @@ def load_image_folder(path: str | os.PathLike, cache_dir: str | os.PathLike) -> 
         raise DataError(f"image folder '{path}' does not exist")
     stats = _file_stats(sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p])
     name = p.name.removesuffix(".gz").removesuffix(".tgz").removesuffix(".tar")
-    return _cached(Path(cache_dir), "imagefolder", name, stats, lambda: _decode_folder(p, name))
+    return _cached(Path(cache_dir), "imagefolder", name, stats, lambda: _decode_folder(p, name, progress))
 
 
-def _decode_folder(p: Path, name: str) -> DataBundle:
+def _decode_folder(p: Path, name: str, progress: Callable[[Any], None] | None = None) -> DataBundle:
     items, prefixes = [], set()
     for rel, data in _iter_files(p):
         parts = [s for s in rel.split("/") if s not in ("", ".")]
@@ -423,7 +428,8 @@ def _decode_folder(p: Path, name: str) -> DataBundle:
     extra = sorted({i[1] for i in splits["test"]} - set(classes))
     if extra:
         raise DataError(f"{p}: test classes {extra} have no train folder; every class needs train images")
-    index, out, first = {c: i for i, c in enumerate(classes)}, {}, None
+    index, out, first, done = {c: i for i, c in enumerate(classes)}, {}, None, 0
+    total = len(splits["train"]) + len(splits["test"])
     with warnings.catch_warnings():  # torchvision >= 0.29 warns on every decode call
         warnings.simplefilter("ignore", DeprecationWarning)
         for split, rows in splits.items():
@@ -436,6 +442,9 @@ def _decode_folder(p: Path, name: str) -> DataBundle:
                     raise DataError(f"{p}: images must all have one size, but {split}/{c}/{f} is {im.shape[1]}x"
                                     f"{im.shape[2]} and the first is {first.shape[1]}x{first.shape[2]}; resize them")
                 imgs.append(im)
+                done += 1
+                if progress is not None and (done % 256 == 0 or done == total):
+                    progress(ProgressEvent("data", done, total))
             out[split] = imgs, torch.tensor([index[r[1]] for r in rows], dtype=torch.int64)
     chans = max(im.shape[0] for imgs, _ in out.values() for im in imgs)  # gray images join RGB ones as RGB
     (trx, try_), (tex, tey) = ((torch.stack([im.expand(chans, -1, -1) for im in imgs]), y) for imgs, y in out.values())

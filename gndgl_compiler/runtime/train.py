@@ -36,8 +36,9 @@ from .data import Batches, load_dataset, steps_per_epoch
 from .dist_checkpoint import (commit_checkpoint, committed_checkpoint, gather_modules, gather_tensors,
                               latest_commit, merge_rank_metrics, metrics_dir)
 from .executor import Executor
-from .metrics import MetricsLogger, truncate_metrics
-from .optim import lr_at
+from .metrics import MetricsLogger, truncate_metrics, write_metrics_csv
+from .resume import resume_config, run_lr
+from .progress import ProgressEvent, ProgressFn, counted
 
 DATA_RECORD = "data.json"
 """Run-directory file with the input normalisation and class names the run trained with."""
@@ -67,10 +68,15 @@ class TrainOptions:
     limit_test: int | None = None
     max_steps: int | None = None
     """Stop after this many global steps (for smoke tests)."""
+    overrides: list[str] | None = None
+    """``"train.a.b=VALUE"`` changes of the artifact's ``train`` section (``--set``), validated like a spec."""
     eval_every_epoch: bool = True
     tensorboard: bool | None = None
     keep_checkpoints: int = 2
     on_log: Callable[[dict], None] | None = field(default=None, repr=False)
+    """Called with every metrics record (and, flagged ``partial``, the last window before a stop)."""
+    on_progress: ProgressFn | None = field(default=None, repr=False)
+    """Called with a :class:`ProgressEvent` per step, test batch and decoded chunk (host data only)."""
 
 
 def resolve_devices(art: Artifact, device: str | None) -> dict[int, torch.device]:
@@ -90,8 +96,9 @@ def resolve_devices(art: Artifact, device: str | None) -> dict[int, torch.device
             n = torch.cuda.device_count()
             idx = dev.index or 0
             if idx >= n:
+                fix = "--device cpu" if n == 0 else f"--device cpu or --device cuda:{n - 1 if n > 1 else 0}"
                 raise DeviceError(f"partition {p.name} is placed on {name} but this machine has "
-                                  f"{n} CUDA device(s); remap with --device cpu (or --device cuda:0)")
+                                  f"{n} CUDA device(s); remap with {fix}")
         elif dev.type not in ("cpu", "mps"):
             raise DeviceError(f"unsupported device '{name}'")
         out[p.id] = dev
@@ -111,6 +118,9 @@ def _merge(spec_train: dict, o: TrainOptions) -> dict:
     scale with the run length (160 epochs with 10 of warm-up run as 16 with 1).
     """
     cfg = json.loads(json.dumps(spec_train))
+    if o.overrides:
+        from ..spec.overrides import override_train
+        cfg = override_train(cfg, o.overrides)
     if o.epochs is not None and o.epochs != cfg["epochs"]:
         ratio, sched = o.epochs / cfg["epochs"], cfg["schedule"]
         if sched.get("warmup_epochs"):
@@ -204,11 +214,13 @@ def _check_run_config(cfg: dict) -> None:
     missing = sorted(set(Train.model_fields) - set(cfg))
     if missing:
         raise ValueError(f"config has no {', '.join(repr(m) for m in missing)}")
+    if not isinstance(cfg.get("extensions", []), list):
+        raise ValueError("config.extensions is not a list")
     for key in ("limit_train", "limit_test"):
         val = cfg.get(key)
         if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 1):
             raise ValueError(f"config.{key} is {val!r}, not a positive integer or null")
-    train = {k: v for k, v in cfg.items() if k not in ("limit_train", "limit_test")}
+    train = {k: v for k, v in cfg.items() if k not in ("limit_train", "limit_test", "extensions")}
     try:
         checked = Train.model_validate_json(json.dumps(train), strict=True)
     except ValidationError as exc:
@@ -264,12 +276,11 @@ def train_artifact(source: str | Path | Artifact, opts: TrainOptions | None = No
         run_dir = Path(opts.resume)
         saved = check_resume_world(run_dir, 1)
         art = _load_run_artifact(run_dir, saved)
-        cfg = saved["config"]
-        for key in ("epochs", "max_steps"):
-            if getattr(opts, key, None) is not None and key in cfg:
-                cfg[key] = getattr(opts, key)
-        if opts.device:
-            saved["device"] = opts.device
+        cfg, notes = resume_config(run_dir, saved, opts, sequential=art.plan.schedule == "sequential")
+        if notes:
+            atomic_write_text(run_dir / "run.json", json.dumps(saved, indent=1))
+            if opts.on_log:
+                opts.on_log({"kind": "note", "text": "resume: " + "; ".join(notes)})
         device = saved.get("device")
     else:
         art = source if isinstance(source, Artifact) else load_artifact(source)
@@ -325,7 +336,8 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
     channels_last = cfg["channels_last"] == "on" or (cfg["channels_last"] == "auto" and on_cuda)
     data = load_dataset(cfg["dataset"], root=cfg.get("data_root"), download=opts.download,
                         input_shape=tuple(plan.input_shape), limit_train=cfg.get("limit_train"),
-                        limit_test=cfg.get("limit_test"), synthetic=_synthetic_like(plan))
+                        limit_test=cfg.get("limit_test"), synthetic=_synthetic_like(plan),
+                        progress=opts.on_progress)
     if data.num_classes != plan.num_classes:
         raise RunError(f"data set '{cfg['dataset']}' has {data.num_classes} classes but the network was "
                             f"compiled for {plan.num_classes}; set model.num_classes: {data.num_classes} and recompile")
@@ -366,6 +378,9 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
         set_rng_state(state["rng"])
         epoch, start_step, gstep, history = state["epoch"], state["step_in_epoch"], state["step"], state["history"]
         window = state.get("window")
+        if opts.on_log and ctx.rank == 0:
+            opts.on_log({"kind": "note", "text": f"resuming from step {gstep} of {total_epochs * spe} "
+                                                 f"(epoch {epoch + 1} of {total_epochs}, {loaded.name})"})
     # drop what a killed earlier attempt logged after the checkpoint (everything, if it died before the first)
     truncate_metrics(metrics_dir(run_dir, ctx.rank), gstep)
     if ctx.rank == 0:
@@ -396,14 +411,15 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
         prune_checkpoints(ckpt_dir, keep=opts.keep_checkpoints)
 
     def evaluate() -> dict[str, Any]:
+        batches = Batches(data, batch_size=max(bs, 256), seed=cfg["seed"], epoch=0, train=False, augment=False,
+                          channels_last=channels_last and ctx.world == 1)
+        shown = counted(batches, len(batches), opts.on_progress, "eval", epoch=epoch - 1, epochs=total_epochs)
         if ctx.world == 1:
-            return ex.evaluate(Batches(data, batch_size=max(bs, 256), seed=cfg["seed"], epoch=0, train=False,
-                                       augment=False, channels_last=channels_last))
+            return ex.evaluate(shown)
         full = gather_modules(plan, ckpt_root, gstep, ctx.world)
         ev_ex = Executor(plan, full, cfg["optimizer"], {pid: first_dev for pid in full}, fused=False,
                          denorm=(data.mean, data.std))
-        return ev_ex.evaluate(Batches(data, batch_size=max(bs, 256), seed=cfg["seed"], epoch=0, train=False,
-                                      augment=False))
+        return ev_ex.evaluate(shown)
 
     with MetricsLogger(metrics_dir(run_dir, ctx.rank), tensorboard=opts.tensorboard if ctx.rank == 0 else False) as log:
         try:
@@ -422,7 +438,7 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
                 for step, x, y in batches:
                     if ctx.comm is not None:
                         ctx.comm.begin_step(gstep)
-                    lr = lr_at(gstep - phase_step0, spe, cfg["optimizer"]["lr"], cfg["schedule"], epochs)
+                    lr = run_lr(cfg, gstep - phase_step0, spe, epochs)
                     stats = _guard_oom(lambda: ex.train_step(x, y, lr, active, seed=(cfg["seed"], gstep)), first_dev, bs)
                     for pid, (loss, correct) in stats.items():
                         acc_loss[pid] = acc_loss.get(pid, 0) + loss.float()
@@ -431,6 +447,9 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
                     n_acc += 1
                     gstep += 1
                     images += y.numel()
+                    if opts.on_progress:
+                        opts.on_progress(ProgressEvent("train", step + 1, spe, epoch=epoch, epochs=total_epochs,
+                                                       step=gstep, steps=total_epochs * spe, images=y.numel()))
                     if gstep % cfg["log_every"] == 0 or step == spe - 1:
                         for rec in _log_records(acc_loss, acc_correct, n_acc, bs, names, epoch, gstep, lr,
                                                 n_acc * bs / max(time.time() - t_log, 1e-9)):
@@ -447,6 +466,10 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
                         done = True
                         break
                 if done and not (step == spe - 1):
+                    if n_acc and opts.on_log:  # show the steps since the last record (not logged: a resumed
+                        for rec in _log_records(acc_loss, acc_correct, n_acc, bs, names, epoch, gstep, lr,  # run
+                                                n_acc * bs / max(time.time() - t_log, 1e-9)):  # logs them)
+                            opts.on_log({**rec, "partial": True})
                     _check_finite(acc_loss, names, gstep)
                     checkpoint(epoch, step + 1)
                     break
@@ -489,12 +512,14 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
     (run_dir / "weights.safetensors.tmp").replace(run_dir / "weights.safetensors")
     wall = time.time() - t_start
     last = history[-1] if history else {}
-    summary = {"name": plan.name, "run_dir": str(run_dir), "epochs_done": epoch, "steps": gstep,
+    summary = {"name": plan.name, "run_dir": str(run_dir), "epochs_done": epoch, "epochs_total": total_epochs,
+               "steps": gstep,
                "test_acc": last.get("test_acc"), "ensemble_acc": last.get("ensemble_acc"),
                "best_test_acc": max((h["test_acc"] for h in history), default=None), "history": history,
                "wall_s": wall, "images_per_s": images / max(wall, 1e-9), "device": str(first_dev),
                "fused": cfg["fused"], "amp": amp, "dataset": cfg["dataset"], "complete": epoch >= total_epochs}
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
+    write_metrics_csv(run_dir)
     return summary
 
 

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from ..errors import SpecError, SpecErrors
 from .models import LAYER_OPS, Spec
+from .overrides import apply_overrides, relabel
 from .templates import expand_model
 from .yaml_loader import LineMap, load_yaml
 
@@ -182,11 +183,13 @@ def parse_spec(data: Any, lines: LineMap | None = None, file: str | None = None)
     return spec
 
 
-def load_spec(source: str | os.PathLike | dict) -> Spec:
+def load_spec(source: str | os.PathLike | dict, overrides: list[str] | None = None) -> Spec:
     """Load and validate a spec.
 
     Args:
         source: a path to a YAML file, YAML text, or already-parsed data.
+        overrides: ``"a.b.c=VALUE"`` strings (``--set``) applied before validation; see
+            :mod:`gndgl_compiler.spec.overrides`.
 
     Returns:
         The validated :class:`Spec`, with ``spec_lines`` (a LineMap) and ``spec_file``
@@ -196,9 +199,7 @@ def load_spec(source: str | os.PathLike | dict) -> Spec:
         SpecError: the file cannot be read or the spec is invalid.
     """
     if isinstance(source, dict):
-        spec = parse_spec(source)
-        spec._lines, spec._file = LineMap(), None  # type: ignore[attr-defined]
-        return spec
+        return _parse_with(source, LineMap(), None, overrides)
     text: str | bytes
     file: str | None = None
     if isinstance(source, os.PathLike) or (isinstance(source, str) and "\n" not in source and
@@ -218,12 +219,24 @@ def load_spec(source: str | os.PathLike | dict) -> Spec:
     else:
         text = source
     data, lines = load_yaml(text, file=file)
-    spec = parse_spec(data, lines, file)
-    spec._lines, spec._file = lines, file  # type: ignore[attr-defined]
+    return _parse_with(data, lines, file, overrides)
+
+
+def _parse_with(data: Any, lines: LineMap, file: str | None, overrides: list[str] | None) -> Spec:
+    """:func:`parse_spec` after the ``--set`` overrides; errors in overridden fields name the option."""
+    done: dict[tuple, str] = {}
+    if overrides:
+        data, done = apply_overrides(data, list(overrides), lines)
+    try:
+        spec = parse_spec(data, lines, file)
+    except SpecError as err:
+        raise relabel(err, done) from None
+    spec._lines, spec._file, spec._overrides = lines, file, done  # type: ignore[attr-defined]
     return spec
 
 
 def spec_error(spec: Spec, path: tuple, message: str) -> SpecError:
     """Build a :class:`SpecError` for a later stage, with the line of ``path`` if known."""
     lines: LineMap = getattr(spec, "_lines", None) or LineMap()
-    return SpecError(message, path=_dotted(path), line=lines.line_of(path), file=getattr(spec, "_file", None))
+    err = SpecError(message, path=_dotted(path), line=lines.line_of(path), file=getattr(spec, "_file", None))
+    return relabel(err, getattr(spec, "_overrides", None) or {})

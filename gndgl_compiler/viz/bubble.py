@@ -1,5 +1,7 @@
-"""The paper's Figure 3 for a sweep: accuracy (or speed-up) against the largest
-partition's training MACs, bubble area ∝ inference MACs, one colour per G."""
+"""The paper's Figure 3 for a sweep: test accuracy against the largest partition's
+training MACs, bubble area ∝ inference MACs, one colour per G. Untrained, the chart shows
+the trade-off the cost model predicts instead: training speed-up (x) against inference
+speed-up (y), bubble area ∝ parameters including the auxiliary heads."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ COLORS = ["#444444", "#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#ff7f0e", "#8c
 
 
 def bubble_chart(rows: list[SweepRow], out_base: str | os.PathLike, *, title: str = "",
-                 formats: tuple[str, ...] = ("png", "svg")) -> list[Path]:
+                 formats: tuple[str, ...] = ("png", "svg"), trained_on: str = "") -> list[Path]:
     """Draw the Figure-3-style bubble chart of a sweep.
 
     Args:
@@ -21,6 +23,8 @@ def bubble_chart(rows: list[SweepRow], out_base: str | os.PathLike, *, title: st
         out_base: output path without suffix (``sweep/bubble`` → ``bubble.png``, ``bubble.svg``).
         title: figure title.
         formats: file formats to write.
+        trained_on: for a trained sweep, what the accuracies come from (data set, epochs,
+            images), shown under the title.
 
     Returns:
         The paths written.
@@ -40,9 +44,14 @@ def bubble_chart(rows: list[SweepRow], out_base: str | os.PathLike, *, title: st
     trained = [r for r in ok if r.test_acc is not None]
     use_acc = bool(trained)
     pts = trained if use_acc else ok
-    ys = [100 * r.test_acc if use_acc else r.training_speedup for r in pts]
-    xs = [r.max_partition_train_macs or r.max_partition_macs for r in pts]
-    inf = [r.inference_macs or 1 for r in pts]
+    if use_acc:
+        ys = [100 * r.test_acc for r in pts]
+        xs = [r.max_partition_train_macs or r.max_partition_macs for r in pts]
+        inf = [r.inference_macs or 1 for r in pts]
+    else:  # y = 1/x would be a line: show the two speed-ups against each other
+        xs = [r.training_speedup for r in pts]
+        ys = [r.inference_speedup or 1.0 for r in pts]
+        inf = [r.params or 1 for r in pts]
     biggest = max(inf)
     sizes = [50 + 1000 * v / biggest for v in inf]
     gs = sorted({r.G for r in pts})
@@ -52,8 +61,6 @@ def bubble_chart(rows: list[SweepRow], out_base: str | os.PathLike, *, title: st
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     ax.set_xscale("log")
-    if not use_acc:
-        ax.set_yscale("log")
     for G in gs:
         sel = [i for i, r in enumerate(pts) if r.G == G]
         ax.scatter([xs[i] for i in sel], [ys[i] for i in sel], s=[sizes[i] for i in sel], c=color[G], alpha=0.45,
@@ -69,17 +76,23 @@ def bubble_chart(rows: list[SweepRow], out_base: str | os.PathLike, *, title: st
                                  color="black" if r.G == 1 else color[r.G], zorder=6))
     ax.margins(0.12)
     _declutter(fig, texts)
-    ax.set_xlabel("max training MACs of one partition (forward + backward, per sample, log scale)")
-    ax.set_ylabel("test accuracy (%)" if use_acc else "training speed-up over end-to-end (×, log scale)")
+    if use_acc:
+        ax.set_xlabel("max training MACs of one partition (forward + backward, per sample, log scale)")
+        ax.set_ylabel("test accuracy (%)")
+    else:
+        ax.set_xlabel("training speed-up over end-to-end (×, log scale): e2e MACs / largest partition's")
+        ax.set_ylabel("inference speed-up (×): e2e MACs / assembled network's")
     ax.grid(True, which="both", alpha=0.25, zorder=0)
     handles = [Line2D([], [], marker="o", linestyle="", markersize=9, markerfacecolor=color[G], alpha=0.6,
                       markeredgecolor=color[G], label=("G=1 (DGL)" if G == 1 else f"GN-DGL G={G}")) for G in gs]
     if any(r.K == 1 and r.G == 1 for r in pts):
         handles.append(Line2D([], [], marker="*", linestyle="", markersize=13, markerfacecolor="gold",
                               markeredgecolor="black", label="end-to-end (K=G=1)"))
-    handles.append(Line2D([], [], linestyle="", label="bubble area ∝ inference MACs"))
+    handles.append(Line2D([], [], linestyle="", label="bubble area ∝ " + ("inference MACs" if use_acc else
+                                                                          "parameters (with aux heads)")))
     ax.legend(handles=handles, loc="best", fontsize=8, framealpha=0.85)
-    sub = "" if use_acc else " (untrained: y = training speed-up)"
+    sub = (f"\ntest accuracy after training on {trained_on}" if trained_on else "") if use_acc else \
+        "\nuntrained: cost-model speed-ups (train with gndgl sweep --train for Figure 3's accuracies)"
     ax.set_title((title or "Sweep") + sub, fontsize=11)
     fig.tight_layout()
     base = Path(out_base)

@@ -8,7 +8,10 @@ Two levels:
 * ``partitions`` — one node per partition (name, forward MACs, parameters,
   placement), one cluster per module with its groups stacked (``rank=same``).
 
-Modules run left to right (``rankdir=LR``). When one partition reads several
+Modules run left to right (``rankdir=LR``); at the ops level a net of three or more
+modules wraps, one row per module (a ``module k`` label starts each row, the edges
+into the next row do not constrain the layout), so a K=8 picture fits a page
+instead of a 16:1 strip. When one partition reads several
 upstream partitions (a module's first layer reads all groups of the previous
 module) the edges meet in a small ``concat`` junction, and with four or more
 siblings sharing / diversity go through one hub per module, so wide graphs stay
@@ -72,6 +75,8 @@ def default_title(plan: PartitionPlan) -> str:
 class _Builder:
     def __init__(self, plan: PartitionPlan, level: str, heads: bool, bundle: bool | None):
         self.plan, self.ops, self.heads, self.bundle = plan, level == "ops", heads, bundle
+        self.rows = self.ops and len(plan.by_module()) >= 3
+        """Ops level, 3+ modules: one row per module."""
         self.by_id = {p.id: p for p in plan.partitions}
         self.final_id = plan.final.id
         self.big = len(plan.partitions) > 40
@@ -129,6 +134,8 @@ class _Builder:
                fillcolor=IMAGE_FILL, fontsize="12")
         for module, parts in plan.by_module().items():
             self.module_cluster(module, parts)
+        if self.rows:
+            self.row_headers()
         d.node("prediction", label=f"PREDICTION\n{plan.num_classes} classes", shape="doubleoctagon",
                style="filled,bold", fillcolor=FINAL_FILL, fontsize="12")
         d.edge(self.pred_src, "prediction", edge_attrs("forward", penwidth="1.6"))
@@ -290,6 +297,31 @@ class _Builder:
         if final:
             self.pred_src = nid
 
+    def row_headers(self) -> None:
+        """Ops level in rows: a label node per module, all in the first column, in module order;
+        each module's first ops follow its label."""
+        d, heads = self.d, []
+        for module, parts in self.plan.by_module().items():
+            hid = f"row_{module}"
+            final = len(parts) == 1 and parts[0].id == self.final_id
+            d.node(hid, label="final head" if final else f"module {module}" + (f"\nG={len(parts)}" if len(parts) > 1
+                                                                                  else ""),
+                   shape="plaintext", style="", fontsize="12")
+            heads.append(hid)
+            for p in parts:
+                for c in dict.fromkeys(c for cs in self.ins.get(p.id, []) for c in cs):
+                    d.edge(hid, c, {"style": "invis"})
+        self.same_rank(["image"] + heads)
+        for a, b in zip(["image"] + heads, heads):
+            d.edge(a, b, {"style": "invis"})
+
+    def row_edge(self, src: int, dst: int, attrs: dict) -> dict:
+        """In rows, an edge from one module into the next does not rank its head (the row wraps)."""
+        if self.rows and src != IMAGE and self.by_id[src].module != self.by_id[dst].module:
+            attrs = {**attrs, "constraint": "false"}
+            attrs.pop("minlen", None)
+        return attrs
+
     def gap(self, src: int) -> int:
         """Rank distance from a partition's output to the concat junction after it."""
         after = self.after.get(src, 0)
@@ -319,8 +351,8 @@ class _Builder:
             for k, i in act if len(srcs) == 1 else []:
                 for c in self.ins[p.id][k]:
                     lab = self.blabel(self.nbytes.get((i.source, p.id, "activation"), 0))
-                    d.edge(self.out[i.source], c, edge_attrs("sg", self.moves(i.source, p.id), label=lab,
-                                                                   minlen=str(1 + self.after.get(i.source, 0))))
+                    d.edge(self.out[i.source], c, self.row_edge(i.source, p.id, edge_attrs(
+                        "sg", self.moves(i.source, p.id), label=lab, minlen=str(1 + self.after.get(i.source, 0)))))
             if not any(i.source == IMAGE for i in p.inputs) and (IMAGE, p.id, "image") in self.nbytes:
                 self.has.add("recon")
                 d.edge("image", self.recon_in.get(p.id, self.out[p.id]), edge_attrs("recon", constraint="false"))
@@ -333,8 +365,10 @@ class _Builder:
             d.node(jid, label=f"concat\n{size}", shape="box", style="rounded,dashed", fontsize="7",
                    height="0.2", margin="0.03,0.01", color="#444444")
             for s in srcs:
-                d.edge(self.out[s], jid, edge_attrs("sg", any(self.moves(s, t) for t in dsts),
-                                                    arrowhead="none", minlen=str(self.gap(s))))
+                d.edge(self.out[s], jid, self.row_edge(s, first.id, edge_attrs(
+                    "sg", any(self.moves(s, t) for t in dsts), arrowhead="none", minlen=str(self.gap(s)))))
+            if self.rows:
+                d.edge(f"row_{first.module}", jid, {"style": "invis"})
             for t in dsts:
                 for c in dict.fromkeys(x for k, i in enumerate(self.by_id[t].inputs) if i.source != IMAGE
                                        for x in self.ins[t][k]):

@@ -26,9 +26,12 @@ def load_plan(source: str | os.PathLike, *, workers: int | None = None) -> tuple
         ArtifactError: the path does not exist or is not an artifact.
         SpecError: the spec is invalid.
     """
+    from ..codegen.artifact import find_artifact
+
     path = Path(source)
     if path.is_dir() and not (path / "plan.json").exists() and (path / "artifact" / "plan.json").exists():
         path = path / "artifact"
+    path = find_artifact(path)
     if path.is_dir():
         from ..codegen.artifact import read_json
         if not (path / "plan.json").exists():
