@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from . import compile_cmd, train_cmd, viz_cmd
+from . import compile_cmd, export_cmd, train_cmd, viz_cmd
 from .common import console_err, run_guarded
 
 app = typer.Typer(
@@ -24,6 +24,7 @@ app = typer.Typer(
 compile_cmd.register(app)
 train_cmd.register(app)
 viz_cmd.register(app)
+export_cmd.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:
