@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("export")
     def export(
-        run: Optional[Path] = typer.Argument(None, help="Run directory made by 'gndgl train'; default: the newest "
+        run: Optional[Path] = typer.Argument(None, metavar="[RUN]", help="Run directory made by 'gndgl train'; default: the newest "
                                                         "in ./runs."),
         output: Path = typer.Option(..., "-o", "--output", metavar="FILE",
                                     help="File to write (.pt, .pt2, .onnx or .safetensors)."),
@@ -35,4 +35,4 @@ def register(app: typer.Typer) -> None:
         path = export_run(run, output, kind, partition=partition)
         what = f"partition {partition}" if partition else "network"
         console.print(f"wrote {path} ({kind}, {what} of {run}, {path.stat().st_size / 1e6:.2f} MB)",
-                      highlight=False, markup=False)
+                      highlight=False, markup=False, soft_wrap=True)

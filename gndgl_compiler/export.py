@@ -164,6 +164,9 @@ def export_run(run: str | os.PathLike | TrainedNet | None, output: str | os.Path
     tmp = output.parent / f".{output.name}.{os.getpid()}.tmp{FORMATS[fmt]}"
     try:
         _write(target, _example(module, net.input_shape), fmt, tmp, meta)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would create it (safetensors writes 0600)
         os.replace(tmp, output)
     except OSError as exc:
         raise ExportError(f"cannot write '{output}': {exc.strerror or exc}; choose another -o") from None

@@ -25,6 +25,7 @@ from ..api import Artifact
 from ..codegen.artifact import load_state_tensors
 from ..errors import DataError, RunError
 from ..partition.plan import IMAGE
+from .data import IDX_CLASSES, STATS, load_dataset
 from .train import DATA_RECORD, _load_run_artifact, _synthetic_like, latest_run, read_run_record, run_weights
 
 
@@ -204,19 +205,26 @@ def _data_record(run_dir: Path, saved: dict, art: Artifact) -> dict[str, Any]:
                            "data set's statistics instead") from None
         return {**rec, "origin": DATA_RECORD}
     cfg = saved["config"]
+    origin = f"statistics of data set '{cfg['dataset']}' (the run has no {DATA_RECORD})"
     try:  # an older run: the statistics the training data had, computed the same way
-        from .data import load_dataset
         data = load_dataset(cfg["dataset"], root=cfg.get("data_root"), input_shape=tuple(art.plan.input_shape),
                             limit_train=1, limit_test=1, synthetic=_synthetic_like(art.plan))
+        rec = {"mean": list(data.mean), "std": list(data.std), "classes": list(data.classes)}
     except DataError as exc:
-        raise RunError(f"'{run_dir}' has no {DATA_RECORD} (trained before gndgl recorded the input normalisation) "
-                       f"and its data set '{cfg['dataset']}' cannot be loaded here to recompute it ({exc}). Load it "
-                       f"where the data set is, or write {path} as "
-                       '{"mean": [...], "std": [...], "classes": [...]} with the per-channel statistics in [0, 1] '
-                       "units") from None
-    rec = {"mean": list(data.mean), "std": list(data.std), "classes": list(data.classes)}
+        known = str(cfg["dataset"]).strip().lower().replace("_", "-").replace("fashionmnist", "fashion-mnist")
+        if known not in STATS:
+            raise RunError(f"'{run_dir}' has no {DATA_RECORD} (trained before gndgl recorded the input "
+                           f"normalisation) and its data set '{cfg['dataset']}' cannot be loaded here to recompute it "
+                           f"({exc}). Load it where the data set is, or write {path} as "
+                           '{"mean": [...], "std": [...], "classes": [...]} with the per-channel statistics in '
+                           "[0, 1] units") from None
+        mean, std = STATS[known]
+        rep = c // len(mean) if c % len(mean) == 0 else 1  # grey images trained on a 3-channel net
+        names = IDX_CLASSES.get(known) or [str(i) for i in range(int(art.plan.num_classes))]
+        rec, origin = {"mean": list(mean) * rep, "std": list(std) * rep, "classes": list(names)}, \
+            f"standard statistics of '{known}' (the run has no {DATA_RECORD} and the data set is not here)"
     _check_record(rec, c, int(art.plan.num_classes))
-    return {**rec, "origin": f"statistics of data set '{cfg['dataset']}' (the run has no {DATA_RECORD})"}
+    return {**rec, "origin": origin}
 
 
 def _check_record(rec: Any, channels: int, num_classes: int) -> None:
