@@ -65,11 +65,22 @@ def resolve_format(output: str | os.PathLike, fmt: str | None) -> str:
                       "those suffixes")
 
 
+RUN_FILES = ("weights.safetensors", "run.json", "data.json", "summary.json", "metrics.jsonl", "metrics.csv")
+"""Files of a run directory that an export must not replace (besides ``artifact/`` and ``checkpoints/``)."""
+
+
 def _check_output(output: Path, run_dir: Path) -> None:
-    """Refuse outputs that are directories or inside the run's own gndgl-managed folders."""
+    """Refuse an output that is a directory or one of the run's own files; create its folder.
+
+    Raises:
+        ExportError: naming the problem and another ``-o`` to use.
+    """
     if output.is_dir():
         raise ExportError(f"'{output}' is a directory; give a file name, e.g. -o {output / 'model.pt2'}")
     target = output.resolve()
+    if target in [(run_dir / name).resolve() for name in RUN_FILES]:
+        raise ExportError(f"'{output}' is a file of the run itself and would be replaced; write the export "
+                          f"elsewhere, e.g. -o {run_dir / ('model' + output.suffix)}")
     for managed in ("artifact", "checkpoints"):
         folder = (run_dir / managed).resolve()
         if target == folder or folder in target.parents:
@@ -86,6 +97,7 @@ def _check_output(output: Path, run_dir: Path) -> None:
 
 
 def _require_onnx() -> None:
+    """Raise ExportError saying what to install when onnx or onnxscript cannot be imported."""
     try:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
@@ -95,8 +107,9 @@ def _require_onnx() -> None:
 
 
 def _example(net: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
-    """A float [0, 1] example batch of 2 (a batch of 1 would fix the batch size)."""
-    return torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))
+    """A float [0, 1] example batch of 2 (a batch of 1 would fix the batch size), on ``net``'s device."""
+    device = next(net.parameters()).device
+    return torch.rand(2, *shape, generator=torch.Generator().manual_seed(0)).to(device)
 
 
 def _write(net: nn.Module, example: torch.Tensor, fmt: str, path: Path, meta: dict[str, str]) -> None:
@@ -162,6 +175,8 @@ def export_run(run: str | os.PathLike | TrainedNet | None, output: str | os.Path
     target: nn.Module = net.net if fmt == "safetensors" else module
     # a hidden sibling with the format's own suffix (torch.export.save wants .pt2), renamed over output when complete
     tmp = output.parent / f".{output.name}.{os.getpid()}.tmp{FORMATS[fmt]}"
+    was_training = module.training
+    module.eval()  # BatchNorm with its running statistics, whatever the caller did with the net
     try:
         _write(target, _example(module, net.input_shape), fmt, tmp, meta)
         umask = os.umask(0)
@@ -172,6 +187,7 @@ def export_run(run: str | os.PathLike | TrainedNet | None, output: str | os.Path
         raise ExportError(f"cannot write '{output}': {exc.strerror or exc}; choose another -o") from None
     finally:
         tmp.unlink(missing_ok=True)
+        module.train(was_training)
     return output
 
 

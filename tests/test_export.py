@@ -273,6 +273,7 @@ EXPORT_ERRORS = {
     "no-suffix": (["{run}", "-o", "{bad}/model"], ["cannot tell the format", "--format"]),
     "output-is-a-folder": (["{run}", "-o", "{bad}/plain", "--format", "export"], ["is a directory", "file name"]),
     "output-in-artifact": (["{run}", "-o", "{run}/artifact/m.pt"], ["artifact/ folder", "elsewhere"]),
+    "output-over-run-weights": (["{run}", "-o", "{run}/weights.safetensors"], ["file of the run itself", "elsewhere"]),
     "output-under-a-file": (["{run}", "-o", "{bad}/notes.txt/m.pt"], ["cannot create the folder", "another -o"]),
     "safetensors-partition": (["{run}", "-o", "{bad}/m.safetensors", "--partition", "m1.g0"],
                               ["--partition exports a program"]),
