@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from . import compile_cmd, train_cmd, viz_cmd
+from . import compile_cmd, export_cmd, train_cmd, viz_cmd
 from .common import console, console_err, run_guarded, tidy_flag_metavars
 
 app = typer.Typer(
@@ -40,6 +40,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 compile_cmd.register(app)
 train_cmd.register(app)
 viz_cmd.register(app)
+export_cmd.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:

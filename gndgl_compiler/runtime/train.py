@@ -607,6 +607,42 @@ def _guard_oom(fn, device: torch.device, bs: int):
         raise
 
 
+def run_weights(run_dir: str | Path, saved: dict) -> tuple[dict[str, torch.Tensor], str]:
+    """The newest weights of a run: ``weights.safetensors``, else its latest usable checkpoint.
+
+    Reads only safetensors and JSON (never unpickles).
+
+    Args:
+        run_dir: the run directory.
+        saved: its ``run.json`` record (:func:`read_run_record`).
+
+    Returns:
+        ``(tensors named '<partition>.<name>', where they came from)``, e.g. ``"final weights"``.
+
+    Raises:
+        RunError: damaged final weights, or no weights or checkpoints yet.
+    """
+    from safetensors.torch import load_file
+    run_dir = Path(run_dir)
+    ckpts = run_dir / "checkpoints"
+    if (run_dir / "weights.safetensors").exists():
+        try:
+            return load_file(str(run_dir / "weights.safetensors")), "final weights"
+        except Exception as exc:  # noqa: BLE001 - safetensors raises several types on damaged files
+            raise RunError(f"'{run_dir / 'weights.safetensors'}' is damaged ({exc}); delete it to use the "
+                           "last checkpoint instead") from None
+    if int(saved.get("world", 1)) > 1:
+        step = latest_commit(ckpts)
+        if step is None:
+            raise RunError(f"'{run_dir}' has no weights or committed checkpoints yet; train it first "
+                           f"(gndgl train --resume {run_dir})")
+        return gather_tensors(ckpts, step, int(saved["world"])), f"committed checkpoint ckpt-{step:09d}"
+    loaded = _usable_checkpoint(ckpts)
+    if loaded is None:
+        raise RunError(f"'{run_dir}' has no weights or checkpoints yet; train it first (gndgl train --resume {run_dir})")
+    return loaded.tensors, f"checkpoint {loaded.name}"
+
+
 def evaluate_run(run_dir: str | Path, device: str | None = None, limit_test: int | None = None) -> dict[str, Any]:
     """Test accuracy of a finished or partial run (latest weights or checkpoint).
 
@@ -617,24 +653,7 @@ def evaluate_run(run_dir: str | Path, device: str | None = None, limit_test: int
     saved = read_run_record(run_dir)
     art = _load_run_artifact(run_dir, saved)
     cfg = saved["config"]
-    from safetensors.torch import load_file
-    ckpts = run_dir / "checkpoints"
-    if (run_dir / "weights.safetensors").exists():
-        try:
-            tensors, source = load_file(str(run_dir / "weights.safetensors")), "final weights"
-        except Exception as exc:  # noqa: BLE001 - safetensors raises several types on damaged files
-            raise RunError(f"'{run_dir / 'weights.safetensors'}' is damaged ({exc}); delete it to evaluate the "
-                           "last checkpoint instead") from None
-    elif int(saved.get("world", 1)) > 1:
-        step = latest_commit(ckpts)
-        if step is None:
-            raise RunError(f"'{run_dir}' has no weights or committed checkpoints yet")
-        tensors, source = gather_tensors(ckpts, step, int(saved["world"])), f"committed checkpoint ckpt-{step:09d}"
-    else:
-        loaded = _usable_checkpoint(ckpts)
-        if loaded is None:
-            raise RunError(f"'{run_dir}' has no weights or checkpoints yet")
-        tensors, source = loaded.tensors, f"checkpoint {loaded.name}"
+    tensors, source = run_weights(run_dir, saved)
     load_state_tensors(art.modules, art.plan, tensors, str(run_dir))
     devices = resolve_devices(art, device or "cpu")
     data = load_dataset(cfg["dataset"], root=cfg.get("data_root"), input_shape=tuple(art.plan.input_shape),
@@ -647,4 +666,4 @@ def evaluate_run(run_dir: str | Path, device: str | None = None, limit_test: int
     return ev
 
 
-__all__ = ["GndglError", "TrainOptions", "evaluate_run", "latest_run", "read_run_record", "train_artifact"]
+__all__ = ["GndglError", "TrainOptions", "evaluate_run", "latest_run", "read_run_record", "run_weights", "train_artifact"]
