@@ -7,6 +7,7 @@ directory) and awaited once, so the interpreter start-ups overlap.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -166,6 +167,10 @@ def test_eval_and_plot_default_to_the_newest_run(cli_runs, tmp_path):
     assert json.loads(res.stdout)["test_acc"] == json.loads((cwd / "tmp" / "summary.json").read_text())["test_acc"]
     res = subprocess.run(cli("plot", "-o", "curves.png"), cwd=tmp_path, env=env(), capture_output=True, text=True,
                          timeout=120)
+    if importlib.util.find_spec("matplotlib") is None:  # a bare install: a clean message says what to install
+        assert res.returncode == 2 and "pip install matplotlib" in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
+        return
     assert res.returncode == 0, res.stdout + res.stderr
     assert (tmp_path / "curves.png").stat().st_size > 1000
 
