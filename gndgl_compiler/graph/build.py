@@ -6,7 +6,9 @@
 
 A *segment* is the smallest piece depth cuts may separate: it starts at a conv,
 linear or block (or at a flatten / adaptive pool that leads into a linear) and
-takes the BN, activations, pooling and dropout after it. The last segment is the
+takes the BN, activations, pooling and dropout after it. A transformer's segments
+are its patch embedding (with the positional embedding) and each block; its
+classifier is [norm pool fc] (see ``transformer_units``). The last segment is the
 model's classifier. Every node carries its op kind, attributes, per-sample
 input/output shapes, MACs and parameter count.
 """
