@@ -269,7 +269,8 @@ def fault_runs(art, tmp_path_factory):
     ("resnet32_k2g1", 2, None),    # DGL, joint final head, spec default (fused)
     ("resnet32_k2g2", 2, False),   # GN-DGL, sharing + diversity, unfused per-partition steps
     ("resnet32_k2g2", 3, None),    # 5 partitions on 3 ranks: m2.g0 | m2.g1 share and exchange diversity
-], ids=["k2g1-2w-fused", "k2g2-2w-unfused", "k2g2-3w-fused"])
+    ("vit_tiny_fmnist_k2g2", 3, None),  # the same for a width-cut vision transformer (token slices travel)
+], ids=["k2g1-2w-fused", "k2g2-2w-unfused", "k2g2-3w-fused", "vit-k2g2-3w-fused"])
 def test_distributed_matches_single_process(art, single, dist_run, name, workers, fused):
     from gndgl_compiler import load_artifact
     from gndgl_compiler.partition.placement import place
