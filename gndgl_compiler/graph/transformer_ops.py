@@ -69,7 +69,8 @@ class PosEmbed(nn.Module):
         super().__init__()
         self.cls = nn.Parameter(torch.empty(1, dim, 1)) if cls else None
         self.pos = nn.Parameter(torch.empty(1, dim, tokens + int(cls)))
-        self.reset_parameters()
+        if not self.pos.is_meta:  # codegen builds on 'meta' and initialises later (init_weights)
+            self.reset_parameters()
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Normal(0, 0.02) positions and CLS token."""
