@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from ..errors import PartitionError
 from ..graph.build import INPUT, OpGraph
+from ..graph.ops import get_op
 from ..spec.models import Spec
 from .costs import annotate_costs
 from .cuts import module_segments
 from .groups import group_offset, module_body
-from ..graph.ops import get_op
 from .heads import HEADS, check_head_input, head_1c2f, head_linear, resolve_head_kind
 from .ir import IRBuilder
 from .placement import place
