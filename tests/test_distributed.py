@@ -269,7 +269,8 @@ def fault_runs(art, tmp_path_factory):
     ("resnet32_k2g1", 2, None),    # DGL, joint final head, spec default (fused)
     ("resnet32_k2g2", 2, False),   # GN-DGL, sharing + diversity, unfused per-partition steps
     ("resnet32_k2g2", 3, None),    # 5 partitions on 3 ranks: m2.g0 | m2.g1 share and exchange diversity
-], ids=["k2g1-2w-fused", "k2g2-2w-unfused", "k2g2-3w-fused"])
+    ("vit_tiny_fmnist_k2g2", 2, None),  # a width-cut ViT: group-wise placement, token slices and diversity travel
+], ids=["k2g1-2w-fused", "k2g2-2w-unfused", "k2g2-3w-fused", "vit-k2g2-2w-fused"])
 def test_distributed_matches_single_process(art, single, dist_run, name, workers, fused):
     from gndgl_compiler import load_artifact
     from gndgl_compiler.partition.placement import place
@@ -278,7 +279,7 @@ def test_distributed_matches_single_process(art, single, dist_run, name, workers
     assert a.spec["train"]["fused"] is True  # the single process' default, so fused=None means fused
     place(a.plan, a.plan.devices, workers)
     assert len({p.worker for p in a.plan.partitions}) == workers
-    if workers > 2:  # siblings on different ranks: shared slices and diversity vectors travel
+    if workers > 2 or name.startswith("vit"):  # siblings on different ranks: shared slices and diversity travel
         owner = {p.id: p.worker for p in a.plan.partitions}
         assert any(owner[s.source] != owner[p.id] for p in a.plan.partitions for s in p.shares)
         assert any(owner[s] != owner[p.id] for p in a.plan.partitions for s in p.siblings

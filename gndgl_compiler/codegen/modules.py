@@ -9,6 +9,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..graph.transformer_ops import PosEmbed
 from ..partition.plan import IMAGE, Partition, PartitionPlan
 from .emit import emit_ir, emit_loss
 
@@ -60,7 +61,8 @@ class PartitionModule(nn.Module):
 
 
 def init_weights(module: nn.Module, seed: int) -> None:
-    """Deterministic init of one partition: Kaiming-normal convs, unit BN, default linears.
+    """Deterministic init of one partition: Kaiming-normal convs, unit BN and LayerNorm, default linears,
+    N(0, 0.02) positional embeddings and CLS tokens.
 
     The RNG is seeded per partition, so a partition's initial weights do not depend on
     which other partitions are built in the same process.
@@ -73,8 +75,10 @@ def init_weights(module: nn.Module, seed: int) -> None:
                 m.weight.normal_(0.0, (2.0 / fan_out) ** 0.5, generator=gen)
                 if m.bias is not None:
                     m.bias.zero_()
-        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            m.reset_parameters()  # weight 1, bias 0, running stats reset
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)):
+            m.reset_parameters()  # weight 1, bias 0 (BN: running stats reset)
+        elif isinstance(m, PosEmbed):
+            m.reset_parameters(gen)
         elif isinstance(m, nn.Linear):
             bound = 1.0 / m.in_features ** 0.5
             with torch.no_grad():

@@ -6,7 +6,9 @@
 
 A *segment* is the smallest piece depth cuts may separate: it starts at a conv,
 linear or block (or at a flatten / adaptive pool that leads into a linear) and
-takes the BN, activations, pooling and dropout after it. The last segment is the
+takes the BN, activations, pooling and dropout after it. A transformer's segments
+are its patch embedding (with the positional embedding) and each block; its
+classifier is [norm pool fc] (see ``transformer_units``). The last segment is the
 model's classifier. Every node carries its op kind, attributes, per-sample
 input/output shapes, MACs and parameter count.
 """
@@ -21,6 +23,12 @@ from ..errors import GraphError
 from ..spec.models import Spec
 from ..spec.templates import expand_model
 from .ops import get_op
+from .transformer_units import CLASSIFIER_LEAD_INS, SEGMENT_UNITS, UNIT_BUILDERS
+
+SEGMENT_OPS = ("conv", "linear", "block") + SEGMENT_UNITS
+"""Unit ops that open a segment."""
+LEAD_INS = ("flatten", "adaptive_avgpool") + CLASSIFIER_LEAD_INS
+"""Unit ops that join the segment of the linear they lead into."""
 
 INPUT = "input"
 
@@ -91,6 +99,8 @@ class _Builder:
 def _add_unit(b: _Builder, layer, idx: int, x: str) -> str:
     """Append the ops of one unit after node ``x``; return the unit's output node."""
     name, kind = layer.name, layer.op
+    if kind in UNIT_BUILDERS:
+        return UNIT_BUILDERS[kind](b, layer, idx, x)
     c_in = b.g.nodes[x]["shape"][0]
     if kind == "conv":
         pad = layer.padding if layer.padding is not None else layer.kernel // 2
@@ -123,9 +133,9 @@ def _segment_starts(layers: list) -> list[int]:
     """Indices of the units that open a segment (see the module docstring)."""
     starts = {0}
     for i, layer in enumerate(layers):
-        if layer.op in ("conv", "linear", "block"):
+        if layer.op in SEGMENT_OPS:
             j = i
-            while j > 0 and layers[j - 1].op in ("flatten", "adaptive_avgpool"):
+            while j > 0 and layers[j - 1].op in LEAD_INS:
                 j -= 1
             starts.add(j)
     return sorted(starts)
@@ -148,7 +158,12 @@ def build_graph(spec: Spec) -> OpGraph:
     b = _Builder(spec.model.input_shape)
     x = INPUT
     outputs = []
+    has_cls = False
     for idx, layer in enumerate(layers):
+        if layer.op == "token_pool" and layer.cls and not has_cls:
+            raise GraphError(f"unit '{layer.name}' (#{idx}): token_pool with cls: true needs a CLS token; "
+                             "set cls: true on the 'pos_embed' (or use the mean, cls: false)")
+        has_cls = has_cls or (layer.op == "pos_embed" and layer.cls)
         x = _add_unit(b, layer, idx, x)
         outputs.append(x)
     last = layers[-1]
@@ -158,13 +173,14 @@ def build_graph(spec: Spec) -> OpGraph:
                          + (f", out={last.out}" if hasattr(last, "out") else "") + ")")
     starts = _segment_starts(layers)
     if len(starts) < 2:
-        raise GraphError("the network needs at least one unit before its classifier (a conv, linear or block)")
+        raise GraphError("the network needs at least one unit before its classifier (a conv, linear, block, "
+                         "patch_embed or transformer_block)")
     segments = []
     for si, start in enumerate(starts):
         end = starts[si + 1] if si + 1 < len(starts) else len(layers)
         units = layers[start:end]
         names = [u.name for u in units]
-        lead = next((u.name for u in units if u.op in ("conv", "linear", "block")), names[0])
+        lead = next((u.name for u in units if u.op in SEGMENT_OPS), names[0])
         segments.append(Segment(si, lead, names, list(range(start, end)), output=outputs[end - 1]))
     unit_seg = {i: s.index for s in segments for i in s.unit_indices}
     for n in b.order[1:]:

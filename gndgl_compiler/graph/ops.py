@@ -1,16 +1,16 @@
 """The op registry: one entry per op kind.
 
 Each :class:`OpDef` says, for an op with attributes ``attrs`` and per-sample
-input shapes ``ins`` (``(C, H, W)`` or ``(D,)``):
+input shapes ``ins`` (``(C, H, W)`` maps, ``(D, N)`` tokens or ``(D,)`` features):
 
     shape(attrs, ins)        -> output shape            (raises GraphError)
-    macs(attrs, ins, out)    -> multiply-accumulates    (conv / linear only)
+    macs(attrs, ins, out)    -> multiply-accumulates    (parametric ops only)
     params(attrs, ins, out)  -> trainable parameters
-    grouped(attrs, ...)      -> attrs of group g's slice (how the op splits by groups)
+    split_keys               -> attrs a width cut divides by G (how a parametric op splits by groups)
     module(attrs, ins, out)  -> an nn.Module            (or None: emitted as a function call)
     function                 -> the callable of a function op, with fx-friendly kwargs
 
-Adding an op is adding one entry here; graph building, partitioning, the cost
+The token (transformer) ops live in :mod:`.transformer_ops`. Adding an op is adding one entry; graph building, partitioning, the cost
 model and codegen all go through this table.
 """
 
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import GraphError
+from .transformer_ops import transformer_op_defs
 
 Shape = tuple[int, ...]
 Attrs = dict[str, Any]
@@ -45,10 +46,17 @@ class OpDef:
     channelwise: bool = True
     """True when the op acts per channel, so a group's slice needs no change of meaning."""
     parametric: bool = False
-    """True for conv / linear: they carry MACs and define unit boundaries."""
+    """True for ops with weights that map channels to channels (conv, linear, attention, ...): they carry
+    MACs, read 'in' channels and are the layers a width cut splits ("dense in" or own slice)."""
+    split_keys: tuple[str, ...] = ("out",)
+    """Attributes of a parametric op that a width cut divides by G (group g keeps its share)."""
 
 
 def _need_map(kind: str, ins: list[Shape]) -> tuple[int, int, int]:
+    if len(ins[0]) == 2:
+        raise GraphError(f"{kind} needs a C×H×W feature map but gets tokens of shape {list(ins[0])}; "
+                         "after a 'patch_embed' use token ops (layernorm, attention, mlp, transformer_block, "
+                         "token_pool)")
     if len(ins[0]) != 3:
         raise GraphError(f"{kind} needs a C×H×W feature map but gets features of shape {list(ins[0])}; "
                          "put it before the 'flatten'")
@@ -90,6 +98,9 @@ def _conv_module(a: Attrs, ins: list[Shape], out: Shape) -> nn.Module:
 # --- linear ---------------------------------------------------------------------------------
 
 def _linear_shape(a: Attrs, ins: list[Shape]) -> Shape:
+    if len(ins[0]) == 2:
+        raise GraphError(f"linear needs flat features but gets tokens of shape {list(ins[0])}; "
+                         "add a 'token_pool' before it")
     if len(ins[0]) != 1:
         raise GraphError(f"linear needs flat features but gets a map of shape {list(ins[0])}; "
                          "add a 'flatten' (or 'adaptive_avgpool' + 'flatten') before it")
@@ -177,6 +188,7 @@ OPS: dict[str, OpDef] = {
                       kwargs=lambda a, i: {"size": (a["height"], a["width"]), "mode": "bilinear", "align_corners": False}),
     "sigmoid": OpDef("sigmoid", _same, function=torch.sigmoid),
     "l2norm": OpDef("l2norm", _same, function=F.normalize, kwargs=lambda a, i: {"dim": 1}),
+    **transformer_op_defs(OpDef),
 }
 
 

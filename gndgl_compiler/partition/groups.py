@@ -11,12 +11,21 @@ Connectivity inside module k, group g (DESIGN §2):
         └── every later layer reads only group g's own slice    ("grouped")
 
 BatchNorm, activations, pooling and dropout act per channel and just follow.
+
+Transformers (DESIGN §2.1) follow the same rules through the registry: the
+parametric ops (patch_embed, attention, mlp) split their ``split_keys`` (output
+channels, heads, MLP hidden units) by G; the first block's LN₁ reads the full
+input (it comes before the module's first dense layer), every later LayerNorm
+only the group's slice, and the residual adds take the group's slice of x.
 """
 
 from __future__ import annotations
 
+import math
+
 from ..errors import PartitionError
 from ..graph.build import OpGraph
+from ..graph.ops import get_op
 from .ir import IRBuilder
 
 
@@ -48,6 +57,34 @@ def group_offset(channels: int, groups: int, g: int, split: str) -> tuple[int, i
     return sum(sizes[:g]), sizes[g]
 
 
+def check_token_groups(og: OpGraph, nodes: list[str], groups: int, split: str) -> None:
+    """Refuse a G that does not divide every split dimension (channels, heads, MLP hidden) of a module
+    that has ops splitting more than their output channels (attention, mlp).
+
+    Raises:
+        PartitionError: naming the op and dimension, and listing the G that would work.
+    """
+    dims: list[tuple[str, str, int]] = []
+    for n in nodes:
+        d = og.node(n)
+        op = get_op(d["kind"])
+        if op.parametric:
+            dims += [(n, key, d["attrs"][key]) for key in op.split_keys]
+    if groups == 1 or split == "balanced" or all(key == "out" for _, key, _ in dims):
+        return
+    bad = next(((n, key, v) for n, key, v in dims if v % groups), None)
+    if bad is None:
+        return
+    common = 0
+    for _, _, v in dims:
+        common = math.gcd(common, v)
+    valid = [str(x) for x in range(1, common + 1) if common % x == 0]
+    what = {"out": "output channels", "heads": "heads", "hidden": "MLP hidden units"}.get(bad[1], bad[1])
+    raise PartitionError(f"G={groups} does not divide the {bad[2]} {what} of '{bad[0]}'; a width cut needs G to "
+                         f"divide the embedding size, the heads and the MLP hidden size; valid G: {', '.join(valid)}",
+                         field=("cuts", "width"))
+
+
 def module_body(og: OpGraph, nodes: list[str], module_input: str, x: str, groups: int, g: int, split: str,
                 b: IRBuilder) -> str:
     """Append group ``g``'s body of one module to ``b``.
@@ -68,22 +105,24 @@ def module_body(og: OpGraph, nodes: list[str], module_input: str, x: str, groups
     Raises:
         PartitionError: a channel count not divisible by G, or an op that cannot be grouped.
     """
+    check_token_groups(og, nodes, groups, split)
     ir = {module_input: x}
     full = {module_input}  # op-graph nodes whose IR tensor holds all channels
     dense_done = False
     for n in nodes:
         d = og.node(n)
         kind, attrs = d["kind"], dict(d["attrs"])
+        op = get_op(kind)
         preds = sorted(og.graph.predecessors(n), key=lambda p: og.graph.edges[p, n]["pos"])
         args = [ir[p] for p in preds]
         if groups == 1:
-            if kind in ("conv", "linear"):
+            if op.parametric:
                 attrs["in"] = b.shape(args[0])[0]
             ir[n] = b.add(n, kind, attrs, args, source=n, dense_in=preds[0] == module_input)
             continue
-        if kind in ("conv", "linear"):
-            start, size = group_offset(attrs["out"], groups, g, split)
-            attrs["out"] = size
+        if op.parametric:
+            for key in op.split_keys:
+                attrs[key] = group_offset(attrs[key], groups, g, split)[1]
             attrs["in"] = b.shape(args[0])[0]
             is_dense = preds[0] in full
             ir[n] = b.add(n, kind, attrs, args, source=n, dense_in=preds[0] == module_input)

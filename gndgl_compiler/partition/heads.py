@@ -97,10 +97,54 @@ def head_infopro(b: IRBuilder, x: str, classes: int, hidden: int, *, image_shape
     return {"recon": recon, "proj": b.add("proj_norm", "l2norm", {}, [z])}
 
 
+def head_token_linear(b: IRBuilder, x: str, classes: int, hidden: int) -> dict[str, str]:
+    """Tokens: LN over the head's input channels → mean over tokens → Linear(C_in→classes)."""
+    h = b.add("ln", "layernorm", {}, [x])
+    h = b.add("pool", "token_pool", {"cls": False}, [h])
+    return {"logits": _mlp(b, h, [b.shape(h)[0], classes], "")}
+
+
+def head_token_mlp(b: IRBuilder, x: str, classes: int, hidden: int) -> dict[str, str]:
+    """Tokens: LN → mean over tokens → Linear(C_in→hidden) → GELU → Linear(hidden→classes)."""
+    h = b.add("ln", "layernorm", {}, [x])
+    h = b.add("pool", "token_pool", {"cls": False}, [h])
+    h = b.add("fc1", "linear", {"in": b.shape(h)[0], "out": hidden, "bias": True}, [h])
+    h = b.add("gelu", "gelu", {}, [h])
+    return {"logits": b.add("fc2", "linear", {"in": hidden, "out": classes, "bias": True}, [h])}
+
+
+TOKEN_HEADS = ("token-linear", "token-mlp")
+"""Heads that read token tensors (D×N); the others read feature maps or flat features."""
+
+
+def check_head_input(kind: str, shape: list[int]) -> None:
+    """Refuse a head that cannot read a tensor of per-sample ``shape``.
+
+    Raises:
+        PartitionError: a map head on tokens or a token head on a map, naming the heads that fit.
+    """
+    tokens = len(shape) == 2
+    if tokens and kind not in TOKEN_HEADS:
+        raise PartitionError(f"the {kind} head needs a feature map or flat features, but this partition outputs "
+                             f"tokens of shape {shape}; valid heads for tokens: {', '.join(TOKEN_HEADS)} (or auto)")
+    if not tokens and kind in TOKEN_HEADS:
+        raise PartitionError(f"the {kind} head reads tokens (D×N), but this partition outputs shape {shape}; "
+                             "use 1c2f, linear, mlp-sr, predsim or infopro (or auto)")
+
+
+def resolve_head_kind(kind: str, shape: list[int]) -> str:
+    """``auto`` → token-linear for tokens, 1c2f otherwise; any other kind as given."""
+    if kind != "auto":
+        return kind
+    return "token-linear" if len(shape) == 2 else "1c2f"
+
+
 HEADS: dict[str, Callable[..., dict[str, str]]] = {
     "1c2f": head_1c2f,
     "linear": head_linear,
     "mlp-sr": head_mlp_sr,
     "predsim": head_predsim,
     "infopro": head_infopro,
+    "token-linear": head_token_linear,
+    "token-mlp": head_token_mlp,
 }

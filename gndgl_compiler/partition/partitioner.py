@@ -17,11 +17,12 @@ from __future__ import annotations
 
 from ..errors import PartitionError
 from ..graph.build import INPUT, OpGraph
+from ..graph.ops import get_op
 from ..spec.models import Spec
 from .costs import annotate_costs
 from .cuts import module_segments
 from .groups import group_offset, module_body
-from .heads import HEADS, head_1c2f, head_linear
+from .heads import HEADS, check_head_input, head_1c2f, head_linear, resolve_head_kind
 from .ir import IRBuilder
 from .placement import place
 from .plan import IMAGE, Edge, Input, IRNode, Loss, Partition, PartitionPlan, Share
@@ -62,18 +63,24 @@ def _classifier_ir(og: OpGraph, b: IRBuilder, x: str) -> dict[str, str]:
         d = og.node(n)
         preds = sorted(og.graph.predecessors(n), key=lambda p: og.graph.edges[p, n]["pos"])
         attrs = dict(d["attrs"])
-        if d["kind"] in ("conv", "linear"):
+        if get_op(d["kind"]).parametric:
             attrs["in"] = b.shape(ir[preds[0]])[0]
         ir[n] = b.add(n, d["kind"], attrs, [ir[p] for p in preds], source=n)
     return {"logits": ir[seg.nodes[-1]]}
 
 
-def _final_head_kind(spec: Spec, k: int, groups: list[int]) -> str:
+def _final_head_kind(spec: Spec, og: OpGraph, k: int, groups: list[int]) -> str:
     if k == 1 and groups == [1]:
         return "model"
     kind = spec.local.final_head.kind
+    tokens = len(og.node(og.body_segments[-1].output)["shape"]) == 2
     if kind == "auto":
-        return "model" if spec.local.final_head.mode == "joint" else "1c2f"
+        # a transformer's own classifier (LN → token pool → linear) is its natural final head
+        return "model" if spec.local.final_head.mode == "joint" or tokens else "1c2f"
+    if tokens and kind != "model":
+        raise PartitionError(f"final_head.kind '{kind}' needs a feature map, but the network body outputs tokens; "
+                             "use 'model' (its own LN → token_pool → linear) or 'auto'",
+                             field=("local", "final_head", "kind"))
     return kind
 
 
@@ -113,7 +120,6 @@ def build_plan(spec: Spec, og: OpGraph) -> PartitionPlan:
     if joint and k_mod == 1:
         raise PartitionError("final_head.mode 'joint' with K=1 and G=1 is plain end-to-end; drop the mode or cut deeper",
                              field=("local", "final_head", "mode"))
-    head_kind = loc.head.kind
     local_modules = k_mod - 1 if joint else k_mod
     parts: list[Partition] = []
     edges: list[Edge] = []
@@ -169,25 +175,28 @@ def build_plan(spec: Spec, og: OpGraph) -> PartitionPlan:
                     shares.append(Share(module_ids[gg], n_sib))
                 h = hb.add("shared", "cat", {}, pieces) if len(pieces) > 1 else h
             if e2e or (joint and is_last):
-                fk = _final_head_kind(spec, k_mod, groups)
+                fk = _final_head_kind(spec, og, k_mod, groups)
                 outs = _build_final_head(spec, og, hb, h, fk)
                 loss = Loss("ce")
                 pkind, hkind = ("e2e" if e2e else "local"), f"final:{fk}"
             else:
+                head_kind = resolve_head_kind(loc.head.kind, body[-1].shape)
                 hidden = _hidden(spec, loc.head.hidden)
-                if G > 1 and loc.share_ratio == 0:
+                if head_kind == "token-mlp" and loc.head.hidden is None:
+                    hidden = 2 * hb.shape(h)[0]
+                elif G > 1 and loc.share_ratio == 0:
                     hidden = max(1, hidden // G)
                 extra = {}
                 if head_kind == "infopro":
                     extra = {"image_shape": input_shape, "variant": loc.head.variant, "projection": loc.head.projection}
                 try:
+                    check_head_input(head_kind, body[-1].shape)
                     outs = HEADS[head_kind](hb, h, og.num_classes, hidden, **extra)
                 except PartitionError as err:
                     raise PartitionError(f"partition {name}: {err}", field=("local", "head", "kind")) from None
                 lr, lt = _infopro_lambdas(loc.head.recon_weight, loc.head.task_weight, k, local_modules)
                 div_on = G > 1 and loc.diversity.weight > 0
-                loss = Loss({"1c2f": "ce", "linear": "ce", "mlp-sr": "ce", "predsim": "predsim",
-                             "infopro": "infopro"}[head_kind], beta=loc.head.beta,
+                loss = Loss({"predsim": "predsim", "infopro": "infopro"}.get(head_kind, "ce"), beta=loc.head.beta,
                             variant=loc.head.variant if head_kind == "infopro" else "",
                             recon_weight=lr, task_weight=lt, temperature=loc.head.temperature,
                             diversity_weight=loc.diversity.weight if div_on else 0.0,
@@ -220,7 +229,7 @@ def build_plan(spec: Spec, og: OpGraph) -> PartitionPlan:
         x = names[0] if len(names) == 1 else b.add("x", "cat", {}, names)
         hb = IRBuilder()
         h = hb.input("h", b.shape(x))
-        fk = _final_head_kind(spec, k_mod, groups)
+        fk = _final_head_kind(spec, og, k_mod, groups)
         outs = _build_final_head(spec, og, hb, h, fk)
         parts.append(Partition(
             id=pid, name="head", kind="final", module=k_mod + 1, group=0, groups=1, units=list(og.classifier.units)

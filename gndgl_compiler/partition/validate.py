@@ -6,7 +6,7 @@
    detaches: no IR node refers to a name outside its own partition.
 3. Every partition has a loss and a head output to apply it to.
 4. Every weight of the network belongs to exactly one partition: the groups of
-   each conv/linear cover its output channels exactly once.
+   each parametric op (conv, linear, attention, ...) cover its output channels exactly once.
 """
 
 from __future__ import annotations
@@ -17,7 +17,13 @@ import networkx as nx
 
 from ..errors import PartitionError
 from ..graph.build import OpGraph
+from ..graph.ops import OPS
 from .plan import IMAGE, PartitionPlan
+
+def _parametric(kind: str) -> bool:
+    """True for registry ops with channel-mapping weights ('input' nodes are not ops)."""
+    return kind in OPS and OPS[kind].parametric
+
 
 _NEEDS = {"ce": "logits", "predsim": "sim", "infopro": "recon"}
 
@@ -49,15 +55,15 @@ def validate_plan(plan: PartitionPlan, og: OpGraph) -> None:
         if not p.loss.kind or _NEEDS.get(p.loss.kind) not in p.head_outputs:
             raise PartitionError(f"internal: partition {p.name} has no usable loss ({p.loss.kind})")
         for n in p.body:
-            if n.source and n.kind in ("conv", "linear"):
+            if n.source and _parametric(n.kind):
                 owned[n.source] += n.attrs["out"]
         if p.kind in ("final", "e2e") or p.head_kind.startswith("final:model"):
             for n in p.head:
-                if n.source and n.kind in ("conv", "linear"):
+                if n.source and _parametric(n.kind):
                     owned[n.source] += n.attrs["out"]
     final_kind = plan.final.head_kind
     for name, d in og.graph.nodes(data=True):
-        if d["kind"] not in ("conv", "linear"):
+        if not _parametric(d["kind"]):
             continue
         in_classifier = d["segment"] == len(og.segments) - 1
         if in_classifier and final_kind != "final:model":

@@ -174,7 +174,12 @@ def parse_spec(data: Any, lines: LineMap | None = None, file: str | None = None)
     except ValidationError as exc:
         raise spec_errors_from_validation(exc, data, lines, file) from None
     names: dict[str, int] = {}
-    for i, layer in enumerate(expand_model(spec.model)):
+    try:
+        expanded = expand_model(spec.model)
+    except SpecError as err:
+        path = tuple(err.path.split("."))
+        raise SpecError(err.message, path=err.path, line=lines.line_of(path), file=file) from None
+    for i, layer in enumerate(expanded):
         if layer.name in names:
             path = ("model", "layers", i, "name")
             raise SpecError(f"unit name '{layer.name}' is used twice (also by unit {names[layer.name]}); names must be unique",

@@ -84,17 +84,80 @@ class Block(_Unit):
     stride: int = Field(1, ge=1, le=4, description="Stride of the first conv (and the shortcut).")
 
 
+class PatchEmbed(_Unit):
+    op: Literal["patch_embed"] = Field(description="Patch embedding: conv p×p with stride p to D channels, then N tokens.")
+    out: int = Field(ge=1, le=65536, description="Embedding size D (channels of the residual stream).")
+    patch: int = Field(4, ge=1, le=64, description="Patch size p (must divide the input height and width).")
+    bias: bool = Field(True, description="Add a bias term.")
+
+
+class PosEmbed(_Unit):
+    op: Literal["pos_embed"] = Field(description="Learned positional embedding added to the tokens.")
+    cls: bool = Field(False, description="Prepend a learned CLS token first (read by 'token_pool' with cls: true).")
+
+
+class LayerNorm(_Unit):
+    op: Literal["layernorm"] = Field(description="LayerNorm over the channels of tokens (or flat features).")
+
+
+class GELU(_Unit):
+    op: Literal["gelu"] = Field(description="GELU activation.")
+
+
+class SiLU(_Unit):
+    op: Literal["silu"] = Field(description="SiLU activation.")
+
+
+class Attention(_Unit):
+    op: Literal["attention"] = Field(description="Multi-head self-attention (QKV, scaled dot product, projection); no residual.")
+    heads: int = Field(4, ge=1, le=4096, description="Number of heads H (must divide the embedding size).")
+    bias: bool = Field(True, description="Biases of the QKV and output projections.")
+
+
+class MLP(_Unit):
+    op: Literal["mlp"] = Field(description="Token MLP: Linear(D→ratio·D) → activation → Linear(→D); no residual.")
+    ratio: float = Field(2.0, gt=0, le=64, description="Hidden size as a multiple of the embedding size (ratio·D must be whole).")
+    act: Literal["gelu", "silu"] = Field("gelu", description="Hidden activation.")
+
+
+class TransformerBlock(_Unit):
+    op: Literal["transformer_block"] = Field(description="Pre-LN block: x + attn(LN(x)), then x + mlp(LN(x)).")
+    heads: int = Field(4, ge=1, le=4096, description="Attention heads H (must divide the embedding size).")
+    mlp_ratio: float = Field(2.0, gt=0, le=64, description="MLP hidden size as a multiple of the embedding size.")
+    act: Literal["gelu", "silu"] = Field("gelu", description="MLP activation.")
+
+
+class TokenPool(_Unit):
+    op: Literal["token_pool"] = Field(description="Tokens to features: mean over tokens, or the CLS token.")
+    cls: bool = Field(False, description="Take the CLS token (needs 'pos_embed' with cls: true) instead of the mean.")
+
+
 Layer = Annotated[
-    Union[Conv, BN, ReLU, MaxPool, AvgPool, AdaptiveAvgPool, Flatten, Linear, Dropout, Block],
+    Union[Conv, BN, ReLU, MaxPool, AvgPool, AdaptiveAvgPool, Flatten, Linear, Dropout, Block, PatchEmbed, PosEmbed,
+          LayerNorm, GELU, SiLU, Attention, MLP, TransformerBlock, TokenPool],
     Field(discriminator="op"),
 ]
-LAYER_OPS = ("conv", "bn", "relu", "maxpool", "avgpool", "adaptive_avgpool", "flatten", "linear", "dropout", "block")
+LAYER_OPS = ("conv", "bn", "relu", "maxpool", "avgpool", "adaptive_avgpool", "flatten", "linear", "dropout", "block",
+             "patch_embed", "pos_embed", "layernorm", "gelu", "silu", "attention", "mlp", "transformer_block",
+             "token_pool")
+
+
+class ViT(_Strict):
+    """Dimensions of the vit_tiny / vit_cifar templates; each unset field keeps the template's value."""
+
+    dim: int | None = Field(None, ge=1, le=65536, description="Embedding size D before the width multiplier (vit_tiny 64, vit_cifar 256).")
+    depth: int | None = Field(None, ge=1, le=1024, description="Number of transformer blocks L (vit_tiny 4, vit_cifar 8).")
+    heads: int | None = Field(None, ge=1, le=4096, description="Attention heads H; must divide D (vit_tiny 4, vit_cifar 8).")
+    patch: int | None = Field(None, ge=1, le=64, description="Patch size p; must divide the input size (4 for both).")
+    mlp_ratio: float | None = Field(None, gt=0, le=64, description="MLP hidden size as a multiple of D (2 for both).")
+    cls: bool = Field(False, description="Classify from a CLS token instead of the mean over tokens.")
 
 
 class Model(_Strict):
-    template: Literal["resnet20", "resnet32", "resnet56", "resnet110", "vgg6a"] | None = Field(
+    template: Literal["resnet20", "resnet32", "resnet56", "resnet110", "vgg6a", "vit_tiny", "vit_cifar"] | None = Field(
         None, description="Built-in network; expands to plain layers. Give either this or 'layers'.")
-    width: float = Field(1.0, gt=0, le=16, description="Template width multiplier (2 = '2×ResNet-32').")
+    width: float = Field(1.0, gt=0, le=16, description="Template width multiplier (2 = '2×ResNet-32'; scales D of a ViT).")
+    vit: ViT | None = Field(None, description="vit_tiny / vit_cifar dimensions (D, depth, heads, patch, MLP ratio, CLS).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Template dropout after each hidden layer (vgg6a).")
     layers: list[Layer] | None = Field(None, min_length=1, max_length=4096, description="Explicit list of units.")
     input_shape: tuple[int, int, int] = Field((3, 32, 32), description="Input C, H, W.")
@@ -111,6 +174,9 @@ class Model(_Strict):
     def _one_source(self) -> "Model":
         if (self.template is None) == (self.layers is None):
             raise ValueError("give exactly one of 'template' (resnet32, vgg6a, ...) or 'layers' (a list of units)")
+        if self.vit is not None and not (self.template or "").startswith("vit_"):
+            raise ValueError("'vit' sets the dimensions of the vit_tiny / vit_cifar templates; "
+                             f"use it with one of those (template is {self.template!r})")
         return self
 
 
@@ -168,12 +234,12 @@ class Cuts(_Strict):
 
 # ----------------------------------------------------------------------------- local learning
 
-HeadKind = Literal["1c2f", "linear", "mlp-sr", "predsim", "infopro"]
+HeadKind = Literal["auto", "1c2f", "linear", "mlp-sr", "predsim", "infopro", "token-linear", "token-mlp"]
 
 
 class Head(_Strict):
-    kind: HeadKind = Field("1c2f", description="Auxiliary head: 1c2f, linear, mlp-sr, predsim or infopro.")
-    hidden: int | None = Field(None, ge=1, le=65536, description="Hidden width F of 1c2f / mlp-sr heads; default 128 × width.")
+    kind: HeadKind = Field("auto", description="Auxiliary head: 1c2f, linear, mlp-sr, predsim, infopro (maps), token-linear, token-mlp (tokens), or 'auto' (token-linear on tokens, else 1c2f).")
+    hidden: int | None = Field(None, ge=1, le=65536, description="Hidden width F of 1c2f / mlp-sr heads (default 128 × width) and token-mlp heads (default 2 × input channels).")
     beta: float = Field(0.99, ge=0, le=1, description="predsim: weight of the similarity-matching term.")
     variant: Literal["contrast", "softmax"] = Field("contrast", description="infopro: task term, supervised contrastive or softmax.")
     recon_weight: tuple[Weight, Weight] = Field((5.0, 0.0), description="infopro: λ_recon at the first and last local module.")

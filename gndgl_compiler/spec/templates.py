@@ -3,8 +3,11 @@ write by hand under ``model.layers``."""
 
 from __future__ import annotations
 
+import math
+
 from pydantic import TypeAdapter
 
+from ..errors import SpecError
 from .models import Layer, Model
 
 _LAYERS = TypeAdapter(list[Layer])
@@ -56,6 +59,62 @@ def vgg6a_layers(width: float, dropout: float, num_classes: int) -> list[dict]:
     return layers
 
 
+VIT_DEFAULTS = {
+    "vit_tiny": {"dim": 64, "depth": 4, "heads": 4, "patch": 4, "mlp_ratio": 2.0},
+    "vit_cifar": {"dim": 256, "depth": 8, "heads": 8, "patch": 4, "mlp_ratio": 2.0},
+}
+"""Template dimensions (D before the width multiplier, blocks, heads, patch size, MLP ratio)."""
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def vit_dims(model: Model) -> dict:
+    """The resolved dimensions of a vit_* template: ``model.vit`` over the template defaults, D scaled by width.
+
+    Raises:
+        SpecError: (path ``model.vit.<field>``, no line) heads not dividing D, an MLP size that is not
+            whole, or a patch size not dividing the input.
+    """
+    cfg = dict(VIT_DEFAULTS[model.template])
+    given = model.vit.model_dump(exclude_none=True) if model.vit else {}
+    cfg.update(given)
+    dim = _w(cfg["dim"], model.width)
+    where = "model.vit" if model.vit else "model"
+    if dim % cfg["heads"]:
+        valid = [h for h in _divisors(dim) if h <= 64]
+        raise SpecError(f"{cfg['heads']} heads do not divide the embedding size D={dim}; valid heads: "
+                        f"{', '.join(map(str, valid))}", path=f"{where}.heads" if "heads" in given else where)
+    hidden = cfg["mlp_ratio"] * dim
+    if abs(hidden - round(hidden)) > 1e-9:
+        raise SpecError(f"mlp_ratio {cfg['mlp_ratio']} × D={dim} = {hidden} is not a whole number of hidden units",
+                        path=f"{where}.mlp_ratio" if "mlp_ratio" in given else where)
+    _, h, w = model.input_shape
+    if h % cfg["patch"] or w % cfg["patch"]:
+        raise SpecError(f"patch size {cfg['patch']} does not divide the {h}×{w} input; valid patch sizes: "
+                        f"{', '.join(map(str, _divisors(math.gcd(h, w))))}",
+                        path=f"{where}.patch" if "patch" in given else where)
+    return {**cfg, "dim": dim}
+
+
+def vit_layers(model: Model) -> list[dict]:
+    """Pre-LN vision transformer: patch embedding + positions, L blocks, LN, token pool, linear.
+
+    Units: ``patch`` (patch_embed), ``pos``, ``b0`` .. ``b{L-1}``, ``norm``, ``pool``, ``fc``; a unit is the
+    patch embedding or one block, so depth cuts fall between blocks.
+    """
+    d = vit_dims(model)
+    cls = bool(model.vit and model.vit.cls)
+    layers: list[dict] = [{"op": "patch_embed", "name": "patch", "out": d["dim"], "patch": d["patch"]},
+                          {"op": "pos_embed", "name": "pos", "cls": cls}]
+    for i in range(d["depth"]):
+        layers.append({"op": "transformer_block", "name": f"b{i}", "heads": d["heads"], "mlp_ratio": d["mlp_ratio"]})
+    layers += [{"op": "layernorm", "name": "norm"}, {"op": "token_pool", "name": "pool", "cls": cls},
+               {"op": "linear", "name": "fc", "out": model.num_classes}]
+    return layers
+
+
 def expand_model(model: Model) -> list:
     """Return the model as a list of validated units, each with a unique name.
 
@@ -64,10 +123,15 @@ def expand_model(model: Model) -> list:
 
     Returns:
         list of unit models (``Conv``, ``Block``, ...) with ``name`` set.
+
+    Raises:
+        SpecError: impossible template dimensions (see :func:`vit_dims`).
     """
     if model.template in RESNET_BLOCKS:
         raw = resnet_layers(RESNET_BLOCKS[model.template], model.width, model.num_classes)
         layers = _LAYERS.validate_python(raw)
+    elif model.template in VIT_DEFAULTS:
+        layers = _LAYERS.validate_python(vit_layers(model))
     elif model.template == "vgg6a":
         layers = _LAYERS.validate_python(vgg6a_layers(model.width, model.dropout, model.num_classes))
     else:

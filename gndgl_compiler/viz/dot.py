@@ -20,6 +20,7 @@ readable. See :data:`~gndgl_compiler.viz.style.EDGE_STYLES` for the edge styles.
 
 from __future__ import annotations
 
+from ..graph.ops import OPS
 from ..partition.plan import IMAGE, Partition, PartitionPlan
 from .style import (FINAL_FILL, FONT, IMAGE_FILL, PALETTE, Dot, Html, edge_attrs, esc, fmt_bytes, fmt_count,
                     fmt_shape, legend)
@@ -181,12 +182,13 @@ class _Builder:
 
     # ------------------------------------------------------------------ ops level
     def op_node(self, p: Partition, n, prefix: str = "") -> str:
-        """Add one IR op as a node (boxes for conv/linear, small ellipses otherwise); returns its id."""
+        """Add one IR op as a node (boxes for parametric ops, small ellipses otherwise); returns its id."""
         nid = self.nid(p, prefix + n.name)
         a = n.attrs
         tip = f"{n.source or n.name}: {n.kind} → {fmt_shape(n.shape)}, {fmt_count(n.macs)} MACs, {n.params} params"
-        if n.kind in ("conv", "linear"):
-            k = f"{a.get('kernel')}×{a.get('kernel')}" if n.kind == "conv" else ""
+        if n.kind in OPS and OPS[n.kind].parametric:
+            k = {"conv": f"{a.get('kernel')}×{a.get('kernel')}", "patch_embed": f" {a.get('patch')}×{a.get('patch')}",
+                 "attention": f" {a.get('heads')}h", "mlp": f" {a.get('hidden')}"}.get(n.kind, "")
             s = f"/{a['stride']}" if a.get("stride", 1) > 1 else ""
             label = f"{n.source or n.name}\n{n.kind}{k}{s} → {fmt_shape(n.shape)}"
             self.d.node(nid, label=label, tooltip=tip, penwidth="1.2")
