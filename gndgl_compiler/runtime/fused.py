@@ -1,0 +1,338 @@
+"""Sibling fusion: a module's G partitions, on one device, run as one program (DESIGN §2).
+
+The G partitions of a module have the same IR (same node names and kinds; only the channel
+slice differs), so each IR node becomes one fused op over all G groups. Values carry a
+layout:
+
+    shared  one tensor every group reads          (the detached module input, the image)
+    stack   groups side by side on dim 1          (B, G·c, ...): group g in channels g·c..(g+1)·c
+    mixed   (live, detached) pair of a stack       aux-head input with sharing r = 1: head g sees
+                                                   group g's channels live, the others detached
+
+    op        shared in                  stack in                  mixed in
+    conv      dense conv, W = cat_g W_g  conv(groups=G·groups)     conv(live, diag_g W_g, groups=G)
+                                                                   + conv(det, W ⊙ (1 − own mask))
+    linear    same as conv (as conv1d over (B, D, 1) features)
+    bn        —                          BN over G·c channels (per channel, the same math)
+    slice     start = g·len tiling → the shared tensor itself (identity shortcut of group g)
+    relu, pools, flatten, add: channelwise, applied as is
+
+The ``mixed`` conv is exact by linearity: conv(cat(own live, siblings detached), W_g)
+= conv(own live, W_g[:, own]) + conv(all detached, W_g with its own columns zeroed), and
+gradients reach group g's body only through its own columns. What cannot be expressed this
+way (dropout with per-partition RNG, share_ratio < 1, predsim / InfoPro losses, differing
+siblings, ...) raises :class:`NotFusable` with the reason, and the executor runs that module
+partition by partition.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..codegen.modules import PartitionModule
+from ..partition.plan import IRNode, Partition
+from .fuse_storage import FusedTensor, fuse
+from .fused_loss import FusedLoss
+
+_ELEMENTWISE = {"relu": torch.relu, "sigmoid": torch.sigmoid}
+_POOLS = ("maxpool", "avgpool", "adaptive_avgpool", "upsample")
+
+
+class NotFusable(Exception):
+    """This module's siblings cannot run as one program; ``str(exc)`` says why."""
+
+
+def _same(values: list, what: str) -> None:
+    if any(v != values[0] for v in values[1:]):
+        raise NotFusable(f"{what} differs between siblings")
+
+
+Step = Callable[[dict], None]
+
+
+class FusedStage:
+    """One module's G sibling partitions as one program (body, aux heads, local losses).
+
+    Args:
+        mods: the G partition modules of the module, in group order, already on their device.
+
+    Raises:
+        NotFusable: with the reason, when the siblings cannot be fused exactly.
+    """
+
+    def __init__(self, mods: list[PartitionModule]):
+        parts = [m.part for m in mods]
+        self.G = G = len(parts)
+        if G < 2:
+            raise NotFusable("a single group (nothing to fuse)")
+        if [p.group for p in parts] != list(range(G)) or any(p.groups != G for p in parts):
+            raise NotFusable("not all groups of the module are here")
+        self.mods, self.parts, self.pids = mods, parts, [p.id for p in parts]
+        _same([[i.source for i in p.inputs] for p in parts], "input list")
+        if any(n.kind in ("dropout",) for p in parts for n in p.body + p.head):
+            raise NotFusable("dropout (per-partition random streams)")
+        if any(p.loss.kind == "infopro" for p in parts):
+            raise NotFusable("InfoPro loss")
+        self.width = parts[0].out_shape[0]
+        self.tensors: list[FusedTensor] = []
+        self._bn_counters: list[torch.Tensor] = []
+        self.body = self._compile([p.body for p in parts], [m.body for m in mods], head=False)
+        self.body_out = parts[0].output
+        self.head = self._compile([p.head for p in parts], [m.aux for m in mods], head=True)
+        outs = parts[0].head_outputs
+        _same([p.head_outputs for p in parts], "head outputs")
+        if set(outs) != {"logits"}:
+            raise NotFusable(f"head outputs {sorted(outs)} (only class logits fuse)")
+        self.logits = outs["logits"]
+        self.loss = FusedLoss(parts)
+        self.counters = fuse(self._bn_counters, grad=False) if self._bn_counters else None
+        self.cat_input: str | None = self._cat_input(parts[0])
+
+    # ---------------------------------------------------------------- compilation
+    @staticmethod
+    def _cat_input(p: Partition) -> str | None:
+        """The body's ``cat`` of all its inputs in order, if that is how it starts (fed fused)."""
+        ins = [n.name for n in p.body if n.kind == "input"]
+        for n in p.body:
+            if n.kind == "cat" and n.args == ins and len(ins) > 1:
+                return n.name
+        return None
+
+    def _compile(self, lists: list[list[IRNode]], gms: list[torch.nn.Module], head: bool) -> list[tuple[str, Step]]:
+        G = self.G
+        _same([[(n.kind, n.shape) if head and n.kind in ("input", "cat") else (n.name, n.kind, n.args, n.shape)
+                for n in nodes] for nodes in lists], "IR")
+        layout: dict[str, str] = {}
+        steps: list[tuple[str, Step]] = []
+        inputs = [n.name for n in lists[0] if n.kind == "input"]
+        for i, n in enumerate(lists[0]):
+            ns = [nodes[i] for nodes in lists]
+            kind, name, args = n.kind, n.name, n.args
+            if kind == "input":
+                layout[name] = ("stack" if name == "h" else "share_in") if head else "shared"
+                continue
+            lays = [layout[a] for a in args]
+            if kind == "slice":
+                _same([n.attrs["length"] for n in ns], "slice length")
+                ln = n.attrs["length"]
+                if lays != ["shared"] or [m.attrs["start"] for m in ns] != [g * ln for g in range(G)] \
+                        or self._shape(lists[0], args[0])[0] != G * ln:
+                    raise NotFusable(f"slice {name} is not group g's own channels")
+                steps.append((name, _alias(name, args[0])))
+                layout[name] = "stack"
+                continue
+            if kind == "cat" and head:
+                steps.append((name, self._head_cat(ns, lists, inputs)))
+                layout[name] = "mixed"
+                continue
+            if "share_in" in lays:
+                raise NotFusable(f"sibling shares read by {kind} (share_ratio < 1 or a custom head)")
+            _same([m.attrs for m in ns], f"attributes of {name}")
+            if kind == "cat":
+                if set(lays) != {"shared"}:
+                    raise NotFusable(f"cat {name} of group tensors")
+                steps.append((name, _fn(name, torch.cat, args, dim=1, listed=True)))
+                layout[name] = "shared"
+            elif kind in ("conv", "linear"):
+                steps.append((name, self._conv(name, n, lays[0], [gm.get_submodule(name) for gm in gms])))
+                layout[name] = "stack"
+            elif kind == "bn":
+                if lays[0] != "stack":
+                    raise NotFusable(f"batch norm {name} over a {lays[0]} tensor")
+                steps.append((name, self._bn(name, args[0], [gm.get_submodule(name) for gm in gms])))
+                layout[name] = "stack"
+            elif kind in _ELEMENTWISE or kind in _POOLS or kind == "flatten":
+                steps.append((name, self._channelwise(n, lays[0])))
+                layout[name] = lays[0]
+            elif kind == "add":
+                if lays[0] != lays[1] or lays[0] == "mixed":
+                    raise NotFusable(f"add {name} of {lays[0]} and {lays[1]} tensors")
+                steps.append((name, _fn(name, torch.add, args)))
+                layout[name] = lays[0]
+            else:
+                raise NotFusable(f"op '{kind}' ({name})")
+        out = lists[0][-1].name if not head else None
+        if out is not None and layout[out] != "stack":
+            raise NotFusable("body output is not per group")
+        return steps
+
+    @staticmethod
+    def _shape(nodes: list[IRNode], name: str) -> list[int]:
+        return next(n.shape for n in nodes if n.name == name)
+
+    def _head_cat(self, ns: list[IRNode], lists: list[list[IRNode]], inputs: list[str]) -> Step:
+        """``cat(own live, siblings detached)`` in group order → a mixed value (sharing r = 1)."""
+        G = self.G
+        for g, (n, p) in enumerate(zip(ns, self.parts)):
+            share_names = [m.name for m in lists[g] if m.kind == "input"][1:]
+            if len(p.shares) != G - 1 or any(s.channels != self.width for s in p.shares):
+                raise NotFusable("share_ratio < 1")
+            group_of = {"h": g}
+            by_id = {q.id: q.group for q in self.parts}
+            for nm, s in zip(share_names, p.shares):
+                group_of[nm] = by_id[s.source]
+            if [group_of.get(a) for a in n.args] != list(range(G)):
+                raise NotFusable("aux head input is not the module output in group order")
+        arg = "h"
+
+        def step(env: dict) -> None:
+            live = env[arg]
+            env[ns[0].name] = (live, live.detach())
+        return step
+
+    def _conv(self, name: str, n: IRNode, lay: str, mods: list[torch.nn.Module]) -> Step:
+        G, arg = self.G, n.args[0]
+        linear = n.kind == "linear"
+        a = n.attrs
+        w = fuse([m.weight for m in mods], linear=linear)
+        b = fuse([m.bias for m in mods]) if mods[0].bias is not None else None
+        self.tensors += [w] + ([b] if b is not None else [])
+        bias = b.fused if b is not None else None
+        if linear:
+            conv, kw = F.conv1d, {}
+        else:
+            conv, kw = F.conv2d, {"stride": a["stride"], "padding": a["padding"]}
+        groups = a.get("groups", 1)
+        if lay == "shared":
+            if groups != 1:
+                raise NotFusable(f"grouped {n.kind} {name} on a shared input")
+
+            def dense(env: dict) -> None:
+                env[name] = conv(_flat3(env[arg]) if linear else env[arg], w.fused, bias, groups=1, **kw)
+            return dense
+        if lay == "stack":
+            def grouped(env: dict) -> None:
+                env[name] = conv(_flat3(env[arg]) if linear else env[arg], w.fused, bias, groups=G * groups, **kw)
+            return grouped
+        if groups != 1:
+            raise NotFusable(f"grouped {n.kind} {name} on a shared head input")
+        O, cin = mods[0].weight.shape[0], mods[0].weight.shape[1]
+        c = cin // G
+        ks = tuple(w.fused.shape[2:])
+        own = torch.zeros(G * O, cin, *([1] * len(ks)), dtype=w.fused.dtype, device=w.fused.device)
+        for g in range(G):
+            own[g * O:(g + 1) * O, g * c:(g + 1) * c] = 1
+        others = 1 - own
+
+        def mixed(env: dict) -> None:
+            live, det = env[arg]
+            if linear:
+                live, det = _flat3(live), _flat3(det)
+            wf = w.fused
+            diag = wf.view(G, O, G, c, *ks).diagonal(0, 0, 2).movedim(-1, 0).reshape(G * O, c, *ks)
+            env[name] = conv(live, diag, bias, groups=G, **kw) + conv(det, wf * others, None, **kw)
+        return mixed
+
+    def _bn(self, name: str, arg: str, mods: list[torch.nn.Module]) -> Step:
+        m0 = mods[0]
+        _same([(m.eps, m.momentum, m.affine, m.track_running_stats) for m in mods], f"batch norm {name}")
+        if not (m0.affine and m0.track_running_stats and m0.momentum is not None):
+            raise NotFusable(f"batch norm {name} without affine / running stats / momentum")
+        w, b = fuse([m.weight for m in mods]), fuse([m.bias for m in mods])
+        rm = fuse([m.running_mean for m in mods], grad=False)
+        rv = fuse([m.running_var for m in mods], grad=False)
+        self.tensors += [w, b, rm, rv]
+        self._bn_counters += [m.num_batches_tracked for m in mods]
+        eps, momentum, owner = m0.eps, m0.momentum, self.mods[0]
+
+        def bn(env: dict) -> None:
+            env[name] = F.batch_norm(env[arg], rm.fused, rv.fused, w.fused, b.fused, owner.training, momentum, eps)
+        return bn
+
+    def _channelwise(self, n: IRNode, lay: str) -> Step:
+        from ..graph.ops import get_op
+        name, arg = n.name, n.args[0]
+        if n.kind == "flatten":
+            def fn(x: torch.Tensor) -> torch.Tensor:
+                return x if x.dim() == 3 else x.reshape(x.shape[0], -1, 1)
+        elif n.kind in _ELEMENTWISE:
+            fn = _ELEMENTWISE[n.kind]
+        else:
+            op = get_op(n.kind)
+            kwargs = op.kwargs(n.attrs, [])
+
+            def fn(x: torch.Tensor, _f=op.function, _k=kwargs) -> torch.Tensor:
+                return _f(x, **_k)
+        if lay == "mixed":
+            def step(env: dict) -> None:
+                live, det = env[arg]
+                env[name] = (fn(live), fn(det))
+        else:
+            def step(env: dict) -> None:
+                env[name] = fn(env[arg])
+        return step
+
+    # ---------------------------------------------------------------- execution
+    def intact(self) -> bool:
+        """True while every partition parameter still aliases the fused storage."""
+        return all(t.intact() for t in self.tensors) and (self.counters is None or self.counters.intact())
+
+    def attach_grads(self) -> None:
+        """Make the partitions' ``.grad`` views of the fused gradients (before a fused backward)."""
+        for t in self.tensors:
+            t.attach_grads()
+
+    def fused_grads(self) -> list[torch.Tensor]:
+        """The fused gradient tensors (zeroed after each optimizer step)."""
+        return [t.fused.grad for t in self.tensors if t.grads is not None]
+
+    def forward(self, inputs: list[torch.Tensor], fused_input: torch.Tensor | None,
+                y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Bodies, aux heads and local losses of all G partitions.
+
+        Args:
+            inputs: the body inputs (upstream outputs, not yet detached), in plan order.
+            fused_input: the concatenation of ``inputs`` when the upstream module ran fused
+                (saves the cat), else None.
+            y: labels.
+
+        Returns:
+            ``(body output (B, G·c, ...), logits (B, G, classes), losses (G,), total loss)``.
+        """
+        env: dict = {}
+        skip = None
+        if fused_input is not None and self.cat_input is not None:
+            env[self.cat_input] = fused_input.detach()
+            skip = self.cat_input
+        else:
+            names = [n.name for n in self.parts[0].body if n.kind == "input"]
+            for nm, x in zip(names, inputs):
+                env[nm] = x.detach()
+        if self.counters is not None and self.mods[0].training:
+            self.counters.fused.add_(1)
+        for name, step in self.body:
+            if name != skip and name not in env:
+                step(env)
+        out = env[self.body_out]
+        if out.dim() == 3:
+            out = out.squeeze(-1)
+        henv = {"h": env[self.body_out]}
+        for name, step in self.head:
+            step(henv)
+        B = out.shape[0]
+        logits = henv[self.logits].view(B, self.G, -1)
+        losses = self.loss(logits, y)
+        return out, logits, losses, losses.sum()
+
+
+def _flat3(x: torch.Tensor) -> torch.Tensor:
+    """Flat features as (B, D, 1), the shape grouped ``conv1d`` reads."""
+    return x if x.dim() == 3 else x.unsqueeze(-1)
+
+
+def _alias(name: str, arg: str) -> Step:
+    """Bind ``name`` to ``arg``'s value (group g's own slice of a shared tensor is the whole stack)."""
+    def step(env: dict) -> None:
+        env[name] = env[arg]
+    return step
+
+
+def _fn(name: str, f: Callable, args: list[str], listed: bool = False, **kw) -> Step:
+    """``env[name] = f(*args, **kw)`` (or ``f([args], **kw)`` when ``listed``)."""
+    def step(env: dict) -> None:
+        vals = [env[a] for a in args]
+        env[name] = f(vals, **kw) if listed else f(*vals, **kw)
+    return step
