@@ -215,3 +215,25 @@ def test_checkpoint_resumes_in_the_other_path(tmp_path, first, second):
     assert wa.keys() == wb.keys()
     worst = max((rel(wa[k].double(), wb[k].double()), k) for k in wb if wb[k].is_floating_point())
     assert worst[0] <= F32_RTOL, worst
+
+
+HEAD_VARIANTS = [("{kind: linear}", 1.0, 0.5, True), ("{kind: mlp-sr}", 1.0, 0.5, True),
+                 ("{kind: 1c2f, hidden: 32}", 0.0, 0.5, True), ("{kind: 1c2f, hidden: 32}", 1.0, 0.0, True),
+                 ("{kind: 1c2f, hidden: 32}", 0.5, 0.5, False)]
+
+
+@pytest.mark.parametrize("head,share,diversity,fusable", HEAD_VARIANTS,
+                         ids=["linear", "mlp-sr", "r0", "no-diversity", "r0.5-per-partition"])
+def test_head_variants_float64(head, share, diversity, fusable):
+    text = tiny_spec("variant", "train:\n  dataset: synthetic\n  batch_size: 8\n")
+    text = text.replace("head: {kind: 1c2f, hidden: 32}\n  share_ratio: 1.0", f"head: {head}\n  share_ratio: {share}")
+    art = compile_spec(text.replace("weight: 0.5", f"weight: {diversity}"))
+    fused, ref = executors(art, PLAIN, torch.float64)
+    assert [r["fused"] for r in fused.fusion] == [fusable, fusable, False]
+    before = {pid: {k: v.clone() for k, v in m.state_dict().items()} for pid, m in ref.modules.items()}
+    x, y = batch(art, dtype=torch.float64)
+    sf, sr = fused.train_step(x, y, 1.0), ref.train_step(x, y, 1.0)
+    assert max(rel(sf[p][0], sr[p][0]) for p in sr) <= F64_RTOL
+    worst = max((rel(fused.modules[pid].state_dict()[k] - before[pid][k], v - before[pid][k]), f"{pid}.{k}")
+                for pid, m in ref.modules.items() for k, v in m.state_dict().items() if v.is_floating_point())
+    assert worst[0] <= F64_RTOL, worst

@@ -29,7 +29,7 @@ from ..codegen.modules import PartitionModule
 from ..graph import losses as L
 from ..partition.plan import IMAGE, PartitionPlan
 from .fused import FusedStage, NotFusable
-from .optim import make_optimizer, set_lr
+from .optim import make_optimizer, set_lr, step_all
 from .stage_outputs import StageOutputs
 
 HEAD_KEYS = ("logits", "sim", "recon", "proj")
@@ -298,7 +298,7 @@ class Executor:
         if self.fused:
             for opt in self.optimizers.values():
                 set_lr(opt, lr)
-                opt.step()
+                step_all(opt)
                 opt.zero_grad(set_to_none=True)
             if self._fused_grads:
                 torch._foreach_zero_(self._fused_grads)

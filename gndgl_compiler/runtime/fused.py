@@ -6,20 +6,20 @@ layout:
 
     shared  one tensor every group reads          (the detached module input, the image)
     stack   groups side by side on dim 1          (B, G·c, ...): group g in channels g·c..(g+1)·c
-    mixed   (live, detached) pair of a stack       aux-head input with sharing r = 1: head g sees
-                                                   group g's channels live, the others detached
+    mixed   a stack, wrapped in a 1-tuple          aux-head input with sharing r = 1: head g sees
+                                                   group g's channels live, the others as constants
 
     op        shared in                  stack in                  mixed in
-    conv      dense conv, W = cat_g W_g  conv(groups=G·groups)     conv(live, diag_g W_g, groups=G)
-                                                                   + conv(det, W ⊙ (1 − own mask))
+    conv      dense conv, W = cat_g W_g  conv(groups=G·groups)     dense conv(h, W); input gradient
+                                                                   through diag_g W_g, groups=G only
     linear    same as conv (as conv1d over (B, D, 1) features)
     bn        —                          BN over G·c channels (per channel, the same math)
     slice     start = g·len tiling → the shared tensor itself (identity shortcut of group g)
     relu, pools, flatten, add: channelwise, applied as is
 
-The ``mixed`` conv is exact by linearity: conv(cat(own live, siblings detached), W_g)
-= conv(own live, W_g[:, own]) + conv(all detached, W_g with its own columns zeroed), and
-gradients reach group g's body only through its own columns. What cannot be expressed this
+The ``mixed`` conv is exact: conv(cat(own live, siblings detached), W_g) has the value
+conv(h, W_g), the weight gradient of that conv, and an input gradient that reaches group g's
+body only through W_g's own columns (``runtime/shared_conv.py``). What cannot be expressed this
 way (dropout with per-partition RNG, share_ratio < 1, predsim / InfoPro losses, differing
 siblings, ...) raises :class:`NotFusable` with the reason, and the executor runs that module
 partition by partition.
@@ -36,6 +36,7 @@ from ..codegen.modules import PartitionModule
 from ..partition.plan import IRNode, Partition
 from .fuse_storage import FusedTensor, fuse
 from .fused_loss import FusedLoss
+from .shared_conv import SharedHeadConv
 
 _ELEMENTWISE = {"relu": torch.relu, "sigmoid": torch.sigmoid}
 _POOLS = ("maxpool", "avgpool", "adaptive_avgpool", "upsample")
@@ -180,7 +181,7 @@ class FusedStage:
 
         def step(env: dict) -> None:
             live = env[arg]
-            env[ns[0].name] = (live, live.detach())
+            env[ns[0].name] = (live,)  # a mixed value: per head, own slice live, the others constants
         return step
 
     def _conv(self, name: str, n: IRNode, lay: str, mods: list[torch.nn.Module]) -> Step:
@@ -209,21 +210,12 @@ class FusedStage:
             return grouped
         if groups != 1:
             raise NotFusable(f"grouped {n.kind} {name} on a shared head input")
-        O, cin = mods[0].weight.shape[0], mods[0].weight.shape[1]
-        c = cin // G
-        ks = tuple(w.fused.shape[2:])
-        own = torch.zeros(G * O, cin, *([1] * len(ks)), dtype=w.fused.dtype, device=w.fused.device)
-        for g in range(G):
-            own[g * O:(g + 1) * O, g * c:(g + 1) * c] = 1
-        others = 1 - own
+        stride = [a["stride"]] * 2 if not linear else [1]
+        padding = [a["padding"]] * 2 if not linear else [0]
 
         def mixed(env: dict) -> None:
-            live, det = env[arg]
-            if linear:
-                live, det = _flat3(live), _flat3(det)
-            wf = w.fused
-            diag = wf.view(G, O, G, c, *ks).diagonal(0, 0, 2).movedim(-1, 0).reshape(G * O, c, *ks)
-            env[name] = conv(live, diag, bias, groups=G, **kw) + conv(det, wf * others, None, **kw)
+            live = env[arg][0]
+            env[name] = SharedHeadConv.apply(_flat3(live) if linear else live, w.fused, bias, G, stride, padding)
         return mixed
 
     def _bn(self, name: str, arg: str, mods: list[torch.nn.Module]) -> Step:
@@ -258,8 +250,7 @@ class FusedStage:
                 return _f(x, **_k)
         if lay == "mixed":
             def step(env: dict) -> None:
-                live, det = env[arg]
-                env[name] = (fn(live), fn(det))
+                env[name] = (fn(env[arg][0]),)
         else:
             def step(env: dict) -> None:
                 env[name] = fn(env[arg])
