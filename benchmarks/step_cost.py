@@ -11,8 +11,10 @@ For end-to-end, DGL K=8, GN-DGL K=2 G=2, K=4 G=4 and K=8 G=4 (ResNet-32, the spe
                          ``cat(own live, siblings detached)``, one optimizer).
 
 aten ops per step are counted with a ``TorchDispatchMode`` (deterministic: the primary metric).
-CPU ms per step is the median of ``--steps`` steps after warm-up, the three variants interleaved
-step by step (A B C, B C A, ...) so that machine load hits them alike; use ``--threads 1``.
+CPU ms per step is the median over ``--steps`` steps (after warm-up) of the process CPU time a step
+takes (user + system: with ``--threads 1`` that is what the step costs, whatever else a shared
+machine runs), the three variants interleaved step by step (A B C, B C A, ...) so that machine load
+hits them alike. On CUDA the ms column is wall time between synchronisations.
 
     python benchmarks/step_cost.py --threads 1 --batch 32 --steps 7
     python benchmarks/step_cost.py --device cuda --batch 256      # images/s and peak MiB
@@ -111,10 +113,10 @@ def bench(spec: str, make_hand, args, device: torch.device) -> dict:
         x, y = batches[i % 2]
         for k in names[i % 3:] + names[:i % 3]:
             _sync(device)
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             variants[k].step(x, y)
             _sync(device)
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(time.process_time() - c0 if device.type == "cpu" else time.perf_counter() - t0)
     out = {"ops": ops, "ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
            "parts": len(art.plan.partitions), "params": sizes["hand"],
            "fused_modules": sum(r["fused"] for r in variants["fused"].ex.fusion), "modules": len(variants["fused"].ex.fusion)}

@@ -10,8 +10,8 @@ each partition's ``nn.Parameter`` (or buffer) is re-pointed at its slice of that
 The partitions keep their parameter objects, names and shapes, so ``state_dict``,
 checkpoints, ``weights.safetensors`` and the per-partition optimizer state are unchanged;
 an in-place write through either side (optimizer step, ``load_state_dict``, BatchNorm's
-running-stat update) is seen by the other. Linear weights are stored as ``[G·O, I, 1]`` so
-the fused program can run them as one grouped ``conv1d``.
+running-stat update) is seen by the other. Linear weights are stacked as ``[G, O, I]`` so the
+fused program runs the G layers as one batched matmul.
 
 Moving a module to another device or dtype after fusion (``module.to``) replaces its
 storage and breaks the alias; :meth:`FusedTensor.intact` detects that.
@@ -31,7 +31,7 @@ class FusedTensor:
     Attributes:
         fused: the fused tensor (a leaf with ``requires_grad`` for parameters).
         parts: the per-partition parameters / buffers, in group order.
-        linear: True when ``fused`` is a linear weight stored as ``[G·O, I, 1]``.
+        linear: True when ``fused`` is a linear weight stacked as ``[G, O, I]``.
     """
 
     fused: torch.Tensor
@@ -40,11 +40,10 @@ class FusedTensor:
     grads: list[torch.Tensor] | None = None
 
     def _view(self, base: torch.Tensor, g: int) -> torch.Tensor:
-        n = self.parts[g].shape[0] if self.parts[g].dim() else 1
-        if self.parts[g].dim() == 0:
+        if self.parts[g].dim() == 0 or self.linear:
             return base[g]
-        v = base.narrow(0, g * n, n)
-        return v[..., 0] if self.linear else v
+        n = self.parts[g].shape[0]
+        return base.narrow(0, g * n, n)
 
     def intact(self) -> bool:
         """True while every partition tensor still shares the fused storage."""
@@ -64,7 +63,7 @@ def fuse(parts: list[torch.Tensor], *, linear: bool = False, grad: bool | None =
 
     Args:
         parts: G tensors of equal shape (parameters or buffers), one per sibling, in group order.
-        linear: store a 2-d linear weight as ``[G·O, I, 1]`` (for grouped ``conv1d``).
+        linear: stack 2-d linear weights as ``[G, O, I]`` (for a batched matmul).
         grad: give the fused tensor ``requires_grad`` and a zeroed ``.grad`` whose slices become
             the partitions' gradients (default: when the parts require grad).
 
@@ -80,13 +79,11 @@ def fuse(parts: list[torch.Tensor], *, linear: bool = False, grad: bool | None =
                          f"{[(tuple(p.shape), p.dtype, str(p.device)) for p in parts]}")
     grad = first.requires_grad if grad is None else grad
     with torch.no_grad():
-        if first.dim() == 0:
+        if first.dim() == 0 or linear:
             data = torch.stack([p.detach() for p in parts])
         else:
             data = torch.cat([p.detach() for p in parts], dim=0)
-            if linear:
-                data = data.unsqueeze(-1).contiguous()
-            elif first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last) \
+            if first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last) \
                     and not first.is_contiguous():
                 data = data.contiguous(memory_format=torch.channels_last)
     ft = FusedTensor(data.requires_grad_(grad), list(parts), linear)
