@@ -8,7 +8,9 @@
                   head g over ``cat(own slice live, siblings detached)``, cross-entropy + diversity
                   penalty, a separate 1c2f final head on the detached last output.
 
-Each has one SGD-Nesterov optimizer over all its parameters, and ``step(x, y)``. The module splits
+Each has one SGD-Nesterov optimizer over all its parameters, and ``step(x, y)``, which returns what a
+training loop logs and gndgl's ``train_step`` returns too: per head the detached loss and the number of
+correct predictions, left on the device (no ``.item()``). The module splits
 are those of the specs ``resnet32_k2g2``, ``resnet32_k4g4``, ``resnet32_k8g4`` / ``resnet32_k8g1``,
 so the networks have exactly gndgl's parameter counts (the benchmarks check it).
 """
@@ -100,10 +102,12 @@ class HandE2E:
         self.opt = sgd(self.net.parameters())
 
     def step(self, x, y):
-        loss = F.cross_entropy(self.net(x), y)
+        out = self.net(x)
+        loss = F.cross_entropy(out, y)
         loss.backward()
         self.opt.step()
         self.opt.zero_grad()
+        return [(loss.detach(), (out.argmax(1) == y).sum())]
 
     def modules(self):
         return [self.net]
@@ -120,12 +124,16 @@ class HandDGL:
         self.opt = sgd([p for m in self.mods + self.heads for p in m.parameters()])
 
     def step(self, x, y):
-        h = x
+        h, stats = x, []
         for body, head in zip(self.mods, self.heads):
             h = body(h.detach())
-            F.cross_entropy(head(h), y).backward()
+            out = head(h)
+            loss = F.cross_entropy(out, y)
+            loss.backward()
+            stats.append((loss.detach(), (out.argmax(1) == y).sum()))
         self.opt.step()
         self.opt.zero_grad()
+        return stats
 
     def modules(self):
         return self.mods + self.heads
@@ -144,7 +152,7 @@ class HandGNDGL:
         self.opt = sgd([p for m in self.mods + self.heads + [self.final] for p in m.parameters()])
 
     def step(self, x, y):
-        h = x
+        h, stats = x, []
         for body, heads in zip(self.mods, self.heads):
             h = body(h.detach())
             groups = h.chunk(self.G, dim=1)
@@ -154,11 +162,17 @@ class HandGNDGL:
             loss = 0.0
             for g, lg in enumerate(logits):
                 cos = [F.cosine_similarity(p_hat[g], p_hat[j].detach(), dim=1).mean() for j in range(self.G) if j != g]
-                loss = loss + F.cross_entropy(lg, y) + self.w * torch.stack(cos).mean()
+                head_loss = F.cross_entropy(lg, y) + self.w * torch.stack(cos).mean()
+                loss = loss + head_loss
+                stats.append((head_loss.detach(), (lg.argmax(1) == y).sum()))
             loss.backward()
-        F.cross_entropy(self.final(h.detach()), y).backward()
+        out = self.final(h.detach())
+        loss = F.cross_entropy(out, y)
+        loss.backward()
+        stats.append((loss.detach(), (out.argmax(1) == y).sum()))
         self.opt.step()
         self.opt.zero_grad()
+        return stats
 
     def modules(self):
         return self.mods + self.heads + [self.final]

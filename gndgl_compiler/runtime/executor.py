@@ -262,6 +262,7 @@ class Executor:
         h = StageOutputs({IMAGE: x})
         outs: dict[int, dict] = {}
         stats = {}
+        pending: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []  # (pid, loss, logits) for the stats
         for i, stage in enumerate(self.stages):
             fs = self.fused_stages.get(i)
             if fs is not None and self.comm is None and (active is None or all(p in active for p in stage)):
@@ -287,11 +288,7 @@ class Executor:
                     opt.step()
                     opt.zero_grad(set_to_none=True)
             for pid, loss in losses.items():
-                logits = outs[pid].pop("logits", None)
-                correct = None
-                if logits is not None:
-                    correct = (logits.detach().argmax(1) == y.to(logits.device)).sum()
-                stats[pid] = (loss.detach(), correct)
+                pending.append((pid, loss, outs[pid].pop("logits", None)))
                 outs[pid] = {}  # free the head outputs (and their graph) before the next module
             for src in self.release.get(i, ()):
                 h.pop(src, None)  # no later module reads it
@@ -302,7 +299,8 @@ class Executor:
                 opt.zero_grad(set_to_none=True)
             if self._fused_grads:
                 torch._foreach_zero_(self._fused_grads)
-        return stats
+        stats.update(_stats(pending, y))
+        return {pid: stats[pid] for pid in self.order if pid in stats}
 
     def _fused_stage_step(self, fs: FusedStage, stage: list[int], x: torch.Tensor, y: torch.Tensor,
                           h: StageOutputs) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -365,3 +363,30 @@ class Executor:
                               if "logits" in self.parts[pid].head_outputs},
             "n": n,
         }
+
+
+@torch.no_grad()
+def _stats(pending: list[tuple[int, torch.Tensor, torch.Tensor | None]], y: torch.Tensor
+           ) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+    """``{pid: (loss, correct predictions or None)}`` of per-partition modules, batched per device.
+
+    Args:
+        pending: ``(pid, loss, logits or None)`` of the partitions that trained this step.
+        y: the labels.
+    """
+    out: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    batchable: dict[tuple, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+    for pid, loss, logits in pending:
+        if logits is None or len(pending) == 1:
+            correct = None if logits is None else (logits.argmax(1) == y.to(logits.device)).sum()
+            out[pid] = (loss.detach(), correct)
+        else:
+            key = (str(logits.device), tuple(logits.shape), logits.dtype, loss.dtype)
+            batchable.setdefault(key, []).append((pid, loss, logits))
+    for group in batchable.values():
+        pids = [pid for pid, _, _ in group]
+        losses = torch.stack([loss for _, loss, _ in group])
+        logits = torch.stack([lg for _, _, lg in group])
+        correct = (logits.argmax(2) == y.to(logits.device)).sum(1)
+        out.update(zip(pids, zip(losses.unbind(0), correct.unbind(0))))
+    return out

@@ -228,8 +228,16 @@ class FusedStage:
         if lay != "mixed" or groups != 1:
             raise NotFusable(f"conv {name} on a {lay} tensor")
 
+        own = None
+        cin = w.fused.shape[1]
+        if cin <= _DENSE_BELOW and w.fused.device.type == "cpu":
+            o = w.fused.shape[0] // G
+            own = torch.zeros(G * o, cin, 1, 1, dtype=w.fused.dtype, device=w.fused.device)
+            for g in range(G):
+                own[g * o:(g + 1) * o, g * (cin // G):(g + 1) * (cin // G)] = 1
+
         def mixed(env: dict) -> None:
-            env[name] = SharedHeadConv.apply(env[arg][0], w.fused, bias, G, [stride] * 2, [padding] * 2)
+            env[name] = SharedHeadConv.apply(env[arg][0], w.fused, bias, G, [stride] * 2, [padding] * 2, own)
         return mixed, "stack"
 
     def _linear(self, name: str, arg: str, lay: str, mods: list[torch.nn.Module]) -> tuple[Step, str]:

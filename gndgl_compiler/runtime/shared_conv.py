@@ -32,13 +32,16 @@ def own_columns(w: torch.Tensor, groups: int) -> torch.Tensor:
 class SharedHeadConv(torch.autograd.Function):
     """``conv(h, W, bias)`` whose input gradient reaches each head's own channel slice only.
 
-    ``apply(h, w, bias, groups, stride, padding)``; ``stride`` and ``padding`` are lists with one
-    entry per spatial dim; ``bias`` may be None.
+    ``apply(h, w, bias, groups, stride, padding, own)``; ``stride`` and ``padding`` are lists with one
+    entry per spatial dim; ``bias`` may be None. ``own``, when given, is the 0/1 mask of each head's own
+    input columns (broadcast over the kernel): the input gradient is then one dense conv with the masked
+    weight instead of the grouped conv (faster on a CPU for few channels; the same exact zeros).
     """
 
     @staticmethod
-    def forward(ctx, h, w, bias, groups, stride, padding):  # noqa: ANN001 - autograd.Function signature
+    def forward(ctx, h, w, bias, groups, stride, padding, own=None):  # noqa: ANN001 - autograd.Function signature
         ctx.save_for_backward(h, w)
+        ctx.own = own
         ctx.conf = (groups, stride, padding, bias is not None)
         conv = torch.nn.functional.conv2d if w.dim() == 4 else torch.nn.functional.conv1d
         return conv(h, w, bias, stride, padding)
@@ -57,8 +60,11 @@ class SharedHeadConv(torch.autograd.Function):
                 gout, hd, wd, [w.shape[0]] if has_bias else None, stride, padding, ones, False, zeros, 1,
                 [False, ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]])
         if ctx.needs_input_grad[0]:
+            if ctx.own is not None:
+                wi, gi = wd * ctx.own.to(dt), 1
+            else:
+                wi, gi = own_columns(wd, groups), groups
             gin = torch.ops.aten.convolution_backward(
-                gout, hd, own_columns(wd, groups), None, stride, padding, ones, False, zeros, groups,
-                [True, False, False])[0]
+                gout, hd, wi, None, stride, padding, ones, False, zeros, gi, [True, False, False])[0]
         return (None if gin is None else gin.to(h.dtype), None if gw is None else gw.to(w.dtype),
-                None if gb is None else gb.to(w.dtype), None, None, None)
+                None if gb is None else gb.to(w.dtype), None, None, None, None)
