@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 from safetensors.torch import load_file
 
 from gndgl_compiler import compile_spec
@@ -237,3 +238,30 @@ def test_head_variants_float64(head, share, diversity, fusable):
     worst = max((rel(fused.modules[pid].state_dict()[k] - before[pid][k], v - before[pid][k]), f"{pid}.{k}")
                 for pid, m in ref.modules.items() for k, v in m.state_dict().items() if v.is_floating_point())
     assert worst[0] <= F64_RTOL, worst
+
+
+class _ScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts ``aten._local_scalar_dense``: the op behind ``.item()``, ``bool(t)``, ``int(t)`` (a host sync on CUDA)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", ["resnet32_k8g4", "resnet32_k8g1", "resnet32_e2e"])
+@pytest.mark.parametrize("siblings", [True, False], ids=["fused", "per-partition"])
+def test_train_step_reads_no_device_scalar(name, siblings):
+    """Capture-readiness: a training step (forward, losses, backward, optimizer, metrics) reads no
+    tensor value on the host."""
+    art = compile_spec(SPECS / f"{name}.yaml")
+    mods = copy.deepcopy(art.modules)
+    ex = Executor(art.plan, mods, SGD, {pid: CPU for pid in mods}, fused=True, siblings=siblings)
+    x, y = batch(art)
+    ex.train_step(x, y, 0.1)
+    with _ScalarReads() as reads:
+        ex.train_step(x, y, 0.1)
+    assert reads.n == 0

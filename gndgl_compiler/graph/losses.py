@@ -105,7 +105,8 @@ def diversity_probs(logits: Tensor, y: Tensor, temperature: float) -> Tensor:
         raise ValueError(f"diversity temperature must be > 0, got {temperature}")
     z = logits.double() if logits.dtype == torch.float64 else logits.float()
     p = torch.softmax(z / temperature, dim=1)
-    p = p.masked_fill(F.one_hot(y, p.shape[1]).bool(), 0.0)
+    # y == arange: the one-hot mask without F.one_hot's range check (a host sync per call)
+    p = p.masked_fill(y.unsqueeze(1) == torch.arange(p.shape[1], device=p.device), 0.0)
     p = p / p.sum(dim=1, keepdim=True).clamp_min(_EPS)
     return F.normalize(p, p=2, dim=1, eps=_EPS)
 

@@ -48,6 +48,7 @@ class FusedLoss:
         self.temperature = loss.diversity_temperature
         self.G = G
         self._off: torch.Tensor | None = None
+        self._classes: torch.Tensor | None = None
 
     def __call__(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-partition losses.
@@ -65,7 +66,9 @@ class FusedLoss:
             return ce
         z = logits.double() if logits.dtype == torch.float64 else logits.float()
         p = torch.softmax(z / self.temperature, dim=2)
-        p = p.masked_fill(F.one_hot(y, p.shape[2]).bool().unsqueeze(1), 0.0)
+        if self._classes is None or self._classes.numel() != p.shape[2] or self._classes.device != p.device:
+            self._classes = torch.arange(p.shape[2], device=p.device)
+        p = p.masked_fill((y.unsqueeze(1) == self._classes).unsqueeze(1), 0.0)  # no host sync (F.one_hot has one)
         p = p / p.sum(dim=2, keepdim=True).clamp_min(_EPS)
         p = F.normalize(p, p=2, dim=2, eps=_EPS)
         pn = p / torch.linalg.vector_norm(p, dim=2, keepdim=True).clamp_min(_COS_EPS)
