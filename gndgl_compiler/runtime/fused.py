@@ -42,8 +42,10 @@ from .shared_conv import SharedHeadConv
 _ELEMENTWISE = {"relu": torch.relu, "sigmoid": torch.sigmoid}
 _POOLS = ("maxpool", "avgpool", "adaptive_avgpool", "upsample")
 _DENSE_BELOW = 16
-"""On the CPU, grouped convs with at most this many input channels in all run as one dense conv with a
-block-diagonal weight (measured 1.6x faster at 16 channels, slower from 32 on; torch 2.14, one thread)."""
+_DENSE_GROUP = 4
+"""On the CPU, grouped convs with at most ``_DENSE_BELOW`` input channels in all and ``_DENSE_GROUP`` per
+group run as one dense conv with a block-diagonal weight (measured on torch 2.14, one thread: 1.6x faster
+at 4 groups of 4 channels; slower at 2 groups of 8 and from 32 channels on)."""
 
 
 class NotFusable(Exception):
@@ -209,7 +211,8 @@ class FusedStage:
                 raise NotFusable(f"grouped conv {name} on a shared input")
             g_all = 1 if lay == "shared" else G * groups
             cin = w.fused.shape[1] * g_all
-            if g_all > 1 and groups == 1 and cin <= _DENSE_BELOW and w.fused.device.type == "cpu":
+            if g_all > 1 and groups == 1 and cin <= _DENSE_BELOW and cin // g_all <= _DENSE_GROUP \
+                    and w.fused.device.type == "cpu":
                 # CPU: a grouped conv with a few channels per group is slower than the dense conv with a
                 # block-diagonal weight (exact: the off-diagonal blocks are exact zeros, their gradient is dropped)
                 o = w.fused.shape[0] // G
@@ -230,7 +233,7 @@ class FusedStage:
 
         own = None
         cin = w.fused.shape[1]
-        if cin <= _DENSE_BELOW and w.fused.device.type == "cpu":
+        if cin <= _DENSE_BELOW and cin // G <= _DENSE_GROUP and w.fused.device.type == "cpu":
             o = w.fused.shape[0] // G
             own = torch.zeros(G * o, cin, 1, 1, dtype=w.fused.dtype, device=w.fused.device)
             for g in range(G):
