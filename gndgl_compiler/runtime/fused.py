@@ -83,18 +83,18 @@ class FusedStage:
             raise NotFusable("dropout (per-partition random streams)")
         if any(p.loss.kind == "infopro" for p in parts):
             raise NotFusable("InfoPro loss")
+        outs = parts[0].head_outputs
+        _same([p.head_outputs for p in parts], "head outputs")
+        if set(outs) != {"logits"}:
+            raise NotFusable(f"head outputs {sorted(outs)} (only class logits fuse)")
+        self.logits = outs["logits"]
+        self.loss = FusedLoss(parts)  # checked before any parameter moves into fused storage
         self.width = parts[0].out_shape[0]
         self.tensors: list[FusedTensor] = []
         self._bn_counters: list[torch.Tensor] = []
         self.body = self._compile([p.body for p in parts], [m.body for m in mods], head=False)
         self.body_out = parts[0].output
         self.head = self._compile([p.head for p in parts], [m.aux for m in mods], head=True)
-        outs = parts[0].head_outputs
-        _same([p.head_outputs for p in parts], "head outputs")
-        if set(outs) != {"logits"}:
-            raise NotFusable(f"head outputs {sorted(outs)} (only class logits fuse)")
-        self.logits = outs["logits"]
-        self.loss = FusedLoss(parts)
         self.counters = fuse(self._bn_counters, grad=False) if self._bn_counters else None
         self.cat_input: str | None = self._cat_input(parts[0])
 
@@ -109,6 +109,19 @@ class FusedStage:
         return None
 
     def _compile(self, lists: list[list[IRNode]], gms: list[torch.nn.Module], head: bool) -> list[tuple[str, Step]]:
+        """The fused steps of the siblings' bodies (or aux heads), fusing their parameters on the way.
+
+        Args:
+            lists: each sibling's IR nodes (body or head), in group order.
+            gms: each sibling's GraphModule (its submodules are named after the IR nodes).
+            head: compiling the aux heads (inputs ``h`` + sibling shares) rather than the bodies.
+
+        Returns:
+            ``[(node name, step)]`` in IR order; each step sets ``env[node name]``.
+
+        Raises:
+            NotFusable: an op or pattern without an exact fused form.
+        """
         G = self.G
         _same([[(n.kind, n.shape) if head and n.kind in ("input", "cat") else (n.name, n.kind, n.args, n.shape)
                 for n in nodes] for nodes in lists], "IR")
@@ -173,6 +186,7 @@ class FusedStage:
 
     @staticmethod
     def _shape(nodes: list[IRNode], name: str) -> list[int]:
+        """Per-sample shape of IR node ``name``."""
         return next(n.shape for n in nodes if n.name == name)
 
     def _head_cat(self, ns: list[IRNode], lists: list[list[IRNode]], inputs: list[str]) -> Step:
