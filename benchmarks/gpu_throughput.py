@@ -4,10 +4,11 @@ For ResNet-32 end-to-end, DGL K=8 and GN-DGL K=8 G=4 (sharing r=1, diversity on)
 device and the same data (a CIFAR-sized uint8 set resident on the device, pad-crop-flip on the
 device through gndgl's ``Batches``), it times
 
-* hand-written — the loops of ``benchmarks/train_step.py`` (nn.Module per piece, ``.detach()``
-  between modules, one SGD-Nesterov optimizer per module, ``loss.backward()``, ``opt.step()``),
+* hand-written — the loops of ``benchmarks/hand_loops.py`` (the ones ``step_cost.py`` counts: GN-DGL
+  as the paper's official code writes it, dense first conv + ``Conv2d(groups=G)``, one optimizer),
   under the same bf16 autocast and channels_last;
-* gndgl fused   — ``Executor(fused=True)``: per module forward/backward, one foreach step per device;
+* gndgl fused   — ``Executor(fused=True)``: sibling-fused modules, one backward per module, one foreach
+  step per device;
 * gndgl fused without augmentation — the input pipeline's share of the step.
 
 Each variant runs ``--warmup`` steps, then ``--steps`` timed steps between two
@@ -30,14 +31,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import train_step as hand  # noqa: E402  (the hand-written loops)
+import hand_loops as hand  # noqa: E402  (the hand-written loops)
 
 from gndgl_compiler import compile_spec  # noqa: E402
 from gndgl_compiler.runtime.data import Batches, load_dataset  # noqa: E402
 from gndgl_compiler.runtime.executor import Executor  # noqa: E402
 
-CONFIGS = [("resnet32_e2e", "end-to-end", hand.HandE2E), ("resnet32_k8g1", "DGL K=8", hand.HandDGL),
-           ("resnet32_k8g4", "GN-DGL K=8 G=4", hand.HandGNDGL)]
+SPECS = Path(__file__).resolve().parents[1] / "specs"
+CONFIGS = [("resnet32_e2e", "end-to-end", hand.HandE2E), ("resnet32_k8g1", "DGL K=8", lambda: hand.HandDGL(8)),
+           ("resnet32_k8g4", "GN-DGL K=8 G=4", lambda: hand.HandGNDGL(8, 4))]
 
 
 def _sync(device: torch.device) -> None:
@@ -72,7 +74,7 @@ def _time(step, batches, warmup: int, steps: int, device: torch.device, bs: int)
 
 
 def bench(spec: str, make_hand, data, args, device: torch.device, amp: bool) -> dict:
-    art = compile_spec(hand.SPECS / f"{spec}.yaml")
+    art = compile_spec(SPECS / f"{spec}.yaml")
     mf = torch.channels_last if args.channels_last else torch.contiguous_format
 
     def batches(augment: bool):

@@ -57,6 +57,8 @@ class _Display:
             if self.step_recs and self.step_recs[-1]["step"] != rec["step"]:
                 self._flush()
             self.step_recs.append(rec)
+        elif rec["kind"] == "setup":
+            console.print(rec["text"], highlight=False, markup=False)
         elif rec["kind"] == "eval":
             self._flush()
             by_module: dict[str, list[float]] = {}
@@ -131,6 +133,8 @@ def register(app: typer.Typer) -> None:
         lr: Optional[float] = typer.Option(None, "--lr", metavar="LR", min=0.0, help="Override the peak learning rate."),
         seed: Optional[int] = typer.Option(None, "--seed", metavar="N", min=0, help="Override train.seed."),
         fused: Optional[bool] = typer.Option(None, "--fused/--no-fused", help="Per-device fused step (default from the spec)."),
+        fuse_siblings: Optional[bool] = typer.Option(None, "--fuse-siblings/--no-fuse-siblings",
+                                                     help="Run each module's sibling partitions on one device as one program (default from the spec)."),
         run_dir: Optional[str] = typer.Option(None, "--run-dir", metavar="DIR", help="Run directory (default runs/<name>-<time>)."),
         resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN_DIR", help="Continue an interrupted run directory."),
         limit_train: Optional[int] = typer.Option(None, "--limit-train", metavar="N", min=1, help="Use only N training images."),
@@ -172,7 +176,8 @@ def register(app: typer.Typer) -> None:
                     log_every=log_every, timeout=timeout, port=port)
             return
         opts = TrainOptions(epochs=epochs, dataset=dataset, data_root=data_root, download=download, device=device,
-                            batch_size=batch_size, lr=lr, seed=seed, fused=fused, run_dir=run_dir, resume=resume,
+                            batch_size=batch_size, lr=lr, seed=seed, fused=fused, fuse_siblings=fuse_siblings,
+                            run_dir=run_dir, resume=resume,
                             limit_train=limit_train, limit_test=limit_test, max_steps=max_steps,
                             checkpoint_every=checkpoint_every, log_every=log_every, tensorboard=tensorboard,
                             overrides=sets or None)

@@ -126,12 +126,15 @@ def _launch(art: Path, run_dir: Path, workers: int, batch: int, *extra: str) -> 
 
 
 def _single(art: Path, run_dir: Path, batch: int, fused: bool | None = None) -> dict[str, torch.Tensor]:
-    """One process (this one), one intra-op thread."""
+    """One process (this one), one intra-op thread, every module per partition as the ranks run them
+    (bit-for-bit comparable; the sibling-fused single-process path equals it within float rounding,
+    tests/test_fused.py)."""
     from gndgl_compiler.runtime.train import TrainOptions, train_artifact
 
     with _one_thread():
         train_artifact(art, TrainOptions(dataset="synthetic", limit_train=128, limit_test=64, epochs=1,
-                                         batch_size=batch, fused=fused, run_dir=str(run_dir), tensorboard=False))
+                                         batch_size=batch, fused=fused, fuse_siblings=False, run_dir=str(run_dir),
+                                         tensorboard=False))
     return load_file(str(run_dir / "weights.safetensors"))
 
 

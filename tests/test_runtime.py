@@ -295,7 +295,9 @@ def test_fused_equals_unfused(k2g2, optimizer):
     mods_f = copy.deepcopy(k2g2.modules)
     devices = {p.id: CPU for p in k2g2.plan.partitions}
     ex_u = Executor(k2g2.plan, mods_u, optimizer, devices, fused=False)
-    ex_f = Executor(k2g2.plan, mods_f, optimizer, devices, fused=True)
+    # the per-device fused step (one backward, one multi-tensor optimizer step) is bit-for-bit the unfused
+    # one; sibling fusion reorders float sums and is checked within rounding in tests/test_fused.py
+    ex_f = Executor(k2g2.plan, mods_f, optimizer, devices, fused=True, siblings=False)
     assert len(ex_f.optimizers) == 1 and len(ex_u.optimizers) == 5
     for step, lr in enumerate((optimizer["lr"], optimizer["lr"] * 0.5, optimizer["lr"] * 0.25)):
         x, y = batch(8, seed=10 + step)

@@ -61,14 +61,19 @@ def state_tensors(parts: dict[int, PartitionModule], plan: PartitionPlan) -> dic
     """All parameters and buffers as ``'<partition>.<name>' -> CPU tensor``.
 
     CPU tensors are returned without a copy (they alias the live parameters): write them out
-    before the next optimizer step, or ``.clone()`` them to keep a snapshot.
+    before the next optimizer step, or ``.clone()`` them to keep a snapshot. A tensor that is a
+    slice of a larger storage (sibling-fused parameters, ``runtime/fuse_storage.py``) is copied,
+    since safetensors stores whole storages and refuses shared ones.
     """
     out = {}
     for p in plan.partitions:
         if p.id not in parts:
             continue
         for key, t in parts[p.id].state_dict().items():
-            out[f"{p.name}.{key}"] = t.detach().to("cpu").contiguous()
+            t = t.detach().to("cpu").contiguous()
+            if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                t = t.clone()
+            out[f"{p.name}.{key}"] = t
     return out
 
 

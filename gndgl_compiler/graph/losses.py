@@ -87,7 +87,8 @@ def diversity_probs(logits: Tensor, y: Tensor, temperature: float) -> Tensor:
     """Normalised non-target probabilities p̂ of the diversity penalty (section 3.4).
 
     p = softmax(logits / T); the true class is zeroed; p is renormalised to sum 1
-    (with a tiny eps against 0) and then L2-normalised. Computed in float32.
+    (with a tiny eps against 0) and then L2-normalised. Computed in float32 (float64 for
+    float64 logits, so double-precision checks of the fused losses stay exact).
 
     Args:
         logits: B×classes scores of one group's aux head.
@@ -102,8 +103,10 @@ def diversity_probs(logits: Tensor, y: Tensor, temperature: float) -> Tensor:
     """
     if not temperature > 0:
         raise ValueError(f"diversity temperature must be > 0, got {temperature}")
-    p = torch.softmax(logits.float() / temperature, dim=1)
-    p = p.masked_fill(F.one_hot(y, p.shape[1]).bool(), 0.0)
+    z = logits.double() if logits.dtype == torch.float64 else logits.float()
+    p = torch.softmax(z / temperature, dim=1)
+    # y == arange: the one-hot mask without F.one_hot's range check (a host sync per call)
+    p = p.masked_fill(y.unsqueeze(1) == torch.arange(p.shape[1], device=p.device), 0.0)
     p = p / p.sum(dim=1, keepdim=True).clamp_min(_EPS)
     return F.normalize(p, p=2, dim=1, eps=_EPS)
 

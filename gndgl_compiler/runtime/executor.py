@@ -9,6 +9,11 @@ One step, for a batch (x, y):
     update  : per partition: backward(L_p), optimizer step     (unfused)
               per device:    backward(Σ L_p), one foreach step (fused; same math)
 
+Fused, a module whose G sibling partitions all sit on one device runs as one program
+(``runtime/fused.py``: dense first conv + grouped convs, batched aux heads and losses);
+modules that cannot be fused exactly run partition by partition (``Executor.fusion`` says
+which and why). The parameters stay per partition either way.
+
 No gradient crosses a partition: every input of a body and every sibling tensor
 is detached inside the generated code.
 """
@@ -23,7 +28,9 @@ import torch
 from ..codegen.modules import PartitionModule
 from ..graph import losses as L
 from ..partition.plan import IMAGE, PartitionPlan
-from .optim import make_optimizer, set_lr
+from .fused import FusedStage, NotFusable
+from .optim import make_optimizer, set_lr, step_all
+from .stage_outputs import StageOutputs
 
 HEAD_KEYS = ("logits", "sim", "recon", "proj")
 RANDOM_OPS = ("dropout",)
@@ -57,11 +64,14 @@ class Executor:
         amp: bf16 autocast (CUDA only).
         channels_last: channels_last memory format for 4-d tensors.
         denorm: ``(mean, std)`` to turn the normalised image back into [0, 1] (InfoPro).
+        siblings: with ``fused``, run each module whose sibling partitions share a device as
+            one fused program (same losses and gradients; see ``runtime/fused.py``).
     """
 
     def __init__(self, plan: PartitionPlan, modules: dict[int, PartitionModule], optimizer: dict[str, Any],
                  devices: dict[int, torch.device], *, fused: bool = True, amp: bool = False,
-                 channels_last: bool = False, denorm: tuple[tuple[float, ...], tuple[float, ...]] | None = None):
+                 channels_last: bool = False, denorm: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+                 siblings: bool = True):
         self.plan, self.modules, self.devices = plan, modules, devices
         self.fused, self.amp, self.channels_last, self.denorm = fused, amp, channels_last, denorm
         self.comm: Any = None
@@ -90,6 +100,11 @@ class Executor:
             m = modules[pid].to(devices[pid])
             if channels_last:
                 m.to(memory_format=torch.channels_last)
+        self.fused_stages: dict[int, FusedStage] = {}
+        """Stage index -> its fused program (modules whose siblings run as one)."""
+        self.fusion: list[dict[str, Any]] = []
+        """Per module: ``{"module", "partitions", "fused", "reason"}`` (why a module runs unfused)."""
+        self._build_fused(fused and siblings)
         self.optimizers: dict[Any, torch.optim.Optimizer] = {}
         if fused:
             by_dev: dict[torch.device, list[dict]] = {}
@@ -100,6 +115,36 @@ class Executor:
         else:
             for pid in self.order:
                 self.optimizers[pid] = make_optimizer(modules[pid].parameters(), optimizer, foreach=False)
+
+    def _build_fused(self, enabled: bool) -> None:
+        """Fuse the sibling partitions of every module that allows it (fills ``fused_stages``, ``fusion``)."""
+        for i, stage in enumerate(self.stages):
+            names = [self.parts[pid].name for pid in stage]
+            rec = {"module": self.parts[stage[0]].module, "partitions": names, "fused": False, "reason": ""}
+            if not enabled:
+                rec["reason"] = "sibling fusion off"
+            elif len({str(self.devices[pid]) for pid in stage}) > 1:
+                rec["reason"] = "siblings on different devices"
+            else:
+                try:
+                    self.fused_stages[i] = FusedStage([self.modules[pid] for pid in stage])
+                    rec["fused"] = True
+                except NotFusable as exc:
+                    rec["reason"] = str(exc)
+            self.fusion.append(rec)
+        self._fused_grads = [g for fs in self.fused_stages.values() for g in fs.fused_grads()]
+
+    def fusion_summary(self) -> str:
+        """One line: which modules run fused, and why the others do not."""
+        fused = [str(r["module"]) for r in self.fusion if r["fused"]]
+        other: dict[str, list[str]] = {}
+        for r in self.fusion:
+            if not r["fused"] and len(r["partitions"]) > 1:
+                other.setdefault(r["reason"], []).append(str(r["module"]))
+        text = f"sibling-fused modules: {', '.join(fused) if fused else 'none'}"
+        for reason, mods in other.items():
+            text += f"; per partition ({reason}): {', '.join(mods)}"
+        return text
 
     # ------------------------------------------------------------------ forward passes
     def _autocast(self, device: torch.device):
@@ -214,10 +259,17 @@ class Executor:
         """
         for pid in self.order:
             self.modules[pid].train(active is None or pid in active)
-        h: dict[int, torch.Tensor] = {IMAGE: x}
+        h = StageOutputs({IMAGE: x})
         outs: dict[int, dict] = {}
         stats = {}
+        pending: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []  # (pid, loss, logits) for the stats
         for i, stage in enumerate(self.stages):
+            fs = self.fused_stages.get(i)
+            if fs is not None and self.comm is None and (active is None or all(p in active for p in stage)):
+                stats.update(self._fused_stage_step(fs, stage, x, y, h))
+                for src in self.release.get(i, ()):
+                    h.pop(src, None)
+                continue
             losses = self._forward_stage(stage, x, y, h, outs, active, True, seed)
             if self.fused:
                 by_dev: dict[str, list[torch.Tensor]] = {}
@@ -236,20 +288,38 @@ class Executor:
                     opt.step()
                     opt.zero_grad(set_to_none=True)
             for pid, loss in losses.items():
-                logits = outs[pid].pop("logits", None)
-                correct = None
-                if logits is not None:
-                    correct = (logits.detach().argmax(1) == y.to(logits.device)).sum()
-                stats[pid] = (loss.detach(), correct)
+                pending.append((pid, loss, outs[pid].pop("logits", None)))
                 outs[pid] = {}  # free the head outputs (and their graph) before the next module
             for src in self.release.get(i, ()):
                 h.pop(src, None)  # no later module reads it
         if self.fused:
             for opt in self.optimizers.values():
                 set_lr(opt, lr)
-                opt.step()
+                step_all(opt)
                 opt.zero_grad(set_to_none=True)
-        return stats
+            if self._fused_grads:
+                torch._foreach_zero_(self._fused_grads)
+        stats.update(_stats(pending, y))
+        return {pid: stats[pid] for pid in self.order if pid in stats}
+
+    def _fused_stage_step(self, fs: FusedStage, stage: list[int], x: torch.Tensor, y: torch.Tensor,
+                          h: StageOutputs) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Forward and backward of one sibling-fused module; its output goes into ``h`` whole."""
+        if not fs.intact():
+            raise RuntimeError(f"module {self.parts[stage[0]].module}: a partition's parameters were moved or "
+                               "replaced after the Executor fused them; build the Executor after moving modules")
+        p0, dev = self.parts[stage[0]], self.devices[stage[0]]
+        fs.attach_grads()
+        srcs = [i.source for i in p0.inputs]
+        fused_in = h.get_fused(srcs) if fs.cat_input is not None else None
+        inputs = [] if fused_in is not None else [h[s].to(dev, non_blocking=True) for s in srcs]
+        yd = y.to(dev, non_blocking=True)
+        with self._autocast(dev):
+            out, logits, losses, total = fs.forward(inputs, fused_in, yd)
+        h.put_fused(stage, out)
+        total.backward()
+        correct = (logits.detach().argmax(2) == yd.unsqueeze(1)).sum(0)
+        return dict(zip(stage, zip(losses.detach().unbind(0), correct.unbind(0))))
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -293,3 +363,30 @@ class Executor:
                               if "logits" in self.parts[pid].head_outputs},
             "n": n,
         }
+
+
+@torch.no_grad()
+def _stats(pending: list[tuple[int, torch.Tensor, torch.Tensor | None]], y: torch.Tensor
+           ) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+    """``{pid: (loss, correct predictions or None)}`` of per-partition modules, batched per device.
+
+    Args:
+        pending: ``(pid, loss, logits or None)`` of the partitions that trained this step.
+        y: the labels.
+    """
+    out: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    batchable: dict[tuple, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+    for pid, loss, logits in pending:
+        if logits is None or len(pending) == 1:
+            correct = None if logits is None else (logits.argmax(1) == y.to(logits.device)).sum()
+            out[pid] = (loss.detach(), correct)
+        else:
+            key = (str(logits.device), tuple(logits.shape), logits.dtype, loss.dtype)
+            batchable.setdefault(key, []).append((pid, loss, logits))
+    for group in batchable.values():
+        pids = [pid for pid, _, _ in group]
+        losses = torch.stack([loss for _, loss, _ in group])
+        logits = torch.stack([lg for _, _, lg in group])
+        correct = (logits.argmax(2) == y.to(logits.device)).sum(1)
+        out.update(zip(pids, zip(losses.unbind(0), correct.unbind(0))))
+    return out

@@ -60,3 +60,42 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     """Set the learning rate of every param group."""
     for g in opt.param_groups:
         g["lr"] = lr
+
+
+def step_all(opt: torch.optim.Optimizer) -> None:
+    """``opt.step()``, with SGD's param groups that share hyper-parameters stepped by one multi-tensor call.
+
+    The param groups (one per partition) and the per-parameter state stay as ``opt.step()`` keeps
+    them, so ``state_dict`` is unchanged; the update is the same element-wise math, so the weights
+    are bit-for-bit those of ``opt.step()``. Optimizers other than multi-tensor SGD just step.
+
+    Args:
+        opt: the optimizer.
+    """
+    if type(opt) is not torch.optim.SGD or any(not g["foreach"] or g["fused"] or g["differentiable"]
+                                                for g in opt.param_groups):
+        opt.step()
+        return
+    from torch.optim.sgd import sgd
+
+    buckets: dict[tuple, tuple[list, list, list]] = {}
+    for g in opt.param_groups:
+        key = (g["lr"], g["momentum"], g["dampening"], g["weight_decay"], g["nesterov"], g["maximize"])
+        params, grads, bufs = buckets.setdefault(key, ([], [], []))
+        for p in g["params"]:
+            if p.grad is not None:
+                if p.grad.is_sparse:
+                    opt.step()
+                    return
+                params.append(p)
+                grads.append(p.grad)
+                bufs.append(opt.state[p].get("momentum_buffer") if g["momentum"] != 0 else None)
+    with torch.no_grad():
+        for (lr, momentum, dampening, wd, nesterov, maximize), (params, grads, bufs) in buckets.items():
+            if not params:
+                continue
+            sgd(params, grads, bufs, foreach=True, weight_decay=wd, momentum=momentum, lr=lr,
+                dampening=dampening, nesterov=nesterov, maximize=maximize)
+            if momentum != 0:
+                for p, buf in zip(params, bufs):
+                    opt.state[p]["momentum_buffer"] = buf

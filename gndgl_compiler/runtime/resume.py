@@ -2,7 +2,8 @@
 
 ``gndgl train --resume RUN`` continues with the settings recorded in ``run.json``. Options
 that only change how the run is carried out (``--device``, ``--log-every``,
-``--checkpoint-every``, ``--data-root``, ``--max-steps``, ``--tensorboard``) apply and are
+``--checkpoint-every``, ``--data-root``, ``--fuse-siblings`` (the checkpoint layout is the
+same either way), ``--max-steps``, ``--tensorboard``) apply and are
 recorded; options that would change what is trained (``--dataset``, ``--batch-size``,
 ``--seed``, ``--set``, ...) are refused with a message. ``--epochs`` changes the length of an
 unfinished run (warm-up and milestones scale, as for a new run) or, on a finished one,
@@ -23,7 +24,7 @@ from typing import Any
 from ..errors import RunError
 from .optim import lr_at
 
-APPLIES = ("device", "log_every", "checkpoint_every", "data_root")
+APPLIES = ("device", "log_every", "checkpoint_every", "data_root", "fuse_siblings")
 """Options a resumed run takes (recorded in run.json); ``max_steps`` and ``tensorboard`` apply too."""
 REFUSED = {"dataset": "--dataset", "batch_size": "--batch-size", "seed": "--seed", "fused": "--fused/--no-fused",
            "amp": "amp", "channels_last": "channels_last", "limit_train": "--limit-train",

@@ -58,6 +58,8 @@ class TrainOptions:
     lr: float | None = None
     seed: int | None = None
     fused: bool | None = None
+    fuse_siblings: bool | None = None
+    """Sibling fusion (see ``Train.fuse_siblings``); a checkpoint of either setting resumes with the other."""
     amp: str | None = None
     channels_last: str | None = None
     log_every: int | None = None
@@ -127,8 +129,9 @@ def _merge(spec_train: dict, o: TrainOptions) -> dict:
             sched["warmup_epochs"] = sched["warmup_epochs"] * ratio
         if sched.get("milestones"):
             sched["milestones"] = [m * ratio for m in sched["milestones"]]
-    for key in ("epochs", "dataset", "data_root", "batch_size", "seed", "fused", "amp", "channels_last",
-                "log_every", "checkpoint_every"):
+    cfg.setdefault("fuse_siblings", True)  # runs recorded before the setting existed
+    for key in ("epochs", "dataset", "data_root", "batch_size", "seed", "fused", "fuse_siblings", "amp",
+                "channels_last", "log_every", "checkpoint_every"):
         val = getattr(o, key)
         if val is not None:
             cfg[key] = val
@@ -211,6 +214,7 @@ def _check_run_config(cfg: dict) -> None:
 
     from ..spec.models import Train
 
+    cfg.setdefault("fuse_siblings", True)  # runs recorded before the setting existed
     missing = sorted(set(Train.model_fields) - set(cfg))
     if missing:
         raise ValueError(f"config has no {', '.join(repr(m) for m in missing)}")
@@ -348,8 +352,12 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
             "input_shape": list(plan.input_shape), "num_classes": plan.num_classes}, indent=1))
     torch.manual_seed(cfg["seed"])
     ex = Executor(plan, art.modules, cfg["optimizer"], devices, fused=cfg["fused"], amp=amp,
-                  channels_last=channels_last, denorm=(data.mean, data.std))
+                  channels_last=channels_last, denorm=(data.mean, data.std),
+                  siblings=cfg.get("fuse_siblings", True) and ctx.world == 1)
     ex.comm = ctx.comm
+    if opts.on_log and ctx.rank == 0:
+        opts.on_log({"kind": "setup", "fusion": ex.fusion,
+                     "text": ex.fusion_summary() if ctx.world == 1 else "distributed: every module runs per partition"})
     bs = cfg["batch_size"]
     spe = steps_per_epoch(len(data.train_y), bs)
     if spe == 0:

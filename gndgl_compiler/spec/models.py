@@ -346,6 +346,9 @@ class Train(_Strict):
     amp: Literal["auto", "bf16", "off"] = Field("auto", description="bf16 autocast: 'auto' = on for CUDA.")
     channels_last: Literal["auto", "on", "off"] = Field("auto", description="channels_last memory format: 'auto' = on for CUDA.")
     fused: bool = Field(True, description="Fuse the partitions on one device into one step (same math, fewer kernels).")
+    fuse_siblings: bool = Field(True, description="With fused: run the G partitions of a module that share a device as one "
+                                "program (dense first conv + grouped convs, batched heads and losses; same math up to "
+                                "float rounding). Per-partition parameters, checkpoints and optimizer state are unchanged.")
 
 
 class Spec(_Strict):

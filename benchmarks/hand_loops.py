@@ -1,0 +1,178 @@
+"""Hand-written training loops for ResNet-32, the way a researcher writes them (no gndgl).
+
+* ``HandE2E``   — plain end-to-end backprop.
+* ``HandDGL``   — DGL: K modules, each trained by its own 1c2f aux head (the last by avgpool + fc)
+                  on the detached output of the previous module.
+* ``HandGNDGL`` — GN-DGL in the style of the paper's official code: per module one network with a
+                  dense first conv (and 1x1 shortcut) and ``Conv2d(groups=G)`` after it, G 1c2f heads,
+                  head g over ``cat(own slice live, siblings detached)``, cross-entropy + diversity
+                  penalty, a separate 1c2f final head on the detached last output.
+
+Each has one SGD-Nesterov optimizer over all its parameters, and ``step(x, y)``, which returns what a
+training loop logs and gndgl's ``train_step`` returns too: per head the detached loss and the number of
+correct predictions, left on the device (no ``.item()``). The module splits
+are those of the specs ``resnet32_k2g2``, ``resnet32_k4g4``, ``resnet32_k8g4`` / ``resnet32_k8g1``,
+so the networks have exactly gndgl's parameter counts (the benchmarks check it).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LR, MOMENTUM, WD = 0.1, 0.9, 1e-4
+OPT = {"kind": "sgd", "lr": LR, "momentum": MOMENTUM, "nesterov": True, "weight_decay": WD, "betas": (0.9, 0.999)}
+NUM_CLASSES = 10
+
+# ResNet-32: 3 stages x 5 blocks: (cin, cout, stride) per block
+BLOCKS = [(cin, cout, 2 if (b == 0 and s > 0) else 1)
+          for s, (cin0, cout) in enumerate([(16, 16), (16, 32), (32, 64)])
+          for b, cin in enumerate([cin0] + [cout] * 4)]
+SPLITS = {  # block indices per module, as the specs cut them
+    2: [[0, 1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12, 13, 14]],
+    4: [[0, 1, 2], [3, 4, 5, 6], [7, 8, 9, 10], [11, 12, 13, 14]],
+    8: [[0], [1, 2], [3, 4], [5, 6], [7, 8], [9, 10], [11, 12], [13, 14]],
+}
+
+
+def sgd(params):
+    # foreach: the multi-tensor step PyTorch uses by default on CUDA (the cheaper choice on a CPU too)
+    return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, nesterov=True, weight_decay=WD, foreach=True)
+
+
+class Block(nn.Module):
+    """BasicBlock; with groups G > 1, conv2 (and conv1 and the shortcut unless ``dense``) are grouped convs."""
+
+    def __init__(self, cin, cout, stride=1, groups=1, dense=True):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False, groups=1 if dense else groups)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False, groups=groups)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False, groups=1 if dense else groups),
+                                          nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (x if self.shortcut is None else self.shortcut(x)))
+
+
+def stem():
+    return nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+
+
+class Head1c2f(nn.Module):
+    """Conv3x3(C→2C, s2) → BN → ReLU → GAP → Linear(2C→128) → ReLU → Linear(128→classes)."""
+
+    def __init__(self, c, hidden=128):
+        super().__init__()
+        self.conv = nn.Conv2d(c, 2 * c, 3, 2, 1, bias=False)
+        self.bn = nn.BatchNorm2d(2 * c)
+        self.fc1 = nn.Linear(2 * c, hidden)
+        self.fc2 = nn.Linear(hidden, NUM_CLASSES)
+
+    def forward(self, h):
+        h = F.relu(self.bn(self.conv(h)))
+        return self.fc2(F.relu(self.fc1(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))))
+
+
+class PoolFC(nn.Module):
+    def __init__(self, c=64):
+        super().__init__()
+        self.fc = nn.Linear(c, NUM_CLASSES)
+
+    def forward(self, h):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+
+
+def diversity_probs(logits, y, T):
+    p = torch.softmax(logits / T, dim=1)
+    p = p.masked_fill(F.one_hot(y, p.shape[1]).bool(), 0.0)
+    p = p / p.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    return F.normalize(p, dim=1, eps=1e-12)
+
+
+class HandE2E:
+    def __init__(self):
+        self.net = nn.Sequential(stem(), *[Block(*b) for b in BLOCKS], PoolFC(64)).train()
+        self.opt = sgd(self.net.parameters())
+
+    def step(self, x, y):
+        out = self.net(x)
+        loss = F.cross_entropy(out, y)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad()
+        return [(loss.detach(), (out.argmax(1) == y).sum())]
+
+    def modules(self):
+        return [self.net]
+
+
+class HandDGL:
+    def __init__(self, K=8):
+        self.mods, self.heads = [], []
+        for k, idx in enumerate(SPLITS[K]):
+            layers = ([stem()] if k == 0 else []) + [Block(*BLOCKS[i]) for i in idx]
+            self.mods.append(nn.Sequential(*layers).train())
+            c = BLOCKS[idx[-1]][1]
+            self.heads.append((PoolFC(c) if k == K - 1 else Head1c2f(c)).train())
+        self.opt = sgd([p for m in self.mods + self.heads for p in m.parameters()])
+
+    def step(self, x, y):
+        h, stats = x, []
+        for body, head in zip(self.mods, self.heads):
+            h = body(h.detach())
+            out = head(h)
+            loss = F.cross_entropy(out, y)
+            loss.backward()
+            stats.append((loss.detach(), (out.argmax(1) == y).sum()))
+        self.opt.step()
+        self.opt.zero_grad()
+        return stats
+
+    def modules(self):
+        return self.mods + self.heads
+
+
+class HandGNDGL:
+    def __init__(self, K=8, G=4, div_weight=0.5, T=3.0):
+        self.G, self.w, self.T = G, div_weight, T
+        self.mods, self.heads = [], []
+        for k, idx in enumerate(SPLITS[K]):
+            layers = [stem()] if k == 0 else []
+            layers += [Block(*BLOCKS[i], groups=G, dense=(k > 0 and j == 0)) for j, i in enumerate(idx)]
+            self.mods.append(nn.Sequential(*layers).train())
+            self.heads.append(nn.ModuleList([Head1c2f(BLOCKS[idx[-1]][1]) for _ in range(G)]).train())
+        self.final = Head1c2f(64).train()
+        self.opt = sgd([p for m in self.mods + self.heads + [self.final] for p in m.parameters()])
+
+    def step(self, x, y):
+        h, stats = x, []
+        for body, heads in zip(self.mods, self.heads):
+            h = body(h.detach())
+            groups = h.chunk(self.G, dim=1)
+            logits = [head(torch.cat([o if j == g else o.detach() for j, o in enumerate(groups)], dim=1))
+                      for g, head in enumerate(heads)]
+            p_hat = [diversity_probs(lg, y, self.T) for lg in logits]
+            loss = 0.0
+            for g, lg in enumerate(logits):
+                cos = [F.cosine_similarity(p_hat[g], p_hat[j].detach(), dim=1).mean() for j in range(self.G) if j != g]
+                head_loss = F.cross_entropy(lg, y) + self.w * torch.stack(cos).mean()
+                loss = loss + head_loss
+                stats.append((head_loss.detach(), (lg.argmax(1) == y).sum()))
+            loss.backward()
+        out = self.final(h.detach())
+        loss = F.cross_entropy(out, y)
+        loss.backward()
+        stats.append((loss.detach(), (out.argmax(1) == y).sum()))
+        self.opt.step()
+        self.opt.zero_grad()
+        return stats
+
+    def modules(self):
+        return self.mods + self.heads + [self.final]
