@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from gndgl_compiler.errors import DistributedSetupError, GndglError
+from gndgl_compiler.errors import DistributedSetupError
 from gndgl_compiler.runtime.progress import ProgressEvent
 from gndgl_compiler.runtime.report import format_summary
 

@@ -291,3 +291,27 @@ def write_metrics_csv(run_dir: str | os.PathLike) -> Path:
     path = Path(run_dir) / METRICS_CSV
     atomic_write_text(path, buf.getvalue())
     return path
+
+
+def check_finite(acc_loss: dict, names: dict, gstep: int) -> None:
+    """Raise before a checkpoint could store weights trained on a non-finite loss."""
+    for pid, total in acc_loss.items():
+        if not math.isfinite(float(total)):
+            raise TrainingError(f"partition {names[pid]} has a non-finite loss around step {gstep}; lower the "
+                                "learning rate or check the data. The last good checkpoint is kept.")
+
+
+def log_records(acc_loss, acc_correct, n, bs, names, epoch, gstep, lr, ips) -> list[dict]:
+    """One 'train' record per partition: mean loss and local accuracy since the last log."""
+    out = []
+    for pid, total in acc_loss.items():
+        loss = float(total) / n
+        if not math.isfinite(loss):
+            raise TrainingError(f"partition {names[pid]} has a non-finite loss ({loss}) around step {gstep}; "
+                                "lower the learning rate or check the data. The last good checkpoint is kept.")
+        rec = {"kind": "train", "epoch": epoch, "step": gstep, "partition": names[pid], "loss": loss, "lr": lr,
+               "images_per_s": ips}
+        if pid in acc_correct:
+            rec["acc"] = float(acc_correct[pid]) / (n * bs)
+        out.append(rec)
+    return out

@@ -15,10 +15,7 @@ states are checkpointed.
 from __future__ import annotations
 
 import json
-import math
 import shutil
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,19 +26,21 @@ from safetensors.torch import save_file
 
 from ..api import Artifact, load_artifact
 from ..codegen.artifact import load_state_tensors, state_tensors
-from ..errors import DataError, DeviceError, GndglError, RunError, TrainingError
-from .checkpoint import (atomic_write_text, latest_valid_checkpoint, prune_checkpoints, remove_temp_files,
-                         rng_state, save_checkpoint, set_rng_state)
+from ..errors import DataError, DeviceError, GndglError, RunError
+from .checkpoint import (atomic_write_text, prune_checkpoints, remove_temp_files, rng_state, save_checkpoint,
+                         set_rng_state)
 from .data import Batches, load_dataset, steps_per_epoch
 from .dist_checkpoint import (commit_checkpoint, committed_checkpoint, gather_modules, gather_tensors,
-                              latest_commit, merge_rank_metrics, metrics_dir)
+                              merge_rank_metrics, metrics_dir)
 from .executor import Executor
-from .metrics import MetricsLogger, truncate_metrics, write_metrics_csv
+from .metrics import MetricsLogger, check_finite, log_records, truncate_metrics, write_metrics_csv
 from .resume import resume_config, run_lr
 from .progress import ProgressEvent, ProgressFn, counted
-
-DATA_RECORD = "data.json"
-"""Run-directory file with the input normalisation and class names the run trained with."""
+from .devices import _synthetic_like, guard_oom, resolve_devices  # noqa: F401  (re-exported)
+from .evaluate import evaluate_run  # noqa: F401  (re-exported)
+from .run_dir import (DATA_RECORD, _discard_unstarted, _load_run_artifact, _new_run_dir,  # noqa: F401
+                      _usable_checkpoint, check_resume_world, latest_run, read_run_record, run_weights)
+from .signals import Interrupted, StopFlag
 
 
 @dataclass
@@ -81,38 +80,6 @@ class TrainOptions:
     """Called with a :class:`ProgressEvent` per step, test batch and decoded chunk (host data only)."""
 
 
-def resolve_devices(art: Artifact, device: str | None) -> dict[int, torch.device]:
-    """Device of every partition, checked against what this machine has.
-
-    Raises:
-        DeviceError: a device that does not exist, naming ``--device`` as the fix.
-    """
-    out = {}
-    for p in art.plan.partitions:
-        name = device or p.device
-        try:
-            dev = torch.device(name)
-        except RuntimeError:
-            raise DeviceError(f"unknown device '{name}'; use cpu, cuda or cuda:N") from None
-        if dev.type == "cuda":
-            n = torch.cuda.device_count()
-            idx = dev.index or 0
-            if idx >= n:
-                fix = "--device cpu" if n == 0 else f"--device cpu or --device cuda:{n - 1 if n > 1 else 0}"
-                raise DeviceError(f"partition {p.name} is placed on {name} but this machine has "
-                                  f"{n} CUDA device(s); remap with {fix}")
-        elif dev.type not in ("cpu", "mps"):
-            raise DeviceError(f"unsupported device '{name}'")
-        out[p.id] = dev
-    return out
-
-
-def _synthetic_like(plan) -> dict:
-    """``synthetic`` data shaped like the network's input, with its number of classes, so that any
-    spec can be smoke-tested with ``--dataset synthetic``."""
-    return {"shape": tuple(plan.input_shape), "num_classes": plan.num_classes}
-
-
 def _merge(spec_train: dict, o: TrainOptions) -> dict:
     """The spec's ``train`` section with the options applied.
 
@@ -138,127 +105,6 @@ def _merge(spec_train: dict, o: TrainOptions) -> dict:
     if o.lr is not None:
         cfg["optimizer"]["lr"] = o.lr
     return cfg
-
-
-def _new_run_dir(name: str, requested: str | None) -> Path:
-    if requested:
-        d = Path(requested)
-        if d.exists() and any(d.iterdir()):
-            raise RunError(f"run directory '{d}' is not empty; resume it with --resume {d} or choose another")
-    else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        d = Path("runs") / f"{name}-{stamp}"
-        i = 1
-        while d.exists():
-            d, i = Path("runs") / f"{name}-{stamp}-{i}", i + 1
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RunError(f"cannot create run directory '{d}': {exc.strerror}; choose another with --run-dir") from None
-    return d
-
-
-def latest_run(root: str | Path = "runs") -> Path:
-    """The most recently started run under ``root`` (what ``gndgl eval`` / ``plot`` use by default).
-
-    Raises:
-        RunError: ``root`` holds no run directory.
-    """
-    root = Path(root)
-    runs = [d for d in root.iterdir() if (d / "run.json").is_file()] if root.is_dir() else []
-    if not runs:
-        raise RunError(f"no run directory in '{root}/'; pass one (gndgl train writes runs/NAME-TIME/)")
-    return max(runs, key=lambda d: (d / "run.json").stat().st_mtime)
-
-
-def read_run_record(run_dir: str | Path) -> dict:
-    """The checked ``run.json`` of a run directory (its training settings).
-
-    Returns:
-        The record; ``config`` holds every field of the spec's ``train`` section.
-
-    Raises:
-        RunError: not a run directory; ``run.json`` or ``artifact/`` missing; ``run.json``
-            unreadable or with a missing or ill-typed setting (naming the file and field).
-    """
-    run_dir = Path(run_dir)
-    path = run_dir / "run.json"
-    has_artifact, has_record = (run_dir / "artifact").is_dir(), path.is_file()
-    if not has_artifact and not has_record:
-        raise RunError(f"'{run_dir}' is not a gndgl run directory (expected artifact/ and run.json inside); "
-                       "give the directory 'gndgl train' created")
-    if not has_record:
-        raise RunError(f"'{path}' is missing; it holds the settings of the run in '{run_dir}', which cannot be "
-                       "resumed or evaluated without it. Restore it, or start a new run")
-    if not has_artifact:
-        raise RunError(f"'{run_dir / 'artifact'}' is missing; it holds the compiled network of the run. Restore it "
-                       "(a copy of the artifact the run was started from), or start a new run")
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
-            raise ValueError("no 'config' object")
-        world = saved.get("world", 1)
-        if not isinstance(world, int) or isinstance(world, bool) or world < 1:
-            raise ValueError(f"'world' is {world!r}, not a positive integer")
-        if not isinstance(saved.get("device"), (str, type(None))):
-            raise ValueError(f"'device' is {saved['device']!r}, not a device name")
-        _check_run_config(saved["config"])
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise RunError(f"'{path}' is unreadable or damaged ({exc}); restore it, or start a new run") from None
-    return saved
-
-
-def _check_run_config(cfg: dict) -> None:
-    """Check the ``config`` of a ``run.json`` in place (fills nested defaults); ValueError names a bad field."""
-    from pydantic import ValidationError
-
-    from ..spec.models import Train
-
-    cfg.setdefault("fuse_siblings", True)  # runs recorded before the setting existed
-    missing = sorted(set(Train.model_fields) - set(cfg))
-    if missing:
-        raise ValueError(f"config has no {', '.join(repr(m) for m in missing)}")
-    if not isinstance(cfg.get("extensions", []), list):
-        raise ValueError("config.extensions is not a list")
-    for key in ("limit_train", "limit_test"):
-        val = cfg.get(key)
-        if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 1):
-            raise ValueError(f"config.{key} is {val!r}, not a positive integer or null")
-    train = {k: v for k, v in cfg.items() if k not in ("limit_train", "limit_test", "extensions")}
-    try:
-        checked = Train.model_validate_json(json.dumps(train), strict=True)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise ValueError(f"config.{'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
-    cfg.update(checked.model_dump(mode="json"))
-
-
-def _load_run_artifact(run_dir: Path, saved: dict) -> Artifact:
-    """The run's own copy of its artifact; a damaged file is named with the fix for a run directory."""
-    source = saved.get("source")
-    origin = f" (e.g. from '{source}', if it was not recompiled since)" if source and source != "None" else ""
-    return load_artifact(run_dir / "artifact", remedy=f"the run directory was modified: restore the file{origin}, "
-                                                      "or start a new run")
-
-
-def check_resume_world(run_dir: str | Path, world: int) -> dict:
-    """Check that ``run_dir`` is a run directory trained with ``world`` processes.
-
-    Returns:
-        The run's ``run.json`` record (see :func:`read_run_record`).
-
-    Raises:
-        RunError: not a run directory, a damaged ``run.json``, or trained with another number
-            of workers (says which to use).
-    """
-    run_dir = Path(run_dir)
-    saved = read_run_record(run_dir)
-    saved_world = saved.get("world", 1)
-    if saved_world != world:
-        how = f"--workers {saved_world}" if saved_world > 1 else "no --workers (one process)"
-        raise RunError(f"'{run_dir}' was trained with {saved_world} worker(s) and its checkpoints hold that "
-                       f"placement; resume it with {how}, or start a new run")
-    return saved
 
 
 def train_artifact(source: str | Path | Artifact, opts: TrainOptions | None = None) -> dict[str, Any]:
@@ -305,18 +151,6 @@ def train_artifact(source: str | Path | Artifact, opts: TrainOptions | None = No
             _discard_unstarted(run_dir, fresh)
             raise
     return _run(art, cfg, run_dir, device, opts)
-
-
-def _discard_unstarted(run_dir: Path, fresh: bool) -> None:
-    """Undo a run directory whose start failed on bad input (nothing was trained in it), so the
-    same command works once the input is fixed."""
-    if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
-        return
-    if fresh:
-        shutil.rmtree(run_dir, ignore_errors=True)
-    else:
-        for child in run_dir.iterdir():
-            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
 
 
 @dataclass
@@ -447,7 +281,7 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
                     if ctx.comm is not None:
                         ctx.comm.begin_step(gstep)
                     lr = run_lr(cfg, gstep - phase_step0, spe, epochs)
-                    stats = _guard_oom(lambda: ex.train_step(x, y, lr, active, seed=(cfg["seed"], gstep)), first_dev, bs)
+                    stats = guard_oom(lambda: ex.train_step(x, y, lr, active, seed=(cfg["seed"], gstep)), first_dev, bs)
                     for pid, (loss, correct) in stats.items():
                         acc_loss[pid] = acc_loss.get(pid, 0) + loss.float()
                         if correct is not None:
@@ -459,14 +293,14 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
                         opts.on_progress(ProgressEvent("train", step + 1, spe, epoch=epoch, epochs=total_epochs,
                                                        step=gstep, steps=total_epochs * spe, images=y.numel()))
                     if gstep % cfg["log_every"] == 0 or step == spe - 1:
-                        for rec in _log_records(acc_loss, acc_correct, n_acc, bs, names, epoch, gstep, lr,
+                        for rec in log_records(acc_loss, acc_correct, n_acc, bs, names, epoch, gstep, lr,
                                                 n_acc * bs / max(time.time() - t_log, 1e-9)):
                             log.log(rec)
                             if opts.on_log:
                                 opts.on_log(rec)
                         acc_loss, acc_correct, n_acc, t_log = {}, {}, 0, time.time()
                     if cfg["checkpoint_every"] and gstep % cfg["checkpoint_every"] == 0:
-                        _check_finite(acc_loss, names, gstep)
+                        check_finite(acc_loss, names, gstep)
                         checkpoint(epoch, step + 1)
                     if stop.requested and ctx.world == 1:
                         interrupted = done = True
@@ -475,10 +309,10 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
                         break
                 if done and not (step == spe - 1):
                     if n_acc and opts.on_log:  # show the steps since the last record (not logged: a resumed
-                        for rec in _log_records(acc_loss, acc_correct, n_acc, bs, names, epoch, gstep, lr,  # run
+                        for rec in log_records(acc_loss, acc_correct, n_acc, bs, names, epoch, gstep, lr,  # run
                                                 n_acc * bs / max(time.time() - t_log, 1e-9)):  # logs them)
                             opts.on_log({**rec, "partial": True})
-                    _check_finite(acc_loss, names, gstep)
+                    check_finite(acc_loss, names, gstep)
                     checkpoint(epoch, step + 1)
                     break
                 epoch, start_step = epoch + 1, 0
@@ -529,149 +363,6 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
     write_metrics_csv(run_dir)
     return summary
-
-
-class Interrupted(GndglError):
-    """Training was stopped by Ctrl-C / SIGTERM after writing a checkpoint."""
-
-    exit_code = 130
-
-
-class StopFlag:
-    """First SIGINT/SIGTERM asks the loop to checkpoint and stop; a second one interrupts at once."""
-
-    def __init__(self, immediate: bool = False) -> None:
-        self.requested = False
-        self.immediate = immediate
-        """Interrupt at the first signal (distributed ranks: the launcher stops every rank together)."""
-        self._old: dict[int, Any] = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:  # noqa: ANN001 - signal handler signature
-        if self.requested or self.immediate:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def restore(self) -> None:
-        """Put the previous handlers back."""
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old = {}
-
-
-def _usable_checkpoint(ckpt_dir: Path):
-    """The newest valid checkpoint in ``ckpt_dir`` (None if there are none).
-
-    Raises:
-        RunError: there are checkpoints but none is usable (a checkpointed run is never
-            silently started again from step 0).
-    """
-    problems: list[str] = []
-    loaded = latest_valid_checkpoint(ckpt_dir, problems) if ckpt_dir.exists() else None
-    if loaded is None and problems:
-        more = f"; and {len(problems) - 1} more" if len(problems) > 1 else ""
-        raise RunError(f"'{ckpt_dir}' has checkpoints but none is usable ({problems[0]}{more}). There is no earlier "
-                       f"checkpoint to fall back to: restore the damaged files, or move '{ckpt_dir}' away and run "
-                       f"'gndgl train --resume {ckpt_dir.parent}' to train the run again from step 0")
-    return loaded
-
-
-def _check_finite(acc_loss: dict, names: dict, gstep: int) -> None:
-    """Raise before a checkpoint could store weights trained on a non-finite loss."""
-    for pid, total in acc_loss.items():
-        if not math.isfinite(float(total)):
-            raise TrainingError(f"partition {names[pid]} has a non-finite loss around step {gstep}; lower the "
-                                "learning rate or check the data. The last good checkpoint is kept.")
-
-
-def _log_records(acc_loss, acc_correct, n, bs, names, epoch, gstep, lr, ips) -> list[dict]:
-    """One 'train' record per partition: mean loss and local accuracy since the last log."""
-    out = []
-    for pid, total in acc_loss.items():
-        loss = float(total) / n
-        if not math.isfinite(loss):
-            raise TrainingError(f"partition {names[pid]} has a non-finite loss ({loss}) around step {gstep}; "
-                                "lower the learning rate or check the data. The last good checkpoint is kept.")
-        rec = {"kind": "train", "epoch": epoch, "step": gstep, "partition": names[pid], "loss": loss, "lr": lr,
-               "images_per_s": ips}
-        if pid in acc_correct:
-            rec["acc"] = float(acc_correct[pid]) / (n * bs)
-        out.append(rec)
-    return out
-
-
-def _guard_oom(fn, device: torch.device, bs: int):
-    try:
-        return fn()
-    except torch.OutOfMemoryError:
-        raise TrainingError(f"out of memory on {device} with batch size {bs}; try --batch-size {max(1, bs // 2)}"
-                            ) from None
-    except RuntimeError as exc:
-        if "out of memory" in str(exc).lower():
-            raise TrainingError(f"out of memory on {device} with batch size {bs}; try --batch-size "
-                                f"{max(1, bs // 2)}") from None
-        raise
-
-
-def run_weights(run_dir: str | Path, saved: dict) -> tuple[dict[str, torch.Tensor], str]:
-    """The newest weights of a run: ``weights.safetensors``, else its latest usable checkpoint.
-
-    Reads only safetensors and JSON (never unpickles).
-
-    Args:
-        run_dir: the run directory.
-        saved: its ``run.json`` record (:func:`read_run_record`).
-
-    Returns:
-        ``(tensors named '<partition>.<name>', where they came from)``, e.g. ``"final weights"``.
-
-    Raises:
-        RunError: damaged final weights, or no weights or checkpoints yet.
-    """
-    from safetensors.torch import load_file
-    run_dir = Path(run_dir)
-    ckpts = run_dir / "checkpoints"
-    if (run_dir / "weights.safetensors").exists():
-        try:
-            return load_file(str(run_dir / "weights.safetensors")), "final weights"
-        except Exception as exc:  # noqa: BLE001 - safetensors raises several types on damaged files
-            raise RunError(f"'{run_dir / 'weights.safetensors'}' is damaged ({exc}); delete it to use the "
-                           "last checkpoint instead") from None
-    if int(saved.get("world", 1)) > 1:
-        step = latest_commit(ckpts)
-        if step is None:
-            raise RunError(f"'{run_dir}' has no weights or committed checkpoints yet; train it first "
-                           f"(gndgl train --resume {run_dir})")
-        return gather_tensors(ckpts, step, int(saved["world"])), f"committed checkpoint ckpt-{step:09d}"
-    loaded = _usable_checkpoint(ckpts)
-    if loaded is None:
-        raise RunError(f"'{run_dir}' has no weights or checkpoints yet; train it first (gndgl train --resume {run_dir})")
-    return loaded.tensors, f"checkpoint {loaded.name}"
-
-
-def evaluate_run(run_dir: str | Path, device: str | None = None, limit_test: int | None = None) -> dict[str, Any]:
-    """Test accuracy of a finished or partial run (latest weights or checkpoint).
-
-    Raises:
-        GndglError: not a run directory, or no weights in it.
-    """
-    run_dir = Path(run_dir)
-    saved = read_run_record(run_dir)
-    art = _load_run_artifact(run_dir, saved)
-    cfg = saved["config"]
-    tensors, source = run_weights(run_dir, saved)
-    load_state_tensors(art.modules, art.plan, tensors, str(run_dir))
-    devices = resolve_devices(art, device or "cpu")
-    data = load_dataset(cfg["dataset"], root=cfg.get("data_root"), input_shape=tuple(art.plan.input_shape),
-                        limit_train=1, limit_test=limit_test or cfg.get("limit_test"), synthetic=_synthetic_like(art.plan))
-    first = devices[art.plan.partitions[0].id]
-    data = data.to(first)
-    ex = Executor(art.plan, art.modules, cfg["optimizer"], devices, fused=False, denorm=(data.mean, data.std))
-    ev = ex.evaluate(Batches(data, batch_size=256, seed=0, epoch=0, train=False, augment=False))
-    ev["source"] = source
-    return ev
 
 
 __all__ = ["GndglError", "TrainOptions", "evaluate_run", "latest_run", "read_run_record", "run_weights", "train_artifact"]

@@ -1,0 +1,35 @@
+"""``evaluate_run``: test accuracy of a finished or partial run (its newest weights)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..codegen.artifact import load_state_tensors
+from .data import Batches, load_dataset
+from .devices import _synthetic_like, resolve_devices
+from .executor import Executor
+from .run_dir import _load_run_artifact, read_run_record, run_weights
+
+
+def evaluate_run(run_dir: str | Path, device: str | None = None, limit_test: int | None = None) -> dict[str, Any]:
+    """Test accuracy of a finished or partial run (latest weights or checkpoint).
+
+    Raises:
+        GndglError: not a run directory, or no weights in it.
+    """
+    run_dir = Path(run_dir)
+    saved = read_run_record(run_dir)
+    art = _load_run_artifact(run_dir, saved)
+    cfg = saved["config"]
+    tensors, source = run_weights(run_dir, saved)
+    load_state_tensors(art.modules, art.plan, tensors, str(run_dir))
+    devices = resolve_devices(art, device or "cpu")
+    data = load_dataset(cfg["dataset"], root=cfg.get("data_root"), input_shape=tuple(art.plan.input_shape),
+                        limit_train=1, limit_test=limit_test or cfg.get("limit_test"), synthetic=_synthetic_like(art.plan))
+    first = devices[art.plan.partitions[0].id]
+    data = data.to(first)
+    ex = Executor(art.plan, art.modules, cfg["optimizer"], devices, fused=False, denorm=(data.mean, data.std))
+    ev = ex.evaluate(Batches(data, batch_size=256, seed=0, epoch=0, train=False, augment=False))
+    ev["source"] = source
+    return ev

@@ -1,0 +1,212 @@
+"""Run directories: create, find and validate them (both entry points use this).
+
+    runs/<name>-<time>/
+        artifact/            the compiled network (a copy; hashes checked on load)
+        run.json             the training settings (checked field by field on every read)
+        data.json            input normalisation and classes (load_run, gndgl export)
+        checkpoints/         ckpt-<step>.{safetensors,json}, newest valid one used
+        metrics.jsonl/.csv   summary.json   weights.safetensors
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..api import Artifact, load_artifact
+from ..errors import RunError
+from .checkpoint import latest_valid_checkpoint
+from .dist_checkpoint import gather_tensors, latest_commit
+
+DATA_RECORD = "data.json"
+"""Run-directory file with the input normalisation and class names the run trained with."""
+
+
+def _new_run_dir(name: str, requested: str | None) -> Path:
+    if requested:
+        d = Path(requested)
+        if d.exists() and any(d.iterdir()):
+            raise RunError(f"run directory '{d}' is not empty; resume it with --resume {d} or choose another")
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        d = Path("runs") / f"{name}-{stamp}"
+        i = 1
+        while d.exists():
+            d, i = Path("runs") / f"{name}-{stamp}-{i}", i + 1
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunError(f"cannot create run directory '{d}': {exc.strerror}; choose another with --run-dir") from None
+    return d
+
+
+def latest_run(root: str | Path = "runs") -> Path:
+    """The most recently started run under ``root`` (what ``gndgl eval`` / ``plot`` use by default).
+
+    Raises:
+        RunError: ``root`` holds no run directory.
+    """
+    root = Path(root)
+    runs = [d for d in root.iterdir() if (d / "run.json").is_file()] if root.is_dir() else []
+    if not runs:
+        raise RunError(f"no run directory in '{root}/'; pass one (gndgl train writes runs/NAME-TIME/)")
+    return max(runs, key=lambda d: (d / "run.json").stat().st_mtime)
+
+
+def read_run_record(run_dir: str | Path) -> dict:
+    """The checked ``run.json`` of a run directory (its training settings).
+
+    Returns:
+        The record; ``config`` holds every field of the spec's ``train`` section.
+
+    Raises:
+        RunError: not a run directory; ``run.json`` or ``artifact/`` missing; ``run.json``
+            unreadable or with a missing or ill-typed setting (naming the file and field).
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / "run.json"
+    has_artifact, has_record = (run_dir / "artifact").is_dir(), path.is_file()
+    if not has_artifact and not has_record:
+        raise RunError(f"'{run_dir}' is not a gndgl run directory (expected artifact/ and run.json inside); "
+                       "give the directory 'gndgl train' created")
+    if not has_record:
+        raise RunError(f"'{path}' is missing; it holds the settings of the run in '{run_dir}', which cannot be "
+                       "resumed or evaluated without it. Restore it, or start a new run")
+    if not has_artifact:
+        raise RunError(f"'{run_dir / 'artifact'}' is missing; it holds the compiled network of the run. Restore it "
+                       "(a copy of the artifact the run was started from), or start a new run")
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+            raise ValueError("no 'config' object")
+        world = saved.get("world", 1)
+        if not isinstance(world, int) or isinstance(world, bool) or world < 1:
+            raise ValueError(f"'world' is {world!r}, not a positive integer")
+        if not isinstance(saved.get("device"), (str, type(None))):
+            raise ValueError(f"'device' is {saved['device']!r}, not a device name")
+        _check_run_config(saved["config"])
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise RunError(f"'{path}' is unreadable or damaged ({exc}); restore it, or start a new run") from None
+    return saved
+
+
+def _check_run_config(cfg: dict) -> None:
+    """Check the ``config`` of a ``run.json`` in place (fills nested defaults); ValueError names a bad field."""
+    from pydantic import ValidationError
+
+    from ..spec.models import Train
+
+    cfg.setdefault("fuse_siblings", True)  # runs recorded before the setting existed
+    missing = sorted(set(Train.model_fields) - set(cfg))
+    if missing:
+        raise ValueError(f"config has no {', '.join(repr(m) for m in missing)}")
+    if not isinstance(cfg.get("extensions", []), list):
+        raise ValueError("config.extensions is not a list")
+    for key in ("limit_train", "limit_test"):
+        val = cfg.get(key)
+        if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 1):
+            raise ValueError(f"config.{key} is {val!r}, not a positive integer or null")
+    train = {k: v for k, v in cfg.items() if k not in ("limit_train", "limit_test", "extensions")}
+    try:
+        checked = Train.model_validate_json(json.dumps(train), strict=True)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ValueError(f"config.{'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
+    cfg.update(checked.model_dump(mode="json"))
+
+
+def _load_run_artifact(run_dir: Path, saved: dict) -> Artifact:
+    """The run's own copy of its artifact; a damaged file is named with the fix for a run directory."""
+    source = saved.get("source")
+    origin = f" (e.g. from '{source}', if it was not recompiled since)" if source and source != "None" else ""
+    return load_artifact(run_dir / "artifact", remedy=f"the run directory was modified: restore the file{origin}, "
+                                                      "or start a new run")
+
+
+def check_resume_world(run_dir: str | Path, world: int) -> dict:
+    """Check that ``run_dir`` is a run directory trained with ``world`` processes.
+
+    Returns:
+        The run's ``run.json`` record (see :func:`read_run_record`).
+
+    Raises:
+        RunError: not a run directory, a damaged ``run.json``, or trained with another number
+            of workers (says which to use).
+    """
+    run_dir = Path(run_dir)
+    saved = read_run_record(run_dir)
+    saved_world = saved.get("world", 1)
+    if saved_world != world:
+        how = f"--workers {saved_world}" if saved_world > 1 else "no --workers (one process)"
+        raise RunError(f"'{run_dir}' was trained with {saved_world} worker(s) and its checkpoints hold that "
+                       f"placement; resume it with {how}, or start a new run")
+    return saved
+
+
+def _discard_unstarted(run_dir: Path, fresh: bool) -> None:
+    """Undo a run directory whose start failed on bad input (nothing was trained in it), so the
+    same command works once the input is fixed."""
+    if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+        return
+    if fresh:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    else:
+        for child in run_dir.iterdir():
+            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+
+
+def _usable_checkpoint(ckpt_dir: Path):
+    """The newest valid checkpoint in ``ckpt_dir`` (None if there are none).
+
+    Raises:
+        RunError: there are checkpoints but none is usable (a checkpointed run is never
+            silently started again from step 0).
+    """
+    problems: list[str] = []
+    loaded = latest_valid_checkpoint(ckpt_dir, problems) if ckpt_dir.exists() else None
+    if loaded is None and problems:
+        more = f"; and {len(problems) - 1} more" if len(problems) > 1 else ""
+        raise RunError(f"'{ckpt_dir}' has checkpoints but none is usable ({problems[0]}{more}). There is no earlier "
+                       f"checkpoint to fall back to: restore the damaged files, or move '{ckpt_dir}' away and run "
+                       f"'gndgl train --resume {ckpt_dir.parent}' to train the run again from step 0")
+    return loaded
+
+
+def run_weights(run_dir: str | Path, saved: dict) -> tuple[dict[str, torch.Tensor], str]:
+    """The newest weights of a run: ``weights.safetensors``, else its latest usable checkpoint.
+
+    Reads only safetensors and JSON (never unpickles).
+
+    Args:
+        run_dir: the run directory.
+        saved: its ``run.json`` record (:func:`read_run_record`).
+
+    Returns:
+        ``(tensors named '<partition>.<name>', where they came from)``, e.g. ``"final weights"``.
+
+    Raises:
+        RunError: damaged final weights, or no weights or checkpoints yet.
+    """
+    from safetensors.torch import load_file
+    run_dir = Path(run_dir)
+    ckpts = run_dir / "checkpoints"
+    if (run_dir / "weights.safetensors").exists():
+        try:
+            return load_file(str(run_dir / "weights.safetensors")), "final weights"
+        except Exception as exc:  # noqa: BLE001 - safetensors raises several types on damaged files
+            raise RunError(f"'{run_dir / 'weights.safetensors'}' is damaged ({exc}); delete it to use the "
+                           "last checkpoint instead") from None
+    if int(saved.get("world", 1)) > 1:
+        step = latest_commit(ckpts)
+        if step is None:
+            raise RunError(f"'{run_dir}' has no weights or committed checkpoints yet; train it first "
+                           f"(gndgl train --resume {run_dir})")
+        return gather_tensors(ckpts, step, int(saved["world"])), f"committed checkpoint ckpt-{step:09d}"
+    loaded = _usable_checkpoint(ckpts)
+    if loaded is None:
+        raise RunError(f"'{run_dir}' has no weights or checkpoints yet; train it first (gndgl train --resume {run_dir})")
+    return loaded.tensors, f"checkpoint {loaded.name}"
