@@ -74,6 +74,7 @@ class Executor:
                  siblings: bool = True):
         self.plan, self.modules, self.devices = plan, modules, devices
         self.fused, self.amp, self.channels_last, self.denorm = fused, amp, channels_last, denorm
+        self._denorm_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # see _image01
         self.comm: Any = None
         """Optional transport (distributed runs): recv_inputs / send_output / recv_shares / exchange_diversity."""
         self.parts = {p.id: p for p in plan.partitions}
@@ -232,9 +233,14 @@ class Executor:
         return losses
 
     def _image01(self, x: torch.Tensor) -> torch.Tensor:
-        mean, std = self.denorm or ((0.0,), (1.0,))
-        m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
-        s = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
+        """The normalised batch back in [0, 1] (InfoPro's reconstruction target); the mean/std
+        tensors are made once per device, so a step copies nothing from the host."""
+        cache = self._denorm_on
+        if x.device not in cache:
+            mean, std = self.denorm or ((0.0,), (1.0,))
+            cache[x.device] = (torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, -1, 1, 1),
+                               torch.tensor(std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1))
+        m, s = cache[x.device]
         return (x.float() * s + m).clamp(0, 1)
 
     # ------------------------------------------------------------------ training
