@@ -31,6 +31,19 @@ gndgl need not be pip-installed: the script imports this checkout, and where ``g
 installed its training subprocesses run ``gpu_check.py --child-train`` (``train_artifact``) instead of
 ``gndgl train`` (``--runner``). Its dependencies (pydantic, ...) must be importable.
 
+On this workplace's lent H200 (torch 2.11, Python 3.12, no pydantic; checked 2026-12-01 from its docs,
+not run): download the wheels here, then ``carry: [".gpu_data", ".whl"]`` with ``timeout_s`` ~560::
+
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+        pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0
+    # device command:
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && \
+        export PYTHONPATH=/tmp/site:$PWD && PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py \
+        --cifar .gpu_data/cifar10-jpeg.tar.gz --out $OUT 2>&1 | tee $OUT/stdout.txt
+
+(networkx, typer, rich, pyyaml and safetensors must be importable there too; add their wheels if not.)
+
 Smoke test of the script itself (CPU allowed, < 60 s: 2 specs, 2 steps, batch 8, no CIFAR)::
 
     OMP_NUM_THREADS=1 python benchmarks/gpu_check.py --smoke --out /tmp/gpu_check_smoke
