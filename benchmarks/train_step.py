@@ -41,9 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gndgl_compiler import compile_spec
-from gndgl_compiler.graph.losses import diversity_penalty, diversity_probs
-from gndgl_compiler.runtime.executor import Executor
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hand_loops import Head1c2f, PoolFC  # noqa: E402  (the heads step_cost.py's loops use)
+
+from gndgl_compiler import compile_spec  # noqa: E402
+from gndgl_compiler.graph.losses import diversity_penalty, diversity_probs  # noqa: E402
+from gndgl_compiler.runtime.executor import Executor  # noqa: E402
 
 SPECS = Path(__file__).resolve().parents[1] / "specs"
 LR, MOMENTUM, WD = 0.1, 0.9, 1e-4
@@ -98,32 +101,6 @@ class ResNet32(nn.Module):
         x = self.blocks(self.stem(x))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
-
-class Head1c2f(nn.Module):
-    """Conv3x3(C→2C, s2) → BN → ReLU → GAP → Linear(2C→F) → ReLU → Linear(F→classes)."""
-
-    def __init__(self, c, hidden=128):
-        super().__init__()
-        self.conv = nn.Conv2d(c, 2 * c, 3, 2, 1, bias=False)
-        self.bn = nn.BatchNorm2d(2 * c)
-        self.fc1 = nn.Linear(2 * c, hidden)
-        self.fc2 = nn.Linear(hidden, NUM_CLASSES)
-
-    def forward(self, h):
-        h = F.relu(self.bn(self.conv(h)))
-        return self.fc2(F.relu(self.fc1(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))))
-
-
-class PoolFC(nn.Module):
-    def __init__(self, c=64):
-        super().__init__()
-        self.fc = nn.Linear(c, NUM_CLASSES)
-
-    def forward(self, h):
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
-
-
-# ---------------------------------------------------------------- end-to-end
 
 class HandE2E:
     def __init__(self):

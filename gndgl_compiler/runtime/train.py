@@ -34,7 +34,7 @@ from .dist_checkpoint import (commit_checkpoint, committed_checkpoint, gather_mo
                               merge_rank_metrics, metrics_dir)
 from .executor import Executor
 from .metrics import MetricsLogger, check_finite, log_records, truncate_metrics, write_metrics_csv
-from .resume import resume_config, run_lr
+from .resume import resume_config, run_lr, scale_schedule
 from .progress import ProgressEvent, ProgressFn, counted
 from .devices import _synthetic_like, guard_oom, resolve_devices  # noqa: F401  (re-exported)
 from .evaluate import evaluate_run  # noqa: F401  (re-exported)
@@ -91,11 +91,7 @@ def _merge(spec_train: dict, o: TrainOptions) -> dict:
         from ..spec.overrides import override_train
         cfg = override_train(cfg, o.overrides)
     if o.epochs is not None and o.epochs != cfg["epochs"]:
-        ratio, sched = o.epochs / cfg["epochs"], cfg["schedule"]
-        if sched.get("warmup_epochs"):
-            sched["warmup_epochs"] = sched["warmup_epochs"] * ratio
-        if sched.get("milestones"):
-            sched["milestones"] = [m * ratio for m in sched["milestones"]]
+        cfg["schedule"] = scale_schedule(cfg["schedule"], o.epochs / cfg["epochs"])
     cfg.setdefault("fuse_siblings", True)  # runs recorded before the setting existed
     for key in ("epochs", "dataset", "data_root", "batch_size", "seed", "fused", "fuse_siblings", "amp",
                 "channels_last", "log_every", "checkpoint_every"):
