@@ -455,7 +455,8 @@ def check_pipeline_sync(name: str, args, device: torch.device) -> dict:
     """Informational: does drawing one augmented training batch (``Batches``) synchronise? (``warn`` if so)."""
     if device.type != "cuda":
         return {"status": "skipped", "message": "skipped (no CUDA)"}
-    from gndgl_compiler.runtime.data import Batches, load_dataset
+    from gndgl_compiler.runtime.batches import Batches
+    from gndgl_compiler.runtime.data import load_dataset
 
     art = compile_spec(spec_path(name))
     data = load_dataset("synthetic", synthetic={"n_train": 4 * args.p1_batch, "n_test": 16,
