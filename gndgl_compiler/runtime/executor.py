@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..codegen.modules import PartitionModule
-from ..graph import losses as L
+from .. import losses as L
 from ..partition.plan import IMAGE, PartitionPlan
 from .fused import FusedStage, NotFusable
 from .optim import make_optimizer, set_lr, step_all

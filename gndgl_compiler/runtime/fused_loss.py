@@ -9,7 +9,7 @@ For logits ``Z`` of shape (B, G, classes) — head g's logits in ``Z[:, g]`` —
     L_g     = ce_g + w · pen_g
 
 Partition g's loss depends on its own logits live and on its siblings' only through the
-detached p̂ — the same stop-gradient as the per-partition losses (``graph/losses.py``).
+detached p̂ — the same stop-gradient as the per-partition losses (``losses.py``).
 """
 
 from __future__ import annotations

@@ -29,7 +29,8 @@ from ..codegen.artifact import load_state_tensors, state_tensors
 from ..errors import DataError, DeviceError, GndglError, RunError
 from .checkpoint import (atomic_write_text, prune_checkpoints, remove_temp_files, rng_state, save_checkpoint,
                          set_rng_state)
-from .data import Batches, load_dataset, steps_per_epoch
+from .batches import Batches, steps_per_epoch
+from .data import load_dataset
 from .dist_checkpoint import (commit_checkpoint, committed_checkpoint, gather_modules, gather_tensors,
                               merge_rank_metrics, metrics_dir)
 from .executor import Executor
