@@ -38,7 +38,7 @@ def _tag(step: int, src: int, kind: str) -> int:
 
 
 class PeerComm:
-    """Point-to-point transport of one rank (used as ``Executor.comm``).
+    """Point-to-point transport of one rank (a :class:`~gndgl_compiler.runtime.transport.Transport`).
 
     Args:
         plan: the partition plan (``partition.worker`` = owning rank).
@@ -48,6 +48,8 @@ class PeerComm:
         dtype: dtype tensors travel in.
         max_inflight: steps whose sends may still be in flight.
     """
+
+    in_process = False
 
     def __init__(self, plan: PartitionPlan, rank: int, batch_size: int, device: torch.device,
                  dtype: torch.dtype = torch.float32, max_inflight: int = 2):
