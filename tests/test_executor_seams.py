@@ -27,6 +27,7 @@ from gndgl_compiler.runtime.executor import Executor
 from gndgl_compiler.runtime.fused import SiblingFusedRunner
 from gndgl_compiler.runtime.stage_runner import PartitionRunner
 from gndgl_compiler.runtime.transport import LocalTransport, Transport
+from tiny_spec import tiny_spec
 
 SPECS = Path(__file__).resolve().parents[1] / "specs"
 CPU = torch.device("cpu")
@@ -43,7 +44,8 @@ def batch(art, n=8, seed=0):
 
 @pytest.fixture(scope="module")
 def k2g2():
-    return compile_spec(SPECS / "resnet32_k2g2.yaml")
+    """The tiny K=2 G=2 network (sharing, diversity, separate final head: 5 partitions)."""
+    return compile_spec(tiny_spec("seams", "train:\n  dataset: synthetic\n  batch_size: 8\n"))
 
 
 class MailboxTransport:
