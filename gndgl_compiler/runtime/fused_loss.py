@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..partition.plan import Partition
+from .fused_ops import NotFusable
 
 _EPS = 1e-12
 _COS_EPS = 1e-8
@@ -34,7 +35,6 @@ class FusedLoss:
     """
 
     def __init__(self, parts: list[Partition]):
-        from .fused import NotFusable
         G = len(parts)
         loss = parts[0].loss
         if any(p.loss != loss for p in parts):
