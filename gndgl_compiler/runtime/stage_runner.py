@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from ..codegen.modules import PartitionModule
-from ..graph import losses as L
+from .. import losses as L
 from ..partition.plan import Partition
 from .transport import Transport
 
