@@ -15,7 +15,7 @@ are declared once (``spec/models.py``). ``run.json`` keeps its flat ``config`` o
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -181,18 +181,17 @@ def new_run_config(spec_train: dict[str, Any], opts: TrainOptions) -> RunConfig:
         from ..spec.overrides import override_train
         cfg = override_train(cfg, opts.overrides)
     train = Train.model_validate(cfg)
-    update: dict[str, Any] = {}
+    merged = train.model_dump()
     if opts.epochs is not None and opts.epochs != train.epochs:
-        update["schedule"] = scale_schedule(train.schedule, opts.epochs / train.epochs)
+        merged["schedule"] = scale_schedule(train.schedule, opts.epochs / train.epochs).model_dump()
     for key in ("epochs", "dataset", "data_root", "batch_size", "seed", "fused", "fuse_siblings", "amp",
                 "channels_last", "log_every", "checkpoint_every"):
         if getattr(opts, key) is not None:
-            update[key] = getattr(opts, key)
+            merged[key] = getattr(opts, key)
     if opts.lr is not None:
-        update["optimizer"] = train.optimizer.model_copy(update={"lr": opts.lr})
+        merged["optimizer"]["lr"] = opts.lr
     try:
-        train = Train.model_validate({**train.model_dump(), **{k: v.model_dump() if hasattr(v, "model_dump") else v
-                                                                for k, v in update.items()}})
+        train = Train.model_validate(merged)
     except ValidationError as exc:
         err = exc.errors()[0]
         raise RunError(f"train.{'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None

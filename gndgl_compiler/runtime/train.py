@@ -223,18 +223,9 @@ class Trainer:
                 while st.epoch < self.total_epochs and not st.done:
                     window.restart_clock()
                     for step, x, y in self._batches():
-                        self.ctx.begin_step(st.step)
-                        lr = self._lr()
-                        stats = guard_oom(lambda: self.ex.train_step(x, y, lr, self._active(),
-                                                                     seed=(self.recipe.seed, st.step)),
-                                          self.device, self.recipe.batch_size)
-                        window.add(stats)
-                        st.advance(step, y.numel(), lr)
-                        report.progress(ProgressEvent("train", st.step_in_epoch, self.spe, epoch=st.epoch,
-                                                      epochs=self.total_epochs, step=st.step,
-                                                      steps=self.total_epochs * self.spe, images=y.numel()))
+                        self._train_step(step, x, y, report)
                         if st.step % exe.log_every == 0 or st.step_in_epoch == self.spe:
-                            for rec in window.records(st.epoch, st.step, lr):
+                            for rec in window.records(st.epoch, st.step, st.lr):
                                 report.record(rec)
                             window.clear()
                         if exe.checkpoint_every and st.step % exe.checkpoint_every == 0:
@@ -290,6 +281,18 @@ class Trainer:
     def _lr(self) -> float:
         phase_step0 = self._phase() * self.recipe.epochs * self.spe
         return run_lr(self.recipe, self.state.step - phase_step0, self.spe, self.recipe.epochs)
+
+    def _train_step(self, step: int, x: torch.Tensor, y: torch.Tensor, report: Reporter) -> None:
+        """One step of every partition this phase trains (``step``: its index in the epoch)."""
+        st = self.state
+        self.ctx.begin_step(st.step)
+        lr = self._lr()
+        stats = guard_oom(lambda: self.ex.train_step(x, y, lr, self._active(), seed=(self.recipe.seed, st.step)),
+                          self.device, self.recipe.batch_size)
+        self.window.add(stats)
+        st.advance(step, y.numel(), lr)
+        report.progress(ProgressEvent("train", st.step_in_epoch, self.spe, epoch=st.epoch, epochs=self.total_epochs,
+                                      step=st.step, steps=self.total_epochs * self.spe, images=y.numel()))
 
     def _checkpoint(self) -> None:
         self.window.check_finite(self.state.step)
