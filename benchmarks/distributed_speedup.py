@@ -24,7 +24,7 @@ side in one run, interleaved over ``--repeat`` rounds) and prints:
 
 The workers get the environment ``launch_local`` gives them (torchrun variables,
 ``--threads 1``), but run a small entry point in this file that wraps a few methods
-with timers and prints every rank's summary (``python -m gndgl_compiler.train``
+with timers and prints every rank's summary (``python -m gndgl_compiler.worker``
 prints rank 0's only, and ranks >= 1 can send too).
 
     python benchmarks/distributed_speedup.py [--steps 12] [--batch 32] [--warmup 3] [--workers 2]
@@ -63,14 +63,14 @@ def _configs() -> dict[str, object]:
 
 # --------------------------------------------------------------------------------------- worker side
 def _worker(argv: list[str]) -> int:
-    """One rank: what ``python -m gndgl_compiler.train`` does, plus per-step stamps in its printed summary.
+    """One rank: what ``python -m gndgl_compiler.worker`` does, plus per-step stamps in its printed summary.
 
     ``trace[i]`` = (time, seconds in train_step, in receives, in send waits, bytes sent), all
     cumulative, taken when this rank's step ``i + 1`` returns.
     """
     import torch.distributed as dist
 
-    from gndgl_compiler import train as T
+    from gndgl_compiler import worker as T
     from gndgl_compiler.runtime import distributed as D
     from gndgl_compiler.runtime import executor as E
 

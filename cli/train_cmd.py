@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -84,28 +85,17 @@ class _Display:
         self.step_recs = []
 
 
-def _launch(art, workers: int, **kw) -> None:
-    """Start ``workers`` local ranks (``python -m gndgl_compiler.train``) and wait for them."""
+def _launch(art, workers: int, opts, launch) -> None:
+    """Start ``workers`` local ranks (``python -m gndgl_compiler.worker``) and wait for them."""
     from gndgl_compiler.partition.placement import place
-    from gndgl_compiler.runtime.launch import launch_local
+    from gndgl_compiler.runtime.launch import launch_local, worker_args
 
     from gndgl_compiler import load_artifact
 
-    args: list[str] = []
-    resume = kw.pop("resume")
-    if resume is not None:
-        from gndgl_compiler.runtime.train import check_resume_world
-        check_resume_world(resume, workers)
-        art = load_artifact(Path(resume) / "artifact")
-        args += ["--resume", str(resume)]
-    port = kw.pop("port")
-    fused = kw.pop("fused")
-    if fused is False:
-        args.append("--no-fused")
-    args.insert(0, str(art.path))
-    for key, val in kw.items():
-        if val is not None:
-            args += ["--" + key.replace("_", "-"), str(val)]
+    if opts.resume is not None:
+        from gndgl_compiler.runtime.run_dir import check_resume_world
+        check_resume_world(opts.resume, workers)
+        art = load_artifact(Path(opts.resume) / "artifact")
     n = len(art.plan.partitions)
     if workers > n:
         raise DistributedSetupError(f"--workers {workers} is more than the {n} partitions; use --workers {n} or fewer")
@@ -115,79 +105,73 @@ def _launch(art, workers: int, **kw) -> None:
         owners.setdefault(p.worker, []).append(p.name)
     console.print(f"launching {workers} workers: " + " · ".join(f"rank {r}: {len(v)} partitions"
                                                                for r, v in owners.items()), highlight=False)
-    launch_local(workers, args, port=port, partitions_of=owners)
+    launch_local(workers, worker_args(art.path, opts, launch), port=launch.port, partitions_of=owners)
+
+
+def _option_parameters() -> list[inspect.Parameter]:
+    """The command's options, one per declared training / launch option (``runtime/options.py``)."""
+    from gndgl_compiler.runtime.options import LaunchOptions, TrainOptions, declared
+
+    params = []
+    for cls in (TrainOptions, LaunchOptions):
+        for name, typ, default, opt in declared(cls):
+            if not opt.cli:
+                continue
+            bounds = {k: v for k, v in (("metavar", opt.metavar), ("min", opt.min), ("max", opt.max)) if v is not None}
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                                            default=typer.Option(default, opt.flags, help=opt.help, **bounds),
+                                            annotation=typ if default is not None else Optional[typ]))
+    return params
+
+
+def _train(source: Optional[Path] = None, **options: Any) -> None:
+    """Train a compiled artifact (or a spec, compiled on the fly); resumable."""
+    from gndgl_compiler import compile_spec
+    from gndgl_compiler.runtime.options import LaunchOptions, TrainOptions, from_args
+    from gndgl_compiler.runtime.train import train_artifact
+
+    opts, launch = from_args(TrainOptions, options), from_args(LaunchOptions, options)
+    if source is None and opts.resume is None:
+        source = Path("compiled")
+    art = None
+    if opts.resume is None:
+        assert source is not None
+        if source.is_file() or source.suffix in (".yaml", ".yml"):
+            out = default_output(source)
+            with console.status(f"compiling {source} → {out}/"):
+                art = compile_spec(source, out, overrides=opts.overrides)
+            console.print(f"compiled {source} → {out}/", highlight=False, markup=False)
+            opts.overrides = None  # already in the compiled spec
+        else:
+            from gndgl_compiler import load_artifact
+            art = load_artifact(source)
+            note_resolved(source, art.path)
+    opts.overrides = opts.overrides or None
+    if launch.workers is not None and launch.workers > 1:
+        _launch(art, launch.workers, opts, launch)
+        return
+    display = _Display()
+    opts.on_log, opts.on_progress = display, display.on_progress
+    t0 = time.time()
+    with display.progress:
+        summary = train_artifact(art if art is not None else Path("."), opts)
+        display.finish()
+    console.print(format_summary(summary, wall_s=time.time() - t0), highlight=False, markup=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:
     """Add ``train`` and ``eval`` to ``app``."""
 
-    @app.command("train")
-    def train(
-        source: Optional[Path] = typer.Argument(None, help="Compiled artifact directory or a spec (.yaml) to compile on the fly."),
-        epochs: Optional[int] = typer.Option(None, "--epochs", metavar="N", min=1, help="Override train.epochs (the warm-up and LR milestones scale with it)."),
-        dataset: Optional[str] = typer.Option(None, "--dataset", metavar="NAME|PATH", help="Override train.dataset (cifar10, fashion-mnist, synthetic, a folder/.tar.gz, ...)."),
-        data_root: Optional[str] = typer.Option(None, "--data-root", metavar="DIR", help="Where data set files live."),
-        download: bool = typer.Option(False, "--download", help="Let torchvision download CIFAR (needs internet)."),
-        device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="Run every partition on this device (cpu, cuda, cuda:N)."),
-        batch_size: Optional[int] = typer.Option(None, "--batch-size", metavar="N", min=1, help="Override train.batch_size."),
-        lr: Optional[float] = typer.Option(None, "--lr", metavar="LR", min=0.0, help="Override the peak learning rate."),
-        seed: Optional[int] = typer.Option(None, "--seed", metavar="N", min=0, help="Override train.seed."),
-        fused: Optional[bool] = typer.Option(None, "--fused/--no-fused", help="Per-device fused step (default from the spec)."),
-        fuse_siblings: Optional[bool] = typer.Option(None, "--fuse-siblings/--no-fuse-siblings",
-                                                     help="Run each module's sibling partitions on one device as one program (default from the spec)."),
-        run_dir: Optional[str] = typer.Option(None, "--run-dir", metavar="DIR", help="Run directory (default runs/<name>-<time>)."),
-        resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN_DIR", help="Continue an interrupted run directory."),
-        limit_train: Optional[int] = typer.Option(None, "--limit-train", metavar="N", min=1, help="Use only N training images."),
-        limit_test: Optional[int] = typer.Option(None, "--limit-test", metavar="N", min=1, help="Use only N test images."),
-        max_steps: Optional[int] = typer.Option(None, "--max-steps", metavar="N", min=1, help="Stop after N steps (checkpointed)."),
-        checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", metavar="N", min=0, help="Also checkpoint every N steps."),
-        log_every: Optional[int] = typer.Option(None, "--log-every", metavar="N", min=1, help="Log every N steps."),
-        workers: Optional[int] = typer.Option(None, "--workers", metavar="N", min=1, help="Distributed: spawn N local worker processes."),
-        tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard", help="TensorBoard logs (default: when installed)."),
-        timeout: float = typer.Option(300.0, "--timeout", metavar="SECONDS", min=1.0, help="Distributed: seconds a rank waits for a peer."),
-        port: Optional[int] = typer.Option(None, "--port", metavar="PORT", min=1, max=65535, help="Distributed: rendezvous port (default: a free one)."),
-        sets: Optional[list[str]] = typer.Option(None, "--set", metavar="FIELD=VALUE",
-                                                 help="Set any spec field (repeatable), e.g. --set train.optimizer.weight_decay=5e-4; "
-                                                      "on a compiled artifact only train.* fields."),
-    ) -> None:
-        """Train a compiled artifact (or a spec, compiled on the fly); resumable."""
-        from gndgl_compiler import compile_spec
-        from gndgl_compiler.runtime.train import TrainOptions, train_artifact
+    def train(*args: Any, **kw: Any) -> None:
+        return _train(*args, **kw)
 
-        if source is None and resume is None:
-            source = Path("compiled")
-        art = None
-        if resume is None:
-            assert source is not None
-            if source.is_file() or source.suffix in (".yaml", ".yml"):
-                out = default_output(source)
-                with console.status(f"compiling {source} → {out}/"):
-                    art = compile_spec(source, out, overrides=sets)
-                console.print(f"compiled {source} → {out}/", highlight=False, markup=False)
-                sets = None  # already in the compiled spec
-            else:
-                from gndgl_compiler import load_artifact
-                art = load_artifact(source)
-                note_resolved(source, art.path)
-        if workers is not None and workers > 1:
-            _launch(art, workers, resume=resume, epochs=epochs, dataset=dataset, data_root=data_root, device=device,
-                    batch_size=batch_size, lr=lr, seed=seed, fused=fused, run_dir=run_dir, limit_train=limit_train,
-                    limit_test=limit_test, max_steps=max_steps, checkpoint_every=checkpoint_every,
-                    log_every=log_every, timeout=timeout, port=port)
-            return
-        opts = TrainOptions(epochs=epochs, dataset=dataset, data_root=data_root, download=download, device=device,
-                            batch_size=batch_size, lr=lr, seed=seed, fused=fused, fuse_siblings=fuse_siblings,
-                            run_dir=run_dir, resume=resume,
-                            limit_train=limit_train, limit_test=limit_test, max_steps=max_steps,
-                            checkpoint_every=checkpoint_every, log_every=log_every, tensorboard=tensorboard,
-                            overrides=sets or None)
-        display = _Display()
-        opts.on_log, opts.on_progress = display, display.on_progress
-        t0 = time.time()
-        with display.progress:
-            summary = train_artifact(art if art is not None else Path("."), opts)
-            display.finish()
-        console.print(format_summary(summary, wall_s=time.time() - t0), highlight=False, markup=False, soft_wrap=True)
+    source = inspect.Parameter("source", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[Path],
+                               default=typer.Argument(None, help="Compiled artifact directory or a spec (.yaml) to "
+                                                                 "compile on the fly."))
+    train.__signature__ = inspect.Signature([source, *_option_parameters()])  # type: ignore[attr-defined]
+    train.__annotations__ = {p.name: p.annotation for p in train.__signature__.parameters.values()}
+    train.__doc__ = _train.__doc__
+    app.command("train")(train)
 
     @app.command("eval")
     def eval_(
@@ -198,7 +182,8 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
         """Test accuracy (final head, layerwise ensemble, each partition) of a finished or partial run."""
-        from gndgl_compiler.runtime.train import evaluate_run, latest_run
+        from gndgl_compiler.runtime.evaluate import evaluate_run
+        from gndgl_compiler.runtime.run_dir import latest_run
 
         run = run if run is not None else latest_run()
         ev = evaluate_run(run, device=device, limit_test=limit_test)

@@ -8,7 +8,7 @@
   installed as the launcher's worker module): bounded exit, a message naming the
   rank and its partitions, no orphan worker, a loadable committed checkpoint, resumable;
 - bad input to ``gndgl train --workers``: exit 2, a clear message, no traceback;
-- the torchrun entry point (``python -m torch.distributed.run ... -m gndgl_compiler.train``).
+- the torchrun entry point (``python -m torch.distributed.run ... -m gndgl_compiler.worker``).
 
 Every run is small (synthetic data, 128 training images, batches of 16/32). Starting a
 Python process with torch costs ~2.5 s of CPU here, so ``gndgl`` commands run in this
@@ -170,7 +170,7 @@ def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 
 
 def _workers_alive(marker: str) -> list[int]:
-    """PIDs of live ``gndgl_compiler.train`` processes whose command line contains ``marker`` (via /proc)."""
+    """PIDs of live ``gndgl_compiler.worker`` processes whose command line contains ``marker`` (via /proc)."""
     pids = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -180,7 +180,7 @@ def _workers_alive(marker: str) -> list[int]:
             state = next((ln for ln in (d / "status").read_text().splitlines() if ln.startswith("State:")), "")
         except OSError:
             continue
-        if "gndgl_compiler.train" in cmd and marker in cmd and "zombie" not in state:
+        if "gndgl_compiler.worker" in cmd and marker in cmd and "zombie" not in state:
             pids.append(int(d.name))
     return pids
 
@@ -471,7 +471,7 @@ def test_busy_port_exits_2(busy_port_run):
 def test_torchrun_entry_point(art, single, tmp_path):
     pytest.importorskip("torch.distributed.run")
     run = tmp_path / "run"
-    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "gndgl_compiler.train",
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "gndgl_compiler.worker",
            str(art("resnet32_k2g1")), "--run-dir", str(run), *DATA, "--batch-size", "32", "--threads", "1",
            "--timeout", "60", "--json"]
     env = dict(os.environ, GNDGL_BACKEND="gloo", OMP_NUM_THREADS="1")

@@ -482,15 +482,16 @@ def test_non_finite_loss_stops_naming_partition_and_keeps_good_checkpoint(tmp_pa
 def test_epochs_override_scales_warmup_and_milestones():
     """--epochs 16 on a 160-epoch recipe with 10 warm-up epochs warms up for 1 epoch (not the whole run);
     multistep milestones move with it; the same length leaves the schedule alone."""
+    from gndgl_compiler.runtime.config import new_run_config
     from gndgl_compiler.runtime.optim import lr_at
-    from gndgl_compiler.runtime.train import _merge
+    from gndgl_compiler.spec.models import Schedule
     cosine = {"epochs": 160, "optimizer": {"lr": 0.8},
               "schedule": {"kind": "cosine", "warmup_epochs": 10, "warmup_start_lr": 0.01}}
-    cfg = _merge(cosine, TrainOptions(epochs=16))
-    assert cfg["epochs"] == 16 and cfg["schedule"]["warmup_epochs"] == pytest.approx(1.0)
-    assert lr_at(10, 10, 0.8, cfg["schedule"], 16) == pytest.approx(0.8)  # peak right after one epoch
-    assert _merge(cosine, TrainOptions(epochs=160))["schedule"] == cosine["schedule"]
+    cfg = new_run_config(cosine, TrainOptions(epochs=16)).recipe
+    assert cfg.epochs == 16 and cfg.schedule.warmup_epochs == pytest.approx(1.0)
+    assert lr_at(10, 10, 0.8, cfg.schedule, 16) == pytest.approx(0.8)  # peak right after one epoch
+    assert new_run_config(cosine, TrainOptions(epochs=160)).recipe.schedule == Schedule(**cosine["schedule"])
     multi = {"epochs": 100, "optimizer": {"lr": 0.1}, "schedule": {"kind": "multistep", "milestones": [50, 75]}}
-    cfg = _merge(multi, TrainOptions(epochs=20))
-    assert cfg["schedule"]["milestones"] == pytest.approx([10, 15])
+    cfg = new_run_config(multi, TrainOptions(epochs=20)).recipe
+    assert cfg.schedule.milestones == pytest.approx([10, 15])
     assert multi["schedule"]["milestones"] == [50, 75]  # the spec's dict is not modified

@@ -7,6 +7,7 @@ from typing import Any
 
 from ..codegen.artifact import load_state_tensors
 from .batches import Batches
+from .config import RunConfig
 from .data import load_dataset
 from .devices import _synthetic_like, resolve_devices
 from .executor import Executor
@@ -22,15 +23,16 @@ def evaluate_run(run_dir: str | Path, device: str | None = None, limit_test: int
     run_dir = Path(run_dir)
     saved = read_run_record(run_dir)
     art = _load_run_artifact(run_dir, saved)
-    cfg = saved["config"]
+    config = RunConfig.from_record(saved["config"])
     tensors, source = run_weights(run_dir, saved)
     load_state_tensors(art.modules, art.plan, tensors, str(run_dir))
     devices = resolve_devices(art, device or "cpu")
-    data = load_dataset(cfg["dataset"], root=cfg.get("data_root"), input_shape=tuple(art.plan.input_shape),
-                        limit_train=1, limit_test=limit_test or cfg.get("limit_test"), synthetic=_synthetic_like(art.plan))
+    data = load_dataset(config.recipe.dataset, root=config.execution.data_root, input_shape=tuple(art.plan.input_shape),
+                        limit_train=1, limit_test=limit_test or config.recipe.limit_test,
+                        synthetic=_synthetic_like(art.plan))
     first = devices[art.plan.partitions[0].id]
     data = data.to(first)
-    ex = Executor(art.plan, art.modules, cfg["optimizer"], devices, fused=False, denorm=(data.mean, data.std))
+    ex = Executor(art.plan, art.modules, config.recipe.optimizer, devices, fused=False, denorm=(data.mean, data.std))
     ev = ex.evaluate(Batches(data, batch_size=256, seed=0, epoch=0, train=False, augment=False))
     ev["source"] = source
     return ev

@@ -26,6 +26,7 @@ from ..codegen.artifact import load_state_tensors
 from ..errors import DataError, RunError
 from ..partition.plan import IMAGE
 from .data import IDX_CLASSES, STATS, load_dataset
+from .config import RunConfig
 from .train import DATA_RECORD, _load_run_artifact, _synthetic_like, latest_run, read_run_record, run_weights
 
 
@@ -204,17 +205,18 @@ def _data_record(run_dir: Path, saved: dict, art: Artifact) -> dict[str, Any]:
             raise RunError(f"'{path}' is unreadable or damaged ({exc}); restore it, or delete it to use the "
                            "data set's statistics instead") from None
         return {**rec, "origin": DATA_RECORD}
-    cfg = saved["config"]
-    origin = f"statistics of data set '{cfg['dataset']}' (the run has no {DATA_RECORD})"
+    config = RunConfig.from_record(saved["config"])
+    dataset = config.recipe.dataset
+    origin = f"statistics of data set '{dataset}' (the run has no {DATA_RECORD})"
     try:  # an older run: the statistics the training data had, computed the same way
-        data = load_dataset(cfg["dataset"], root=cfg.get("data_root"), input_shape=tuple(art.plan.input_shape),
+        data = load_dataset(dataset, root=config.execution.data_root, input_shape=tuple(art.plan.input_shape),
                             limit_train=1, limit_test=1, synthetic=_synthetic_like(art.plan))
         rec = {"mean": list(data.mean), "std": list(data.std), "classes": list(data.classes)}
     except DataError as exc:
-        known = str(cfg["dataset"]).strip().lower().replace("_", "-").replace("fashionmnist", "fashion-mnist")
+        known = str(dataset).strip().lower().replace("_", "-").replace("fashionmnist", "fashion-mnist")
         if known not in STATS:
             raise RunError(f"'{run_dir}' has no {DATA_RECORD} (trained before gndgl recorded the input "
-                           f"normalisation) and its data set '{cfg['dataset']}' cannot be loaded here to recompute it "
+                           f"normalisation) and its data set '{dataset}' cannot be loaded here to recompute it "
                            f"({exc}). Load it where the data set is, or write {path} as "
                            '{"mean": [...], "std": [...], "classes": [...]} with the per-channel statistics in '
                            "[0, 1] units") from None

@@ -1,7 +1,7 @@
 """Local launcher: ``gndgl train compiled/ --workers N`` runs N ranks on this machine.
 
 It sets the same environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR, MASTER_PORT) and starts ``python -m gndgl_compiler.train`` N times.
+MASTER_ADDR, MASTER_PORT) and starts ``python -m gndgl_compiler.worker`` N times.
 If any rank exits non-zero, the others are stopped (SIGTERM, then SIGKILL) and
 the error names the rank and its partitions; children die with the launcher
 (PR_SET_PDEATHSIG), so no orphan survives.
@@ -16,11 +16,12 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Any
 
 from ..errors import DistributedError, DistributedSetupError
 
 PR_SET_PDEATHSIG = 1
-WORKER_MODULE = "gndgl_compiler.train"
+WORKER_MODULE = "gndgl_compiler.worker"
 """The module every rank runs (``python -m``). A test or plugin points it at a module that calls this
 module's ``main(transport=...)`` to wrap each rank's transport (tests/fault_worker.py injects faults so)."""
 
@@ -51,11 +52,11 @@ def _die_with_parent() -> None:
 def launch_local(workers: int, worker_args: list[str], *, port: int | None = None, threads: int | None = None,
                  partitions_of: dict[int, list[str]] | None = None, poll_s: float = 0.2,
                  module: str | None = None) -> None:
-    """Run ``workers`` ranks of ``python -m gndgl_compiler.train worker_args`` and wait for all.
+    """Run ``workers`` ranks of ``python -m gndgl_compiler.worker worker_args`` and wait for all.
 
     Args:
         workers: number of ranks.
-        worker_args: arguments of ``gndgl_compiler.train``.
+        worker_args: arguments of ``gndgl_compiler.worker``.
         port: rendezvous port (default: a free one).
         threads: intra-op threads per rank (default: cores // workers, at least 1).
         partitions_of: rank -> partition names, for error messages.
@@ -117,3 +118,11 @@ def _stop(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+def worker_args(artifact: Any, opts: Any, launch: Any) -> list[str]:
+    """The arguments of every rank: the artifact, then the flags of ``opts`` (TrainOptions) and
+    ``launch`` (LaunchOptions) that the worker takes (``runtime/options.py``)."""
+    from .options import worker_argv
+
+    return [str(artifact), *worker_argv(opts, launch)]

@@ -7,28 +7,33 @@ scheduler state: ``lr_at(step)`` is simply evaluated again.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 
+from ..spec.models import Optimizer, Schedule
 
-def make_optimizer(params: Iterable, opt: dict[str, Any], foreach: bool | None = None) -> torch.optim.Optimizer:
+
+def make_optimizer(params: Iterable, opt: Optimizer | Mapping[str, Any],
+                   foreach: bool | None = None) -> torch.optim.Optimizer:
     """Build the optimizer of ``train.optimizer`` over ``params`` (parameters or param groups).
 
     Args:
         params: parameters, or a list of param-group dicts (one per partition).
-        opt: the spec's optimizer section (kind, lr, momentum, nesterov, weight_decay, betas).
+        opt: the spec's optimizer section (kind, lr, momentum, nesterov, weight_decay, betas); plain
+            data is checked as the spec checks it.
         foreach: use the multi-tensor kernels (None = PyTorch's default).
     """
-    kind = opt["kind"]
-    if kind == "sgd":
-        return torch.optim.SGD(params, lr=opt["lr"], momentum=opt["momentum"], nesterov=opt["nesterov"],
-                               weight_decay=opt["weight_decay"], foreach=foreach)
-    cls = torch.optim.Adam if kind == "adam" else torch.optim.AdamW
-    return cls(params, lr=opt["lr"], betas=tuple(opt["betas"]), weight_decay=opt["weight_decay"], foreach=foreach)
+    if not isinstance(opt, Optimizer):
+        opt = Optimizer.model_validate(dict(opt))
+    if opt.kind == "sgd":
+        return torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov,
+                               weight_decay=opt.weight_decay, foreach=foreach)
+    cls = torch.optim.Adam if opt.kind == "adam" else torch.optim.AdamW
+    return cls(params, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay, foreach=foreach)
 
 
-def lr_at(step: int, steps_per_epoch: int, base_lr: float, sched: dict[str, Any], total_epochs: int) -> float:
+def lr_at(step: int, steps_per_epoch: int, base_lr: float, sched: Schedule, total_epochs: int) -> float:
     """Learning rate at global ``step`` (0-based) of a run of ``total_epochs`` epochs.
 
     cosine: linear warm-up from ``warmup_start_lr`` to ``base_lr`` over ``warmup_epochs``, then
@@ -36,23 +41,21 @@ def lr_at(step: int, steps_per_epoch: int, base_lr: float, sched: dict[str, Any]
     ``base_lr · gamma^(i+1)``) from epoch ``milestones[i]`` on (after the same warm-up). constant.
     """
     spe = max(1, steps_per_epoch)
-    warm = int(round(sched.get("warmup_epochs", 0) * spe))
+    warm = int(round(sched.warmup_epochs * spe))
     if step < warm:
-        start = sched.get("warmup_start_lr", 0.0)
+        start = sched.warmup_start_lr
         return start + (base_lr - start) * step / warm
-    kind = sched["kind"]
-    if kind == "constant":
+    if sched.kind == "constant":
         return base_lr
-    if kind == "multistep":
+    if sched.kind == "multistep":
         lr = base_lr
-        for i, m in enumerate(sched.get("milestones", [])):
+        for i, m in enumerate(sched.milestones):
             if step >= int(round(m * spe)):
-                vals = sched.get("values")
-                lr = vals[i] if vals else base_lr * sched.get("gamma", 0.1) ** (i + 1)
+                lr = sched.values[i] if sched.values else base_lr * sched.gamma ** (i + 1)
         return lr
     total = max(1, total_epochs * spe - warm)
     t = min(1.0, (step - warm) / total)
-    lo = sched.get("min_lr", 0.0)
+    lo = sched.min_lr
     return lo + (base_lr - lo) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 

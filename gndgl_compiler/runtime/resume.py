@@ -15,13 +15,14 @@ from the trained weights, peak ``--lr`` or the recipe's), recorded in ``extensio
 
 from __future__ import annotations
 
-import copy
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..errors import RunError
+from .config import Extension, RunConfig, scale_schedule
 from .optim import lr_at
 
 APPLIES = ("device", "log_every", "checkpoint_every", "data_root", "fuse_siblings")
@@ -31,23 +32,13 @@ REFUSED = {"dataset": "--dataset", "batch_size": "--batch-size", "seed": "--seed
            "limit_test": "--limit-test", "overrides": "--set", "run_dir": "--run-dir"}
 
 
-def scale_schedule(sched: dict, ratio: float) -> dict:
-    """The schedule for a run ``ratio`` times as long: warm-up and milestones scale with it."""
-    out = copy.deepcopy(sched)
-    if out.get("warmup_epochs"):
-        out["warmup_epochs"] = out["warmup_epochs"] * ratio
-    if out.get("milestones"):
-        out["milestones"] = [m * ratio for m in out["milestones"]]
-    return out
-
-
-def resume_config(run_dir: Path, saved: dict, opts: Any, *, sequential: bool = False) -> tuple[dict, list[str]]:
+def resume_config(run_dir: Path, saved: dict, opts: Any, *, sequential: bool = False) -> tuple[RunConfig, list[str]]:
     """The run's config with the resume options applied.
 
     Args:
         run_dir: the run directory (``summary.json`` tells whether it finished).
-        saved: its checked ``run.json`` record (changed in place: ``device``, ``changes``).
-        opts: the :class:`~gndgl_compiler.runtime.train.TrainOptions` given.
+        saved: its checked ``run.json`` record (changed in place: ``config``, ``device``, ``changes``).
+        opts: the :class:`~gndgl_compiler.runtime.options.TrainOptions` given.
         sequential: the run trains module by module (cannot be extended).
 
     Returns:
@@ -57,10 +48,11 @@ def resume_config(run_dir: Path, saved: dict, opts: Any, *, sequential: bool = F
         RunError: an option that cannot change on resume, or ``--epochs`` not beyond a
             finished run's length.
     """
-    cfg = saved["config"]
+    run = RunConfig.from_record(saved["config"], opts, device=saved.get("device"))
+    recipe, execution = run.recipe, run.execution
     refused = [flag for key, flag in REFUSED.items() if getattr(opts, key, None) not in (None, [], False)]
     finished = _finished(run_dir)
-    lr_ok = finished and opts.epochs is not None and opts.epochs > cfg["epochs"]
+    lr_ok = finished and opts.epochs is not None and opts.epochs > recipe.epochs
     if opts.lr is not None and not lr_ok:
         refused.append("--lr")
     if refused:
@@ -70,31 +62,35 @@ def resume_config(run_dir: Path, saved: dict, opts: Any, *, sequential: bool = F
     notes: list[str] = []
     changes: dict[str, Any] = {}
     for key in APPLIES:
-        val = getattr(opts, key, None)
-        target = saved if key == "device" else cfg
-        if val is not None and target.get(key) != val:
-            notes.append(f"{key.replace('_', '-')}: {target.get(key)} → {val}")
-            target[key] = changes[key] = val
-    if opts.epochs is not None and opts.epochs != cfg["epochs"]:
-        old = cfg["epochs"]
+        val, old = getattr(opts, key, None), getattr(execution, key)
+        if val is not None and old != val:
+            notes.append(f"{key.replace('_', '-')}: {old} → {val}")
+            changes[key] = val
+    execution = replace(execution, **changes)
+    if opts.epochs is not None and opts.epochs != recipe.epochs:
+        old = recipe.epochs
         if finished:
             if opts.epochs < old:
                 raise RunError(f"the run already finished its {old} epochs; --epochs {opts.epochs} would shorten it. "
                                f"Give --epochs N with N > {old} to extend it")
             if sequential:
                 raise RunError("a run with the sequential schedule cannot be extended; start a new run")
-            ext = {"from_epoch": old, "epochs": opts.epochs, "lr": opts.lr if opts.lr is not None else
-                   cfg["optimizer"]["lr"], "schedule": scale_schedule(cfg["schedule"], (opts.epochs - old) / old)}
-            cfg.setdefault("extensions", []).append(ext)
-            notes.append(f"extended from {old} to {opts.epochs} epochs: a new {cfg['schedule']['kind']} schedule "
-                         f"over the {opts.epochs - old} added epochs (peak lr {ext['lr']:g})")
+            ext = Extension(from_epoch=old, epochs=opts.epochs,
+                            lr=opts.lr if opts.lr is not None else recipe.optimizer.lr,
+                            schedule=scale_schedule(recipe.schedule, (opts.epochs - old) / old))
+            recipe = replace(recipe, extensions=(*recipe.extensions, ext))
+            notes.append(f"extended from {old} to {opts.epochs} epochs: a new {recipe.schedule.kind} schedule "
+                         f"over the {opts.epochs - old} added epochs (peak lr {ext.lr:g})")
         else:
-            cfg["schedule"] = scale_schedule(cfg["schedule"], opts.epochs / old)
+            recipe = replace(recipe, schedule=scale_schedule(recipe.schedule, opts.epochs / old))
             notes.append(f"epochs: {old} → {opts.epochs} (warm-up and milestones scaled)")
-        cfg["epochs"] = changes["epochs"] = opts.epochs
+        recipe = replace(recipe, epochs=opts.epochs)
+        changes["epochs"] = opts.epochs
+    run = RunConfig(recipe, execution)
     if changes:
+        saved["config"], saved["device"] = run.record(), execution.device
         saved.setdefault("changes", []).append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **changes})
-    return cfg, notes
+    return run, notes
 
 
 def _finished(run_dir: Path) -> bool:
@@ -104,11 +100,11 @@ def _finished(run_dir: Path) -> bool:
         return False
 
 
-def run_lr(cfg: dict, step: int, spe: int, epochs: int) -> float:
+def run_lr(recipe: Any, step: int, spe: int, epochs: int) -> float:
     """Learning rate at ``step`` of a phase of ``epochs`` epochs, following any extension.
 
     Args:
-        cfg: the run config (``optimizer.lr``, ``schedule``, ``extensions``).
+        recipe: the run's :class:`~.config.Recipe` (``optimizer.lr``, ``schedule``, ``extensions``).
         step: 0-based step within the phase.
         spe: steps per epoch.
         epochs: epochs of the phase.
@@ -116,8 +112,8 @@ def run_lr(cfg: dict, step: int, spe: int, epochs: int) -> float:
     Returns:
         The learning rate (a pure function of its arguments).
     """
-    for ext in reversed(cfg.get("extensions") or []):
-        start = int(ext["from_epoch"]) * spe
+    for ext in reversed(recipe.extensions):
+        start = ext.from_epoch * spe
         if step >= start:
-            return lr_at(step - start, spe, ext["lr"], ext["schedule"], int(ext["epochs"]) - int(ext["from_epoch"]))
-    return lr_at(step, spe, cfg["optimizer"]["lr"], cfg["schedule"], epochs)
+            return lr_at(step - start, spe, ext.lr, ext.schedule, ext.epochs - ext.from_epoch)
+    return lr_at(step, spe, recipe.optimizer.lr, recipe.schedule, epochs)

@@ -19,8 +19,10 @@ import torch
 
 from ..api import Artifact, load_artifact
 from ..errors import RunError
-from .checkpoint import latest_valid_checkpoint
+from .checkpoint import atomic_write_text, latest_valid_checkpoint
+from .config import RunConfig
 from .dist_checkpoint import gather_tensors, latest_commit
+from .options import TrainOptions
 
 DATA_RECORD = "data.json"
 """Run-directory file with the input normalisation and class names the run trained with."""
@@ -42,6 +44,65 @@ def _new_run_dir(name: str, requested: str | None) -> Path:
     except OSError as exc:
         raise RunError(f"cannot create run directory '{d}': {exc.strerror}; choose another with --run-dir") from None
     return d
+
+
+def create_run(art: Artifact, config: RunConfig, requested: str | None, *, world: int = 1) -> Path:
+    """Make the directory of a new run: a copy of the artifact and ``run.json``.
+
+    Args:
+        art: the compiled artifact (copied when it has a directory).
+        config: the run's settings (recorded in ``run.json``).
+        requested: ``--run-dir`` (default ``runs/<name>-<time>``).
+        world: number of processes the run trains with.
+
+    Raises:
+        RunError: the requested directory is not empty or cannot be created.
+    """
+    run_dir = _new_run_dir(art.plan.name, requested)
+    if art.path is not None:
+        shutil.copytree(art.path, run_dir / "artifact", dirs_exist_ok=True)
+    atomic_write_text(run_dir / "run.json", json.dumps({"config": config.record(), "device": config.execution.device,
+                                                        "world": world, "source": str(art.path)}, indent=1))
+    return run_dir
+
+
+def read_run_config(run_dir: str | Path, opts: TrainOptions | None = None) -> RunConfig:
+    """The checked settings of a run directory, with ``opts``' settings of this attempt (``--max-steps``, ...)."""
+    saved = read_run_record(run_dir)
+    return RunConfig.from_record(saved["config"], opts, device=saved.get("device"))
+
+
+def reopen_run(run_dir: str | Path, opts: TrainOptions, *, world: int = 1, verify: bool = True
+               ) -> tuple[Artifact, RunConfig, dict, list[str]]:
+    """The settings to resume a run with: ``run.json`` checked, the resume options applied.
+
+    Args:
+        run_dir: the run directory.
+        opts: the options given (see ``runtime/resume.py`` for which may change).
+        world: number of processes the run continues with (must be what it started with).
+        verify: check the hashes of the run's artifact (once per run, not once per rank).
+
+    Returns:
+        ``(artifact, config, record, notes)``: the run's copy of its artifact, the config, the
+        updated ``run.json`` record (write it with :func:`record_changes` when there are notes)
+        and one line per applied change.
+
+    Raises:
+        RunError: not a run directory, a damaged one, another world size, or an option that
+            cannot change.
+    """
+    from .resume import resume_config
+
+    run_dir = Path(run_dir)
+    saved = check_resume_world(run_dir, world)
+    art = _load_run_artifact(run_dir, saved) if verify else load_artifact(run_dir / "artifact", verify=False)
+    config, notes = resume_config(run_dir, saved, opts, sequential=art.plan.schedule == "sequential")
+    return art, config, saved, notes
+
+
+def record_changes(run_dir: str | Path, saved: dict) -> None:
+    """Write the ``run.json`` record that :func:`reopen_run` updated."""
+    atomic_write_text(Path(run_dir) / "run.json", json.dumps(saved, indent=1))
 
 
 def latest_run(root: str | Path = "runs") -> Path:
@@ -117,6 +178,7 @@ def _check_run_config(cfg: dict) -> None:
         err = exc.errors()[0]
         raise ValueError(f"config.{'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
     cfg.update(checked.model_dump(mode="json"))
+    RunConfig.from_record(cfg)  # the extensions
 
 
 def _load_run_artifact(run_dir: Path, saved: dict) -> Artifact:

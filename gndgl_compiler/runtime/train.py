@@ -1,23 +1,23 @@
-"""``train_artifact``: the training entry point (one process).
+"""Training: ``train_artifact`` (the one-process entry point) and the :class:`Trainer` both entry
+points run.
 
-    load artifact ─▶ data on device ─▶ executor ─▶ for epoch, step:
+    Trainer.fit():  resume from the latest checkpoint ─▶ for epoch, step:
         lr = lr_at(step) ; stats = executor.train_step(x, y, lr)
         every log_every: metrics.jsonl + progress      every checkpoint_every: checkpoint
         end of epoch: evaluate (final head, ensemble, partitions) + checkpoint
     ─▶ weights.safetensors + summary.json
 
-A run killed at any point resumes from its last checkpoint (``resume=run_dir``)
-and ends with the same weights as an uninterrupted run on CPU: data order and
-augmentation are functions of (seed, epoch, step), and RNG, optimizer and BN
-states are checkpointed.
+The loop calls a :class:`Checkpointer`, a :class:`Validator`, a metrics window and a reporter;
+what differs in a distributed rank sits behind the context (``runtime/context.py``). A run
+killed at any point resumes from its last checkpoint (``resume=run_dir``) and ends with the same
+weights as an uninterrupted run on CPU: data order and augmentation are functions of (seed,
+epoch, step), and RNG, optimizer and BN states are checkpointed.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,81 +27,24 @@ from safetensors.torch import save_file
 from ..api import Artifact, load_artifact
 from ..codegen.artifact import load_state_tensors, state_tensors
 from ..errors import DataError, DeviceError, GndglError, RunError
-from .checkpoint import (atomic_write_text, prune_checkpoints, remove_temp_files, rng_state, save_checkpoint,
-                         set_rng_state)
+from .checkpoint import atomic_write_text, prune_checkpoints, remove_temp_files, rng_state, save_checkpoint, set_rng_state
+from .config import RunConfig, new_run_config
+from .context import DistContext, LocalContext
 from .batches import Batches, steps_per_epoch
 from .data import load_dataset
-from .dist_checkpoint import (commit_checkpoint, committed_checkpoint, gather_modules, gather_tensors,
-                              merge_rank_metrics, metrics_dir)
-from .executor import Executor
-from .metrics import MetricsLogger, check_finite, log_records, truncate_metrics, write_metrics_csv
-from .resume import resume_config, run_lr, scale_schedule
-from .progress import ProgressEvent, ProgressFn, counted
+from .data_cache import DataBundle
 from .devices import _synthetic_like, guard_oom, resolve_devices  # noqa: F401  (re-exported)
 from .evaluate import evaluate_run  # noqa: F401  (re-exported)
+from .executor import Executor
+from .loop_state import MetricsWindow, Reporter, TrainState
+from .metrics import MetricsLogger, truncate_metrics, write_metrics_csv
+from .options import TrainOptions
+from .progress import ProgressEvent, ProgressFn, counted
+from .resume import run_lr
 from .run_dir import (DATA_RECORD, _discard_unstarted, _load_run_artifact, _new_run_dir,  # noqa: F401
-                      _usable_checkpoint, check_resume_world, latest_run, read_run_record, run_weights)
-from .signals import Interrupted, StopFlag
-
-
-@dataclass
-class TrainOptions:
-    """Overrides of the spec's ``train`` section and run settings (None = keep the spec's)."""
-
-    epochs: int | None = None
-    dataset: str | None = None
-    data_root: str | None = None
-    download: bool = False
-    device: str | None = None
-    """Put every partition on this device (overrides the placement)."""
-    batch_size: int | None = None
-    lr: float | None = None
-    seed: int | None = None
-    fused: bool | None = None
-    fuse_siblings: bool | None = None
-    """Sibling fusion (see ``Train.fuse_siblings``); a checkpoint of either setting resumes with the other."""
-    amp: str | None = None
-    channels_last: str | None = None
-    log_every: int | None = None
-    checkpoint_every: int | None = None
-    run_dir: str | None = None
-    resume: str | None = None
-    limit_train: int | None = None
-    limit_test: int | None = None
-    max_steps: int | None = None
-    """Stop after this many global steps (for smoke tests)."""
-    overrides: list[str] | None = None
-    """``"train.a.b=VALUE"`` changes of the artifact's ``train`` section (``--set``), validated like a spec."""
-    eval_every_epoch: bool = True
-    tensorboard: bool | None = None
-    keep_checkpoints: int = 2
-    on_log: Callable[[dict], None] | None = field(default=None, repr=False)
-    """Called with every metrics record (and, flagged ``partial``, the last window before a stop)."""
-    on_progress: ProgressFn | None = field(default=None, repr=False)
-    """Called with a :class:`ProgressEvent` per step, test batch and decoded chunk (host data only)."""
-
-
-def _merge(spec_train: dict, o: TrainOptions) -> dict:
-    """The spec's ``train`` section with the options applied.
-
-    Overriding ``epochs`` keeps the recipe's shape: the warm-up and the multistep milestones
-    scale with the run length (160 epochs with 10 of warm-up run as 16 with 1).
-    """
-    cfg = json.loads(json.dumps(spec_train))
-    if o.overrides:
-        from ..spec.overrides import override_train
-        cfg = override_train(cfg, o.overrides)
-    if o.epochs is not None and o.epochs != cfg["epochs"]:
-        cfg["schedule"] = scale_schedule(cfg["schedule"], o.epochs / cfg["epochs"])
-    cfg.setdefault("fuse_siblings", True)  # runs recorded before the setting existed
-    for key in ("epochs", "dataset", "data_root", "batch_size", "seed", "fused", "fuse_siblings", "amp",
-                "channels_last", "log_every", "checkpoint_every"):
-        val = getattr(o, key)
-        if val is not None:
-            cfg[key] = val
-    if o.lr is not None:
-        cfg["optimizer"]["lr"] = o.lr
-    return cfg
+                      check_resume_world, create_run, latest_run, read_run_record, record_changes, reopen_run,
+                      run_weights)
+from .signals import Interrupted
 
 
 def train_artifact(source: str | Path | Artifact, opts: TrainOptions | None = None) -> dict[str, Any]:
@@ -121,243 +64,285 @@ def train_artifact(source: str | Path | Artifact, opts: TrainOptions | None = No
     opts = opts or TrainOptions()
     if opts.resume:
         run_dir = Path(opts.resume)
-        saved = check_resume_world(run_dir, 1)
-        art = _load_run_artifact(run_dir, saved)
-        cfg, notes = resume_config(run_dir, saved, opts, sequential=art.plan.schedule == "sequential")
+        art, config, saved, notes = reopen_run(run_dir, opts)
         if notes:
-            atomic_write_text(run_dir / "run.json", json.dumps(saved, indent=1))
+            record_changes(run_dir, saved)
             if opts.on_log:
                 opts.on_log({"kind": "note", "text": "resume: " + "; ".join(notes)})
-        device = saved.get("device")
-    else:
-        art = source if isinstance(source, Artifact) else load_artifact(source)
-        cfg = _merge(art.spec["train"], opts)
-        resolve_devices(art, opts.device)  # fail before anything is written
-        fresh = not Path(opts.run_dir).exists() if opts.run_dir else True
-        run_dir = _new_run_dir(art.plan.name, opts.run_dir)
-        if art.path is not None:
-            shutil.copytree(art.path, run_dir / "artifact")
-        device = opts.device
-        cfg.setdefault("limit_train", opts.limit_train)
-        cfg.setdefault("limit_test", opts.limit_test)
-        atomic_write_text(run_dir / "run.json", json.dumps({"config": cfg, "device": device, "world": 1,
-                                                            "source": str(art.path)}, indent=1))
-        try:
-            return _run(art, cfg, run_dir, device, opts)
-        except (RunError, DataError, DeviceError):
-            _discard_unstarted(run_dir, fresh)
-            raise
-    return _run(art, cfg, run_dir, device, opts)
+        return Trainer(art, config, run_dir, on_log=opts.on_log, on_progress=opts.on_progress).fit()
+    art = source if isinstance(source, Artifact) else load_artifact(source)
+    config = new_run_config(art.spec["train"], opts)
+    resolve_devices(art, opts.device)  # fail before anything is written
+    fresh = not Path(opts.run_dir).exists() if opts.run_dir else True
+    run_dir = create_run(art, config, opts.run_dir)
+    try:
+        return Trainer(art, config, run_dir, on_log=opts.on_log, on_progress=opts.on_progress).fit()
+    except (RunError, DataError, DeviceError):
+        _discard_unstarted(run_dir, fresh)
+        raise
 
 
-@dataclass
-class DistContext:
-    """This process's place in a distributed run (rank 0 of 1 for a single process)."""
+class Checkpointer:
+    """Writes this process's checkpoints (and commits them with the other ranks), and resumes from them."""
 
-    rank: int = 0
-    world: int = 1
-    comm: Any = None
+    def __init__(self, art: Artifact, ex: Executor, ctx: LocalContext, run_dir: Path, config: RunConfig) -> None:
+        self.art, self.ex, self.ctx = art, ex, ctx
+        self.root = run_dir / "checkpoints"
+        self.dir = ctx.checkpoint_dir(self.root)
+        self.fused, self.keep = config.execution.fused, config.execution.keep_checkpoints
 
+    def save(self, st: TrainState, window: MetricsWindow) -> None:
+        """Checkpoint weights, optimizer and RNG states, where the run stands and the metrics window."""
+        self.ctx.drain()
+        tensors = state_tensors(self.art.modules, self.art.plan)
+        state = {"step": st.step, "epoch": st.epoch, "step_in_epoch": st.step_in_epoch, "fused": self.fused,
+                 "optim": self.ex.updater.state_dict(), "rng": rng_state(),
+                 "history": st.history, "window": window.state()}
+        save_checkpoint(self.dir, f"ckpt-{st.step:09d}", tensors=tensors, state=state)
+        self.ctx.commit(self.root, st.step)
+        prune_checkpoints(self.dir, keep=self.keep)
 
-def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: TrainOptions,
-         ctx: DistContext | None = None) -> dict[str, Any]:
-    ctx = ctx or DistContext()
-    plan = art.plan
-    devices = resolve_devices(art, device)
-    own = [p.id for p in plan.partitions if p.id in art.modules]
-    first_dev = devices[own[0]]
-    on_cuda = first_dev.type == "cuda"
-    amp = cfg["amp"] == "bf16" or (cfg["amp"] == "auto" and on_cuda)
-    channels_last = cfg["channels_last"] == "on" or (cfg["channels_last"] == "auto" and on_cuda)
-    data = load_dataset(cfg["dataset"], root=cfg.get("data_root"), download=opts.download,
-                        input_shape=tuple(plan.input_shape), limit_train=cfg.get("limit_train"),
-                        limit_test=cfg.get("limit_test"), synthetic=_synthetic_like(plan),
-                        progress=opts.on_progress)
-    if data.num_classes != plan.num_classes:
-        raise RunError(f"data set '{cfg['dataset']}' has {data.num_classes} classes but the network was "
-                            f"compiled for {plan.num_classes}; set model.num_classes: {data.num_classes} and recompile")
-    data = data.to(first_dev)
-    if ctx.rank == 0:  # what inference needs to feed the trained net (load_run, gndgl export)
-        atomic_write_text(run_dir / DATA_RECORD, json.dumps({
-            "dataset": cfg["dataset"], "mean": list(data.mean), "std": list(data.std), "classes": list(data.classes),
-            "input_shape": list(plan.input_shape), "num_classes": plan.num_classes}, indent=1))
-    torch.manual_seed(cfg["seed"])
-    ex = Executor(plan, art.modules, cfg["optimizer"], devices, fused=cfg["fused"], amp=amp,
-                  channels_last=channels_last, denorm=(data.mean, data.std),
-                  siblings=cfg.get("fuse_siblings", True) and ctx.world == 1, transport=ctx.comm)
-    if opts.on_log and ctx.rank == 0:
-        opts.on_log({"kind": "setup", "fusion": ex.fusion,
-                     "text": ex.fusion_summary() if ctx.world == 1 else "distributed: every module runs per partition"})
-    bs = cfg["batch_size"]
-    spe = steps_per_epoch(len(data.train_y), bs)
-    if spe == 0:
-        raise RunError(f"batch size {bs} is larger than the {len(data.train_y)} training images; use a smaller "
-                            "--batch-size")
-    modules = sorted({p.module for p in plan.partitions})
-    phases = [None] if plan.schedule == "parallel" else [
-        {p.id for p in plan.partitions if p.module == m} for m in modules]
-    epochs = cfg["epochs"]
-    total_epochs = epochs * len(phases)
-    ckpt_root = run_dir / "checkpoints"
-    ckpt_dir = ckpt_root / f"rank{ctx.rank}" if ctx.world > 1 else ckpt_root
-    epoch, start_step, gstep, history, window = 0, 0, 0, [], None
-    if ctx.world > 1:
-        loaded = committed_checkpoint(ckpt_root, ctx.rank)
-    else:
-        loaded = _usable_checkpoint(ckpt_dir)
-    if loaded is not None:
+    def has(self, step: int) -> bool:
+        """This process's checkpoint of ``step`` exists."""
+        return (self.dir / f"ckpt-{step:09d}.json").exists()
+
+    def resume(self, st: TrainState, window: MetricsWindow) -> str | None:
+        """Load the latest checkpoint into the modules, optimizers, RNG, ``st`` and ``window``.
+
+        Returns:
+            Its name, or None for a fresh run.
+
+        Raises:
+            RunError: it was written with the other ``fused`` setting (another optimizer layout).
+        """
+        loaded = self.ctx.latest_checkpoint(self.root)
+        if loaded is None:
+            return None
         state = loaded.state
-        if state.get("fused") != cfg["fused"]:
+        if state.get("fused") != self.fused:
             raise RunError("this run was checkpointed with fused="
-                                f"{state.get('fused')}; resume with the same --fused/--no-fused setting")
-        load_state_tensors(art.modules, plan, loaded.tensors, str(ckpt_dir / loaded.name))
-        ex.updater.load_state_dict(state["optim"])
+                           f"{state.get('fused')}; resume with the same --fused/--no-fused setting")
+        load_state_tensors(self.art.modules, self.art.plan, loaded.tensors, str(self.dir / loaded.name))
+        self.ex.updater.load_state_dict(state["optim"])
         set_rng_state(state["rng"])
-        epoch, start_step, gstep, history = state["epoch"], state["step_in_epoch"], state["step"], state["history"]
-        window = state.get("window")
-        if opts.on_log and ctx.rank == 0:
-            opts.on_log({"kind": "note", "text": f"resuming from step {gstep} of {total_epochs * spe} "
-                                                 f"(epoch {epoch + 1} of {total_epochs}, {loaded.name})"})
-    # drop what a killed earlier attempt logged after the checkpoint (everything, if it died before the first)
-    truncate_metrics(metrics_dir(run_dir, ctx.rank), gstep)
-    if ctx.rank == 0:
-        remove_temp_files(run_dir)  # of atomic writes (metrics, summary) that a killed attempt left
-    names = {p.id: p.name for p in plan.partitions}
-    aug = cfg.get("augment") or {"crop_pad": 0, "flip": False}
-    t_start = time.time()
-    images = 0
-    done = interrupted = False
-    stop = StopFlag(immediate=ctx.world > 1)
-    acc_loss: dict[int, torch.Tensor] = {}
-    acc_correct: dict[int, torch.Tensor] = {}
-    n_acc = 0
+        st.restore(state)
+        window.restore(state.get("window"))
+        return loaded.name
 
-    def checkpoint(ep: int, step_in_epoch: int) -> None:
-        if ctx.comm is not None:
-            ctx.comm.drain()
-        tensors = state_tensors(art.modules, plan)
-        st = {"step": gstep, "epoch": ep, "step_in_epoch": step_in_epoch, "fused": cfg["fused"],
-              "optim": ex.updater.state_dict(), "rng": rng_state(),
-              "history": history,
-              # the metrics of the steps since the last log record, so a resumed run logs the same averages
-              "window": {"n": n_acc, "loss": {str(k): float(v) for k, v in acc_loss.items()},
-                         "correct": {str(k): int(v) for k, v in acc_correct.items()}}}
-        save_checkpoint(ckpt_dir, f"ckpt-{gstep:09d}", tensors=tensors, state=st)
-        if ctx.world > 1:
-            commit_checkpoint(ckpt_root, gstep, ctx)
-        prune_checkpoints(ckpt_dir, keep=opts.keep_checkpoints)
 
-    def evaluate() -> dict[str, Any]:
-        batches = Batches(data, batch_size=max(bs, 256), seed=cfg["seed"], epoch=0, train=False, augment=False,
-                          channels_last=channels_last and ctx.world == 1)
-        shown = counted(batches, len(batches), opts.on_progress, "eval", epoch=epoch - 1, epochs=total_epochs)
-        if ctx.world == 1:
-            return ex.evaluate(shown)
-        full = gather_modules(plan, ckpt_root, gstep, ctx.world)
-        ev_ex = Executor(plan, full, cfg["optimizer"], {pid: first_dev for pid in full}, fused=False,
-                         denorm=(data.mean, data.std))
-        return ev_ex.evaluate(shown)
+class Validator:
+    """Test accuracy of the network as trained so far: final head, layerwise ensemble, each partition."""
 
-    with MetricsLogger(metrics_dir(run_dir, ctx.rank), tensorboard=opts.tensorboard if ctx.rank == 0 else False) as log:
-        try:
-            while epoch < total_epochs and not done:
-                phase = epoch // epochs
-                active = phases[phase]
-                phase_step0 = phase * epochs * spe
-                batches = Batches(data, batch_size=bs, seed=cfg["seed"], epoch=epoch, start_step=start_step,
-                                  train=True, augment=bool(aug["crop_pad"] or aug["flip"]), pad=aug["crop_pad"],
-                                  flip=aug["flip"], channels_last=channels_last)
-                acc_loss, acc_correct, n_acc, t_log = {}, {}, 0, time.time()
-                if window:
-                    acc_loss = {int(k): torch.tensor(v, dtype=torch.float32) for k, v in window["loss"].items()}
-                    acc_correct = {int(k): torch.tensor(v) for k, v in window["correct"].items()}
-                    n_acc, window = window["n"], None
-                for step, x, y in batches:
-                    if ctx.comm is not None:
-                        ctx.comm.begin_step(gstep)
-                    lr = run_lr(cfg, gstep - phase_step0, spe, epochs)
-                    stats = guard_oom(lambda: ex.train_step(x, y, lr, active, seed=(cfg["seed"], gstep)), first_dev, bs)
-                    for pid, (loss, correct) in stats.items():
-                        acc_loss[pid] = acc_loss.get(pid, 0) + loss.float()
-                        if correct is not None:
-                            acc_correct[pid] = acc_correct.get(pid, 0) + correct
-                    n_acc += 1
-                    gstep += 1
-                    images += y.numel()
-                    if opts.on_progress:
-                        opts.on_progress(ProgressEvent("train", step + 1, spe, epoch=epoch, epochs=total_epochs,
-                                                       step=gstep, steps=total_epochs * spe, images=y.numel()))
-                    if gstep % cfg["log_every"] == 0 or step == spe - 1:
-                        for rec in log_records(acc_loss, acc_correct, n_acc, bs, names, epoch, gstep, lr,
-                                                n_acc * bs / max(time.time() - t_log, 1e-9)):
-                            log.log(rec)
-                            if opts.on_log:
-                                opts.on_log(rec)
-                        acc_loss, acc_correct, n_acc, t_log = {}, {}, 0, time.time()
-                    if cfg["checkpoint_every"] and gstep % cfg["checkpoint_every"] == 0:
-                        check_finite(acc_loss, names, gstep)
-                        checkpoint(epoch, step + 1)
-                    if stop.requested and ctx.world == 1:
-                        interrupted = done = True
-                    if (opts.max_steps is not None and gstep >= opts.max_steps) or done:
-                        done = True
+    def __init__(self, trainer: "Trainer") -> None:
+        self.t = trainer
+
+    def __call__(self, st: TrainState) -> dict[str, Any]:
+        t = self.t
+        ex = t.ctx.evaluator(t.ex, t.checkpointer.root, st.step, lambda modules: Executor(
+            t.art.plan, modules, t.recipe.optimizer, {pid: t.device for pid in modules}, fused=False,
+            denorm=(t.data.mean, t.data.std)))
+        batches = Batches(t.data, batch_size=max(t.recipe.batch_size, 256), seed=t.recipe.seed, epoch=0, train=False,
+                          augment=False, channels_last=ex.channels_last)
+        return ex.evaluate(counted(batches, len(batches), t.on_progress, "eval", epoch=st.epoch - 1,
+                                   epochs=t.total_epochs))
+
+
+class Trainer:
+    """Trains one process's partitions of a run (all of them, or a rank's share under ``ctx``).
+
+    Args:
+        art: the artifact (``art.modules``: the partitions this process trains).
+        config: the run's settings.
+        run_dir: the run directory (made by ``run_dir.create_run``).
+        ctx: this process's place in the run (default: one process).
+        device: every partition on this device (default: ``config.execution.device``, else the plan's).
+        on_log: called with every record (metrics, notes, the last window before a stop).
+        on_progress: called with a :class:`ProgressEvent` per step, test batch and decoded chunk.
+    """
+
+    def __init__(self, art: Artifact, config: RunConfig, run_dir: Path, ctx: LocalContext | None = None, *,
+                 device: str | None = None, on_log: Callable[[dict], None] | None = None,
+                 on_progress: ProgressFn | None = None) -> None:
+        self.art, self.config, self.run_dir = art, config, run_dir
+        self.recipe, self.execution = config.recipe, config.execution
+        self.ctx = ctx or LocalContext()
+        self.on_log = on_log if self.ctx.is_main else None
+        self.on_progress = on_progress
+        plan = art.plan
+        devices = resolve_devices(art, device or self.execution.device)
+        self.device = devices[next(p.id for p in plan.partitions if p.id in art.modules)]
+        self.amp = self.execution.amp_on(self.device)
+        self.channels_last = self.execution.channels_last_on(self.device)
+        self.data = self._load_data()
+        torch.manual_seed(self.recipe.seed)
+        self.ex = Executor(plan, art.modules, self.recipe.optimizer, devices, fused=self.execution.fused, amp=self.amp,
+                           channels_last=self.channels_last, denorm=(self.data.mean, self.data.std),
+                           siblings=self.ctx.fuse_siblings(self.execution.fuse_siblings), transport=self.ctx.comm)
+        if self.on_log:
+            self.on_log({"kind": "setup", "fusion": self.ex.fusion, "text": self.ctx.setup_text(self.ex)})
+        bs = self.recipe.batch_size
+        self.spe = steps_per_epoch(len(self.data.train_y), bs)
+        if self.spe == 0:
+            raise RunError(f"batch size {bs} is larger than the {len(self.data.train_y)} training images; use a "
+                           "smaller --batch-size")
+        modules = sorted({p.module for p in plan.partitions})
+        self.phases = [None] if plan.schedule == "parallel" else [
+            {p.id for p in plan.partitions if p.module == m} for m in modules]
+        """Partitions trained in each phase (sequential schedule: one module per phase; None = all)."""
+        self.total_epochs = self.recipe.epochs * len(self.phases)
+        self.checkpointer = Checkpointer(art, self.ex, self.ctx, run_dir, config)
+        self.validate = Validator(self)
+        self.window = MetricsWindow({p.id: p.name for p in plan.partitions}, bs)
+        self.state = TrainState()
+
+    def _load_data(self) -> DataBundle:
+        plan, r = self.art.plan, self.recipe
+        data = load_dataset(r.dataset, root=self.execution.data_root, download=self.execution.download,
+                            input_shape=tuple(plan.input_shape), limit_train=r.limit_train, limit_test=r.limit_test,
+                            synthetic=_synthetic_like(plan), progress=self.on_progress)
+        if data.num_classes != plan.num_classes:
+            raise RunError(f"data set '{r.dataset}' has {data.num_classes} classes but the network was compiled for "
+                           f"{plan.num_classes}; set model.num_classes: {data.num_classes} and recompile")
+        data = data.to(self.device)
+        if self.ctx.is_main:  # what inference needs to feed the trained net (load_run, gndgl export)
+            atomic_write_text(self.run_dir / DATA_RECORD, json.dumps({
+                "dataset": r.dataset, "mean": list(data.mean), "std": list(data.std), "classes": list(data.classes),
+                "input_shape": list(plan.input_shape), "num_classes": plan.num_classes}, indent=1))
+        return data
+
+    def fit(self) -> dict[str, Any]:
+        """Train to the end of the run, ``max_steps`` or a stop signal; write the final weights and summary."""
+        st, window, exe = self.state, self.window, self.execution
+        self._resume()
+        self.t_start = time.time()
+        stop = self.ctx.stop_flag()
+        with MetricsLogger(self.ctx.metrics_dir(self.run_dir),
+                           tensorboard=exe.tensorboard if self.ctx.is_main else False) as logger:
+            report = Reporter(logger, self.on_log, self.on_progress)
+            try:
+                while st.epoch < self.total_epochs and not st.done:
+                    window.restart_clock()
+                    for step, x, y in self._batches():
+                        self._train_step(step, x, y, report)
+                        if st.step % exe.log_every == 0 or st.step_in_epoch == self.spe:
+                            for rec in window.records(st.epoch, st.step, st.lr):
+                                report.record(rec)
+                            window.clear()
+                        if exe.checkpoint_every and st.step % exe.checkpoint_every == 0:
+                            self._checkpoint()
+                        if stop.requested:
+                            st.interrupted = st.done = True
+                        if exe.max_steps is not None and st.step >= exe.max_steps:
+                            st.done = True
+                        if st.done:
+                            break
+                    if st.done and st.step_in_epoch < self.spe:
+                        self._stop_mid_epoch(report)
                         break
-                if done and not (step == spe - 1):
-                    if n_acc and opts.on_log:  # show the steps since the last record (not logged: a resumed
-                        for rec in log_records(acc_loss, acc_correct, n_acc, bs, names, epoch, gstep, lr,  # run
-                                                n_acc * bs / max(time.time() - t_log, 1e-9)):  # logs them)
-                            opts.on_log({**rec, "partial": True})
-                    check_finite(acc_loss, names, gstep)
-                    checkpoint(epoch, step + 1)
-                    break
-                epoch, start_step = epoch + 1, 0
-                if ctx.world > 1:
-                    checkpoint(epoch, 0)  # every rank's state at this step, for rank 0's evaluation
-                if opts.eval_every_epoch and ctx.rank == 0:
-                    ev = evaluate()
-                    rec = {"kind": "eval", "epoch": epoch - 1, "step": gstep, "test_acc": ev["test_acc"],
+                    st.next_epoch()
+                    self._end_epoch(report)
+            except KeyboardInterrupt:
+                raise Interrupted(f"interrupted; the last checkpoint is in {self.checkpointer.dir}. Continue with: "
+                                  f"gndgl train --resume {self.run_dir}") from None
+            finally:
+                stop.restore()
+        if st.interrupted:
+            raise Interrupted(f"interrupted at step {st.step}; a checkpoint was written. Continue with: "
+                              f"gndgl train --resume {self.run_dir}")
+        return self._finish()
+
+    # ----------------------------------------------------------------------------- the loop's parts
+
+    def _resume(self) -> None:
+        """Continue from the latest checkpoint, and drop what a killed attempt logged after it."""
+        name = self.checkpointer.resume(self.state, self.window)
+        if name is not None and self.on_log:
+            st = self.state
+            self.on_log({"kind": "note", "text": f"resuming from step {st.step} of {self.total_epochs * self.spe} "
+                                                 f"(epoch {st.epoch + 1} of {self.total_epochs}, {name})"})
+        # (everything, if the earlier attempt died before its first checkpoint)
+        truncate_metrics(self.ctx.metrics_dir(self.run_dir), self.state.step)
+        if self.ctx.is_main:
+            remove_temp_files(self.run_dir)  # of atomic writes (metrics, summary) that a killed attempt left
+
+    def _batches(self) -> Batches:
+        r, st = self.recipe, self.state
+        return Batches(self.data, batch_size=r.batch_size, seed=r.seed, epoch=st.epoch, start_step=st.step_in_epoch,
+                       train=True, augment=bool(r.crop_pad or r.flip), pad=r.crop_pad, flip=r.flip,
+                       channels_last=self.channels_last)
+
+    def _phase(self) -> int:
+        return self.state.epoch // self.recipe.epochs
+
+    def _active(self) -> set[int] | None:
+        """The partitions this phase trains (None = all)."""
+        return self.phases[self._phase()]
+
+    def _lr(self) -> float:
+        phase_step0 = self._phase() * self.recipe.epochs * self.spe
+        return run_lr(self.recipe, self.state.step - phase_step0, self.spe, self.recipe.epochs)
+
+    def _train_step(self, step: int, x: torch.Tensor, y: torch.Tensor, report: Reporter) -> None:
+        """One step of every partition this phase trains (``step``: its index in the epoch)."""
+        st = self.state
+        self.ctx.begin_step(st.step)
+        lr = self._lr()
+        stats = guard_oom(lambda: self.ex.train_step(x, y, lr, self._active(), seed=(self.recipe.seed, st.step)),
+                          self.device, self.recipe.batch_size)
+        self.window.add(stats)
+        st.advance(step, y.numel(), lr)
+        report.progress(ProgressEvent("train", st.step_in_epoch, self.spe, epoch=st.epoch, epochs=self.total_epochs,
+                                      step=st.step, steps=self.total_epochs * self.spe, images=y.numel()))
+
+    def _checkpoint(self) -> None:
+        self.window.check_finite(self.state.step)
+        self.checkpointer.save(self.state, self.window)
+
+    def _stop_mid_epoch(self, report: Reporter) -> None:
+        """Show the steps since the last record (not logged: a resumed run logs them) and checkpoint."""
+        st = self.state
+        if self.window.n:
+            for rec in self.window.records(st.epoch, st.step, st.lr):
+                report.show({**rec, "partial": True})
+        self._checkpoint()
+
+    def _end_epoch(self, report: Reporter) -> None:
+        """Evaluate and checkpoint the epoch just trained (distributed: checkpoint first, for rank 0's
+        evaluation of every rank's weights; one process: the checkpoint records the evaluation)."""
+        st = self.state
+        if self.ctx.evaluates_checkpoints:
+            self.checkpointer.save(st, self.window)
+        if self.execution.eval_every_epoch and self.ctx.is_main:
+            ev = self.validate(st)
+            report.record({"kind": "eval", "epoch": st.epoch - 1, "step": st.step, "test_acc": ev["test_acc"],
                            "ensemble_acc": ev["ensemble_acc"], "partition_acc": ev["partition_acc"],
-                           "wall_s": time.time() - t_start}
-                    log.log(rec)
-                    if opts.on_log:
-                        opts.on_log(rec)
-                    history.append({"epoch": epoch - 1, "test_acc": ev["test_acc"], "ensemble_acc": ev["ensemble_acc"]})
-                if ctx.world == 1:
-                    checkpoint(epoch, 0)
-        except KeyboardInterrupt:
-            raise Interrupted(f"interrupted; the last checkpoint is in {ckpt_dir}. Continue with: "
-                              f"gndgl train --resume {run_dir}") from None
-        finally:
-            stop.restore()
-    if interrupted:
-        raise Interrupted(f"interrupted at step {gstep}; a checkpoint was written. Continue with: "
-                          f"gndgl train --resume {run_dir}")
-    if ctx.world > 1:
-        if ctx.comm is not None:
-            ctx.comm.drain()
-        if not (ckpt_dir / f"ckpt-{gstep:09d}.json").exists():
-            checkpoint(epoch, start_step)
-        from .distributed import barrier
-        barrier()
-        if ctx.rank != 0:
-            return {"rank": ctx.rank, "steps": gstep, "bytes_sent": ctx.comm.bytes_sent if ctx.comm else 0}
-        final = gather_tensors(ckpt_root, gstep, ctx.world)
-        merge_rank_metrics(run_dir, ctx.world)
-    else:
-        final = state_tensors(art.modules, plan)
-    save_file(final, str(run_dir / "weights.safetensors.tmp"))
-    (run_dir / "weights.safetensors.tmp").replace(run_dir / "weights.safetensors")
-    wall = time.time() - t_start
-    last = history[-1] if history else {}
-    summary = {"name": plan.name, "run_dir": str(run_dir), "epochs_done": epoch, "epochs_total": total_epochs,
-               "steps": gstep,
-               "test_acc": last.get("test_acc"), "ensemble_acc": last.get("ensemble_acc"),
-               "best_test_acc": max((h["test_acc"] for h in history), default=None), "history": history,
-               "wall_s": wall, "images_per_s": images / max(wall, 1e-9), "device": str(first_dev),
-               "fused": cfg["fused"], "amp": amp, "dataset": cfg["dataset"], "complete": epoch >= total_epochs}
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
-    write_metrics_csv(run_dir)
-    return summary
+                           "wall_s": time.time() - self.t_start})
+            st.history.append({"epoch": st.epoch - 1, "test_acc": ev["test_acc"], "ensemble_acc": ev["ensemble_acc"]})
+        if not self.ctx.evaluates_checkpoints:
+            self.checkpointer.save(st, self.window)
+
+    def _finish(self) -> dict[str, Any]:
+        """Write the final weights, ``summary.json`` and ``metrics.csv``; return the summary."""
+        st, run_dir, plan = self.state, self.run_dir, self.art.plan
+        final = self.ctx.final_weights(self.art.modules, plan, st.step, lambda: self.checkpointer.save(st, self.window),
+                                       self.checkpointer.has(st.step))
+        if final is None:
+            return self.ctx.rank_record(st.step)
+        save_file(final, str(run_dir / "weights.safetensors.tmp"))
+        (run_dir / "weights.safetensors.tmp").replace(run_dir / "weights.safetensors")
+        wall = time.time() - self.t_start
+        last = st.history[-1] if st.history else {}
+        summary = {"name": plan.name, "run_dir": str(run_dir), "epochs_done": st.epoch,
+                   "epochs_total": self.total_epochs, "steps": st.step,
+                   "test_acc": last.get("test_acc"), "ensemble_acc": last.get("ensemble_acc"),
+                   "best_test_acc": max((h["test_acc"] for h in st.history), default=None), "history": st.history,
+                   "wall_s": wall, "images_per_s": st.images / max(wall, 1e-9), "device": str(self.device),
+                   "fused": self.execution.fused, "amp": self.amp, "dataset": self.recipe.dataset,
+                   "complete": st.epoch >= self.total_epochs}
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
+        write_metrics_csv(run_dir)
+        return summary
 
 
-__all__ = ["GndglError", "TrainOptions", "evaluate_run", "latest_run", "read_run_record", "run_weights", "train_artifact"]
+__all__ = ["DistContext", "GndglError", "Trainer", "TrainOptions", "evaluate_run", "latest_run", "read_run_record",
+           "run_weights", "train_artifact"]

@@ -1,4 +1,4 @@
-"""Distributed worker entry point: ``torchrun --nproc-per-node N -m gndgl_compiler.train compiled/``.
+"""Distributed worker entry point: ``torchrun --nproc-per-node N -m gndgl_compiler.worker compiled/``.
 
 ``gndgl train compiled/ --workers N`` starts N of these itself (same code path).
 Each rank builds only the partitions placed on it (placement re-balanced for the
@@ -11,31 +11,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
 from .errors import DistributedSetupError, GndglError
-from .runtime.checkpoint import atomic_write_text
+from .runtime.options import LaunchOptions, TrainOptions, from_args, worker_parser
 from .runtime.report import format_summary
-from .runtime.resume import resume_config
-from .runtime.train import DistContext, TrainOptions, _merge, _new_run_dir, _run, check_resume_world
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gndgl_compiler.train", description=__doc__.splitlines()[0])
-    p.add_argument("artifact", nargs="?", default="compiled", help="compiled artifact directory")
-    for name, typ in (("--run-dir", str), ("--resume", str), ("--epochs", int), ("--dataset", str),
-                      ("--data-root", str), ("--batch-size", int), ("--lr", float), ("--seed", int),
-                      ("--limit-train", int), ("--limit-test", int), ("--max-steps", int),
-                      ("--checkpoint-every", int), ("--log-every", int), ("--device", str), ("--threads", int)):
-        p.add_argument(name, type=typ, default=None)
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds a rank waits for a peer before failing")
-    p.add_argument("--no-fused", action="store_true")
-    p.add_argument("--json", action="store_true", help="end with the run summary as one JSON line")
-    return p
+    """The worker's flags: the training options of ``gndgl train`` that a rank takes (``runtime/options.py``)."""
+    return worker_parser("python -m gndgl_compiler.worker", __doc__.splitlines()[0])
 
 
 def _share_run_dir(rank: int, path: str | None) -> str:
@@ -54,56 +42,48 @@ def run_worker(args: argparse.Namespace, rank: int, world: int, transport=None) 
     """Train this rank's partitions; returns rank 0's run summary (others: a short record).
     ``transport``, if given, wraps this rank's PeerComm (``transport(comm) -> Transport``; see :func:`main`)."""
     from .api import load_artifact
+    from .runtime.config import new_run_config
+    from .runtime.context import DistContext
     from .runtime.distributed import PeerComm, barrier
+    from .runtime.run_dir import create_run, read_run_config, record_changes, reopen_run
+    from .runtime.train import Trainer
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    opts = TrainOptions(epochs=args.epochs, dataset=args.dataset, data_root=args.data_root,
-                        batch_size=args.batch_size, lr=args.lr, seed=args.seed, limit_train=args.limit_train,
-                        limit_test=args.limit_test, max_steps=args.max_steps, checkpoint_every=args.checkpoint_every,
-                        log_every=args.log_every, fused=False if args.no_fused else None, tensorboard=False)
-    if args.resume:
-        run_dir = Path(args.resume)
-        saved = check_resume_world(run_dir, world)
-        art0 = load_artifact(run_dir / "artifact", verify=False)
-        opts.device = args.device
-        cfg, notes = resume_config(run_dir, saved, opts, sequential=art0.plan.schedule == "sequential")
+    opts = from_args(TrainOptions, args)
+    opts.tensorboard = False
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    if opts.resume:
+        run_dir = Path(opts.resume)
+        _, config, saved, notes = reopen_run(run_dir, opts, world=world, verify=False)
         barrier()  # every rank has read run.json before rank 0 records the changes
         if rank == 0 and notes:
-            atomic_write_text(run_dir / "run.json", json.dumps(saved, indent=1))
+            record_changes(run_dir, saved)
             print("resume: " + "; ".join(notes), flush=True)
     else:
         made = None
         if rank == 0:
             src = load_artifact(args.artifact, verify=True)
-            made = _new_run_dir(src.plan.name, args.run_dir)
-            shutil.copytree(src.path, made / "artifact", dirs_exist_ok=True)
-            cfg = _merge(src.spec["train"], opts)
-            cfg["limit_train"], cfg["limit_test"] = args.limit_train, args.limit_test
-            (made / "run.json").write_text(json.dumps({"config": cfg, "device": args.device, "world": world,
-                                                       "source": str(src.path)}, indent=1))
+            made = create_run(src, new_run_config(src.spec["train"], opts), opts.run_dir, world=world)
         run_dir = Path(_share_run_dir(rank, str(made) if made else None))
         barrier()
-        cfg = json.loads((run_dir / "run.json").read_text())["config"]
+        config = read_run_config(run_dir, opts)
     art = load_artifact(run_dir / "artifact", workers=world, rank=rank)
     n_parts = len(art.plan.partitions)
     if world > n_parts:
         raise DistributedSetupError(f"{world} workers for {n_parts} partitions: every worker needs at least one; "
-                               f"use --workers {n_parts} or fewer")
+                                    f"use --workers {n_parts} or fewer")
     if art.plan.schedule == "sequential":
         raise DistributedSetupError("the sequential schedule trains one module at a time; run it in one process")
-    if args.device:
-        device = args.device
+    if opts.device:
+        device = opts.device
     elif torch.cuda.is_available() and any(d.startswith("cuda") for d in art.plan.devices):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
     else:
         device = "cpu"
-    dtype = torch.float32
-    comm = PeerComm(art.plan, rank, cfg["batch_size"], torch.device(device), dtype=dtype)
+    comm = PeerComm(art.plan, rank, config.recipe.batch_size, torch.device(device), dtype=torch.float32)
     comm = transport(comm) if transport is not None else comm
-    if rank == 0:
-        opts.on_log = _print_record
-    summary = _run(art, cfg, run_dir, device, opts, DistContext(rank, world, comm))
+    ctx = DistContext(rank, world, comm, run_dir)
+    summary = Trainer(art, config, run_dir, ctx, device=device, on_log=_print_record if rank == 0 else None).fit()
     summary["bytes_sent"] = comm.bytes_sent
     return summary
 
@@ -139,7 +119,7 @@ def main(argv: list[str] | None = None, transport=None) -> int:
     args = _parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     try:
-        rank, world = init_process_group(args.timeout, use_cuda=_wants_cuda(args))
+        rank, world = init_process_group(from_args(LaunchOptions, args).timeout, use_cuda=_wants_cuda(args))
         summary = run_worker(args, rank, world, transport)
         if rank == 0:
             print(json.dumps({k: v for k, v in summary.items() if k != "history"}) if args.json

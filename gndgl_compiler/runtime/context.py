@@ -1,0 +1,156 @@
+"""What differs between one process and a rank of a distributed run, behind one object's methods.
+
+:class:`LocalContext` is rank 0 of 1; :class:`DistContext` is one of ``world`` ranks, each
+training the partitions placed on it and sending activations through ``comm``. The trainer
+calls the same methods either way, so its loop has no ``if world > 1`` branches:
+
+    is_main              this process writes the run directory's shared files, evaluates, reports
+    checkpoint_dir       checkpoints/            | checkpoints/rank<r>/
+    latest_checkpoint    newest usable one       | this rank's part of the newest committed step
+    commit               nothing                 | barrier, rank 0 writes commit-<step>.json, barrier
+    evaluator            the training executor   | one over every rank's committed weights
+    final_weights        this process's modules  | every rank's last checkpoint, on rank 0
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..codegen.artifact import state_tensors
+from .checkpoint import LoadedCheckpoint
+from .dist_checkpoint import (commit_checkpoint, committed_checkpoint, gather_modules, gather_tensors,
+                              merge_rank_metrics, metrics_dir)
+from .run_dir import _usable_checkpoint
+from .signals import StopFlag
+
+
+class LocalContext:
+    """One process training every partition (rank 0 of 1)."""
+
+    rank = 0
+    world = 1
+    comm: Any = None
+    evaluates_checkpoints = False
+    """Whether evaluation reads the checkpoint of this step (so it is written before evaluating)."""
+
+    @property
+    def is_main(self) -> bool:
+        """This process writes the shared files of the run directory, evaluates and reports."""
+        return self.rank == 0
+
+    def fuse_siblings(self, setting: bool) -> bool:
+        """Whether sibling partitions run as one program."""
+        return setting
+
+    def setup_text(self, executor: Any) -> str:
+        """What the run prints about how its modules execute."""
+        return executor.fusion_summary()
+
+    def checkpoint_dir(self, root: Path) -> Path:
+        """Where this process writes its checkpoints."""
+        return root
+
+    def latest_checkpoint(self, root: Path) -> LoadedCheckpoint | None:
+        """The checkpoint to resume from (None for a fresh run)."""
+        return _usable_checkpoint(root)
+
+    def metrics_dir(self, run_dir: Path) -> Path:
+        """Where this process writes ``metrics.jsonl``."""
+        return metrics_dir(run_dir, self.rank)
+
+    def stop_flag(self) -> StopFlag:
+        """SIGINT/SIGTERM handling: the first signal checkpoints and stops."""
+        return StopFlag()
+
+    def begin_step(self, step: int) -> None:
+        """Before training step ``step``."""
+
+    def drain(self) -> None:
+        """Wait for the activations still in flight (before a checkpoint)."""
+
+    def commit(self, root: Path, step: int) -> None:
+        """Make the checkpoint of ``step`` the one to resume from."""
+
+    def evaluator(self, executor: Any, root: Path, step: int, build: Callable[[dict], Any]) -> Any:
+        """The executor that evaluates the network at ``step``."""
+        return executor
+
+    def final_weights(self, modules: dict, plan: Any, step: int, save: Callable[[], None], has_step: bool
+                      ) -> dict[str, torch.Tensor] | None:
+        """Every partition's final weights (None on a rank that does not write them).
+
+        Args:
+            modules: this process's partition modules.
+            plan: the partition plan.
+            step: the last step.
+            save: writes this process's checkpoint of the last step.
+            has_step: that checkpoint exists already.
+        """
+        return state_tensors(modules, plan)
+
+    def rank_record(self, step: int) -> dict[str, Any]:
+        """What a rank that does not write the summary returns."""
+        return {"rank": self.rank, "steps": step, "bytes_sent": 0}
+
+
+class DistContext(LocalContext):
+    """One rank of a distributed run: its partitions, its peer transport ``comm``."""
+
+    evaluates_checkpoints = True
+
+    def __init__(self, rank: int = 0, world: int = 1, comm: Any = None, run_dir: Path | None = None) -> None:
+        self.rank, self.world, self.comm = rank, world, comm
+        self.run_dir = run_dir
+
+    def fuse_siblings(self, setting: bool) -> bool:
+        return False
+
+    def setup_text(self, executor: Any) -> str:
+        return "distributed: every module runs per partition"
+
+    def checkpoint_dir(self, root: Path) -> Path:
+        return root / f"rank{self.rank}"
+
+    def latest_checkpoint(self, root: Path) -> LoadedCheckpoint | None:
+        return committed_checkpoint(root, self.rank)
+
+    def stop_flag(self) -> StopFlag:
+        """The first signal interrupts at once: the launcher stops every rank together."""
+        return StopFlag(immediate=True)
+
+    def begin_step(self, step: int) -> None:
+        if self.comm is not None:
+            self.comm.begin_step(step)
+
+    def drain(self) -> None:
+        if self.comm is not None:
+            self.comm.drain()
+
+    def commit(self, root: Path, step: int) -> None:
+        commit_checkpoint(root, step, self)
+
+    def evaluator(self, executor: Any, root: Path, step: int, build: Callable[[dict], Any]) -> Any:
+        """An executor over every partition, with the weights all ranks committed at ``step``."""
+        return build(gather_modules(executor.plan, root, step, self.world))
+
+    def final_weights(self, modules: dict, plan: Any, step: int, save: Callable[[], None], has_step: bool
+                      ) -> dict[str, torch.Tensor] | None:
+        """Checkpoint the last step on every rank; rank 0 gathers them (and merges the ranks' metrics)."""
+        from .distributed import barrier
+
+        self.drain()
+        if not has_step:
+            save()
+        barrier()
+        if not self.is_main:
+            return None
+        final = gather_tensors(self.run_dir / "checkpoints", step, self.world)
+        merge_rank_metrics(self.run_dir, self.world)
+        return final
+
+    def rank_record(self, step: int) -> dict[str, Any]:
+        return {"rank": self.rank, "steps": step, "bytes_sent": self.comm.bytes_sent if self.comm else 0}
+
