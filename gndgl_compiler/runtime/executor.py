@@ -27,13 +27,14 @@ import torch
 
 from ..codegen.modules import PartitionModule
 from ..graph import losses as L
+from ..graph.ops import RANDOM_KINDS
 from ..partition.plan import IMAGE, PartitionPlan
 from .fused import FusedStage, NotFusable
 from .optim import make_optimizer, set_lr, step_all
 from .stage_outputs import StageOutputs
 
 HEAD_KEYS = ("logits", "sim", "recon", "proj")
-RANDOM_OPS = ("dropout",)
+RANDOM_OPS = RANDOM_KINDS
 
 
 def _partition_seed(seed: int, step: int, pid: int) -> int:
