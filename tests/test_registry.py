@@ -18,8 +18,8 @@ import pytest
 import torch
 from pydantic import BaseModel
 
-from gndgl_compiler.errors import GraphError, PartitionError
 from gndgl_compiler.codegen.modules import build_assembled, build_partitions
+from gndgl_compiler.errors import GraphError, PartitionError
 from gndgl_compiler.graph.build import UNIT_BUILDERS, build_units
 from gndgl_compiler.graph.ops import OPS, OpDef, extra_ops, get_op, registry
 from gndgl_compiler.partition.partitioner import build_plan
