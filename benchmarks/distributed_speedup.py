@@ -125,7 +125,6 @@ def _start(art: Path, workers: int, max_steps: int, batch: int, run_dir: Path) -
             "--threads", "1", "--timeout", "120"]
     base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(workers),
                 OMP_NUM_THREADS="1", GNDGL_BACKEND="gloo")
-    base.pop("GNDGL_FAULT", None)
     return [subprocess.Popen([sys.executable, __file__, "--_worker", *args],
                              env=dict(base, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for r in range(workers)]

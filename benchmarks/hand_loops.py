@@ -89,6 +89,18 @@ class PoolFC(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
 
 
+def ce_backward(out, y):
+    """Cross-entropy of ``out`` against ``y``, backpropagated; returns (detached loss, number correct)."""
+    loss = F.cross_entropy(out, y)
+    loss.backward()
+    return loss.detach(), (out.argmax(1) == y).sum()
+
+
+def opt_step(opt):
+    opt.step()
+    opt.zero_grad()
+
+
 def diversity_probs(logits, y, T):
     p = torch.softmax(logits / T, dim=1)
     p = p.masked_fill(F.one_hot(y, p.shape[1]).bool(), 0.0)
@@ -102,12 +114,9 @@ class HandE2E:
         self.opt = sgd(self.net.parameters())
 
     def step(self, x, y):
-        out = self.net(x)
-        loss = F.cross_entropy(out, y)
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad()
-        return [(loss.detach(), (out.argmax(1) == y).sum())]
+        stats = [ce_backward(self.net(x), y)]
+        opt_step(self.opt)
+        return stats
 
     def modules(self):
         return [self.net]
@@ -127,12 +136,8 @@ class HandDGL:
         h, stats = x, []
         for body, head in zip(self.mods, self.heads):
             h = body(h.detach())
-            out = head(h)
-            loss = F.cross_entropy(out, y)
-            loss.backward()
-            stats.append((loss.detach(), (out.argmax(1) == y).sum()))
-        self.opt.step()
-        self.opt.zero_grad()
+            stats.append(ce_backward(head(h), y))
+        opt_step(self.opt)
         return stats
 
     def modules(self):
@@ -166,12 +171,8 @@ class HandGNDGL:
                 loss = loss + head_loss
                 stats.append((head_loss.detach(), (lg.argmax(1) == y).sum()))
             loss.backward()
-        out = self.final(h.detach())
-        loss = F.cross_entropy(out, y)
-        loss.backward()
-        stats.append((loss.detach(), (out.argmax(1) == y).sum()))
-        self.opt.step()
-        self.opt.zero_grad()
+        stats.append(ce_backward(self.final(h.detach()), y))
+        opt_step(self.opt)
         return stats
 
     def modules(self):

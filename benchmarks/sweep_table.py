@@ -13,7 +13,8 @@ import argparse
 import time
 from pathlib import Path
 
-from gndgl_compiler.viz.sweep import PAPER_INFERENCE_SPEEDUP, PAPER_TRAIN_SPEEDUP, run_sweep, write_tables
+from gndgl_compiler.sweep import run_sweep
+from gndgl_compiler.viz.tables import PAPER_INFERENCE_SPEEDUP, PAPER_TRAIN_SPEEDUP, write_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 

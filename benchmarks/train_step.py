@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hand_loops import Head1c2f, PoolFC  # noqa: E402  (the heads step_cost.py's loops use)
 
 from gndgl_compiler import compile_spec  # noqa: E402
-from gndgl_compiler.graph.losses import diversity_penalty, diversity_probs  # noqa: E402
+from gndgl_compiler.losses import diversity_penalty, diversity_probs  # noqa: E402
 from gndgl_compiler.runtime.executor import Executor  # noqa: E402
 
 SPECS = Path(__file__).resolve().parents[1] / "specs"

@@ -82,7 +82,8 @@ def register(app: typer.Typer) -> None:
         """Compile (and optionally train) every K × G variant of a spec: Tables 4/5-style tables, a Figure 3 chart."""
         from gndgl_compiler.spec.load import load_spec
         from gndgl_compiler.viz.bubble import bubble_chart
-        from gndgl_compiler.viz.sweep import paper_reference, parse_ints, run_sweep, write_tables
+        from gndgl_compiler.sweep import parse_ints, run_sweep
+        from gndgl_compiler.viz.tables import paper_reference, write_tables
 
         depths, widths = parse_ints(depth, "--depth"), parse_ints(width, "--width")
         base = load_spec(spec)

@@ -1,4 +1,4 @@
-"""The Python API: compile a spec, load an artifact.
+"""The Python API: compile a spec (or only plan it), load an artifact.
 
     >>> from gndgl_compiler import compile_spec, load_artifact
     >>> art = compile_spec("specs/resnet32_k8g4.yaml", out_dir="compiled")
@@ -21,7 +21,7 @@ from .codegen.artifact import (RECOMPILE, find_artifact, load_state_tensors, rea
                                write_artifact)
 from .codegen.modules import PartitionModule, build_assembled, build_partitions
 from .errors import GndglError, PartitionError, SpecError
-from .graph.build import build_graph
+from .graph.build import OpGraph, build_graph
 from .partition.partitioner import build_plan
 from .partition.placement import place
 from .partition.plan import PartitionPlan
@@ -101,6 +101,42 @@ def _gc_paused(fn):
     return wrapper
 
 
+def _front(spec: Spec) -> tuple[OpGraph, PartitionPlan]:
+    """Graph and validated plan of a loaded spec; a stage's error becomes a SpecError naming the field."""
+    try:
+        og = build_graph(spec)
+    except GndglError as err:
+        raise spec_error(spec, ("model",), str(err)) from None
+    try:
+        plan = build_plan(spec, og)
+        validate_plan(plan, og)
+    except PartitionError as err:
+        path = err.field or (("cuts", "width") if "G=" in str(err) else ("cuts", "depth"))
+        raise spec_error(spec, path, str(err)) from None
+    return og, plan
+
+
+def plan_spec(source: str | os.PathLike | dict | Spec, *, workers: int | None = None,
+              overrides: list[str] | None = None) -> PartitionPlan:
+    """The front half of :func:`compile_spec`: spec → graph → validated partition plan, no modules.
+
+    Args:
+        source: a spec path, YAML text, parsed data or a :class:`Spec`.
+        workers: override ``placement.workers``.
+        overrides: ``"a.b.c=VALUE"`` field overrides (``--set``), validated like the spec.
+
+    Returns:
+        The :class:`PartitionPlan` (costs and summary included).
+
+    Raises:
+        SpecError: the spec is invalid, or its cuts impossible for the network (field, line, what is allowed).
+    """
+    spec = _spec_of(source, overrides)
+    if workers is not None:
+        spec.placement.workers = workers
+    return _front(spec)[1]
+
+
 @_gc_paused
 def compile_spec(source: str | os.PathLike | dict | Spec, out_dir: str | os.PathLike | None = None,
                  *, workers: int | None = None, overrides: list[str] | None = None) -> Artifact:
@@ -122,16 +158,7 @@ def compile_spec(source: str | os.PathLike | dict | Spec, out_dir: str | os.Path
     spec = _spec_of(source, overrides)
     if workers is not None:
         spec.placement.workers = workers
-    try:
-        og = build_graph(spec)
-    except GndglError as err:
-        raise spec_error(spec, ("model",), str(err)) from None
-    try:
-        plan = build_plan(spec, og)
-        validate_plan(plan, og)
-    except PartitionError as err:
-        path = err.field or (("cuts", "width") if "G=" in str(err) else ("cuts", "depth"))
-        raise spec_error(spec, path, str(err)) from None
+    og, plan = _front(spec)
     _check_params(spec, plan)
     modules = build_partitions(plan, seed=spec.train.seed)
     spec_json = spec.model_dump(mode="json")
@@ -185,4 +212,4 @@ def load_artifact(path: str | os.PathLike, *, workers: int | None = None, rank: 
     return Artifact(spec, plan, modules, d, manifest)
 
 
-__all__ = ["Artifact", "SpecError", "compile_spec", "load_artifact", "load_spec"]
+__all__ = ["Artifact", "SpecError", "compile_spec", "load_artifact", "load_spec", "plan_spec"]

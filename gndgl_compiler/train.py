@@ -50,8 +50,9 @@ def _share_run_dir(rank: int, path: str | None) -> str:
     return bytes(buf[buf != 0].tolist()).decode()
 
 
-def run_worker(args: argparse.Namespace, rank: int, world: int) -> dict:
-    """Train this rank's partitions; returns rank 0's run summary (others: a short record)."""
+def run_worker(args: argparse.Namespace, rank: int, world: int, transport=None) -> dict:
+    """Train this rank's partitions; returns rank 0's run summary (others: a short record).
+    ``transport``, if given, wraps this rank's PeerComm (``transport(comm) -> Transport``; see :func:`main`)."""
     from .api import load_artifact
     from .runtime.distributed import PeerComm, barrier
 
@@ -99,6 +100,7 @@ def run_worker(args: argparse.Namespace, rank: int, world: int) -> dict:
         device = "cpu"
     dtype = torch.float32
     comm = PeerComm(art.plan, rank, cfg["batch_size"], torch.device(device), dtype=dtype)
+    comm = transport(comm) if transport is not None else comm
     if rank == 0:
         opts.on_log = _print_record
     summary = _run(art, cfg, run_dir, device, opts, DistContext(rank, world, comm))
@@ -128,15 +130,17 @@ def _wants_cuda(args: argparse.Namespace) -> bool:
     return torch.cuda.is_available() and any(str(d).startswith("cuda") for d in devices)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of one rank; returns the exit code."""
+def main(argv: list[str] | None = None, transport=None) -> int:
+    """Entry point of one rank; returns the exit code. ``transport`` wraps the rank's PeerComm
+    (``transport(comm) -> Transport``): a module that calls ``main(transport=...)`` and is run as
+    ``runtime.launch.WORKER_MODULE`` injects a transport (tests/fault_worker.py injects faults so)."""
     from .runtime.distributed import init_process_group
 
     args = _parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     try:
         rank, world = init_process_group(args.timeout, use_cuda=_wants_cuda(args))
-        summary = run_worker(args, rank, world)
+        summary = run_worker(args, rank, world, transport)
         if rank == 0:
             print(json.dumps({k: v for k, v in summary.items() if k != "history"}) if args.json
                   else format_summary(summary), flush=True)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gndgl_compiler import compile_spec
-from gndgl_compiler.graph.losses import diversity_probs
+from gndgl_compiler.losses import diversity_probs
 from gndgl_compiler.partition.plan import IMAGE
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,7 +4,8 @@
   same intra-op thread count: 1 everywhere; CPU conv kernels round differently with 2);
 - committed checkpoints: stop mid-epoch, resume with ``--workers 2``, same weights as an
   uninterrupted run; ``gndgl eval`` and merged ``metrics.jsonl`` afterwards;
-- faults (``GNDGL_FAULT=kill|hang|raise:RANK:STEP``): bounded exit, a message naming the
+- faults (a fault-injecting Transport, ``tests/fault_worker.py``: kill|hang|raise at RANK:STEP,
+  installed as the launcher's worker module): bounded exit, a message naming the
   rank and its partitions, no orphan worker, a loadable committed checkpoint, resumable;
 - bad input to ``gndgl train --workers``: exit 2, a clear message, no traceback;
 - the torchrun entry point (``python -m torch.distributed.run ... -m gndgl_compiler.train``).
@@ -49,7 +50,7 @@ DATA = ["--dataset", "synthetic", "--limit-train", "128", "--limit-test", "64", 
 @contextlib.contextmanager
 def _environ(**values: str | None):
     """Set (or, with None, remove) environment variables for the worker processes, then restore them."""
-    values = {"GNDGL_BACKEND": "gloo", "GNDGL_FAULT": None, **values}
+    values = {"GNDGL_BACKEND": "gloo", "GNDGL_TEST_FAULT": None, **values}
     saved = {k: os.environ.get(k) for k in values}
     try:
         for k, v in values.items():
@@ -84,13 +85,33 @@ class Result:
     wall: float
 
 
+@contextlib.contextmanager
+def _faulty_workers(fault: str | None):
+    """With ``fault`` (``kind:RANK:STEP``), the launcher's ranks run ``tests/fault_worker.py`` (the real
+    worker with a fault-injecting Transport); without, the real worker."""
+    from gndgl_compiler.runtime import launch
+
+    if fault is None:
+        with _environ():
+            yield
+        return
+    saved = launch.WORKER_MODULE
+    path = os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))
+    launch.WORKER_MODULE = "fault_worker"
+    try:
+        with _environ(GNDGL_TEST_FAULT=fault, PYTHONPATH=path):
+            yield
+    finally:
+        launch.WORKER_MODULE = saved
+
+
 def _gndgl(*args: str, fault: str | None = None) -> Result:
     """``gndgl ARGS`` run by ``gndgl_cli.main.main`` in this process; an escaping exception counts as a traceback."""
     from gndgl_cli.main import main
 
     buf = io.StringIO()
     t0 = time.time()
-    with tempfile.TemporaryFile() as fds, _environ(GNDGL_FAULT=fault), _one_thread():
+    with tempfile.TemporaryFile() as fds, _faulty_workers(fault), _one_thread():
         sys.stdout.flush()
         sys.stderr.flush()
         saved = os.dup(1), os.dup(2)
@@ -252,7 +273,7 @@ def resumed_run(art, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fault_runs(art, tmp_path_factory):
-    """``fault_runs(kind)``: ``gndgl train --workers 2 --timeout 5`` with ``GNDGL_FAULT=kind:1:3`` (cached)."""
+    """``fault_runs(kind)``: ``gndgl train --workers 2 --timeout 5``, rank 1 faulting at step 3 (cached)."""
     base = tmp_path_factory.mktemp("faults")
     cache: dict[str, dict] = {}
 
@@ -454,7 +475,7 @@ def test_torchrun_entry_point(art, single, tmp_path):
            str(art("resnet32_k2g1")), "--run-dir", str(run), *DATA, "--batch-size", "32", "--threads", "1",
            "--timeout", "60", "--json"]
     env = dict(os.environ, GNDGL_BACKEND="gloo", OMP_NUM_THREADS="1")
-    env.pop("GNDGL_FAULT", None)
+    env.pop("GNDGL_TEST_FAULT", None)
     try:
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     except subprocess.TimeoutExpired:

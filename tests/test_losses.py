@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gndgl_compiler.graph import losses as L
+from gndgl_compiler import losses as L
 
 
 @pytest.fixture
@@ -173,16 +173,6 @@ def test_recon_bce_matches_formula_and_autocast(gen):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = L.recon_bce(recon.bfloat16(), target)
     assert out.dtype == torch.float32 and torch.isfinite(out)
-
-
-def test_infopro_lambdas():
-    assert L.infopro_lambdas(0, 8) == (5.0, 0.0)
-    assert L.infopro_lambdas(7, 8) == (0.0, 2.0)
-    r, t = L.infopro_lambdas(3, 7)
-    assert r == pytest.approx(2.5) and t == pytest.approx(1.0)
-    assert L.infopro_lambdas(0, 1) == (5.0, 0.0)
-    with pytest.raises(ValueError):
-        L.infopro_lambdas(8, 8)
 
 
 def test_ensemble_weights():

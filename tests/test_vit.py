@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from gndgl_compiler import compile_spec
-from gndgl_compiler.graph.losses import diversity_probs
+from gndgl_compiler.losses import diversity_probs
 from gndgl_compiler.partition.plan import IMAGE
 from gndgl_compiler.runtime.executor import HEAD_KEYS
 from gndgl_compiler.spec.templates import VIT_DEFAULTS

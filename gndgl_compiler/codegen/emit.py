@@ -11,7 +11,7 @@ import operator
 import torch.fx as fx
 from torch import nn
 
-from ..graph import losses as L
+from .. import losses as L
 from ..graph.ops import get_op
 from ..partition.plan import IRNode, Loss
 

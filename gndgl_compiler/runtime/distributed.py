@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import collections
 import os
-import signal
-import time
 from datetime import timedelta
 import torch
 import torch.distributed as dist
@@ -38,7 +36,7 @@ def _tag(step: int, src: int, kind: str) -> int:
 
 
 class PeerComm:
-    """Point-to-point transport of one rank (used as ``Executor.comm``).
+    """Point-to-point transport of one rank (a :class:`~gndgl_compiler.runtime.transport.Transport`).
 
     Args:
         plan: the partition plan (``partition.worker`` = owning rank).
@@ -48,6 +46,8 @@ class PeerComm:
         dtype: dtype tensors travel in.
         max_inflight: steps whose sends may still be in flight.
     """
+
+    in_process = False
 
     def __init__(self, plan: PartitionPlan, rank: int, batch_size: int, device: torch.device,
                  dtype: torch.dtype = torch.float32, max_inflight: int = 2):
@@ -75,14 +75,11 @@ class PeerComm:
                     if self.owner[sib] != self.owner[p.id]:
                         self.div_dst[sib].add(self.owner[p.id])
         self._work: list = []
-        self._fault = _parse_fault(os.environ.get("GNDGL_FAULT", ""), rank)
 
     # -- step bookkeeping -------------------------------------------------------------------
     def begin_step(self, step: int) -> None:
         """Start step ``step``; wait for sends older than ``max_inflight`` steps."""
         self.step = step
-        if self._fault is not None and step == self._fault[1]:
-            _inject(self._fault[0])
         self._work = []
         self.pending.append(self._work)
         while len(self.pending) > self.max_inflight:
@@ -160,23 +157,6 @@ class PeerComm:
                 if sib not in p_hat and self.owner[sib] != self.rank:
                     p_hat[sib] = self._recv([self.plan.num_classes], self.owner[sib],
                                             _tag(self.step, sib, "diversity")).float()
-
-
-def _parse_fault(text: str, rank: int) -> tuple[str, int] | None:
-    """Fault injection for tests: GNDGL_FAULT='kill|hang|raise:RANK:STEP'."""
-    if not text:
-        return None
-    kind, r, step = text.split(":")
-    return (kind, int(step)) if int(r) == rank else None
-
-
-def _inject(kind: str) -> None:
-    if kind == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    elif kind == "hang":
-        time.sleep(10 ** 6)
-    else:
-        raise RuntimeError("injected fault (GNDGL_FAULT)")
 
 
 def init_process_group(timeout_s: float, use_cuda: bool = True) -> tuple[int, int]:

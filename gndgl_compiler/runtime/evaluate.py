@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from ..codegen.artifact import load_state_tensors
-from .data import Batches, load_dataset
+from .batches import Batches
+from .data import load_dataset
 from .devices import _synthetic_like, resolve_devices
 from .executor import Executor
 from .run_dir import _load_run_artifact, read_run_record, run_weights

@@ -1,56 +1,40 @@
-"""Single-process executor: one training step and one evaluation pass over all partitions.
+"""Executor: one training step and one evaluation pass over the partitions this process owns.
 
-One step, for a batch (x, y):
+It composes four seams, each replaceable on its own:
 
-    bodies  : h_p = body_p(detached upstream outputs)          (network order)
-    heads   : out_p = aux_p(h_p, detached sibling slices)      (stop-gradient sharing)
-    exchange: p̂_p = diversity_probs(out_p.logits, y).detach()  (diversity)
-    losses  : L_p = loss_p(out_p, y, [image], p̂_siblings)
-    update  : per partition: backward(L_p), optimizer step     (unfused)
-              per device:    backward(Σ L_p), one foreach step (fused; same math)
+    StepPlan   (step_plan.py)     the static plan: stage order, releases, random partitions, fusion
+    Transport  (transport.py)     how tensors reach other processes (LocalTransport: nothing travels;
+                                  PeerComm in distributed.py: point-to-point)
+    runners    (stage_runner.py)  bodies, heads and losses of a stage: PartitionRunner, or for a
+                                  module whose siblings fuse, SiblingFusedRunner (fused.py)
+    Updater    (updater.py)       the optimizers: backward, LR, step, and their checkpoint state
 
-Fused, a module whose G sibling partitions all sit on one device runs as one program
-(``runtime/fused.py``: dense first conv + grouped convs, batched aux heads and losses);
-modules that cannot be fused exactly run partition by partition (``Executor.fusion`` says
-which and why). The parameters stay per partition either way.
-
-No gradient crosses a partition: every input of a body and every sibling tensor
-is detached inside the generated code.
+A step runs stage by stage (module by module, siblings together): forward, losses, backward —
+so only one module's activations are alive at a time — then the updater's end-of-step. No
+gradient crosses a partition: every input of a body and every sibling tensor is detached inside
+the generated code. The parameters stay per partition whichever runner and updater run them.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
 
 from ..codegen.modules import PartitionModule
-from ..graph import losses as L
+from .. import losses as L
 from ..graph.ops import RANDOM_KINDS
 from ..partition.plan import IMAGE, PartitionPlan
-from .fused import FusedStage, NotFusable
-from .optim import make_optimizer, set_lr, step_all
+from .fused import FusedStage, NotFusable, SiblingFusedRunner
 from .stage_outputs import StageOutputs
+from .stage_runner import HEAD_KEYS, PartitionRunner, StageEnv, StageRunner, StepState, step_stats
+from .step_plan import StepPlan
+from .transport import LocalTransport, Transport
+from .updater import DeviceUpdater, PartitionUpdater
 
-HEAD_KEYS = ("logits", "sim", "recon", "proj")
 RANDOM_OPS = RANDOM_KINDS
 
-
-def _partition_seed(seed: int, step: int, pid: int) -> int:
-    """Seed of partition ``pid``'s random ops at global step ``step`` (independent of placement)."""
-    return ((seed * 1_000_003 + step) * 65_537 + pid) % (2 ** 63)
-
-
-@contextlib.contextmanager
-def _seeded(device: torch.device, seed: int):
-    """Run the block with the global RNG (CPU, and ``device`` if CUDA) seeded to ``seed``; restore it after."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.default_generator.manual_seed(seed)
-        if device.type == "cuda":
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
-        yield
+__all__ = ["Executor", "HEAD_KEYS", "RANDOM_OPS"]
 
 
 class Executor:
@@ -61,106 +45,92 @@ class Executor:
         modules: ``{partition id: PartitionModule}`` (moved to their devices here).
         optimizer: the spec's ``train.optimizer`` section.
         devices: ``{partition id: device}``.
-        fused: per-device fused step (one backward, multi-tensor optimizer).
+        fused: per-device fused step (one backward, multi-tensor optimizer: :class:`DeviceUpdater`);
+            False: per-partition steps (:class:`PartitionUpdater`).
         amp: bf16 autocast (CUDA only).
         channels_last: channels_last memory format for 4-d tensors.
         denorm: ``(mean, std)`` to turn the normalised image back into [0, 1] (InfoPro).
         siblings: with ``fused``, run each module whose sibling partitions share a device as
             one fused program (same losses and gradients; see ``runtime/fused.py``).
+        transport: how tensors reach partitions in other processes (default :class:`LocalTransport`).
     """
 
     def __init__(self, plan: PartitionPlan, modules: dict[int, PartitionModule], optimizer: dict[str, Any],
                  devices: dict[int, torch.device], *, fused: bool = True, amp: bool = False,
                  channels_last: bool = False, denorm: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
-                 siblings: bool = True):
+                 siblings: bool = True, transport: Transport | None = None):
         self.plan, self.modules, self.devices = plan, modules, devices
         self.fused, self.amp, self.channels_last, self.denorm = fused, amp, channels_last, denorm
-        self._denorm_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # see _image01
-        self.comm: Any = None
-        """Optional transport (distributed runs): recv_inputs / send_output / recv_shares / exchange_diversity."""
+        self.transport: Transport = transport if transport is not None else LocalTransport()
         self.parts = {p.id: p for p in plan.partitions}
-        self.order = [p.id for p in plan.partitions if p.id in modules]
-        self.stages: list[list[int]] = []
-        """Owned partitions grouped by module, in network order (siblings run together)."""
-        for pid in self.order:
-            if not self.stages or self.parts[self.stages[-1][0]].module != self.parts[pid].module:
-                self.stages.append([])
-            self.stages[-1].append(pid)
-        last: dict[int, int] = {}
-        for i, stage in enumerate(self.stages):
-            for pid in stage:
-                last[pid] = max(last.get(pid, i), i)
-                for src in [inp.source for inp in self.parts[pid].inputs] + [sh.source for sh in self.parts[pid].shares]:
-                    last[src] = max(last.get(src, i), i)
-        self.release: dict[int, list[int]] = {}
-        """Stage index -> body outputs no later stage reads (dropped from memory after it)."""
-        for src, i in last.items():
-            self.release.setdefault(i, []).append(src)
-        self.random = {p.id for p in plan.partitions if any(n.kind in RANDOM_OPS for n in p.body + p.head)}
-        """Partitions with random ops: they draw from a generator seeded by (seed, step, partition)."""
+        self.step_plan = StepPlan.build(plan, modules, devices, random_ops=RANDOM_OPS, fuse=fused and siblings,
+                                        in_process=self.transport.in_process)
+        self.env = StageEnv(self.parts, modules, devices, self.transport, self.step_plan.random, amp, denorm)
         for pid in self.order:
             m = modules[pid].to(devices[pid])
             if channels_last:
                 m.to(memory_format=torch.channels_last)
+        self.partition_runners = [PartitionRunner(self.env, stage) for stage in self.stages]
+        self.runners: list[StageRunner] = list(self.partition_runners)
+        """Stage index -> its runner (sibling-fused where the module fuses, else per partition)."""
         self.fused_stages: dict[int, FusedStage] = {}
         """Stage index -> its fused program (modules whose siblings run as one)."""
-        self.fusion: list[dict[str, Any]] = []
-        """Per module: ``{"module", "partitions", "fused", "reason"}`` (why a module runs unfused)."""
-        self._build_fused(fused and siblings)
-        self.optimizers: dict[Any, torch.optim.Optimizer] = {}
-        if fused:
-            by_dev: dict[torch.device, list[dict]] = {}
-            for pid in self.order:
-                by_dev.setdefault(devices[pid], []).append({"params": list(modules[pid].parameters()), "pid": pid})
-            for dev, groups in by_dev.items():
-                self.optimizers[str(dev)] = make_optimizer(groups, optimizer, foreach=True)
-        else:
-            for pid in self.order:
-                self.optimizers[pid] = make_optimizer(modules[pid].parameters(), optimizer, foreach=False)
+        for i in self.step_plan.candidates:
+            stage = self.stages[i]
+            try:
+                fs = FusedStage([modules[pid] for pid in stage])
+            except NotFusable as exc:
+                self.step_plan.decide(i, False, str(exc))
+                continue
+            self.step_plan.decide(i, True)
+            self.fused_stages[i] = fs
+            self.runners[i] = SiblingFusedRunner(fs, stage, self.parts[stage[0]].module, devices[stage[0]],
+                                                 self.env.autocast)
+        fused_grads = [g for fs in self.fused_stages.values() for g in fs.fused_grads()]
+        self.updater = DeviceUpdater(self.order, modules, optimizer, devices, fused_grads) if fused else \
+            PartitionUpdater(self.order, modules, optimizer)
 
-    def _build_fused(self, enabled: bool) -> None:
-        """Fuse the sibling partitions of every module that allows it (fills ``fused_stages``, ``fusion``)."""
-        for i, stage in enumerate(self.stages):
-            names = [self.parts[pid].name for pid in stage]
-            rec = {"module": self.parts[stage[0]].module, "partitions": names, "fused": False, "reason": ""}
-            if not enabled:
-                rec["reason"] = "sibling fusion off"
-            elif len({str(self.devices[pid]) for pid in stage}) > 1:
-                rec["reason"] = "siblings on different devices"
-            else:
-                try:
-                    self.fused_stages[i] = FusedStage([self.modules[pid] for pid in stage])
-                    rec["fused"] = True
-                except NotFusable as exc:
-                    rec["reason"] = str(exc)
-            self.fusion.append(rec)
-        self._fused_grads = [g for fs in self.fused_stages.values() for g in fs.fused_grads()]
+    # ------------------------------------------------------------------ the plan, read-only views
+    @property
+    def order(self) -> list[int]:
+        """Owned partitions, in network order."""
+        return self.step_plan.order
+
+    @property
+    def stages(self) -> list[list[int]]:
+        """Owned partitions grouped by module, in network order (siblings run together)."""
+        return self.step_plan.stages
+
+    @property
+    def release(self) -> dict[int, list[int]]:
+        """Stage index -> body outputs no later stage reads (dropped from memory after it)."""
+        return self.step_plan.release
+
+    @property
+    def random(self) -> set[int]:
+        """Partitions with random ops: they draw from a generator seeded by (seed, step, partition)."""
+        return self.step_plan.random
+
+    @property
+    def fusion(self) -> list[dict[str, Any]]:
+        """Per module: ``{"module", "partitions", "fused", "reason"}`` (why a module runs unfused)."""
+        return self.step_plan.fusion
+
+    @property
+    def comm(self) -> Transport:
+        """The transport (read-only: pass ``transport=`` to the constructor)."""
+        return self.transport
+
+    @property
+    def optimizers(self) -> dict[Any, torch.optim.Optimizer]:
+        """The updater's optimizers (by device string when ``fused``, else by partition id)."""
+        return self.updater.optimizers
 
     def fusion_summary(self) -> str:
         """One line: which modules run fused, and why the others do not."""
-        fused = [str(r["module"]) for r in self.fusion if r["fused"]]
-        other: dict[str, list[str]] = {}
-        for r in self.fusion:
-            if not r["fused"] and len(r["partitions"]) > 1:
-                other.setdefault(r["reason"], []).append(str(r["module"]))
-        text = f"sibling-fused modules: {', '.join(fused) if fused else 'none'}"
-        for reason, mods in other.items():
-            text += f"; per partition ({reason}): {', '.join(mods)}"
-        return text
+        return self.step_plan.summary()
 
     # ------------------------------------------------------------------ forward passes
-    def _autocast(self, device: torch.device):
-        if self.amp and device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def _rng(self, pid: int, seed: tuple[int, int] | None):
-        """Fork the RNG and seed it per (seed, step, partition), so dropout masks do not depend on
-        which partitions share a process or in which order they run."""
-        if seed is None or pid not in self.random:
-            return contextlib.nullcontext()
-        return _seeded(self.devices[pid], _partition_seed(seed[0], seed[1], pid))
-
     def forward(self, x: torch.Tensor, y: torch.Tensor, active: set[int] | None = None,
                 with_loss: bool = True, seed: tuple[int, int] | None = None
                 ) -> tuple[dict[int, dict], dict[int, torch.Tensor]]:
@@ -179,70 +149,9 @@ class Executor:
         h: dict[int, torch.Tensor] = {IMAGE: x}
         outs: dict[int, dict] = {}
         losses: dict[int, torch.Tensor] = {}
-        for stage in self.stages:
-            losses.update(self._forward_stage(stage, x, y, h, outs, active, with_loss, seed))
+        for runner in self.partition_runners:
+            losses.update(runner.forward(x, y, h, outs, active, with_loss, seed))
         return outs, losses
-
-    def _forward_stage(self, stage: list[int], x: torch.Tensor, y: torch.Tensor, h: dict[int, torch.Tensor],
-                       outs: dict[int, dict], active: set[int] | None, with_loss: bool,
-                       seed: tuple[int, int] | None) -> dict[int, torch.Tensor]:
-        """One module's partitions (siblings): bodies, aux heads, diversity exchange, losses.
-
-        Fills ``h`` (body outputs) and ``outs`` (head outputs); returns the losses of the stage.
-        """
-        comm = self.comm
-        for pid in stage:
-            p, dev = self.parts[pid], self.devices[pid]
-            if comm is not None:
-                comm.recv_inputs(pid, h)
-            grad = active is None or pid in active
-            with torch.set_grad_enabled(grad and torch.is_grad_enabled()), self._autocast(dev), \
-                    self._rng(pid, seed):
-                args = [h[i.source].to(dev, non_blocking=True) for i in p.inputs]
-                h[pid] = self.modules[pid].body(*args)
-            if comm is not None:
-                comm.send_output(pid, h[pid])
-        live = [pid for pid in stage if active is None or pid in active]
-        for pid in live:
-            p, dev = self.parts[pid], self.devices[pid]
-            if comm is not None:
-                comm.recv_shares(pid, h)
-            with torch.set_grad_enabled(torch.is_grad_enabled()), self._autocast(dev), \
-                    self._rng(pid, None if seed is None else (seed[0], seed[1] + (1 << 40))):
-                shares = [h[s.source][:, :s.channels].to(dev, non_blocking=True) for s in p.shares]
-                outs[pid] = self.modules[pid].aux(h[pid], *shares)
-        losses: dict[int, torch.Tensor] = {}
-        if not with_loss:
-            return losses
-        p_hat: dict[int, torch.Tensor] = {}
-        for pid in stage:
-            lp = self.parts[pid].loss
-            if lp.diversity_weight > 0 and pid in outs:
-                p_hat[pid] = L.diversity_probs(outs[pid]["logits"].detach(), y.to(self.devices[pid]),
-                                               lp.diversity_temperature)
-        if comm is not None:
-            comm.exchange_diversity(p_hat)
-        for pid in live:
-            p, dev = self.parts[pid], self.devices[pid]
-            yd = y.to(dev, non_blocking=True)
-            args = [outs[pid][k] for k in HEAD_KEYS if k in p.head_outputs] + [yd]
-            if p.loss.kind == "infopro":
-                args.append(self._image01(x).to(dev))
-            if p.loss.diversity_weight > 0:
-                args += [p_hat[s].to(dev) for s in p.siblings]
-            losses[pid] = self.modules[pid].loss(*args)
-        return losses
-
-    def _image01(self, x: torch.Tensor) -> torch.Tensor:
-        """The normalised batch back in [0, 1] (InfoPro's reconstruction target); the mean/std
-        tensors are made once per device, so a step copies nothing from the host."""
-        cache = self._denorm_on
-        if x.device not in cache:
-            mean, std = self.denorm or ((0.0,), (1.0,))
-            cache[x.device] = (torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, -1, 1, 1),
-                               torch.tensor(std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1))
-        m, s = cache[x.device]
-        return (x.float() * s + m).clamp(0, 1)
 
     # ------------------------------------------------------------------ training
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, active: set[int] | None = None,
@@ -251,7 +160,7 @@ class Executor:
 
         Module by module (sibling partitions together): forward, losses, backward — so only one
         module's activations are alive at a time, as in a hand-written local-learning loop. The
-        optimizers step at the end (fused: one multi-tensor step per device), or right after each
+        updater steps at the end (fused: one multi-tensor step per device), or right after each
         partition's backward (unfused); no partition reads another's parameters, so both orders
         give the same weights.
 
@@ -259,74 +168,23 @@ class Executor:
             x, y: the batch.
             lr: learning rate of this step.
             active: partitions that train (sequential schedule); None = all.
-            seed: ``(run seed, global step)``: seeds dropout per partition (see :meth:`_rng`).
+            seed: ``(run seed, global step)``: seeds dropout per partition (``StageEnv.rng``).
 
         Returns:
             ``{pid: (detached loss, number of correct predictions or None)}``, on device (no host sync).
         """
         for pid in self.order:
             self.modules[pid].train(active is None or pid in active)
-        h = StageOutputs({IMAGE: x})
-        outs: dict[int, dict] = {}
-        stats = {}
-        pending: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []  # (pid, loss, logits) for the stats
-        for i, stage in enumerate(self.stages):
-            fs = self.fused_stages.get(i)
-            if fs is not None and self.comm is None and (active is None or all(p in active for p in stage)):
-                stats.update(self._fused_stage_step(fs, stage, x, y, h))
-                for src in self.release.get(i, ()):
-                    h.pop(src, None)
-                continue
-            losses = self._forward_stage(stage, x, y, h, outs, active, True, seed)
-            if self.fused:
-                by_dev: dict[str, list[torch.Tensor]] = {}
-                for pid, loss in losses.items():
-                    by_dev.setdefault(str(self.devices[pid]), []).append(loss)
-                for ls in by_dev.values():
-                    total = ls[0]
-                    for extra in ls[1:]:
-                        total = total + extra
-                    total.backward()
-            else:
-                for pid, loss in losses.items():
-                    loss.backward()
-                    opt = self.optimizers[pid]
-                    set_lr(opt, lr)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-            for pid, loss in losses.items():
-                pending.append((pid, loss, outs[pid].pop("logits", None)))
-                outs[pid] = {}  # free the head outputs (and their graph) before the next module
+        st = StepState(x, y, lr, StageOutputs({IMAGE: x}), active, seed)
+        for i, runner in enumerate(self.runners):
+            if not runner.takes(active):
+                runner = self.partition_runners[i]
+            runner.train(st, self.updater)
             for src in self.release.get(i, ()):
-                h.pop(src, None)  # no later module reads it
-        if self.fused:
-            for opt in self.optimizers.values():
-                set_lr(opt, lr)
-                step_all(opt)
-                opt.zero_grad(set_to_none=True)
-            if self._fused_grads:
-                torch._foreach_zero_(self._fused_grads)
-        stats.update(_stats(pending, y))
-        return {pid: stats[pid] for pid in self.order if pid in stats}
-
-    def _fused_stage_step(self, fs: FusedStage, stage: list[int], x: torch.Tensor, y: torch.Tensor,
-                          h: StageOutputs) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Forward and backward of one sibling-fused module; its output goes into ``h`` whole."""
-        if not fs.intact():
-            raise RuntimeError(f"module {self.parts[stage[0]].module}: a partition's parameters were moved or "
-                               "replaced after the Executor fused them; build the Executor after moving modules")
-        p0, dev = self.parts[stage[0]], self.devices[stage[0]]
-        fs.attach_grads()
-        srcs = [i.source for i in p0.inputs]
-        fused_in = h.get_fused(srcs) if fs.cat_input is not None else None
-        inputs = [] if fused_in is not None else [h[s].to(dev, non_blocking=True) for s in srcs]
-        yd = y.to(dev, non_blocking=True)
-        with self._autocast(dev):
-            out, logits, losses, total = fs.forward(inputs, fused_in, yd)
-        h.put_fused(stage, out)
-        total.backward()
-        correct = (logits.detach().argmax(2) == yd.unsqueeze(1)).sum(0)
-        return dict(zip(stage, zip(losses.detach().unbind(0), correct.unbind(0))))
+                st.h.pop(src, None)  # no later module reads it
+        self.updater.finish(lr)
+        st.stats.update(step_stats(st.pending, y))
+        return {pid: st.stats[pid] for pid in self.order if pid in st.stats}
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -370,30 +228,3 @@ class Executor:
                               if "logits" in self.parts[pid].head_outputs},
             "n": n,
         }
-
-
-@torch.no_grad()
-def _stats(pending: list[tuple[int, torch.Tensor, torch.Tensor | None]], y: torch.Tensor
-           ) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
-    """``{pid: (loss, correct predictions or None)}`` of per-partition modules, batched per device.
-
-    Args:
-        pending: ``(pid, loss, logits or None)`` of the partitions that trained this step.
-        y: the labels.
-    """
-    out: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    batchable: dict[tuple, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
-    for pid, loss, logits in pending:
-        if logits is None or len(pending) == 1:
-            correct = None if logits is None else (logits.argmax(1) == y.to(logits.device)).sum()
-            out[pid] = (loss.detach(), correct)
-        else:
-            key = (str(logits.device), tuple(logits.shape), logits.dtype, loss.dtype)
-            batchable.setdefault(key, []).append((pid, loss, logits))
-    for group in batchable.values():
-        pids = [pid for pid, _, _ in group]
-        losses = torch.stack([loss for _, loss, _ in group])
-        logits = torch.stack([lg for _, _, lg in group])
-        correct = (logits.argmax(2) == y.to(logits.device)).sum(1)
-        out.update(zip(pids, zip(losses.unbind(0), correct.unbind(0))))
-    return out

@@ -9,7 +9,7 @@ For logits ``Z`` of shape (B, G, classes) — head g's logits in ``Z[:, g]`` —
     L_g     = ce_g + w · pen_g
 
 Partition g's loss depends on its own logits live and on its siblings' only through the
-detached p̂ — the same stop-gradient as the per-partition losses (``graph/losses.py``).
+detached p̂ — the same stop-gradient as the per-partition losses (``losses.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..partition.plan import Partition
+from .fused_ops import NotFusable
 
 _EPS = 1e-12
 _COS_EPS = 1e-8
@@ -34,7 +35,6 @@ class FusedLoss:
     """
 
     def __init__(self, parts: list[Partition]):
-        from .fused import NotFusable
         G = len(parts)
         loss = parts[0].loss
         if any(p.loss != loss for p in parts):

@@ -20,6 +20,9 @@ import time
 from ..errors import DistributedError, DistributedSetupError
 
 PR_SET_PDEATHSIG = 1
+WORKER_MODULE = "gndgl_compiler.train"
+"""The module every rank runs (``python -m``). A test or plugin points it at a module that calls this
+module's ``main(transport=...)`` to wrap each rank's transport (tests/fault_worker.py injects faults so)."""
 
 
 def free_port() -> int:
@@ -46,7 +49,8 @@ def _die_with_parent() -> None:
 
 
 def launch_local(workers: int, worker_args: list[str], *, port: int | None = None, threads: int | None = None,
-                 partitions_of: dict[int, list[str]] | None = None, poll_s: float = 0.2) -> None:
+                 partitions_of: dict[int, list[str]] | None = None, poll_s: float = 0.2,
+                 module: str | None = None) -> None:
     """Run ``workers`` ranks of ``python -m gndgl_compiler.train worker_args`` and wait for all.
 
     Args:
@@ -55,6 +59,7 @@ def launch_local(workers: int, worker_args: list[str], *, port: int | None = Non
         port: rendezvous port (default: a free one).
         threads: intra-op threads per rank (default: cores // workers, at least 1).
         partitions_of: rank -> partition names, for error messages.
+        module: the module each rank runs (default :data:`WORKER_MODULE`).
 
     Raises:
         DistributedError: a rank failed; names it, its exit code and its partitions.
@@ -72,7 +77,7 @@ def launch_local(workers: int, worker_args: list[str], *, port: int | None = Non
     try:
         for r in range(workers):
             env = dict(base, RANK=str(r), LOCAL_RANK=str(r))
-            procs.append(subprocess.Popen([sys.executable, "-m", "gndgl_compiler.train", *worker_args,
+            procs.append(subprocess.Popen([sys.executable, "-m", module or WORKER_MODULE, *worker_args,
                                            "--threads", str(threads)], env=env, preexec_fn=_die_with_parent))
         while True:
             codes = [p.poll() for p in procs]

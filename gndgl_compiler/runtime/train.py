@@ -29,7 +29,8 @@ from ..codegen.artifact import load_state_tensors, state_tensors
 from ..errors import DataError, DeviceError, GndglError, RunError
 from .checkpoint import (atomic_write_text, prune_checkpoints, remove_temp_files, rng_state, save_checkpoint,
                          set_rng_state)
-from .data import Batches, load_dataset, steps_per_epoch
+from .batches import Batches, steps_per_epoch
+from .data import load_dataset
 from .dist_checkpoint import (commit_checkpoint, committed_checkpoint, gather_modules, gather_tensors,
                               merge_rank_metrics, metrics_dir)
 from .executor import Executor
@@ -183,8 +184,7 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
     torch.manual_seed(cfg["seed"])
     ex = Executor(plan, art.modules, cfg["optimizer"], devices, fused=cfg["fused"], amp=amp,
                   channels_last=channels_last, denorm=(data.mean, data.std),
-                  siblings=cfg.get("fuse_siblings", True) and ctx.world == 1)
-    ex.comm = ctx.comm
+                  siblings=cfg.get("fuse_siblings", True) and ctx.world == 1, transport=ctx.comm)
     if opts.on_log and ctx.rank == 0:
         opts.on_log({"kind": "setup", "fusion": ex.fusion,
                      "text": ex.fusion_summary() if ctx.world == 1 else "distributed: every module runs per partition"})
@@ -211,8 +211,7 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
             raise RunError("this run was checkpointed with fused="
                                 f"{state.get('fused')}; resume with the same --fused/--no-fused setting")
         load_state_tensors(art.modules, plan, loaded.tensors, str(ckpt_dir / loaded.name))
-        for key, opt in ex.optimizers.items():
-            opt.load_state_dict(state["optim"][str(key)])
+        ex.updater.load_state_dict(state["optim"])
         set_rng_state(state["rng"])
         epoch, start_step, gstep, history = state["epoch"], state["step_in_epoch"], state["step"], state["history"]
         window = state.get("window")
@@ -238,7 +237,7 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
             ctx.comm.drain()
         tensors = state_tensors(art.modules, plan)
         st = {"step": gstep, "epoch": ep, "step_in_epoch": step_in_epoch, "fused": cfg["fused"],
-              "optim": {str(k): o.state_dict() for k, o in ex.optimizers.items()}, "rng": rng_state(),
+              "optim": ex.updater.state_dict(), "rng": rng_state(),
               "history": history,
               # the metrics of the steps since the last log record, so a resumed run logs the same averages
               "window": {"n": n_acc, "loss": {str(k): float(v) for k, v in acc_loss.items()},

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from ..errors import GndglError
-from .sweep import SweepRow
+from ..sweep import SweepRow
 
 COLORS = ["#444444", "#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 

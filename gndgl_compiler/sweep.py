@@ -1,37 +1,23 @@
-"""Depth × width sweeps: compile (and optionally train) one variant of a spec per
-(K, G) and tabulate speed-ups the way the paper's Tables 4 and 5 do.
+"""The depth × width sweep driver: plan (or compile and train) one variant of a spec per
+(K, G) and collect its speed-ups and accuracies as :class:`SweepRow` s.
 
     >>> rows = run_sweep("specs/resnet32_k8g4.yaml", [1, 2, 4, 8, 16], [1, 2, 4, 8])
-    >>> write_tables(rows, "sweep/")
+
+The tables and the chart of those rows are drawn by :mod:`gndgl_compiler.viz.tables`
+and :mod:`gndgl_compiler.viz.bubble`.
 """
 
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import GndglError
-
-# Paper (Patel, Eickenberg, Belilovsky), ResNet-32 on CIFAR-10, keyed by (K, G).
-PAPER_TRAIN_SPEEDUP = {(1, 1): 1.0, (2, 1): 1.894, (4, 1): 3.622, (8, 1): 6.456, (16, 1): 11.609, (1, 2): 3.674,
-                       (2, 2): 6.304, (4, 2): 10.667, (8, 2): 16.426, (16, 2): 23.072, (1, 4): 11.982,
-                       (2, 4): 17.445, (4, 4): 24.522, (8, 4): 30.47, (1, 8): 28.531, (2, 8): 33.736, (4, 8): 39.333}
-"""Table 4: end-to-end forward MACs ÷ the largest partition's."""
-PAPER_INFERENCE_SPEEDUP = {(1, 1): 1, (2, 1): 1, (4, 1): 1, (8, 1): 1, (16, 1): 1, (1, 2): 1.961, (2, 2): 1.899,
-                           (4, 2): 1.785, (8, 2): 1.612, (16, 2): 1.338, (1, 4): 3.777, (2, 4): 3.448, (4, 4): 2.936,
-                           (8, 4): 2.324, (1, 8): 7.03, (2, 8): 5.824, (4, 8): 4.336}
-"""Table 5: end-to-end forward MACs ÷ the assembled inference network's."""
-PAPER_TEST_ACC = {(1, 1): 93.01, (2, 1): 91.47, (4, 1): 88.62, (8, 1): 85.53, (16, 1): 83.87, (1, 2): 88.52,
-                  (2, 2): 89.11, (4, 2): 87.14, (8, 2): 84.18, (16, 2): 82.43, (1, 4): 81.45, (2, 4): 86.14,
-                  (4, 4): 86.2, (8, 4): 83.5, (1, 8): 73.31, (2, 8): 80.78, (4, 8): 83.31}
-"""Tables 4/5: test accuracy (%) of DGL (G=1) and GN-DGL with stop-gradient and diversity."""
+from .errors import GndglError
 
 
 class TrainingUnavailable(GndglError):
@@ -104,24 +90,6 @@ def variant(base: dict, K: int, G: int) -> dict:
     return d
 
 
-def plan_of(data: dict) -> Any:
-    """Partition plan of spec data without generating modules (front end, graph, partitioner only).
-
-    Raises:
-        GndglError: the variant is invalid (a G that does not divide the channels, ...).
-    """
-    from ..graph.build import build_graph
-    from ..partition.partitioner import build_plan
-    from ..partition.validate import validate_plan
-    from ..spec.load import load_spec
-
-    spec = load_spec(data)
-    og = build_graph(spec)
-    plan = build_plan(spec, og)
-    validate_plan(plan, og)
-    return plan
-
-
 def _row(K: int, G: int, name: str, plan: Any) -> SweepRow:
     s = plan.summary
     return SweepRow(K, G, name, partitions=s["partitions"], training_speedup=s["training_speedup"],
@@ -135,7 +103,7 @@ def _row(K: int, G: int, name: str, plan: Any) -> SweepRow:
 def _train(art_dir: Path, run_dir: Path, options: dict[str, Any]) -> dict[str, Any]:
     """Train one compiled variant with the runtime (imported lazily)."""
     try:
-        from ..runtime.train import TrainOptions, train_artifact
+        from .runtime.train import TrainOptions, train_artifact
     except ImportError as exc:
         raise TrainingUnavailable(f"training runtime not available ({exc}); run the sweep without --train") from None
     done = run_dir / "summary.json"
@@ -172,8 +140,8 @@ def run_sweep(spec: str | os.PathLike | dict, depths: list[int], widths: list[in
         SpecError: the base spec is invalid.
         GndglError: training was requested but the runtime is missing or failed.
     """
-    from ..api import compile_spec
-    from ..spec.load import load_spec
+    from .api import compile_spec, plan_spec
+    from .spec.load import load_spec
 
     base = load_spec(spec).model_dump(mode="json")
     if train and out_dir is None:
@@ -184,7 +152,7 @@ def run_sweep(spec: str | os.PathLike | dict, depths: list[int], widths: list[in
             d = variant(base, K, G)
             try:  # training needs an artifact; tables need only the plan (much faster)
                 art = compile_spec(d, Path(out_dir) / "artifacts" / d["name"]) if train else None
-                plan = art.plan if art is not None else plan_of(d)
+                plan = art.plan if art is not None else plan_spec(d)
             except GndglError as err:
                 msg = str(err).split("\n")[0]
                 rows.append(SweepRow(K, G, d["name"], note=f"skipped: {msg}"))
@@ -213,103 +181,3 @@ def run_sweep(spec: str | os.PathLike | dict, depths: list[int], widths: list[in
                 log(f"K={K} G={G}: {row.partitions} partitions · training ×{row.training_speedup:.2f} · "
                     f"inference ×{row.inference_speedup:.2f}{acc}")
     return rows
-
-
-def paper_reference(spec_data: dict | None) -> bool:
-    """True when the paper's numbers apply (the ResNet-32 template at width 1 on 32×32 inputs)."""
-    m = (spec_data or {}).get("model", {})
-    return m.get("template") == "resnet32" and float(m.get("width", 1)) == 1.0 and \
-        list(m.get("input_shape", [3, 32, 32]))[1:] == [32, 32]
-
-
-def _fmt(v: float | None, paper: float | None = None, digits: int = 2) -> str:
-    if v is None:
-        return "—"
-    return f"{v:.{digits}f}" + (f" ({paper:g})" if paper is not None else "")
-
-
-def _by_cell(rows: list[SweepRow]) -> tuple[list[int], list[int], dict[tuple[int, int], SweepRow]]:
-    cells = {(r.K * r.G, r.G): r for r in rows}
-    return sorted({r.K * r.G for r in rows}), sorted({r.G for r in rows}), cells
-
-
-def markdown_table(rows: list[SweepRow], *, title: str = "", paper: bool = False) -> str:
-    """Tables 4/5-shaped markdown: rows K·G, one column group per G.
-
-    Args:
-        rows: sweep results.
-        title: heading text.
-        paper: add the paper's values in parentheses (ResNet-32 ×1 only).
-
-    Returns:
-        The markdown text.
-    """
-    kgs, gs, cells = _by_cell(rows)
-    trained = any(r.test_acc is not None for r in rows)
-    out = [f"# {title}" if title else "# Sweep", ""]
-    if paper:
-        out += ["Values in parentheses: the paper (Patel et al., Tables 4/5).", ""]
-    def ref(table: dict, K: int, G: int) -> float | None:
-        return table.get((K, G)) if paper else None
-
-    specs = [("Training speed-up (cf. Table 4)",
-              lambda r, K, G: _fmt(r.training_speedup, ref(PAPER_TRAIN_SPEEDUP, K, G))),
-             ("Inference speed-up (cf. Table 5)",
-              lambda r, K, G: _fmt(r.inference_speedup, ref(PAPER_INFERENCE_SPEEDUP, K, G))),
-             ("Partitions", lambda r, K, G: str(r.partitions) if r.ok else "—"),
-             ("Parameters (training, with aux heads)", lambda r, K, G: f"{r.params:,}" if r.ok else "—")]
-    if trained:
-        specs.insert(0, ("Test accuracy %", lambda r, K, G: _fmt(None if r.test_acc is None else 100 * r.test_acc,
-                                                             ref(PAPER_TEST_ACC, K, G))))
-    for name, cell in specs:
-        heads = [f"G={G}" + (" (DGL)" if G == 1 else "") for G in gs]
-        out += [f"## {name}", "", "| K·G | " + " | ".join(heads) + " |", "|---:|" + "---:|" * len(gs)]
-        for kg in kgs:
-            vals = []
-            for G in gs:
-                r = cells.get((kg, G))
-                vals.append("" if r is None else ("skipped" if not r.ok else cell(r, r.K, r.G)))
-            out.append(f"| {kg} | " + " | ".join(vals) + " |")
-        out.append("")
-    notes = [f"- K={r.K}, G={r.G}: {r.note}" for r in rows if r.note]
-    if notes:
-        out += ["## Notes", ""] + notes + [""]
-    return "\n".join(out)
-
-
-def csv_table(rows: list[SweepRow], *, paper: bool = False) -> str:
-    """One CSV line per configuration (all :class:`SweepRow` fields, plus the paper's values)."""
-    buf = io.StringIO()
-    names = ["KxG"] + [f.name for f in fields(SweepRow)]
-    if paper:
-        names += ["paper_training_speedup", "paper_inference_speedup", "paper_test_acc"]
-    w = csv.DictWriter(buf, fieldnames=names, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        d = {"KxG": r.K * r.G, **asdict(r)}
-        if paper:
-            d.update(paper_training_speedup=PAPER_TRAIN_SPEEDUP.get((r.K, r.G)),
-                     paper_inference_speedup=PAPER_INFERENCE_SPEEDUP.get((r.K, r.G)),
-                     paper_test_acc=PAPER_TEST_ACC.get((r.K, r.G)))
-        w.writerow({k: ("" if v is None else v) for k, v in d.items()})
-    return buf.getvalue()
-
-
-def write_tables(rows: list[SweepRow], out_dir: str | os.PathLike, *, title: str = "",
-                 paper: bool = False) -> list[Path]:
-    """Write ``table.md`` and ``table.csv`` into ``out_dir``.
-
-    Returns:
-        The paths written.
-
-    Raises:
-        GndglError: the directory cannot be written.
-    """
-    d = Path(out_dir)
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "table.md").write_text(markdown_table(rows, title=title, paper=paper))
-        (d / "table.csv").write_text(csv_table(rows, paper=paper))
-    except OSError as exc:
-        raise GndglError(f"cannot write the sweep tables to {d}: {exc.strerror or exc}") from None
-    return [d / "table.md", d / "table.csv"]

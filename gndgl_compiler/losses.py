@@ -186,32 +186,6 @@ def recon_bce(recon: Tensor, target01: Tensor) -> Tensor:
         return F.binary_cross_entropy(recon.float().clamp(0.0, 1.0), target01.float().clamp(0.0, 1.0))
 
 
-def infopro_lambdas(
-    k: int,
-    K_local: int,
-    recon: tuple[float, float] = (5.0, 0.0),
-    task: tuple[float, float] = (0.0, 2.0),
-) -> tuple[float, float]:
-    """InfoPro loss weights of local module k, interpolated linearly over modules.
-
-    Args:
-        k: 0-based index of the local module, 0 ≤ k < K_local.
-        K_local: number of local modules (modules with an InfoPro head).
-        recon: (first, last) λ_recon.
-        task: (first, last) λ_task.
-
-    Returns:
-        (λ_recon, λ_task); with K_local = 1 the first values.
-
-    Raises:
-        ValueError: if k is out of range.
-    """
-    if K_local < 1 or not 0 <= k < K_local:
-        raise ValueError(f"infopro_lambdas: module index k={k} out of range for K_local={K_local}")
-    t = k / (K_local - 1) if K_local > 1 else 0.0
-    return (recon[0] + t * (recon[1] - recon[0]), task[0] + t * (task[1] - task[0]))
-
-
 def ensemble_weights(K: int) -> list[float]:
     """Weights of the layerwise ensemble: module k (1-based) gets 2^k / Σ_j 2^j.
 

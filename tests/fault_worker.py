@@ -1,0 +1,64 @@
+"""A worker for tests: the real distributed worker with a fault-injecting Transport around PeerComm.
+
+``GNDGL_TEST_FAULT=kind:RANK:STEP`` (kind: kill | hang | raise), read here only: rank RANK
+SIGKILLs itself, hangs, or raises when the training loop begins global step STEP. Installed
+through the launcher's seam — ``runtime.launch.WORKER_MODULE = "fault_worker"`` with this
+directory on ``PYTHONPATH`` (``tests/test_distributed.py``) — or run by torchrun as
+``-m fault_worker``. Production code reads no fault variable.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import sys
+import time
+
+ENV = "GNDGL_TEST_FAULT"
+
+
+def parse(text: str, rank: int) -> tuple[str, int] | None:
+    """``(kind, step)`` when ``text`` (``kind:RANK:STEP``) names this rank, else None."""
+    if not text:
+        return None
+    kind, r, step = text.split(":")
+    if kind not in ("kill", "hang", "raise"):
+        raise ValueError(f"{ENV}: unknown fault kind {kind!r}")
+    return (kind, int(step)) if int(r) == rank else None
+
+
+class FaultyTransport:
+    """Wraps a Transport; when step ``step`` begins, injects ``kind``; otherwise forwards everything."""
+
+    def __init__(self, inner, kind: str, step: int):
+        self.inner, self.kind, self.at = inner, kind, step
+
+    def begin_step(self, step: int) -> None:
+        if step == self.at:
+            if self.kind == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            elif self.kind == "hang":
+                time.sleep(10 ** 6)
+            else:
+                raise RuntimeError(f"injected fault ({ENV})")
+        self.inner.begin_step(step)
+
+    def __getattr__(self, name: str):  # in_process, bytes_sent, drain, recv_inputs, ...
+        return getattr(self.inner, name)
+
+
+def wrap(comm):
+    """``transport=`` of the worker's ``main``: this rank's PeerComm, faulty if ``GNDGL_TEST_FAULT`` names it."""
+    fault = parse(os.environ.get(ENV, ""), comm.rank)
+    return comm if fault is None else FaultyTransport(comm, *fault)
+
+
+def main() -> int:
+    from gndgl_compiler.runtime import launch
+
+    return importlib.import_module(launch.WORKER_MODULE).main(transport=wrap)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
