@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import operator
 
-import torch
 import torch.fx as fx
 from torch import nn
 
@@ -48,10 +47,9 @@ def emit_ir(nodes: list[IRNode], outputs: str | dict[str, str], class_name: str,
         if op.module is not None:
             root.add_module(n.name, op.module(n.attrs, ins, tuple(n.shape)))
             node = graph.create_node("call_module", n.name, tuple(args), {}, name=n.name)
-        elif n.kind == "cat":
-            node = graph.create_node("call_function", torch.cat, (args,), op.kwargs(n.attrs, ins), name=n.name)
         else:
-            node = graph.create_node("call_function", op.function, tuple(args), op.kwargs(n.attrs, ins), name=n.name)
+            node = graph.create_node("call_function", op.function, (args,) if op.variadic else tuple(args),
+                                     op.kwargs(n.attrs, ins), name=n.name)
         env[n.name] = node
     graph.output(env[outputs] if isinstance(outputs, str) else {k: env[v] for k, v in outputs.items()})
     graph.lint()

@@ -4,8 +4,10 @@
     segments: [stem stem_bn stem_relu] [s1.b0] ... [pool flatten fc]
                                                     └ classifier ┘
 
-A *segment* is the smallest piece depth cuts may separate: it starts at a conv,
-linear or block (or at a flatten / adaptive pool that leads into a linear) and
+A *segment* is the smallest piece depth cuts may separate: it starts at a unit whose
+op has weights (``split='weights'`` in the registry: conv, linear, patch_embed,
+attention, mlp) or a several-op unit that opens one (block, transformer_block), or
+at a unit leading into such a layer (``leads_in``: flatten, adaptive pool, ...), and
 takes the BN, activations, pooling and dropout after it. A transformer's segments
 are its patch embedding (with the positional embedding) and each block; its
 classifier is [norm pool fc] (see ``transformer_units``). The last segment is the
@@ -22,13 +24,10 @@ import networkx as nx
 from ..errors import GraphError
 from ..spec.models import Spec
 from ..spec.templates import expand_model
-from .ops import get_op
-from .transformer_units import CLASSIFIER_LEAD_INS, SEGMENT_UNITS, UNIT_BUILDERS
-
-SEGMENT_OPS = ("conv", "linear", "block") + SEGMENT_UNITS
-"""Unit ops that open a segment."""
-LEAD_INS = ("flatten", "adaptive_avgpool") + CLASSIFIER_LEAD_INS
-"""Unit ops that join the segment of the linear they lead into."""
+from .ops import find_op, get_op
+from .transformer_units import SEGMENT_UNITS as TOKEN_SEGMENT_UNITS
+from .transformer_units import UNIT_BUILDERS as TOKEN_UNIT_BUILDERS
+from .transformer_units import check_cls
 
 INPUT = "input"
 
@@ -53,7 +52,6 @@ class OpGraph:
     segments: list[Segment]
     input_shape: tuple[int, ...]
     num_classes: int
-    width: float
 
     @property
     def body_segments(self) -> list[Segment]:
@@ -96,46 +94,72 @@ class _Builder:
         return name
 
 
+def _conv_unit(b: _Builder, layer, idx: int, x: str) -> str:
+    """A conv unit: ``in`` from its input, ``padding`` kernel // 2 unless given."""
+    pad = layer.padding if layer.padding is not None else layer.kernel // 2
+    return b.add(layer.name, "conv", {"in": b.g.nodes[x]["shape"][0], "out": layer.out, "kernel": layer.kernel,
+                                      "stride": layer.stride, "padding": pad, "bias": layer.bias},
+                 [x], idx, layer.name, "entry")
+
+
+def _linear_unit(b: _Builder, layer, idx: int, x: str) -> str:
+    """A linear unit: ``in`` from its input."""
+    return b.add(layer.name, "linear", {"in": b.g.nodes[x]["shape"][0], "out": layer.out, "bias": layer.bias},
+                 [x], idx, layer.name, "entry")
+
+
+def _block_unit(b: _Builder, layer, idx: int, x: str) -> str:
+    """A residual block: conv-bn-relu-conv-bn, plus the identity (or a 1×1 conv-bn) shortcut, add, relu."""
+    name, c_in, c, s = layer.name, b.g.nodes[x]["shape"][0], layer.out, layer.stride
+    h = b.add(f"{name}.conv1", "conv", {"in": c_in, "out": c, "kernel": 3, "stride": s, "padding": 1, "bias": False},
+              [x], idx, name, "entry")
+    h = b.add(f"{name}.bn1", "bn", {}, [h], idx, name, "inner")
+    h = b.add(f"{name}.relu1", "relu", {}, [h], idx, name, "inner")
+    h = b.add(f"{name}.conv2", "conv", {"in": c, "out": c, "kernel": 3, "stride": 1, "padding": 1, "bias": False},
+              [h], idx, name, "inner")
+    h = b.add(f"{name}.bn2", "bn", {}, [h], idx, name, "inner")
+    if s != 1 or c_in != c:
+        sc = b.add(f"{name}.shortcut", "conv", {"in": c_in, "out": c, "kernel": 1, "stride": s, "padding": 0,
+                                                  "bias": False}, [x], idx, name, "entry")
+        sc = b.add(f"{name}.shortcut_bn", "bn", {}, [sc], idx, name, "inner")
+    else:
+        sc = x
+    h = b.add(f"{name}.add", "add", {}, [h, sc], idx, name, "inner")
+    return b.add(f"{name}.relu2", "relu", {}, [h], idx, name, "inner")
+
+
+UNIT_BUILDERS = {"conv": _conv_unit, "linear": _linear_unit, "block": _block_unit, **TOKEN_UNIT_BUILDERS}
+"""Units that expand into several ops or need derived attributes; any other unit is one op of its
+own kind whose attributes are the unit's fields."""
+SEGMENT_UNITS = ("block",) + TOKEN_SEGMENT_UNITS
+"""Several-op units that open a segment (a unit that is one op asks the registry)."""
+
+
 def _add_unit(b: _Builder, layer, idx: int, x: str) -> str:
     """Append the ops of one unit after node ``x``; return the unit's output node."""
-    name, kind = layer.name, layer.op
-    if kind in UNIT_BUILDERS:
-        return UNIT_BUILDERS[kind](b, layer, idx, x)
-    c_in = b.g.nodes[x]["shape"][0]
-    if kind == "conv":
-        pad = layer.padding if layer.padding is not None else layer.kernel // 2
-        return b.add(name, "conv", {"in": c_in, "out": layer.out, "kernel": layer.kernel, "stride": layer.stride,
-                                    "padding": pad, "bias": layer.bias}, [x], idx, name, "entry")
-    if kind == "linear":
-        return b.add(name, "linear", {"in": c_in, "out": layer.out, "bias": layer.bias}, [x], idx, name, "entry")
-    if kind == "block":
-        c, s = layer.out, layer.stride
-        h = b.add(f"{name}.conv1", "conv", {"in": c_in, "out": c, "kernel": 3, "stride": s, "padding": 1, "bias": False},
-                  [x], idx, name, "entry")
-        h = b.add(f"{name}.bn1", "bn", {}, [h], idx, name, "inner")
-        h = b.add(f"{name}.relu1", "relu", {}, [h], idx, name, "inner")
-        h = b.add(f"{name}.conv2", "conv", {"in": c, "out": c, "kernel": 3, "stride": 1, "padding": 1, "bias": False},
-                  [h], idx, name, "inner")
-        h = b.add(f"{name}.bn2", "bn", {}, [h], idx, name, "inner")
-        if s != 1 or c_in != c:
-            sc = b.add(f"{name}.shortcut", "conv", {"in": c_in, "out": c, "kernel": 1, "stride": s, "padding": 0,
-                                                      "bias": False}, [x], idx, name, "entry")
-            sc = b.add(f"{name}.shortcut_bn", "bn", {}, [sc], idx, name, "inner")
-        else:
-            sc = x
-        h = b.add(f"{name}.add", "add", {}, [h, sc], idx, name, "inner")
-        return b.add(f"{name}.relu2", "relu", {}, [h], idx, name, "inner")
+    if layer.op in UNIT_BUILDERS:
+        return UNIT_BUILDERS[layer.op](b, layer, idx, x)
     attrs = {k: v for k, v in layer.model_dump().items() if k not in ("op", "name")}
-    return b.add(name, kind, attrs, [x], idx, name, "inner")
+    return b.add(layer.name, layer.op, attrs, [x], idx, layer.name, "inner")
+
+
+def _opens_segment(unit_op: str) -> bool:
+    op = find_op(unit_op)
+    return unit_op in SEGMENT_UNITS or (op is not None and op.parametric)
+
+
+def _leads_in(unit_op: str) -> bool:
+    op = find_op(unit_op)
+    return op is not None and op.leads_in
 
 
 def _segment_starts(layers: list) -> list[int]:
     """Indices of the units that open a segment (see the module docstring)."""
     starts = {0}
     for i, layer in enumerate(layers):
-        if layer.op in SEGMENT_OPS:
+        if _opens_segment(layer.op):
             j = i
-            while j > 0 and layers[j - 1].op in LEAD_INS:
+            while j > 0 and _leads_in(layers[j - 1].op):
                 j -= 1
             starts.add(j)
     return sorted(starts)
@@ -154,21 +178,30 @@ def build_graph(spec: Spec) -> OpGraph:
         GraphError: shapes do not chain, or the network does not end in a linear
             classifier with ``num_classes`` outputs.
     """
-    layers = expand_model(spec.model)
-    b = _Builder(spec.model.input_shape)
+    return build_units(expand_model(spec.model), spec.model.input_shape, spec.model.num_classes)
+
+
+def build_units(layers: list, input_shape: tuple[int, ...] | list[int], num_classes: int) -> OpGraph:
+    """Build the op graph of a list of plain units (what :func:`build_graph` does after expanding templates).
+
+    Args:
+        layers: unit objects with ``op``, ``name``, their fields and ``model_dump()`` (the spec's layer models).
+        input_shape: per-sample input shape.
+        num_classes: classes of the final linear.
+
+    Raises:
+        GraphError: as :func:`build_graph`.
+    """
+    b = _Builder(input_shape)
     x = INPUT
     outputs = []
-    has_cls = False
+    check_cls(layers)
     for idx, layer in enumerate(layers):
-        if layer.op == "token_pool" and layer.cls and not has_cls:
-            raise GraphError(f"unit '{layer.name}' (#{idx}): token_pool with cls: true needs a CLS token; "
-                             "set cls: true on the 'pos_embed' (or use the mean, cls: false)")
-        has_cls = has_cls or (layer.op == "pos_embed" and layer.cls)
         x = _add_unit(b, layer, idx, x)
         outputs.append(x)
     last = layers[-1]
-    if last.op != "linear" or last.out != spec.model.num_classes:
-        raise GraphError(f"the network must end in a linear classifier with num_classes={spec.model.num_classes} "
+    if last.op != "linear" or last.out != num_classes:
+        raise GraphError(f"the network must end in a linear classifier with num_classes={num_classes} "
                          f"outputs; its last unit is '{last.name}' ({last.op}"
                          + (f", out={last.out}" if hasattr(last, "out") else "") + ")")
     starts = _segment_starts(layers)
@@ -180,7 +213,7 @@ def build_graph(spec: Spec) -> OpGraph:
         end = starts[si + 1] if si + 1 < len(starts) else len(layers)
         units = layers[start:end]
         names = [u.name for u in units]
-        lead = next((u.name for u in units if u.op in SEGMENT_OPS), names[0])
+        lead = next((u.name for u in units if _opens_segment(u.op)), names[0])
         segments.append(Segment(si, lead, names, list(range(start, end)), output=outputs[end - 1]))
     unit_seg = {i: s.index for s in segments for i in s.unit_indices}
     for n in b.order[1:]:
@@ -189,4 +222,4 @@ def build_graph(spec: Spec) -> OpGraph:
         segments[d["segment"]].nodes.append(n)
     if not nx.is_directed_acyclic_graph(b.g):
         raise GraphError("internal: the op graph has a cycle")
-    return OpGraph(b.g, segments, tuple(spec.model.input_shape), spec.model.num_classes, spec.model.width)
+    return OpGraph(b.g, segments, tuple(input_shape), num_classes)

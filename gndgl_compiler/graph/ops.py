@@ -1,25 +1,30 @@
-"""The op registry: one entry per op kind.
+"""The op registry: one :class:`OpDef` per op kind, and the lookups every stage makes.
 
-Each :class:`OpDef` says, for an op with attributes ``attrs`` and per-sample
-input shapes ``ins`` (``(C, H, W)`` maps, ``(D, N)`` tokens or ``(D,)`` features):
+Each entry says, for an op with attributes ``attrs`` and per-sample input shapes ``ins``
+(``(C, H, W)`` maps, ``(D, N)`` tokens or ``(D,)`` features), everything the stages need:
 
-    shape(attrs, ins)        -> output shape            (raises GraphError)
-    macs(attrs, ins, out)    -> multiply-accumulates    (parametric ops only)
-    params(attrs, ins, out)  -> trainable parameters
-    split_keys               -> attrs a width cut divides by G (how a parametric op splits by groups)
-    module(attrs, ins, out)  -> an nn.Module            (or None: emitted as a function call)
-    function                 -> the callable of a function op, with fx-friendly kwargs
+    shape / macs / params    graph building and the cost model
+    split, split_keys        how a width cut splits it (partition/groups.py, validate.py)
+    leads_in                 segmentation (graph/build.py)
+    module / function,       codegen (codegen/emit.py)
+      kwargs, variadic
+    random                   the executor's per-partition RNG (runtime/executor.py)
+    draw, label              the ops-level picture (viz/dot.py)
 
-The token (transformer) ops live in :mod:`.transformer_ops`. Adding an op is adding one entry; graph building, partitioning, the cost
-model and codegen all go through this table.
+The token (transformer) ops live in :mod:`.transformer_ops`. Adding an op kind is adding
+one entry here (or, scoped to a ``with`` block, :func:`extra_ops`); no stage switches
+on kind names.
 """
 
 from __future__ import annotations
 
 import math
 import operator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Callable
+from types import MappingProxyType
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +35,10 @@ from .transformer_ops import transformer_op_defs
 
 Shape = tuple[int, ...]
 Attrs = dict[str, Any]
+
+
+SPLITS = ("follow", "weights", "merge", "whole")
+"""How an op splits under a width cut (:attr:`OpDef.split`)."""
 
 
 @dataclass(frozen=True)
@@ -43,13 +52,48 @@ class OpDef:
     module: Callable[[Attrs, list[Shape], Shape], nn.Module] | None = None
     function: Callable[..., Any] | None = None
     kwargs: Callable[[Attrs, list[Shape]], dict] = lambda a, i: {}
-    channelwise: bool = True
-    """True when the op acts per channel, so a group's slice needs no change of meaning."""
-    parametric: bool = False
-    """True for ops with weights that map channels to channels (conv, linear, attention, ...): they carry
-    MACs, read 'in' channels and are the layers a width cut splits ("dense in" or own slice)."""
+    split: str = "follow"
+    """How a width cut splits the op (``partition/groups.py``):
+
+    * ``follow`` — acts per channel (BN, activations, pooling, dropout, LayerNorm over the group's
+      channels, ...): group g's copy reads group g's slice, or all channels before the module's first
+      ``weights`` op;
+    * ``weights`` — weights mapping channels to channels (conv, linear, attention, ...): group g gets
+      its share of each of :attr:`split_keys` and reads ``in`` channels (all of them when dense-in);
+      it carries MACs and needs an ``out`` attribute (the channels each weight is owned by);
+    * ``merge`` — combines same-shaped inputs (the residual ``add``): an input that still holds all
+      channels is sliced to group g's channels first;
+    * ``whole`` — cannot be split: refused where it would read one group's slice.
+    """
     split_keys: tuple[str, ...] = ("out",)
-    """Attributes of a parametric op that a width cut divides by G (group g keeps its share)."""
+    """Attributes of a ``weights`` op that a width cut divides by G (group g keeps its share)."""
+    leads_in: bool = False
+    """As a spec unit, it joins the segment of the layer it leads into (depth cuts fall before it),
+    like a flatten or a pool before the classifier's linear."""
+    variadic: bool = False
+    """``function`` takes its inputs as one list (``torch.cat``) rather than as separate arguments."""
+    random: bool = False
+    """It draws random numbers in training (dropout): the executor seeds its partition per step."""
+    draw: str = ""
+    """How the ops-level picture draws it: ``layer`` (a box naming its unit) or ``op`` (a small
+    ellipse); default: ``layer`` for ``weights`` ops, else ``op``."""
+    label: Callable[[Attrs], str] = lambda a: ""
+    """Text the picture appends to the kind (kernel and stride of a conv, heads of an attention, ...)."""
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"op '{self.kind}': split must be one of {', '.join(SPLITS)}, not {self.split!r}")
+        if (self.module is None) == (self.function is None):
+            raise ValueError(f"op '{self.kind}' needs exactly one of module and function")
+        if not self.draw:
+            object.__setattr__(self, "draw", "layer" if self.parametric else "op")
+        if self.draw not in ("layer", "op"):
+            raise ValueError(f"op '{self.kind}': draw must be 'layer' or 'op', not {self.draw!r}")
+
+    @property
+    def parametric(self) -> bool:
+        """True for ops whose weights map channels to channels (``split == 'weights'``)."""
+        return self.split == "weights"
 
 
 def _need_map(kind: str, ins: list[Shape]) -> tuple[int, int, int]:
@@ -158,32 +202,37 @@ def _channel_slice(x: torch.Tensor, start: int, length: int) -> torch.Tensor:
     return x.narrow(1, start, length)
 
 
+def _conv_label(a: Attrs) -> str:
+    return f"{a.get('kernel')}×{a.get('kernel')}" + (f"/{a['stride']}" if a.get("stride", 1) > 1 else "")
+
+
 def _upsample_shape(a: Attrs, ins: list[Shape]) -> Shape:
     c, _, _ = _need_map("upsample", ins)
     return (c, a["height"], a["width"])
 
 
 OPS: dict[str, OpDef] = {
-    "conv": OpDef("conv", _conv_shape, _conv_macs, _conv_params, _conv_module, channelwise=False, parametric=True),
+    "conv": OpDef("conv", _conv_shape, _conv_macs, _conv_params, _conv_module, split="weights", label=_conv_label),
     "linear": OpDef(
         "linear", _linear_shape, lambda a, i, o: a["in"] * a["out"],
         lambda a, i, o: a["in"] * a["out"] + (a["out"] if a["bias"] else 0),
-        lambda a, i, o: nn.Linear(a["in"], a["out"], bias=a["bias"]), channelwise=False, parametric=True),
+        lambda a, i, o: nn.Linear(a["in"], a["out"], bias=a["bias"]), split="weights"),
     "bn": OpDef("bn", _same, params=lambda a, i, o: 2 * i[0][0], module=_bn_module),
     "relu": OpDef("relu", _same, function=torch.relu),
-    "dropout": OpDef("dropout", _same, module=lambda a, i, o: nn.Dropout(a["p"])),
+    "dropout": OpDef("dropout", _same, module=lambda a, i, o: nn.Dropout(a["p"]), random=True),
     "maxpool": OpDef("maxpool", _pool_shape("maxpool"), function=F.max_pool2d,
                      kwargs=lambda a, i: {"kernel_size": a["kernel"], "stride": a.get("stride") or a["kernel"]}),
     "avgpool": OpDef("avgpool", _pool_shape("avgpool"), function=F.avg_pool2d,
                      kwargs=lambda a, i: {"kernel_size": a["kernel"], "stride": a.get("stride") or a["kernel"]}),
     "adaptive_avgpool": OpDef("adaptive_avgpool", _adaptive_shape, function=F.adaptive_avg_pool2d,
-                              kwargs=lambda a, i: {"output_size": a["size"]}),
+                              kwargs=lambda a, i: {"output_size": a["size"]}, leads_in=True),
     "flatten": OpDef("flatten", lambda a, i: (math.prod(i[0]),), function=torch.flatten,
-                     kwargs=lambda a, i: {"start_dim": 1}),
-    "add": OpDef("add", _add_shape, function=operator.add),
-    "cat": OpDef("cat", _cat_shape, function=torch.cat, kwargs=lambda a, i: {"dim": 1}),
+                     kwargs=lambda a, i: {"start_dim": 1}, leads_in=True),
+    "add": OpDef("add", _add_shape, function=operator.add, split="merge"),
+    "cat": OpDef("cat", _cat_shape, function=torch.cat, kwargs=lambda a, i: {"dim": 1}, variadic=True),
     "slice": OpDef("slice", _slice_shape, function=_channel_slice,
-                   kwargs=lambda a, i: {"start": a["start"], "length": a["length"]}),
+                   kwargs=lambda a, i: {"start": a["start"], "length": a["length"]},
+                   label=lambda a: f" [{a['start']}:{a['start'] + a['length']}]"),
     "upsample": OpDef("upsample", _upsample_shape, function=F.interpolate,
                       kwargs=lambda a, i: {"size": (a["height"], a["width"]), "mode": "bilinear", "align_corners": False}),
     "sigmoid": OpDef("sigmoid", _same, function=torch.sigmoid),
@@ -192,16 +241,71 @@ OPS: dict[str, OpDef] = {
 }
 
 
+_ACTIVE: ContextVar[Mapping[str, OpDef]] = ContextVar("gndgl_ops", default=MappingProxyType(OPS))
+
+
+def registry() -> Mapping[str, OpDef]:
+    """The op table in force: :data:`OPS`, plus the ops of any enclosing :func:`extra_ops` block."""
+    return _ACTIVE.get()
+
+
+@contextmanager
+def extra_ops(*defs: OpDef) -> Iterator[Mapping[str, OpDef]]:
+    """Register ``defs`` for the duration of a ``with`` block (in this thread / context only).
+
+    Every stage looks ops up through :func:`registry`, so inside the block the new kinds build,
+    partition, emit, run and draw like built-in ones; leaving the block restores the table.
+
+    Raises:
+        ValueError: a kind that is already registered.
+    """
+    table = dict(registry())
+    for d in defs:
+        if d.kind in table:
+            raise ValueError(f"op '{d.kind}' is already registered")
+        table[d.kind] = d
+    token = _ACTIVE.set(MappingProxyType(table))
+    try:
+        yield registry()
+    finally:
+        _ACTIVE.reset(token)
+
+
+class KindsWhere:
+    """The op kinds of the registry in force whose :class:`OpDef` satisfies ``pred`` (a live view:
+    ``kind in KindsWhere(...)`` consults :func:`registry` at each test)."""
+
+    def __init__(self, pred: Callable[[OpDef], bool]):
+        self.pred = pred
+
+    def __contains__(self, kind: object) -> bool:
+        op = registry().get(kind) if isinstance(kind, str) else None
+        return op is not None and self.pred(op)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([k for k, op in registry().items() if self.pred(op)])
+
+
+RANDOM_KINDS = KindsWhere(lambda op: op.random)
+"""Kinds that draw random numbers in training (dropout)."""
+
+
+def find_op(kind: str) -> OpDef | None:
+    """The registry entry of ``kind``, or None (e.g. for IR ``input`` nodes, which are not ops)."""
+    return registry().get(kind)
+
+
 def get_op(kind: str) -> OpDef:
-    """Look up an op kind.
+    """Look up an op kind in the registry in force.
 
     Raises:
         GraphError: for an unknown kind, listing the known ones.
     """
+    ops = registry()
     try:
-        return OPS[kind]
+        return ops[kind]
     except KeyError:
-        raise GraphError(f"unknown op '{kind}'; known ops: {', '.join(sorted(OPS))}") from None
+        raise GraphError(f"unknown op '{kind}'; known ops: {', '.join(sorted(ops))}") from None
 
 
 def infer(kind: str, attrs: Attrs, ins: list[Shape]) -> tuple[Shape, int, int]:

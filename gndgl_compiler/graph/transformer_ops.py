@@ -219,21 +219,23 @@ def transformer_op_defs(op_def: Any) -> dict[str, Any]:
     return {
         "patch_embed": op_def(
             "patch_embed", _patch_shape, _patch_macs, _patch_params,
-            lambda a, i, o: PatchEmbed(a["in"], a["out"], a["patch"], a["bias"]), channelwise=False, parametric=True),
+            lambda a, i, o: PatchEmbed(a["in"], a["out"], a["patch"], a["bias"]), split="weights",
+            label=lambda a: f" {a.get('patch')}×{a.get('patch')}"),
         "pos_embed": op_def("pos_embed", _pos_shape, params=lambda a, i, o: o[0] * o[1] + (o[0] if a["cls"] else 0),
                             module=lambda a, i, o: PosEmbed(i[0][0], i[0][1], a["cls"])),
         "layernorm": op_def("layernorm", _ln_shape, params=lambda a, i, o: 2 * i[0][0],
-                            module=lambda a, i, o: ChannelLayerNorm(i[0][0], eps=1e-6), channelwise=False),
+                            module=lambda a, i, o: ChannelLayerNorm(i[0][0], eps=1e-6), leads_in=True),
         "gelu": op_def("gelu", same, function=F.gelu),
         "silu": op_def("silu", same, function=F.silu),
         "attention": op_def(
             "attention", _attn_shape, _attn_macs, _attn_params,
             lambda a, i, o: Attention(a["in"], a["out"], a["heads"], a["head_dim"], a["bias"]),
-            channelwise=False, parametric=True, split_keys=("out", "heads")),
+            split="weights", split_keys=("out", "heads"), label=lambda a: f" {a.get('heads')}h"),
         "mlp": op_def(
             "mlp", _mlp_shape, lambda a, i, o: o[1] * (a["in"] * a["hidden"] + a["hidden"] * a["out"]),
             lambda a, i, o: a["in"] * a["hidden"] + a["hidden"] + a["hidden"] * a["out"] + a["out"],
             lambda a, i, o: MLP(a["in"], a["hidden"], a["out"], a.get("act", "gelu")),
-            channelwise=False, parametric=True, split_keys=("out", "hidden")),
-        "token_pool": op_def("token_pool", _pool_shape, function=token_pool, kwargs=lambda a, i: {"cls": a["cls"]}),
+            split="weights", split_keys=("out", "hidden"), label=lambda a: f" {a.get('hidden')}"),
+        "token_pool": op_def("token_pool", _pool_shape, function=token_pool, kwargs=lambda a, i: {"cls": a["cls"]},
+                             leads_in=True),
     }

@@ -86,8 +86,21 @@ UNIT_BUILDERS: dict[str, Callable[[Any, Any, int, str], str]] = {
 }
 """Token units that expand into more than one op or need derived attributes."""
 
-SEGMENT_UNITS = ("patch_embed", "attention", "mlp", "transformer_block")
-"""Token units that open a segment (depth cuts may fall before them)."""
+SEGMENT_UNITS = ("transformer_block",)
+"""Several-op token units that open a segment (depth cuts may fall before them); the one-op units
+(patch_embed, attention, mlp) open one because their ops have weights, and LayerNorm / token_pool
+lead into the classifier's linear (``leads_in`` in the registry)."""
 
-CLASSIFIER_LEAD_INS = ("token_pool", "layernorm")
-"""Token units that belong to the classifier segment when they lead into its linear."""
+
+def check_cls(layers: list) -> None:
+    """Refuse a ``token_pool`` reading the CLS token before a ``pos_embed`` made one.
+
+    Raises:
+        GraphError: naming the unit.
+    """
+    has_cls = False
+    for idx, layer in enumerate(layers):
+        if layer.op == "token_pool" and layer.cls and not has_cls:
+            raise GraphError(f"unit '{layer.name}' (#{idx}): token_pool with cls: true needs a CLS token; "
+                             "set cls: true on the 'pos_embed' (or use the mean, cls: false)")
+        has_cls = has_cls or (layer.op == "pos_embed" and layer.cls)

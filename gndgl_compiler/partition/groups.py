@@ -10,13 +10,13 @@ Connectivity inside module k, group g (DESIGN §2):
         │
         └── every later layer reads only group g's own slice    ("grouped")
 
-BatchNorm, activations, pooling and dropout act per channel and just follow.
-
-Transformers (DESIGN §2.1) follow the same rules through the registry: the
-parametric ops (patch_embed, attention, mlp) split their ``split_keys`` (output
-channels, heads, MLP hidden units) by G; the first block's LN₁ reads the full
-input (it comes before the module's first dense layer), every later LayerNorm
-only the group's slice, and the residual adds take the group's slice of x.
+Each op says how it splits in the registry (``OpDef.split``): ``weights`` ops
+(conv, linear, patch_embed, attention, mlp) divide their ``split_keys`` (output
+channels, heads, MLP hidden units) by G; ``follow`` ops (BN, activations, pooling,
+dropout, LayerNorm, ...) act on whatever slice reaches them, the full input before
+the module's first ``weights`` op (a transformer's LN₁) and the group's slice after;
+``merge`` ops (the residual add) slice an input that still holds all channels to
+the group's channels; ``whole`` ops are refused once grouping started (DESIGN §2.1).
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def module_body(og: OpGraph, nodes: list[str], module_input: str, x: str, groups
             is_dense = preds[0] in full
             ir[n] = b.add(n, kind, attrs, args, source=n, dense_in=preds[0] == module_input)
             dense_done = dense_done or is_dense
-        elif kind == "add":
+        elif op.split == "merge":
             fixed = []
             for p, a in zip(preds, args):
                 if p in full:
@@ -140,6 +140,10 @@ def module_body(og: OpGraph, nodes: list[str], module_input: str, x: str, groups
             # ops before the module's first dense layer (e.g. a flatten) see all channels
             ir[n] = b.add(n, kind, attrs, args, source=n)
             full.add(n)
+        elif op.split == "whole":
+            raise PartitionError(f"op '{n}' ({kind}) cannot be split into groups, but it follows the module's "
+                                 f"first grouped layer at G={groups}; cut the module before it or use G=1",
+                                 field=("cuts", "width"))
         elif any(p in full for p in preds):
             raise PartitionError(f"op '{n}' ({kind}) reads the full module input after grouping started; "
                                  "cut the module elsewhere", field=("cuts", "depth"))

@@ -84,11 +84,11 @@ def _final_head_kind(spec: Spec, og: OpGraph, k: int, groups: list[int]) -> str:
     return kind
 
 
-def _build_final_head(spec: Spec, og: OpGraph, b: IRBuilder, x: str, kind: str) -> dict[str, str]:
+def _build_final_head(spec: Spec, og: OpGraph, b: IRBuilder, x: str, head: str) -> dict[str, str]:
     classes = og.num_classes
-    if kind == "model":
+    if head == "model":
         return _classifier_ir(og, b, x)
-    if kind == "linear":
+    if head == "linear":
         return head_linear(b, x, classes, 0)
     return head_1c2f(b, x, classes, _hidden(spec, spec.local.final_head.hidden))
 

@@ -17,12 +17,14 @@ import networkx as nx
 
 from ..errors import PartitionError
 from ..graph.build import OpGraph
-from ..graph.ops import OPS
+from ..graph.ops import find_op
 from .plan import IMAGE, PartitionPlan
+
 
 def _parametric(kind: str) -> bool:
     """True for registry ops with channel-mapping weights ('input' nodes are not ops)."""
-    return kind in OPS and OPS[kind].parametric
+    op = find_op(kind)
+    return op is not None and op.parametric
 
 
 _NEEDS = {"ce": "logits", "predsim": "sim", "infopro": "recon"}

@@ -23,6 +23,7 @@ import torch
 
 from ..codegen.modules import PartitionModule
 from .. import losses as L
+from ..graph.ops import RANDOM_KINDS
 from ..partition.plan import IMAGE, PartitionPlan
 from .fused import FusedStage, NotFusable, SiblingFusedRunner
 from .stage_outputs import StageOutputs
@@ -31,7 +32,7 @@ from .step_plan import StepPlan
 from .transport import LocalTransport, Transport
 from .updater import DeviceUpdater, PartitionUpdater
 
-RANDOM_OPS = ("dropout",)
+RANDOM_OPS = RANDOM_KINDS
 
 __all__ = ["Executor", "HEAD_KEYS", "RANDOM_OPS"]
 
