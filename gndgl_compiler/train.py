@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from .errors import DistributedSetupError, GndglError
-from .runtime.checkpoint import atomic_write_text
 from .runtime.report import format_summary
 from .runtime.resume import resume_config
+from .runtime.run_dir import write_run_record
 from .runtime.train import DistContext, TrainOptions, _merge, _new_run_dir, _run, check_resume_world
 
 
@@ -69,7 +69,7 @@ def run_worker(args: argparse.Namespace, rank: int, world: int) -> dict:
         cfg, notes = resume_config(run_dir, saved, opts, sequential=art0.plan.schedule == "sequential")
         barrier()  # every rank has read run.json before rank 0 records the changes
         if rank == 0 and notes:
-            atomic_write_text(run_dir / "run.json", json.dumps(saved, indent=1))
+            write_run_record(run_dir, saved)
             print("resume: " + "; ".join(notes), flush=True)
     else:
         made = None
@@ -79,8 +79,7 @@ def run_worker(args: argparse.Namespace, rank: int, world: int) -> dict:
             shutil.copytree(src.path, made / "artifact", dirs_exist_ok=True)
             cfg = _merge(src.spec["train"], opts)
             cfg["limit_train"], cfg["limit_test"] = args.limit_train, args.limit_test
-            (made / "run.json").write_text(json.dumps({"config": cfg, "device": args.device, "world": world,
-                                                       "source": str(src.path)}, indent=1))
+            write_run_record(made, {"config": cfg, "device": args.device, "world": world, "source": str(src.path)})
         run_dir = Path(_share_run_dir(rank, str(made) if made else None))
         barrier()
         cfg = json.loads((run_dir / "run.json").read_text())["config"]
@@ -120,10 +119,12 @@ def _wants_cuda(args: argparse.Namespace) -> bool:
     """Whether the ranks will train on CUDA (NCCL) rather than the CPU (gloo), read from the plan."""
     if args.device:
         return args.device.startswith("cuda")
+    from .artifact import read_plan
+
     art_dir = Path(args.resume) / "artifact" if args.resume else Path(args.artifact)
     try:
-        devices = json.loads((art_dir / "plan.json").read_text()).get("devices", [])
-    except (OSError, ValueError, AttributeError):
+        devices = read_plan(art_dir).devices
+    except GndglError:
         return False
     return torch.cuda.is_available() and any(str(d).startswith("cuda") for d in devices)
 

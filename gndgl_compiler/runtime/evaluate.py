@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..codegen.artifact import load_state_tensors
+from ..artifact import load_state_tensors
 from .data import Batches, load_dataset
 from .devices import _synthetic_like, resolve_devices
 from .executor import Executor

@@ -19,7 +19,8 @@ import torch
 
 from ..api import Artifact, load_artifact
 from ..errors import RunError
-from .checkpoint import latest_valid_checkpoint
+from .. import fsio
+from .checkpoint_dir import latest_valid_checkpoint
 from .dist_checkpoint import gather_tensors, latest_commit
 
 DATA_RECORD = "data.json"
@@ -55,6 +56,15 @@ def latest_run(root: str | Path = "runs") -> Path:
     if not runs:
         raise RunError(f"no run directory in '{root}/'; pass one (gndgl train writes runs/NAME-TIME/)")
     return max(runs, key=lambda d: (d / "run.json").stat().st_mtime)
+
+
+def write_run_record(run_dir: str | Path, record: dict) -> Path:
+    """Write ``run.json`` (the run's settings) atomically and durably.
+
+    Raises:
+        TrainingError: it cannot be written (path and OS reason given).
+    """
+    return fsio.atomic_write_json(Path(run_dir) / "run.json", record)
 
 
 def read_run_record(run_dir: str | Path) -> dict:

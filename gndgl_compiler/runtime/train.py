@@ -24,11 +24,13 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
+from .. import fsio
 from ..api import Artifact, load_artifact
-from ..codegen.artifact import load_state_tensors, state_tensors
+from ..artifact import load_state_tensors, state_tensors
 from ..errors import DataError, DeviceError, GndglError, RunError
-from .checkpoint import (atomic_write_text, prune_checkpoints, remove_temp_files, rng_state, save_checkpoint,
-                         set_rng_state)
+from .checkpoint import save_checkpoint
+from .checkpoint_dir import prune_checkpoints
+from .rng import rng_state, set_rng_state
 from .data import Batches, load_dataset, steps_per_epoch
 from .dist_checkpoint import (commit_checkpoint, committed_checkpoint, gather_modules, gather_tensors,
                               merge_rank_metrics, metrics_dir)
@@ -39,7 +41,8 @@ from .progress import ProgressEvent, ProgressFn, counted
 from .devices import _synthetic_like, guard_oom, resolve_devices  # noqa: F401  (re-exported)
 from .evaluate import evaluate_run  # noqa: F401  (re-exported)
 from .run_dir import (DATA_RECORD, _discard_unstarted, _load_run_artifact, _new_run_dir,  # noqa: F401
-                      _usable_checkpoint, check_resume_world, latest_run, read_run_record, run_weights)
+                      _usable_checkpoint, check_resume_world, latest_run, read_run_record, run_weights,
+                      write_run_record)
 from .signals import Interrupted, StopFlag
 
 
@@ -124,7 +127,7 @@ def train_artifact(source: str | Path | Artifact, opts: TrainOptions | None = No
         art = _load_run_artifact(run_dir, saved)
         cfg, notes = resume_config(run_dir, saved, opts, sequential=art.plan.schedule == "sequential")
         if notes:
-            atomic_write_text(run_dir / "run.json", json.dumps(saved, indent=1))
+            write_run_record(run_dir, saved)
             if opts.on_log:
                 opts.on_log({"kind": "note", "text": "resume: " + "; ".join(notes)})
         device = saved.get("device")
@@ -139,8 +142,7 @@ def train_artifact(source: str | Path | Artifact, opts: TrainOptions | None = No
         device = opts.device
         cfg.setdefault("limit_train", opts.limit_train)
         cfg.setdefault("limit_test", opts.limit_test)
-        atomic_write_text(run_dir / "run.json", json.dumps({"config": cfg, "device": device, "world": 1,
-                                                            "source": str(art.path)}, indent=1))
+        write_run_record(run_dir, {"config": cfg, "device": device, "world": 1, "source": str(art.path)})
         try:
             return _run(art, cfg, run_dir, device, opts)
         except (RunError, DataError, DeviceError):
@@ -177,7 +179,7 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
                             f"compiled for {plan.num_classes}; set model.num_classes: {data.num_classes} and recompile")
     data = data.to(first_dev)
     if ctx.rank == 0:  # what inference needs to feed the trained net (load_run, gndgl export)
-        atomic_write_text(run_dir / DATA_RECORD, json.dumps({
+        fsio.atomic_write_text(run_dir / DATA_RECORD, json.dumps({
             "dataset": cfg["dataset"], "mean": list(data.mean), "std": list(data.std), "classes": list(data.classes),
             "input_shape": list(plan.input_shape), "num_classes": plan.num_classes}, indent=1))
     torch.manual_seed(cfg["seed"])
@@ -222,7 +224,7 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
     # drop what a killed earlier attempt logged after the checkpoint (everything, if it died before the first)
     truncate_metrics(metrics_dir(run_dir, ctx.rank), gstep)
     if ctx.rank == 0:
-        remove_temp_files(run_dir)  # of atomic writes (metrics, summary) that a killed attempt left
+        fsio.remove_temp_files(run_dir)  # of atomic writes (metrics, summary) that a killed attempt left
     names = {p.id: p.name for p in plan.partitions}
     aug = cfg.get("augment") or {"crop_pad": 0, "flip": False}
     t_start = time.time()
@@ -252,6 +254,7 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
         batches = Batches(data, batch_size=max(bs, 256), seed=cfg["seed"], epoch=0, train=False, augment=False,
                           channels_last=channels_last and ctx.world == 1)
         shown = counted(batches, len(batches), opts.on_progress, "eval", epoch=epoch - 1, epochs=total_epochs)
+        fsio.point("train.evaluate", epoch=epoch - 1)
         if ctx.world == 1:
             return ex.evaluate(shown)
         full = gather_modules(plan, ckpt_root, gstep, ctx.world)
@@ -278,6 +281,7 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
                         ctx.comm.begin_step(gstep)
                     lr = run_lr(cfg, gstep - phase_step0, spe, epochs)
                     stats = guard_oom(lambda: ex.train_step(x, y, lr, active, seed=(cfg["seed"], gstep)), first_dev, bs)
+                    fsio.point("train.step", step=gstep + 1)
                     for pid, (loss, correct) in stats.items():
                         acc_loss[pid] = acc_loss.get(pid, 0) + loss.float()
                         if correct is not None:
@@ -346,8 +350,7 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
         merge_rank_metrics(run_dir, ctx.world)
     else:
         final = state_tensors(art.modules, plan)
-    save_file(final, str(run_dir / "weights.safetensors.tmp"))
-    (run_dir / "weights.safetensors.tmp").replace(run_dir / "weights.safetensors")
+    fsio.atomic_write_via(run_dir / "weights.safetensors", lambda tmp: save_file(final, str(tmp)))
     wall = time.time() - t_start
     last = history[-1] if history else {}
     summary = {"name": plan.name, "run_dir": str(run_dir), "epochs_done": epoch, "epochs_total": total_epochs,
@@ -356,7 +359,7 @@ def _run(art: Artifact, cfg: dict, run_dir: Path, device: str | None, opts: Trai
                "best_test_acc": max((h["test_acc"] for h in history), default=None), "history": history,
                "wall_s": wall, "images_per_s": images / max(wall, 1e-9), "device": str(first_dev),
                "fused": cfg["fused"], "amp": amp, "dataset": cfg["dataset"], "complete": epoch >= total_epochs}
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
+    fsio.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
     write_metrics_csv(run_dir)
     return summary
 
