@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import DistributedSetupError, GndglError
+from . import fsio
+from .errors import DistributedSetupError, GndglError, RunError
 from .runtime.report import format_summary
 from .runtime.resume import resume_config
 from .runtime.run_dir import write_run_record
@@ -82,7 +83,7 @@ def run_worker(args: argparse.Namespace, rank: int, world: int) -> dict:
             write_run_record(made, {"config": cfg, "device": args.device, "world": world, "source": str(src.path)})
         run_dir = Path(_share_run_dir(rank, str(made) if made else None))
         barrier()
-        cfg = json.loads((run_dir / "run.json").read_text())["config"]
+        cfg = fsio.read_json(run_dir / "run.json", error=RunError)["config"]
     art = load_artifact(run_dir / "artifact", workers=world, rank=rank)
     n_parts = len(art.plan.partitions)
     if world > n_parts:

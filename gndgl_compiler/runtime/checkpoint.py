@@ -36,7 +36,8 @@ STATE_PREFIX = "__state__/"
 # --------------------------------------------------------------------------- save / load
 
 
-def _paths(directory: str | os.PathLike, name: str) -> tuple[Path, Path]:
+def checkpoint_paths(directory: str | os.PathLike, name: str) -> tuple[Path, Path]:
+    """``(<name>.safetensors, <name>.json)`` of checkpoint ``name`` in ``directory``."""
     d = Path(directory)
     return d / f"{name}.safetensors", d / f"{name}.json"
 
@@ -69,7 +70,7 @@ def save_checkpoint(directory: str | os.PathLike, name: str, *, tensors: dict[st
             the reserved ``__state__/`` prefix.
     """
     fsio.point("checkpoint.start", directory=Path(directory), checkpoint=name)
-    st_path, json_path = _paths(directory, name)
+    st_path, json_path = checkpoint_paths(directory, name)
     bad = [k for k in tensors if k.startswith(STATE_PREFIX)]
     if bad:
         raise ArtifactError(f"weight names may not start with '{STATE_PREFIX}': {bad[:3]}; rename these tensors")
@@ -110,7 +111,12 @@ def _record_digest(record: dict) -> str:
     return fsio.sha256_bytes(json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode())
 
 
-def _read_record(json_path: Path) -> dict:
+def read_record(json_path: Path) -> dict:
+    """The checked JSON record of a checkpoint (format, version, digest).
+
+    Raises:
+        ArtifactError: missing, unreadable, not a gndgl checkpoint, another version, or edited.
+    """
     try:
         record = json.loads(json_path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
@@ -128,7 +134,12 @@ def _read_record(json_path: Path) -> dict:
     return record
 
 
-def _verify_tensor_file(st_path: Path, record: dict) -> None:
+def verify_tensor_file(st_path: Path, record: dict) -> None:
+    """Check a checkpoint's tensor file against the size and sha256 in its record.
+
+    Raises:
+        ArtifactError: missing, unreadable, truncated or modified (naming the file).
+    """
     try:
         digest, size = fsio.sha256_and_size(st_path)
     except FileNotFoundError as exc:
@@ -156,9 +167,9 @@ def load_checkpoint(directory: str | os.PathLike, name: str) -> tuple[dict[str, 
         ArtifactError: naming the file, if a file is missing, truncated, not a gndgl
             checkpoint, or the tensor file's sha256 does not match the JSON.
     """
-    st_path, json_path = _paths(directory, name)
-    record = _read_record(json_path)
-    _verify_tensor_file(st_path, record)
+    st_path, json_path = checkpoint_paths(directory, name)
+    record = read_record(json_path)
+    verify_tensor_file(st_path, record)
     try:
         loaded = load_file(st_path)
     except Exception as exc:  # safetensors raises its own error types

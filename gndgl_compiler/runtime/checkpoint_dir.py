@@ -14,7 +14,7 @@ from torch import Tensor
 
 from gndgl_compiler import fsio
 from gndgl_compiler.errors import ArtifactError, TrainingError
-from gndgl_compiler.runtime.checkpoint import _paths, _read_record, _verify_tensor_file, load_checkpoint
+from gndgl_compiler.runtime.checkpoint import checkpoint_paths, load_checkpoint, read_record, verify_tensor_file
 
 
 def list_checkpoints(directory: str | os.PathLike, problems: list[str] | None = None, *,
@@ -41,7 +41,7 @@ def list_checkpoints(directory: str | os.PathLike, problems: list[str] | None = 
     for json_path in d.glob("*.json"):
         name = json_path.name[: -len(".json")]
         try:
-            record = _read_record(json_path)
+            record = read_record(json_path)
         except ArtifactError as exc:
             if (d / f"{name}.safetensors").exists():
                 if not quiet:
@@ -94,9 +94,9 @@ def latest_valid_checkpoint(directory: str | os.PathLike, problems: list[str] | 
 
 
 def _is_valid(directory: Path, name: str) -> bool:
-    st_path, json_path = _paths(directory, name)
+    st_path, json_path = checkpoint_paths(directory, name)
     try:
-        _verify_tensor_file(st_path, _read_record(json_path))
+        verify_tensor_file(st_path, read_record(json_path))
     except ArtifactError:
         return False
     return True
@@ -131,7 +131,7 @@ def prune_checkpoints(directory: str | os.PathLike, keep: int = 2) -> list[str]:
     for name in names:
         if name in kept:
             continue
-        st_path, json_path = _paths(d, name)
+        st_path, json_path = checkpoint_paths(d, name)
         try:
             fs.unlink(json_path)
             fs.unlink(st_path)
