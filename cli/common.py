@@ -97,7 +97,7 @@ def note_resolved(typed: Any, used: Any) -> None:
     """
     from pathlib import Path
 
-    from gndgl_compiler.codegen.artifact import artifacts_in
+    from gndgl_compiler.artifact import artifacts_in
 
     if used is None or Path(typed) == Path(used):
         return

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch.fx as fx
 
-from .codegen.artifact import (RECOMPILE, find_artifact, load_state_tensors, read_json, read_manifest, read_weights,
-                               write_artifact)
+from .artifact import (RECOMPILE, find_artifact, load_state_tensors, read_json, read_manifest, read_plan,
+                       read_weights, write_artifact)
 from .codegen.modules import PartitionModule, build_assembled, build_partitions
 from .errors import GndglError, PartitionError, SpecError
 from .graph.build import OpGraph, build_graph
@@ -181,7 +181,7 @@ def load_artifact(path: str | os.PathLike, *, workers: int | None = None, rank: 
 
     Args:
         path: the artifact directory, or a folder of them (``compiled/``: its only or
-            newest artifact, see :func:`~gndgl_compiler.codegen.artifact.find_artifact`).
+            newest artifact, see :func:`~gndgl_compiler.artifact.find_artifact`).
         workers: re-place the partitions over this many distributed workers.
         rank: build only the partitions placed on this worker.
         verify: check every file's sha256 against the manifest.
@@ -197,13 +197,7 @@ def load_artifact(path: str | os.PathLike, *, workers: int | None = None, rank: 
     d = find_artifact(path)
     manifest = read_manifest(d, verify=verify, remedy=remedy)
     spec = read_json(d, "spec.json", remedy)
-    plan_d = read_json(d, "plan.json", remedy)
-    plan_d.pop("train", None)
-    try:
-        plan = PartitionPlan.from_dict(plan_d)
-    except (TypeError, KeyError) as exc:
-        from .errors import ArtifactError
-        raise ArtifactError(f"'{d / 'plan.json'}' does not describe a plan ({exc}); {remedy}") from None
+    plan = read_plan(d, remedy)
     if workers is not None:
         place(plan, plan.devices, workers)
     ids = None if rank is None else [p.id for p in plan.partitions if p.worker == rank]

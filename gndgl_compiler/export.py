@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, fsio
 from .errors import GndglError
 from .runtime.inference import TrainedNet, load_run
 
@@ -113,7 +113,7 @@ def _example(net: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def _write(net: nn.Module, example: torch.Tensor, fmt: str, path: Path, meta: dict[str, str]) -> None:
-    """Write ``net`` as ``fmt`` to ``path`` (a temp name the caller renames)."""
+    """Write ``net`` as ``fmt`` to ``path`` (a temp name that :func:`gndgl_compiler.fsio.atomic_write_via` renames)."""
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer / deprecation chatter; the result is checked by the tests
         if fmt == "torchscript":
@@ -173,20 +173,17 @@ def export_run(run: str | os.PathLike | TrainedNet | None, output: str | os.Path
             "input": "float images N×C×H×W in [0, 1]" if fmt != "safetensors" else "(x - mean) / std",
             "weights": net.source}
     target: nn.Module = net.net if fmt == "safetensors" else module
-    # a hidden sibling with the format's own suffix (torch.export.save wants .pt2), renamed over output when complete
-    tmp = output.parent / f".{output.name}.{os.getpid()}.tmp{FORMATS[fmt]}"
     was_training = module.training
     module.eval()  # BatchNorm with its running statistics, whatever the caller did with the net
     try:
-        _write(target, _example(module, net.input_shape), fmt, tmp, meta)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would create it (safetensors writes 0600)
-        os.replace(tmp, output)
+        example = _example(module, net.input_shape)
+        # a hidden sibling with the format's own suffix (torch.export.save wants .pt2), fsynced and renamed over
+        # output when complete, with the mode a plain open() would give (safetensors writes 0600)
+        fsio.atomic_write_via(output, lambda tmp: _write(target, example, fmt, tmp, meta), suffix=FORMATS[fmt],
+                              error=None)
     except OSError as exc:
         raise ExportError(f"cannot write '{output}': {exc.strerror or exc}; choose another -o") from None
     finally:
-        tmp.unlink(missing_ok=True)
         module.train(was_training)
     return output
 

@@ -102,10 +102,12 @@ def _wants_cuda(args: argparse.Namespace) -> bool:
     """Whether the ranks will train on CUDA (NCCL) rather than the CPU (gloo), read from the plan."""
     if args.device:
         return args.device.startswith("cuda")
+    from .artifact import read_plan
+
     art_dir = Path(args.resume) / "artifact" if args.resume else Path(args.artifact)
     try:
-        devices = json.loads((art_dir / "plan.json").read_text()).get("devices", [])
-    except (OSError, ValueError, AttributeError):
+        devices = read_plan(art_dir).devices
+    except GndglError:
         return False
     return torch.cuda.is_available() and any(str(d).startswith("cuda") for d in devices)
 

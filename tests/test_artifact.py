@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from gndgl_compiler import compile_spec, load_artifact
-from gndgl_compiler.codegen.artifact import FORMAT_VERSION, MANIFEST, read_manifest, sha256_file
+from gndgl_compiler.artifact import FORMAT_VERSION, MANIFEST, read_manifest
+from gndgl_compiler.fsio import sha256_file
 from gndgl_compiler.errors import ArtifactError, GndglError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,10 @@ import pytest
 import torch
 
 from gndgl_compiler.errors import ArtifactError, GndglError, TrainingError
+from gndgl_compiler import fsio
 from gndgl_compiler.runtime import checkpoint as ck
+from gndgl_compiler.runtime import checkpoint_dir as ckd
+from gndgl_compiler.runtime import rng, state_codec
 from gndgl_compiler.runtime.metrics import MetricsLogger, read_metrics, truncate_metrics
 
 # ---------------------------------------------------------------- flatten / unflatten
@@ -51,21 +54,21 @@ def test_flatten_round_trip_keeps_types():
         "big": 2**62,
         "flag": False,
     }
-    tensors, meta = ck.flatten_state(obj)
+    tensors, meta = state_codec.flatten_state(obj)
     text = json.dumps(meta, allow_nan=False)  # strict JSON
-    back = ck.unflatten_state(tensors, json.loads(text))
+    back = state_codec.unflatten_state(tensors, json.loads(text))
     assert_same(obj, back)
 
 
 def test_flatten_rejects_unknown_types():
     with pytest.raises(ArtifactError, match="object"):
-        ck.flatten_state({"a": [object()]})
+        state_codec.flatten_state({"a": [object()]})
 
 
 def test_save_load_round_trip_through_files(tmp_path):
     weights = {"w": torch.randn(3, 4), "b": torch.randn(4)[::2]}  # non-contiguous view
     shared = torch.randn(10)
-    state = {"step": 5, "views": [shared[:3], shared[3:]], "lr": 0.1, "rng": ck.rng_state()}
+    state = {"step": 5, "views": [shared[:3], shared[3:]], "lr": 0.1, "rng": rng.rng_state()}
     ck.save_checkpoint(tmp_path, "step-5", tensors=weights, state=state)
     tensors, back = ck.load_checkpoint(tmp_path, "step-5")
     assert sorted(tensors) == sorted(weights)
@@ -107,7 +110,7 @@ def test_resume_continues_bit_for_bit(tmp_path, kind):
     opt, sched = make_opt(kind, model)
     random.seed(1)
     train_steps(model, opt, sched, 2)
-    state = {"step": 2, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": ck.rng_state()}
+    state = {"step": 2, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng.rng_state()}
     ck.save_checkpoint(tmp_path, "step-2", tensors=model.state_dict(), state=state)
     train_steps(model, opt, sched, 3)
 
@@ -119,7 +122,7 @@ def test_resume_continues_bit_for_bit(tmp_path, kind):
     model2.load_state_dict(tensors)
     opt2.load_state_dict(back["optimizer"])
     sched2.load_state_dict(back["scheduler"])
-    ck.set_rng_state(back["rng"])
+    rng.set_rng_state(back["rng"])
     train_steps(model2, opt2, sched2, 3)
 
     for (n1, p1), (n2, p2) in zip(model.state_dict().items(), model2.state_dict().items()):
@@ -166,8 +169,8 @@ def test_list_orders_by_step_not_name(tmp_path):
     for step in (10, 9, 100):
         ck.save_checkpoint(tmp_path, f"s{step}", tensors={}, state={"step": step})
     (tmp_path / "config.json").write_text('{"unrelated": true}')
-    assert ck.list_checkpoints(tmp_path) == ["s9", "s10", "s100"]
-    assert ck.list_checkpoints(tmp_path / "missing") == []
+    assert ckd.list_checkpoints(tmp_path) == ["s9", "s10", "s100"]
+    assert ckd.list_checkpoints(tmp_path / "missing") == []
 
 
 def test_latest_valid_falls_back_when_newest_truncated(tmp_path):
@@ -175,13 +178,13 @@ def test_latest_valid_falls_back_when_newest_truncated(tmp_path):
     st = tmp_path / "step-2.safetensors"
     st.write_bytes(st.read_bytes()[:-8])
     with pytest.warns(UserWarning, match="step-2"):
-        found = ck.latest_valid_checkpoint(tmp_path)
+        found = ckd.latest_valid_checkpoint(tmp_path)
     assert found is not None and found.name == "step-1"
     assert found.state == {"step": 1} and torch.equal(found.tensors["w"], torch.full((64,), 1.0))
 
 
 def test_latest_valid_none(tmp_path):
-    assert ck.latest_valid_checkpoint(tmp_path) is None
+    assert ckd.latest_valid_checkpoint(tmp_path) is None
 
 
 def test_prune_keeps_newest_and_newest_valid(tmp_path):
@@ -190,9 +193,9 @@ def test_prune_keeps_newest_and_newest_valid(tmp_path):
     for step in (4, 5):  # both newest are corrupt
         p = tmp_path / f"step-{step}.safetensors"
         p.write_bytes(p.read_bytes()[:-1])
-    deleted = ck.prune_checkpoints(tmp_path, keep=2)
+    deleted = ckd.prune_checkpoints(tmp_path, keep=2)
     assert sorted(deleted) == ["step-1", "step-2"]
-    assert ck.list_checkpoints(tmp_path) == ["step-3", "step-4", "step-5"]
+    assert ckd.list_checkpoints(tmp_path) == ["step-3", "step-4", "step-5"]
     assert not (tmp_path / "step-1.safetensors").exists()
 
 
@@ -211,28 +214,27 @@ def test_read_only_directory_gives_clean_error(tmp_path):
     finally:
         os.chmod(tmp_path, stat.S_IRWXU)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
-    assert ck.latest_valid_checkpoint(tmp_path).name == "step-2"
+    assert ckd.latest_valid_checkpoint(tmp_path).name == "step-2"
 
 
-def test_disk_full_removes_temp_and_keeps_old_file(tmp_path, monkeypatch):
-    target = tmp_path / "file.json"
-    ck.atomic_write_text(target, "old")
-
-    def full(fd):
+class FullDisk(fsio.FileSystem):
+    def fsync(self, fd, path):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ck.os, "fsync", full)
-    with pytest.raises(TrainingError, match="No space left on device") as info:
-        ck.atomic_write_text(target, "new")
+
+def test_disk_full_removes_temp_and_keeps_old_file(tmp_path):
+    target = tmp_path / "file.json"
+    fsio.atomic_write_text(target, "old")
+    with fsio.use(FullDisk()), pytest.raises(TrainingError, match="No space left on device") as info:
+        fsio.atomic_write_text(target, "new")
     assert str(target) in str(info.value)
-    monkeypatch.undo()
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["file.json"]
 
 
 def test_atomic_write_error_class_and_missing_dir(tmp_path):
     with pytest.raises(ArtifactError, match="nodir"):
-        ck.atomic_write_bytes(tmp_path / "nodir" / "f.bin", b"x", error=ArtifactError)
+        fsio.atomic_write_bytes(tmp_path / "nodir" / "f.bin", b"x", error=ArtifactError)
 
 
 # ---------------------------------------------------------------- metrics

@@ -24,7 +24,7 @@ from tiny_spec import tiny_spec
 
 from gndgl_cli.main import main
 from gndgl_compiler import compile_spec, load_artifact, load_run
-from gndgl_compiler.codegen.artifact import load_state_tensors
+from gndgl_compiler.artifact import load_state_tensors
 from gndgl_compiler.errors import RunError
 from gndgl_compiler.runtime.batches import Batches
 from gndgl_compiler.runtime.data import STATS, load_dataset

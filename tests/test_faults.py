@@ -17,9 +17,10 @@ The guarantees (README, "Training" and "Artifacts"):
 Most processes here are forked from one helper process (``_driver_main``) that imported
 gndgl and torch once but never ran a tensor op, so that each child is a real process
 (it can be SIGKILLed and holds nothing of its parent's training state) that starts in
-milliseconds. Children run the real ``gndgl`` command line (``gndgl_cli.main.main``) with a
-few library functions wrapped to SIGKILL the process at the N-th call, fill the disk, or
-make the run directory read-only. Ctrl-C is tested on a plain ``python -m gndgl_cli.main``
+milliseconds. Children run the real ``gndgl`` command line (``gndgl_cli.main.main``) inside
+``with fsio.use(fs)``: a :class:`gndgl_compiler.fsio.FileSystem` whose operations and named
+points (``fsio.point``) SIGKILL the process at the N-th occurrence, tear a write, fail an
+fsync, fill the disk or make the run directory read-only. No production name is patched. Ctrl-C is tested on a plain ``python -m gndgl_cli.main``
 subprocess. Kill points are drawn with a seeded RNG; rerun with another draw with
 ``GNDGL_FAULT_SEED=<int> python -m pytest -q tests/test_faults.py -s`` (``-s`` shows what
 was survived).
@@ -38,7 +39,6 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -77,17 +77,6 @@ TOTAL_STEPS = 48
 # Everything from here to "the tests" runs in the helper process or its forked children.
 
 
-class _Proxy:
-    """A stand-in for a module (``os``, ``shutil``, ...) inside one gndgl module: overrides a few names."""
-
-    def __init__(self, target, **overrides):
-        self._target = target
-        self.__dict__.update(overrides)
-
-    def __getattr__(self, name):
-        return getattr(self._target, name)
-
-
 def _die() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
@@ -95,38 +84,10 @@ def _die() -> None:
     time.sleep(60)  # not reached
 
 
-def _fd_name(fd: int) -> str:
-    return os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
-
-
-class _TornFile:
-    """A file object that writes half of what it is given, then SIGKILLs the process."""
-
-    def __init__(self, f):
-        self.f = f
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
-
-    def fileno(self):
-        return self.f.fileno()
-
-    def write(self, data):
-        self.f.write(data[: len(data) // 2])
-        self.f.flush()
-        _die()
-
-    def flush(self):
-        self.f.flush()
-
-
 # name -> (description, highest N drawn). Each is reached within a few steps of any resume point.
 KILL_POINTS = {
     "checkpoint-due": ("when a checkpoint is due, before any of it is written", 2),
-    "mid-step": ("after the backward pass of a step, before the optimizer step", 6),
+    "mid-step": ("in the middle of training, after a step's update, before it is logged or checkpointed", 6),
     "serialize": ("after a checkpoint's tensors are serialised, before anything is written", 2),
     "torn-tensors": ("half-way through writing a checkpoint's .safetensors temp file", 2),
     "tensors-before-rename": ("after the .safetensors temp file is fsynced, before its rename", 2),
@@ -142,148 +103,142 @@ KILL_POINTS = {
 NEEDS_CHECKPOINT = {"metrics-rewrite"}  # only a run resumed from a checkpoint rewrites its metrics
 FIRST = ("checkpoint-due", 1)  # the fresh run dies before its first checkpoint: the next attempt starts over
 LAST = "final-weights"  # after it nothing is left to train
+POINTS = {"checkpoint-due": "checkpoint.start", "mid-step": "train.step", "serialize": "checkpoint.serialized",
+          "eval": "train.evaluate"}
+"""Kill points that are logical events of the code (``fsio.point``); the others are file operations."""
 
 
-def _install_kill(point: str, n: int) -> None:
-    """SIGKILL this process at the n-th occurrence of ``point`` (see KILL_POINTS)."""
-    import gndgl_compiler.runtime.checkpoint as ck
-    import gndgl_compiler.runtime.train as tr
-    from gndgl_compiler.runtime.executor import Executor
-    from gndgl_compiler.runtime.metrics import MetricsLogger
+def _is_ckpt(name: str, ext: str) -> bool:
+    return name.lstrip(".").startswith("ckpt-") and ext in name
 
-    seen = [0]
 
-    def hit() -> bool:
-        seen[0] += 1
-        return seen[0] == n
+def _fault_fs(faults: dict, at_exit: list):
+    """The file system of one forked child (``fsio.use``): the real one plus the faults of its job.
 
-    def is_ckpt(name: str, ext: str) -> bool:
-        return name.lstrip(".").startswith("ckpt-") and ext in name
+    faults: ``kill`` [point, n] (SIGKILL at the n-th occurrence of a KILL_POINTS entry); ``read_only_after``
+    / ``enospc_after`` / ``fill_disk_after`` [n, filler] (after the n-th checkpoint: make the run directory
+    read-only, fail every later fsync with ENOSPC, fill the disk); ``no_exchange`` (a file system without
+    renameat2(RENAME_EXCHANGE)); ``compile_kill`` n (SIGKILL after the n-th file-system change; 0: never)
+    with ``count_to`` (write the list of changes there at exit).
+    """
+    from gndgl_compiler import fsio
 
-    if point == "checkpoint-due":
-        save_checkpoint = tr.save_checkpoint
+    class FaultFS(fsio.FileSystem):
+        def __init__(self):
+            self.kill, self.n = faults.get("kill", (None, 0))
+            self.seen = 0
+            self.checkpoints = 0
+            self.enospc = False
+            self.last_replaced = ""
+            self.events: list[str] = []
 
-        def die_then_save(*a, **k):
-            if hit():
+        def hit(self) -> bool:
+            self.seen += 1
+            return self.seen == self.n
+
+        def event(self, label: str) -> None:
+            """A file-system change while compiling (compile_kill)."""
+            if "compile_kill" in faults:
+                self.events.append(label)
+                if len(self.events) == faults["compile_kill"]:
+                    _die()
+
+        # ---- logical events
+        def point(self, name, **info):
+            if POINTS.get(self.kill) == name and self.hit():
                 _die()
-            return save_checkpoint(*a, **k)
-        tr.save_checkpoint = die_then_save
-    elif point == "mid-step":
-        backward = torch.autograd.backward
+            if name == "checkpoint.committed":
+                self.checkpoints += 1
+                for key, action in (("read_only_after", _make_read_only), ("enospc_after", self.disk_full),
+                                    ("fill_disk_after", lambda _: _fill_disk(Path(faults["fill_disk_after"][1])))):
+                    if key in faults:
+                        n = faults[key][0] if key == "fill_disk_after" else faults[key]
+                        if self.checkpoints == n:
+                            action(info["path"])
 
-        def backward_then_die(*a, **k):
-            backward(*a, **k)
-            if hit():
+        def disk_full(self, _json_path) -> None:
+            """Every later fsync fails with ENOSPC (a simulated full disk)."""
+            self.enospc = True
+
+        # ---- file operations
+        def write(self, f, data, path):
+            name = os.path.basename(path)
+            torn = ((self.kill == "torn-tensors" and _is_ckpt(name, ".safetensors.")) or
+                    (self.kill == "torn-json" and _is_ckpt(name, ".json.")) or
+                    (self.kill == "metrics-torn-line" and name == "metrics.jsonl"))
+            if torn and self.hit():
+                f.write(data[: len(data) // 2])
+                f.flush()
                 _die()
-        torch.autograd.backward = backward_then_die
-    elif point == "serialize":
-        save = ck.save
+            super().write(f, data, path)
+            self.event("write weights" if name == "weights.safetensors" else "write file")
 
-        def save_then_die(*a, **k):
-            data = save(*a, **k)
-            if hit():
+        def fsync(self, fd, path):
+            if self.enospc:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            super().fsync(fd, path)
+            self.event("fsync")
+
+        def fsync_dir(self, directory):
+            if self.enospc:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            if self.kill == "json-before-dir-fsync" and _is_ckpt(self.last_replaced, ".json") and self.hit():
                 _die()
-            return data
-        ck.save = save_then_die
-    elif point in ("torn-tensors", "torn-json"):
-        ext = ".safetensors" if point == "torn-tensors" else ".json"
+            super().fsync_dir(directory)  # not a change of the tree: not a compile_kill event
 
-        def fdopen(fd, *a, **k):
-            f = os.fdopen(fd, *a, **k)
-            return _TornFile(f) if is_ckpt(_fd_name(fd), ext + ".") and hit() else f
-        ck.os = _Proxy(os, fdopen=fdopen)
-    elif point in ("tensors-before-rename", "between-tensors-and-json", "metrics-rewrite"):
-        def replace(src, dst):
+        def replace(self, src, dst):
             name = os.path.basename(dst)
-            before = (point == "tensors-before-rename" and is_ckpt(name, ".safetensors")) or \
-                     (point == "metrics-rewrite" and name == "metrics.jsonl")
-            if before and hit():
+            before = ((self.kill == "tensors-before-rename" and _is_ckpt(name, ".safetensors")) or
+                      (self.kill == "metrics-rewrite" and name == "metrics.jsonl") or
+                      (self.kill == "final-weights" and name == "weights.safetensors"))
+            if before and self.hit():
                 _die()
-            os.replace(src, dst)
-            if point == "between-tensors-and-json" and is_ckpt(name, ".safetensors") and hit():
+            super().replace(src, dst)
+            self.last_replaced = name
+            if self.kill == "between-tensors-and-json" and _is_ckpt(name, ".safetensors") and self.hit():
                 _die()
-        ck.os = _Proxy(os, replace=replace)
-    elif point == "json-before-dir-fsync":
-        last = [""]
+            self.event("rename")
 
-        def replace(src, dst):
-            os.replace(src, dst)
-            last[0] = os.path.basename(dst)
-        fsync_dir = ck._fsync_dir
-
-        def fsync_dir_after_json(directory):
-            if is_ckpt(last[0], ".json") and hit():
+        def unlink(self, path, missing_ok=True):
+            super().unlink(path, missing_ok)
+            path = Path(path)
+            if (self.kill == "prune-between-files" and path.parent.name == "checkpoints" and path.suffix == ".json"
+                    and self.hit()):
                 _die()
-            fsync_dir(directory)
-        ck.os = _Proxy(os, replace=replace)
-        ck._fsync_dir = fsync_dir_after_json
-    elif point == "metrics-torn-line":
-        log = MetricsLogger.log
 
-        def torn_log(self, record):
-            if hit():
-                line = json.dumps(record, default=float) + "\n"
-                self._file.write(line[: len(line) // 2])
-                self._file.flush()
-                _die()
-            return log(self, record)
-        MetricsLogger.log = torn_log
-    elif point == "prune-between-files":
-        unlink = Path.unlink
+        def exchange(self, a, b):
+            done = False if "no_exchange" in faults else super().exchange(a, b)
+            self.event("exchange")
+            return done
 
-        def unlink_then_die(self, missing_ok=False):
-            unlink(self, missing_ok=missing_ok)
-            if self.parent.name == "checkpoints" and self.suffix == ".json" and hit():
-                _die()
-        Path.unlink = unlink_then_die
-    elif point == "eval":
-        evaluate = Executor.evaluate
+        def mkdir(self, path, parents=False, exist_ok=False):
+            super().mkdir(path, parents, exist_ok)
+            self.event("mkdir")
 
-        def die_in_eval(self, *a, **k):
-            if hit():
-                _die()
-            return evaluate(self, *a, **k)
-        Executor.evaluate = die_in_eval
-    elif point == "final-weights":
-        save_file = tr.save_file
+        def mkdtemp(self, directory, prefix):
+            d = super().mkdtemp(directory, prefix)
+            self.event("mkdtemp")
+            return d
 
-        def save_then_die(*a, **k):
-            save_file(*a, **k)
-            if hit():
-                _die()
-        tr.save_file = save_then_die
-    else:
-        raise ValueError(f"unknown kill point {point}")
+        def chmod(self, path, mode):
+            super().chmod(path, mode)
+            self.event("chmod")
 
+        def rmtree(self, path):
+            super().rmtree(path)
+            self.event("rmtree")
 
-def _after_checkpoints(n: int, action) -> None:
-    """Run ``action(checkpoint_json_path)`` once, right after the n-th checkpoint of this process."""
-    import gndgl_compiler.runtime.train as tr
-
-    save = tr.save_checkpoint
-    done = [0]
-
-    def save_then_act(*a, **k):
-        path = save(*a, **k)
-        done[0] += 1
-        if done[0] == n:
-            action(Path(path))
-        return path
-    tr.save_checkpoint = save_then_act
+    if faults.get("kill") and faults["kill"][0] not in KILL_POINTS:
+        raise ValueError(f"unknown kill point {faults['kill'][0]}")
+    fs = FaultFS()
+    if "count_to" in faults:
+        at_exit.append(lambda: Path(faults["count_to"]).write_text(json.dumps(fs.events)))
+    return fs
 
 
 def _make_read_only(json_path: Path) -> None:
     for d in (json_path.parent, json_path.parent.parent):  # checkpoints/ and the run directory
         os.chmod(d, stat.S_IRUSR | stat.S_IXUSR)
-
-
-def _disk_full_from_now(json_path: Path) -> None:
-    """Every later fsync of a checkpoint file fails with ENOSPC (a simulated full disk)."""
-    import gndgl_compiler.runtime.checkpoint as ck
-
-    def fsync(fd):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    ck.os = _Proxy(os, fsync=fsync)
 
 
 def _fill_disk(path: Path) -> None:
@@ -309,51 +264,16 @@ def _fill_disk(path: Path) -> None:
             os.close(fd)
 
 
-def _compile_events(on_event) -> None:
-    """Call ``on_event(label)`` after every file-system change that writing an artifact makes."""
-    import gndgl_compiler.codegen.artifact as art
+def _with_faults(faults: dict, fn) -> int:
+    """Run ``fn()`` (-> exit code) with the file system of ``faults`` (see :func:`_fault_fs`)."""
+    from gndgl_compiler import fsio
 
-    def wrap(fn, label):
-        def inner(*a, **k):
-            result = fn(*a, **k)
-            on_event(label)
-            return result
-        return inner
-    art.os = _Proxy(os, replace=wrap(os.replace, "rename"), fsync=wrap(os.fsync, "fsync"),
-                    chmod=wrap(os.chmod, "chmod"))
-    art.shutil = _Proxy(shutil, rmtree=wrap(shutil.rmtree, "rmtree"))
-    art.tempfile = _Proxy(tempfile, mkdtemp=wrap(tempfile.mkdtemp, "mkdtemp"))
-    art.save_file = wrap(art.save_file, "write weights")
-    if hasattr(art, "_exchange"):
-        art._exchange = wrap(art._exchange, "exchange")
-    Path.write_text = wrap(Path.write_text, "write file")
-    Path.mkdir = wrap(Path.mkdir, "mkdir")
-
-
-def _install_faults(faults: dict, at_exit: list) -> None:
-    if "kill" in faults:
-        _install_kill(*faults["kill"])
-    if "read_only_after" in faults:
-        _after_checkpoints(faults["read_only_after"], _make_read_only)
-    if "enospc_after" in faults:
-        _after_checkpoints(faults["enospc_after"], _disk_full_from_now)
-    if "fill_disk_after" in faults:
-        n, filler = faults["fill_disk_after"]
-        _after_checkpoints(n, lambda _: _fill_disk(Path(filler)))
-    if "no_exchange" in faults:  # a file system without renameat2(RENAME_EXCHANGE)
-        import gndgl_compiler.codegen.artifact as art
-        art._exchange = lambda a, b: False
-    if "compile_kill" in faults:
-        n = faults["compile_kill"]
-        events: list[str] = []
-
-        def on_event(label):
-            events.append(label)
-            if len(events) == n:
-                _die()
-        _compile_events(on_event)
-        if "count_to" in faults:
-            at_exit.append(lambda: Path(faults["count_to"]).write_text(json.dumps(events)))
+    at_exit: list = []
+    with fsio.use(_fault_fs(faults, at_exit)):
+        code = fn()
+    for done in at_exit:
+        done()
+    return code
 
 
 def _cli(argv: list[str]) -> int:
@@ -398,10 +318,8 @@ def _status(status: int) -> dict:
 
 def _run_job(job: dict) -> int:
     os.chdir(job["cwd"])
-    at_exit: list = []
-    _install_faults(job.get("faults", {}), at_exit)
     if job["kind"] == "cli":
-        code = _cli(job["argv"])
+        code = _with_faults(job.get("faults", {}), lambda: _cli(job["argv"]))
     elif job["kind"] == "disk-full-tmpfs":
         code = _disk_full_tmpfs(job)
     elif job["kind"] == "probe-read-only":
@@ -417,8 +335,6 @@ def _run_job(job: dict) -> int:
             os.chmod(d, stat.S_IRWXU)
     else:
         raise ValueError(job["kind"])
-    for fn in at_exit:
-        fn()
     return code
 
 
@@ -446,7 +362,7 @@ def _disk_full_tmpfs(job: dict) -> int:
 
     The tmpfs disappears with this process, so what the test checks is copied out / reported.
     """
-    from gndgl_compiler.runtime.checkpoint import latest_valid_checkpoint
+    from gndgl_compiler.runtime.checkpoint_dir import latest_valid_checkpoint
 
     mount, cwd = Path(job["mount"]), Path(job["cwd"])
     try:
@@ -458,11 +374,7 @@ def _disk_full_tmpfs(job: dict) -> int:
     report: dict = {}
 
     def cli_in_child(argv, faults, name):
-        def go():
-            at_exit: list = []
-            _install_faults(faults, at_exit)
-            return _cli(argv)
-        pid = _fork(go, str(cwd / f"{name}.out"), str(cwd / f"{name}.err"), 120)
+        pid = _fork(lambda: _with_faults(faults, lambda: _cli(argv)), str(cwd / f"{name}.out"), str(cwd / f"{name}.err"), 120)
         return _status(os.waitpid(pid, 0)[1])
 
     report["first"] = cli_in_child(["train", job["artifact"], "--run-dir", str(run), *job["settings"]],
@@ -763,7 +675,7 @@ def test_damaged_newest_checkpoint_falls_back_with_a_warning(setup, partial_run)
 
 
 def test_read_only_run_directory_gives_a_clear_error_and_keeps_checkpoints(setup):
-    from gndgl_compiler.runtime.checkpoint import latest_valid_checkpoint
+    from gndgl_compiler.runtime.checkpoint_dir import latest_valid_checkpoint
 
     work = setup.workdir("read_only")
     (probe,) = setup.driver.run({"kind": "probe-read-only", "name": "probe", "cwd": str(work)})
@@ -797,7 +709,7 @@ def test_read_only_run_directory_gives_a_clear_error_and_keeps_checkpoints(setup
 
 def test_full_disk_simulated_gives_a_clear_error_and_keeps_checkpoints(setup):
     """Every checkpoint write after the 2nd fails with ENOSPC (fsync), as on a full disk."""
-    from gndgl_compiler.runtime.checkpoint import latest_valid_checkpoint
+    from gndgl_compiler.runtime.checkpoint_dir import latest_valid_checkpoint
 
     work = setup.workdir("enospc")
     run = work / "run"

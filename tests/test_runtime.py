@@ -390,8 +390,9 @@ def test_evaluate_run(trained_run):
 # ======================================================================================
 
 def test_sequential_schedule_trains_module_by_module(tmp_path):
-    from gndgl_compiler.codegen.artifact import read_weights
-    from gndgl_compiler.runtime.checkpoint import list_checkpoints, load_checkpoint
+    from gndgl_compiler.artifact import read_weights
+    from gndgl_compiler.runtime.checkpoint import load_checkpoint
+    from gndgl_compiler.runtime.checkpoint_dir import list_checkpoints
 
     art_dir = tiny_artifact(tmp_path, "sequential")
     init = read_weights(art_dir)
@@ -456,7 +457,7 @@ def test_failed_start_leaves_no_run_directory(tmp_path):
 
 def test_non_finite_loss_stops_naming_partition_and_keeps_good_checkpoint(tmp_path):
     from gndgl_compiler.errors import TrainingError
-    from gndgl_compiler.runtime.checkpoint import latest_valid_checkpoint
+    from gndgl_compiler.runtime.checkpoint_dir import latest_valid_checkpoint
 
     art = tiny_artifact(tmp_path)
     run = tmp_path / "run"

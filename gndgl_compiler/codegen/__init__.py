@@ -1,6 +1,5 @@
-"""Codegen stage: plan → torch.fx GraphModules, and the artifact writer/reader."""
+"""Codegen stage: plan → torch.fx GraphModules (the artifact on disk is :mod:`gndgl_compiler.artifact`)."""
 
-from .artifact import read_manifest, write_artifact
 from .modules import PartitionModule, build_assembled, build_partitions
 
-__all__ = ["PartitionModule", "build_assembled", "build_partitions", "read_manifest", "write_artifact"]
+__all__ = ["PartitionModule", "build_assembled", "build_partitions"]

@@ -19,8 +19,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..codegen.artifact import state_tensors
-from .checkpoint import LoadedCheckpoint
+from ..artifact import state_tensors
+from .checkpoint_dir import LoadedCheckpoint
 from .dist_checkpoint import (commit_checkpoint, committed_checkpoint, gather_modules, gather_tensors,
                               merge_rank_metrics, metrics_dir)
 from .run_dir import _usable_checkpoint

@@ -12,12 +12,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .. import fsio
 
 CACHE_VERSION = 1
 _TENSORS = ("train_x", "train_y", "test_x", "test_y")
@@ -78,26 +79,19 @@ def _read_cache(path: Path, name: str) -> DataBundle | None:
         return None
 
 
-# TODO(fsio): this atomic write (mkstemp, fsync, os.replace) is kept as it was; the lead switches it to
-# gndgl_compiler/fsio.py at merge.
 def _write_cache(path: Path, b: DataBundle) -> None:
     from safetensors.torch import save_file
     meta = {"classes": json.dumps(b.classes), "mean": json.dumps(list(b.mean)), "std": json.dumps(list(b.std)),
             "name": b.name, "format": f"gndgl-data-{CACHE_VERSION}"}
-    tmp = None
+
+    def write(tmp: Path) -> None:
+        save_file({k: getattr(b, k).contiguous() for k in _TENSORS}, str(tmp), metadata=meta)
+        os.chmod(tmp, 0o644)  # a shared cache: readable by every user
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        save_file({k: getattr(b, k).contiguous() for k in _TENSORS}, tmp, metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        fsio.atomic_write_via(path, write, error=None)
     except (OSError, RuntimeError) as e:
         warnings.warn(f"could not write the data cache {path} ({e}); the data set will be decoded again next time")
-        if tmp and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _file_stats(paths) -> list:

@@ -17,11 +17,13 @@ from typing import Any
 
 import torch
 
-from ..codegen.artifact import load_state_tensors
+from .. import fsio
+from ..artifact import load_state_tensors
 from ..codegen.modules import PartitionModule, build_partitions
 from ..errors import ArtifactError
 from ..partition.plan import PartitionPlan
-from .checkpoint import LoadedCheckpoint, atomic_write_text, load_checkpoint
+from .checkpoint import load_checkpoint
+from .checkpoint_dir import LoadedCheckpoint
 from .metrics import read_metrics
 
 
@@ -38,10 +40,10 @@ def commit_checkpoint(root: Path, step: int, ctx: Any) -> None:
 
     barrier()
     if ctx.rank == 0:
-        atomic_write_text(root / f"commit-{step:09d}.json", json.dumps({"step": step, "world": ctx.world}))
+        fsio.atomic_write_text(root / f"commit-{step:09d}.json", json.dumps({"step": step, "world": ctx.world}))
         markers = sorted(root.glob("commit-*.json"))
         for old in markers[:-2]:
-            old.unlink(missing_ok=True)
+            fsio.current().unlink(old)
     barrier()
 
 
@@ -102,4 +104,4 @@ def merge_rank_metrics(run_dir: Path, world: int) -> None:
             seen.add(key)
             merged.append(rec)
     merged.sort(key=lambda rec: (rec.get("step", 0), rec.get("kind") != "train"))
-    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(rec) + "\n" for rec in merged))
+    fsio.atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(rec) + "\n" for rec in merged))

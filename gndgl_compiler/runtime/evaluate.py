@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..codegen.artifact import load_state_tensors
+from ..artifact import load_state_tensors
 from .batches import Batches
 from .config import RunConfig
 from .data import load_dataset

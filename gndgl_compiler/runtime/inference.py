@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..api import Artifact
-from ..codegen.artifact import load_state_tensors
+from ..artifact import load_state_tensors
 from ..errors import DataError, RunError
 from ..partition.plan import IMAGE
 from .data import IDX_CLASSES, STATS, load_dataset

@@ -18,7 +18,7 @@ from typing import Any
 from torch import Tensor
 
 from gndgl_compiler.errors import ArtifactError, GndglError, TrainingError
-from gndgl_compiler.runtime.checkpoint import atomic_write_text
+from gndgl_compiler import fsio
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -149,7 +149,7 @@ class MetricsLogger:
         clean = {str(k): _scalar(str(k), v) for k, v in record.items()}
         line = json.dumps(clean) + "\n"
         try:
-            self._file.write(line)
+            fsio.current().write(self._file, line, self.path)
             self._file.flush()
         except OSError as exc:
             raise TrainingError(f"cannot write to {self.path}: {exc.strerror or exc}; check free disk space") from exc
@@ -250,7 +250,7 @@ def truncate_metrics(run_dir: str | os.PathLike, step: int) -> int:
         return isinstance(s, (int, float)) and not isinstance(s, bool) and not math.isnan(s) and s > step
 
     kept = [r for r in records if not after(r)]
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    fsio.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
     return len(records) - len(kept)
 
 
@@ -289,7 +289,7 @@ def write_metrics_csv(run_dir: str | os.PathLike) -> Path:
     writer.writeheader()
     writer.writerows(rows)
     path = Path(run_dir) / METRICS_CSV
-    atomic_write_text(path, buf.getvalue())
+    fsio.atomic_write_text(path, buf.getvalue())
     return path
 
 

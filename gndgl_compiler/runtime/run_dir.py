@@ -19,7 +19,8 @@ import torch
 
 from ..api import Artifact, load_artifact
 from ..errors import RunError
-from .checkpoint import atomic_write_text, latest_valid_checkpoint
+from .. import fsio
+from .checkpoint_dir import latest_valid_checkpoint
 from .config import RunConfig
 from .dist_checkpoint import gather_tensors, latest_commit
 from .options import TrainOptions
@@ -61,8 +62,8 @@ def create_run(art: Artifact, config: RunConfig, requested: str | None, *, world
     run_dir = _new_run_dir(art.plan.name, requested)
     if art.path is not None:
         shutil.copytree(art.path, run_dir / "artifact", dirs_exist_ok=True)
-    atomic_write_text(run_dir / "run.json", json.dumps({"config": config.record(), "device": config.execution.device,
-                                                        "world": world, "source": str(art.path)}, indent=1))
+    write_run_record(run_dir, {"config": config.record(), "device": config.execution.device,
+                               "world": world, "source": str(art.path)})
     return run_dir
 
 
@@ -102,7 +103,7 @@ def reopen_run(run_dir: str | Path, opts: TrainOptions, *, world: int = 1, verif
 
 def record_changes(run_dir: str | Path, saved: dict) -> None:
     """Write the ``run.json`` record that :func:`reopen_run` updated."""
-    atomic_write_text(Path(run_dir) / "run.json", json.dumps(saved, indent=1))
+    write_run_record(run_dir, saved)
 
 
 def latest_run(root: str | Path = "runs") -> Path:
@@ -116,6 +117,15 @@ def latest_run(root: str | Path = "runs") -> Path:
     if not runs:
         raise RunError(f"no run directory in '{root}/'; pass one (gndgl train writes runs/NAME-TIME/)")
     return max(runs, key=lambda d: (d / "run.json").stat().st_mtime)
+
+
+def write_run_record(run_dir: str | Path, record: dict) -> Path:
+    """Write ``run.json`` (the run's settings) atomically and durably.
+
+    Raises:
+        TrainingError: it cannot be written (path and OS reason given).
+    """
+    return fsio.atomic_write_json(Path(run_dir) / "run.json", record)
 
 
 def read_run_record(run_dir: str | Path) -> dict:

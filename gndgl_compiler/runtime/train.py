@@ -25,9 +25,12 @@ import torch
 from safetensors.torch import save_file
 
 from ..api import Artifact, load_artifact
-from ..codegen.artifact import load_state_tensors, state_tensors
+from .. import fsio
+from ..artifact import load_state_tensors, state_tensors
 from ..errors import DataError, DeviceError, GndglError, RunError
-from .checkpoint import atomic_write_text, prune_checkpoints, remove_temp_files, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import save_checkpoint
+from .checkpoint_dir import prune_checkpoints
+from .rng import rng_state, set_rng_state
 from .config import RunConfig, new_run_config
 from .context import DistContext, LocalContext
 from .batches import Batches, steps_per_epoch
@@ -143,8 +146,9 @@ class Validator:
             denorm=(t.data.mean, t.data.std)))
         batches = Batches(t.data, batch_size=max(t.recipe.batch_size, 256), seed=t.recipe.seed, epoch=0, train=False,
                           augment=False, channels_last=ex.channels_last)
-        return ex.evaluate(counted(batches, len(batches), t.on_progress, "eval", epoch=st.epoch - 1,
-                                   epochs=t.total_epochs))
+        shown = counted(batches, len(batches), t.on_progress, "eval", epoch=st.epoch - 1, epochs=t.total_epochs)
+        fsio.point("train.evaluate", epoch=st.epoch - 1)
+        return ex.evaluate(shown)
 
 
 class Trainer:
@@ -205,7 +209,7 @@ class Trainer:
                            f"{plan.num_classes}; set model.num_classes: {data.num_classes} and recompile")
         data = data.to(self.device)
         if self.ctx.is_main:  # what inference needs to feed the trained net (load_run, gndgl export)
-            atomic_write_text(self.run_dir / DATA_RECORD, json.dumps({
+            fsio.atomic_write_text(self.run_dir / DATA_RECORD, json.dumps({
                 "dataset": r.dataset, "mean": list(data.mean), "std": list(data.std), "classes": list(data.classes),
                 "input_shape": list(plan.input_shape), "num_classes": plan.num_classes}, indent=1))
         return data
@@ -263,7 +267,7 @@ class Trainer:
         # (everything, if the earlier attempt died before its first checkpoint)
         truncate_metrics(self.ctx.metrics_dir(self.run_dir), self.state.step)
         if self.ctx.is_main:
-            remove_temp_files(self.run_dir)  # of atomic writes (metrics, summary) that a killed attempt left
+            fsio.remove_temp_files(self.run_dir)  # of atomic writes (metrics, summary) that a killed attempt left
 
     def _batches(self) -> Batches:
         r, st = self.recipe, self.state
@@ -289,6 +293,7 @@ class Trainer:
         lr = self._lr()
         stats = guard_oom(lambda: self.ex.train_step(x, y, lr, self._active(), seed=(self.recipe.seed, st.step)),
                           self.device, self.recipe.batch_size)
+        fsio.point("train.step", step=st.step + 1)
         self.window.add(stats)
         st.advance(step, y.numel(), lr)
         report.progress(ProgressEvent("train", st.step_in_epoch, self.spe, epoch=st.epoch, epochs=self.total_epochs,
@@ -328,8 +333,7 @@ class Trainer:
                                        self.checkpointer.has(st.step))
         if final is None:
             return self.ctx.rank_record(st.step)
-        save_file(final, str(run_dir / "weights.safetensors.tmp"))
-        (run_dir / "weights.safetensors.tmp").replace(run_dir / "weights.safetensors")
+        fsio.atomic_write_via(run_dir / "weights.safetensors", lambda tmp: save_file(final, str(tmp)))
         wall = time.time() - self.t_start
         last = st.history[-1] if st.history else {}
         summary = {"name": plan.name, "run_dir": str(run_dir), "epochs_done": st.epoch,
@@ -339,7 +343,7 @@ class Trainer:
                    "wall_s": wall, "images_per_s": st.images / max(wall, 1e-9), "device": str(self.device),
                    "fused": self.execution.fused, "amp": self.amp, "dataset": self.recipe.dataset,
                    "complete": st.epoch >= self.total_epochs}
-        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
+        fsio.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
         write_metrics_csv(run_dir)
         return summary
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .. import fsio
 from ..errors import GndglError
 from ..sweep import SweepRow
 
@@ -100,7 +101,7 @@ def bubble_chart(rows: list[SweepRow], out_base: str | os.PathLike, *, title: st
     out = []
     for fmt in formats:
         path = base.with_name(base.name + "." + fmt)
-        fig.savefig(path, format=fmt)
+        fsio.atomic_write_via(path, lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt), suffix="." + fmt, error=None)
         out.append(path)
     return out
 

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .. import fsio
 from ..errors import ArtifactError, GndglError
 
 MODULE_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf",
@@ -165,7 +166,7 @@ def plot_run(run_dir: str | os.PathLike, output: str | os.PathLike | None = None
     fig.tight_layout()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, format=fmt)
+        fsio.atomic_write_via(out, lambda tmp: fig.savefig(tmp, format=fmt), suffix=out.suffix, error=None)
     except OSError as exc:
         raise GndglError(f"cannot write {out}: {exc.strerror or exc}") from None
     return out

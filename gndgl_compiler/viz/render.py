@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
+from .. import fsio
 from ..errors import GndglError
 
 FORMATS = ("svg", "png", "pdf", "dot")
@@ -40,18 +40,9 @@ def output_format(output: str | os.PathLike | None, fmt: str | None) -> str:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``data`` to ``path`` atomically (parents created); OSError on failure (the caller names the file)."""
+    fsio.current().mkdir(path.parent, parents=True, exist_ok=True)
+    fsio.atomic_write_bytes(path, data, error=None)
 
 
 def render_dot(dot_text: str, output: str | os.PathLike, fmt: str | None = None, *, timeout: float = 120.0) -> Path:

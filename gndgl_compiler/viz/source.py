@@ -26,24 +26,17 @@ def load_plan(source: str | os.PathLike, *, workers: int | None = None) -> tuple
         ArtifactError: the path does not exist or is not an artifact.
         SpecError: the spec is invalid.
     """
-    from ..codegen.artifact import find_artifact
+    from ..artifact import find_artifact, read_plan
 
     path = Path(source)
     if path.is_dir() and not (path / "plan.json").exists() and (path / "artifact" / "plan.json").exists():
         path = path / "artifact"
     path = find_artifact(path)
     if path.is_dir():
-        from ..codegen.artifact import read_json
         if not (path / "plan.json").exists():
             raise ArtifactError(f"'{path}' is not a compiled artifact (no plan.json); compile a spec first "
                                 f"(gndgl compile SPEC -o {path}) or draw the spec directly (gndgl viz SPEC)")
-        data = read_json(path, "plan.json")
-        data.pop("train", None)
-        try:
-            plan = PartitionPlan.from_dict(data)
-        except (TypeError, KeyError) as exc:
-            raise ArtifactError(f"'{path / 'plan.json'}' does not describe a plan ({exc}); "
-                                "recompile the spec") from None
+        plan = read_plan(path)
         if workers is not None:
             from ..partition.placement import place
             place(plan, plan.devices, workers)

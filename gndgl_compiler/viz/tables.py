@@ -12,6 +12,7 @@ import os
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from .. import fsio
 from ..errors import GndglError
 from ..sweep import SweepRow
 
@@ -123,8 +124,8 @@ def write_tables(rows: list[SweepRow], out_dir: str | os.PathLike, *, title: str
     d = Path(out_dir)
     try:
         d.mkdir(parents=True, exist_ok=True)
-        (d / "table.md").write_text(markdown_table(rows, title=title, paper=paper))
-        (d / "table.csv").write_text(csv_table(rows, paper=paper))
+        fsio.atomic_write_text(d / "table.md", markdown_table(rows, title=title, paper=paper), error=None)
+        fsio.atomic_write_text(d / "table.csv", csv_table(rows, paper=paper), error=None)
     except OSError as exc:
         raise GndglError(f"cannot write the sweep tables to {d}: {exc.strerror or exc}") from None
     return [d / "table.md", d / "table.csv"]

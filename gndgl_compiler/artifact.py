@@ -1,4 +1,4 @@
-"""The compiled artifact: a directory a person can read.
+"""The compiled artifact on disk: write, find, read and verify it (codegen makes its contents).
 
     compiled/
       manifest.json        versions + sha256 of every other file
@@ -10,35 +10,29 @@
       weights.safetensors  initial weights, '<partition>.<param>'
 
 Writing builds a temporary sibling directory and renames it into place (an existing
-artifact is swapped with it in one atomic ``renameat2(RENAME_EXCHANGE)`` on Linux), so
-an interrupted compile never leaves a half-written artifact. Loading verifies every
+artifact is swapped with it in one atomic ``renameat2(RENAME_EXCHANGE)`` on Linux;
+:func:`gndgl_compiler.fsio.replacing_dir`), so an interrupted compile never leaves a
+half-written artifact. Loading verifies every
 hash, then rebuilds the modules from ``plan.json`` with the same codegen: no stored
 code is executed and nothing is unpickled.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import glob
-import hashlib
 import json
 import os
 import platform
-import shutil
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import networkx as nx
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from .. import __version__
-from ..errors import ArtifactError
-from ..partition.plan import PartitionPlan
-from .modules import PartitionModule, build_assembled
+from . import __version__, fsio
+from .codegen.modules import PartitionModule, build_assembled
+from .errors import ArtifactError
+from .partition.plan import PartitionPlan
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -46,15 +40,7 @@ WEIGHTS = "weights.safetensors"
 REQUIRED = ("spec.json", "plan.json", WEIGHTS)
 """Files every manifest must list (so that dropping an entry cannot hide an edit)."""
 RECOMPILE = "recompile the spec"
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+PLAN = "plan.json"
 
 
 def state_tensors(parts: dict[int, PartitionModule], plan: PartitionPlan) -> dict[str, torch.Tensor]:
@@ -95,43 +81,6 @@ def load_state_tensors(parts: dict[int, PartitionModule], plan: PartitionPlan, t
             first = str(exc).splitlines()[0:3]
             raise ArtifactError(f"{source}: weights of partition {p.name} do not match its plan "
                                 f"({' '.join(first)}); recompile the spec") from None
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two existing directories atomically (Linux ``renameat2(RENAME_EXCHANGE)``).
-
-    Returns:
-        False where the platform or file system cannot do it (nothing was changed).
-
-    Raises:
-        OSError: any other failure.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):  # no libc symbol (glibc < 2.28, musl)
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def _interrupted_swap(out: Path) -> Path | None:
-    """The previous artifact that an interrupted non-atomic replacement of ``out`` left aside, if any."""
-    parent = out.parent if str(out.parent) else Path(".")
-    try:
-        for cand in sorted(parent.glob(f".{glob.escape(out.name)}.old-*/a")):
-            if (cand / MANIFEST).is_file():
-                return cand
-    except OSError:
-        pass
-    return None
 
 
 def artifacts_in(folder: str | os.PathLike) -> list[Path]:
@@ -175,7 +124,7 @@ def _write_json(path: Path, obj: Any, compact: bool = False) -> None:
     """Write ``obj`` as JSON; ``compact`` (no indentation) for the big machine-read files: the C
     encoder is several times faster (``python -m json.tool FILE`` pretty-prints them)."""
     text = json.dumps(obj, separators=(",", ":")) if compact else json.dumps(obj, indent=1)
-    path.write_text(text + "\n")
+    fsio.write_file(path, text + "\n")
 
 
 def write_artifact(out_dir: str | os.PathLike, *, spec_json: dict, graph: nx.DiGraph, segments: list[dict],
@@ -206,52 +155,27 @@ def write_artifact(out_dir: str | os.PathLike, *, spec_json: dict, graph: nx.DiG
         raise ArtifactError(f"'{parent}' is itself an artifact (an older `gndgl compile` wrote it there), so "
                             f"'{out}' cannot go inside it; move it away (mv {parent} {parent}-old) or choose "
                             "another output with -o")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    except OSError as exc:
-        raise ArtifactError(f"cannot write the artifact to '{out}': {exc.strerror}; choose a writable -o") from None
-    try:
-        os.chmod(tmp, 0o755)
-        (tmp / "code").mkdir()
+    with fsio.replacing_dir(out, error=ArtifactError, what="artifact", remedy="choose a writable -o") as tmp:
+        fsio.current().mkdir(tmp / "code")
         _write_json(tmp / "spec.json", spec_json)
         g = nx.node_link_data(graph, edges="edges")
         _write_json(tmp / "graph.json", {"graph": g, "segments": segments}, compact=True)
         plan_d = plan.to_dict()
         plan_d["train"] = train
-        _write_json(tmp / "plan.json", plan_d, compact=True)
+        _write_json(tmp / PLAN, plan_d, compact=True)
         _write_json(tmp / "costs.json", {"summary": plan.summary,
                                          "partitions": {p.name: p.costs for p in plan.partitions}})
         for p in plan.partitions:
-            (tmp / "code" / f"{p.name}.py").write_text(parts[p.id].code())
-        (tmp / "code" / "inference.py").write_text(build_assembled(plan, parts).code.strip() + "\n")
-        save_file(state_tensors(parts, plan), str(tmp / WEIGHTS), metadata={"format": "gndgl-weights"})
+            fsio.write_file(tmp / "code" / f"{p.name}.py", parts[p.id].code())
+        fsio.write_file(tmp / "code" / "inference.py", build_assembled(plan, parts).code.strip() + "\n")
+        fsio.write_file(tmp / WEIGHTS, save(state_tensors(parts, plan), metadata={"format": "gndgl-weights"}))
         files = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file())
         manifest = {
             "format": FORMAT_VERSION, "gndgl": __version__, "torch": torch.__version__,
             "python": platform.python_version(), "name": plan.name,
-            "files": {f: sha256_file(tmp / f) for f in files},
+            "files": {f: fsio.sha256_file(tmp / f) for f in files},
         }
         _write_json(tmp / MANIFEST, manifest)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        if not out.exists():
-            os.replace(tmp, out)
-        elif _exchange(tmp, out):  # out is the new artifact in one step; tmp now holds the old one
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:  # two renames: a crash in between leaves the old artifact in .<name>.old-*/a (see read_manifest)
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
-            os.replace(out, old / "a")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ArtifactError(f"cannot write the artifact to '{out}': {exc.strerror or exc}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -276,7 +200,7 @@ def read_manifest(art_dir: str | os.PathLike, verify: bool = True, remedy: str =
     """
     d = Path(art_dir)
     if not d.is_dir():
-        moved = _interrupted_swap(d)
+        moved = fsio.interrupted_replacement(d, MANIFEST)
         if moved is not None:
             raise ArtifactError(f"'{d}' is missing: a compile that replaced it was interrupted and left the previous "
                                 f"artifact in '{moved}'; move it back (mv '{moved}' '{d}') or compile again")
@@ -289,7 +213,7 @@ def read_manifest(art_dir: str | os.PathLike, verify: bool = True, remedy: str =
                                 f"'{d / 'artifact'}' (to continue the run: gndgl train --resume {d})")
         raise ArtifactError(f"'{d}' has no {MANIFEST}; it is not a gndgl artifact. {_compile_hint(d).capitalize()}")
     try:
-        manifest = json.loads(mpath.read_text())
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
         files = manifest["files"]
         fmt = manifest["format"]
         if not isinstance(files, dict):
@@ -307,18 +231,37 @@ def read_manifest(art_dir: str | os.PathLike, verify: bool = True, remedy: str =
             f = d / name
             if not f.is_file():
                 raise ArtifactError(f"'{f}' is missing from the artifact; {remedy}")
-            if sha256_file(f) != digest:
+            if fsio.sha256_file(f) != digest:
                 raise ArtifactError(f"'{f}' does not match its sha256 in {MANIFEST} (edited or corrupted); "
                                     f"{remedy}")
     return manifest
 
 
-def read_json(art_dir: Path, name: str, remedy: str = RECOMPILE) -> Any:
-    """Parse one JSON file of an artifact."""
+def read_json(art_dir: str | os.PathLike, name: str, remedy: str = RECOMPILE) -> Any:
+    """Parse one JSON file of an artifact.
+
+    Raises:
+        ArtifactError: it is missing or not JSON (naming the file, with ``remedy``).
+    """
+    return fsio.read_json(Path(art_dir) / name, error=ArtifactError, remedy=remedy)
+
+
+def read_plan(art_dir: str | os.PathLike, remedy: str = RECOMPILE) -> PartitionPlan:
+    """The :class:`PartitionPlan` in an artifact's ``plan.json`` (the one place that reads that file).
+
+    Args:
+        art_dir: the artifact directory (its hashes are not checked here: see :func:`read_manifest`).
+        remedy: what the error messages tell the user to do.
+
+    Raises:
+        ArtifactError: it is missing, not JSON or not a plan (naming the file, with ``remedy``).
+    """
+    plan_d = read_json(art_dir, PLAN, remedy)
     try:
-        return json.loads((Path(art_dir) / name).read_text())
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"cannot read '{Path(art_dir) / name}': {exc}; {remedy}") from None
+        plan_d.pop("train", None)
+        return PartitionPlan.from_dict(plan_d)
+    except (TypeError, KeyError, AttributeError) as exc:
+        raise ArtifactError(f"'{Path(art_dir) / PLAN}' does not describe a plan ({exc}); {remedy}") from None
 
 
 def read_weights(art_dir: str | os.PathLike, remedy: str = RECOMPILE) -> dict[str, torch.Tensor]:
