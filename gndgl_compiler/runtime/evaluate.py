@@ -32,7 +32,7 @@ def evaluate_run(run_dir: str | Path, device: str | None = None, limit_test: int
                         synthetic=_synthetic_like(art.plan))
     first = devices[art.plan.partitions[0].id]
     data = data.to(first)
-    ex = Executor(art.plan, art.modules, config.recipe.optimizer, devices, fused=False, denorm=(data.mean, data.std))
+    ex = Executor(art.plan, art.modules, None, devices, fused=False, denorm=(data.mean, data.std))  # no optimizers
     ev = ex.evaluate(Batches(data, batch_size=256, seed=0, epoch=0, train=False, augment=False))
     ev["source"] = source
     return ev

@@ -43,7 +43,8 @@ class Executor:
     Args:
         plan: the partition plan.
         modules: ``{partition id: PartitionModule}`` (moved to their devices here).
-        optimizer: the spec's ``train.optimizer`` section.
+        optimizer: the spec's ``train.optimizer`` section; None for an executor that only evaluates
+            (no optimizer state is made; :meth:`train_step` refuses).
         devices: ``{partition id: device}``.
         fused: per-device fused step (one backward, multi-tensor optimizer: :class:`DeviceUpdater`);
             False: per-partition steps (:class:`PartitionUpdater`).
@@ -55,7 +56,7 @@ class Executor:
         transport: how tensors reach partitions in other processes (default :class:`LocalTransport`).
     """
 
-    def __init__(self, plan: PartitionPlan, modules: dict[int, PartitionModule], optimizer: dict[str, Any],
+    def __init__(self, plan: PartitionPlan, modules: dict[int, PartitionModule], optimizer: Any | None,
                  devices: dict[int, torch.device], *, fused: bool = True, amp: bool = False,
                  channels_last: bool = False, denorm: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
                  siblings: bool = True, transport: Transport | None = None):
@@ -87,8 +88,11 @@ class Executor:
             self.runners[i] = SiblingFusedRunner(fs, stage, self.parts[stage[0]].module, devices[stage[0]],
                                                  self.env.autocast)
         fused_grads = [g for fs in self.fused_stages.values() for g in fs.fused_grads()]
-        self.updater = DeviceUpdater(self.order, modules, optimizer, devices, fused_grads) if fused else \
-            PartitionUpdater(self.order, modules, optimizer)
+        self.updater: PartitionUpdater | DeviceUpdater | None = None
+        """Owns the optimizers (None: this executor only evaluates)."""
+        if optimizer is not None:
+            self.updater = DeviceUpdater(self.order, modules, optimizer, devices, fused_grads) if fused else \
+                PartitionUpdater(self.order, modules, optimizer)
 
     # ------------------------------------------------------------------ the plan, read-only views
     @property
@@ -123,8 +127,8 @@ class Executor:
 
     @property
     def optimizers(self) -> dict[Any, torch.optim.Optimizer]:
-        """The updater's optimizers (by device string when ``fused``, else by partition id)."""
-        return self.updater.optimizers
+        """The updater's optimizers (by device string when ``fused``, else by partition id; none to evaluate)."""
+        return self.updater.optimizers if self.updater is not None else {}
 
     def fusion_summary(self) -> str:
         """One line: which modules run fused, and why the others do not."""
@@ -173,6 +177,8 @@ class Executor:
         Returns:
             ``{pid: (detached loss, number of correct predictions or None)}``, on device (no host sync).
         """
+        if self.updater is None:
+            raise RuntimeError("this Executor was built to evaluate (optimizer=None); it cannot train")
         for pid in self.order:
             self.modules[pid].train(active is None or pid in active)
         st = StepState(x, y, lr, StageOutputs({IMAGE: x}), active, seed)

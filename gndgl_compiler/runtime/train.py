@@ -142,7 +142,7 @@ class Validator:
     def __call__(self, st: TrainState) -> dict[str, Any]:
         t = self.t
         ex = t.ctx.evaluator(t.ex, t.checkpointer.root, st.step, lambda modules: Executor(
-            t.art.plan, modules, t.recipe.optimizer, {pid: t.device for pid in modules}, fused=False,
+            t.art.plan, modules, None, {pid: t.device for pid in modules}, fused=False,
             denorm=(t.data.mean, t.data.std)))
         batches = Batches(t.data, batch_size=max(t.recipe.batch_size, 256), seed=t.recipe.seed, epoch=0, train=False,
                           augment=False, channels_last=ex.channels_last)
