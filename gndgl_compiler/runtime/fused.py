@@ -50,16 +50,16 @@ class FusedStage(FusedOps):
         _same([[i.source for i in p.inputs] for p in parts], "input list")
         if any(n.kind in ("dropout",) for p in parts for n in p.body + p.head):
             raise NotFusable("dropout (per-partition random streams)")
-        if any(p.loss.kind == "infopro" for p in parts):
-            raise NotFusable("InfoPro loss")
         outs = parts[0].head_outputs
         _same([p.head_outputs for p in parts], "head outputs")
-        if set(outs) != {"logits"}:
-            raise NotFusable(f"head outputs {sorted(outs)} (only class logits fuse)")
+        if set(outs) - {"sim", "recon"} != {"logits"}:
+            raise NotFusable(f"head outputs {sorted(outs)} (class logits, predsim's sim, InfoPro's recon fuse)")
+        self.outputs = dict(outs)
         self.logits = outs["logits"]
         self.loss = FusedLoss(parts)  # checked before any parameter moves into fused storage
         self.width = parts[0].out_shape[0]
         self.tensors: list[FusedTensor] = []
+        self._cols: dict = {}
         self._bn_counters: list[torch.Tensor] = []
         self.body = self._compile([p.body for p in parts], [m.body for m in mods], head=False)
         self.body_out = parts[0].output
@@ -145,12 +145,12 @@ class FusedStage(FusedOps):
                 layout[name] = lays[0]
             else:
                 raise NotFusable(f"op '{kind}' ({name})")
-        out = lists[0][-1].name if not head else lists[0][[m.name for m in lists[0]].index(
-            self.parts[0].head_outputs.get("logits", lists[0][-1].name))].name
-        if layout[out] not in ("stack", "gstack"):
-            raise NotFusable(f"{'head' if head else 'body'} output is not per group")
+        outs = {"out": lists[0][-1].name} if not head else self.outputs
+        for key, out in outs.items():
+            if layout.get(out) not in (("stack", "gstack") if key in ("out", "logits") else ("stack",)):
+                raise NotFusable(f"{'head' if head else 'body'} output {key} is not per group")
         if not head:
-            self.body_gstack = layout[out] == "gstack"
+            self.body_gstack = layout[outs["out"]] == "gstack"
         return steps
 
     @staticmethod
@@ -172,8 +172,8 @@ class FusedStage(FusedOps):
         """The fused gradient tensors (zeroed after each optimizer step)."""
         return [t.fused.grad for t in self.tensors if t.grads is not None]
 
-    def forward(self, inputs: list[torch.Tensor], fused_input: torch.Tensor | None,
-                y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, inputs: list[torch.Tensor], fused_input: torch.Tensor | None, y: torch.Tensor,
+                image01: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Bodies, aux heads and local losses of all G partitions.
 
         Args:
@@ -181,6 +181,7 @@ class FusedStage(FusedOps):
             fused_input: the concatenation of ``inputs`` when the upstream module ran fused
                 (saves the cat), else None.
             y: labels.
+            image01: the de-normalised image (InfoPro's reconstruction target), else None.
 
         Returns:
             ``(body output (B, G·c, ...), logits (B, G, classes), losses (G,), total loss)``.
@@ -208,7 +209,8 @@ class FusedStage(FusedOps):
         B = out.shape[0]
         z = henv[self.logits]
         logits = z.transpose(0, 1) if z.dim() == 3 else z.view(B, self.G, -1)
-        losses = self.loss(logits, y)
+        sim, recon = (henv[self.outputs[k]] if k in self.outputs else None for k in ("sim", "recon"))
+        losses = self.loss(logits, y, sim=sim, recon=recon, image01=image01)
         return out, logits, losses, losses.sum()
 
 
@@ -225,10 +227,13 @@ class SiblingFusedRunner:
         module: the module's number (for error messages).
         device: the siblings' device.
         autocast: ``device -> context manager`` (the executor's bf16 autocast).
+        image01: ``x -> image in [0, 1]`` (``StageEnv.image01``), for InfoPro's reconstruction loss.
     """
 
-    def __init__(self, fs: FusedStage, stage: list[int], module: int, device: torch.device, autocast):
+    def __init__(self, fs: FusedStage, stage: list[int], module: int, device: torch.device, autocast,
+                 image01=None):
         self.fs, self.stage, self.module, self.device, self.autocast = fs, stage, module, device, autocast
+        self.image01 = image01 if fs.loss.kind == "infopro" else None
         self.srcs = [i.source for i in fs.parts[0].inputs]
 
     def takes(self, active: set[int] | None) -> bool:
@@ -245,7 +250,8 @@ class SiblingFusedRunner:
         inputs = [] if fused_in is not None else [h[s].to(dev, non_blocking=True) for s in self.srcs]
         yd = st.y.to(dev, non_blocking=True)
         with self.autocast(dev):
-            out, logits, losses, total = fs.forward(inputs, fused_in, yd)
+            out, logits, losses, total = fs.forward(inputs, fused_in, yd,
+                                                    None if self.image01 is None else self.image01(st.x).to(dev))
         h.put_fused(self.stage, out)
         total.backward()
         correct = (logits.detach().argmax(2) == yd.unsqueeze(1)).sum(0)
