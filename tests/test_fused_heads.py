@@ -1,6 +1,6 @@
-"""Sibling fusion of the head and loss variants: share_ratio 0 < r < 1, predsim, InfoPro (softmax).
+"""Sibling fusion of the head and loss variants: share_ratio 0 < r < 1, predsim, InfoPro (softmax), ViT modules.
 
-On the tiny GN-DGL spec (K=2 × G=2), float64, against the per-partition path (``siblings=False``):
+On the tiny GN-DGL spec (K=2 × G=2) and a tiny ViT (K=2 × G=2, token heads, with and without a CLS token), float64, against the per-partition path (``siblings=False``):
 
 * one step: per-partition losses and every parameter's gradient (a plain SGD step, lr 1) to 1e-10 relative;
 * 20 steps of SGD-Nesterov: equal weights to 1e-10 relative;
@@ -34,7 +34,36 @@ VARIANTS = {  # id: (head, share_ratio, diversity weight)
 }
 
 
+VIT = {  # id: (head, share_ratio, diversity weight, cls token)
+    "vit-token-linear-r1": ("{kind: token-linear}", 1.0, 0.5, False),
+    "vit-token-linear-r0.5-cls": ("{kind: token-linear}", 0.5, 0.0, True),
+    "vit-token-mlp-r0": ("{kind: token-mlp, hidden: 16}", 0.0, 0.5, False),
+}
+VARIANTS.update({k: v[:3] for k, v in VIT.items()})
+
+
+def tiny_vit(head: str, share: float, diversity: float, cls: bool = False):
+    """A 2-module × G=2 ViT (D = 16, 4 heads, 16 tokens) on 1×16×16 inputs."""
+    return compile_spec(f"""name: tiny_vit
+model:
+  template: vit_tiny
+  vit: {{dim: 16, depth: 2, heads: 4, patch: 4, mlp_ratio: 2.0, cls: {str(cls).lower()}}}
+  input_shape: [1, 16, 16]
+  num_classes: 10
+cuts: {{depth: [b0], width: 2}}
+local:
+  head: {head}
+  share_ratio: {share}
+  diversity: {{weight: {diversity}, temperature: 3.0}}
+  final_head: {{kind: model, mode: separate}}
+train: {{dataset: synthetic, batch_size: 8}}
+""")
+
+
 def variant(head: str, share: float, diversity: float):
+    vit = next((v for v in VIT.values() if v[:3] == (head, share, diversity)), None)
+    if vit is not None:
+        return tiny_vit(*vit)
     text = tiny_spec("variant", "train:\n  dataset: synthetic\n  batch_size: 8\n", deep=False)
     text = text.replace("head: {kind: 1c2f, hidden: 32}\n  share_ratio: 1.0", f"head: {head}\n  share_ratio: {share}")
     return compile_spec(text.replace("weight: 0.5", f"weight: {diversity}"))
@@ -54,7 +83,7 @@ def test_variant_one_step_float64(key):
     assert worst[0] <= F64_RTOL, worst
 
 
-@pytest.mark.parametrize("key", ["1c2f-r0.5", "predsim-r0.5", "infopro-r1"])
+@pytest.mark.parametrize("key", ["1c2f-r0.5", "predsim-r0.5", "infopro-r1", "vit-token-linear-r0.5-cls"])
 def test_variant_20_steps_float64(key):
     art = variant(*VARIANTS[key])
     fused, ref = executors(art, SGD, torch.float64)
@@ -67,7 +96,7 @@ def test_variant_20_steps_float64(key):
     assert worst[0] <= F64_RTOL, worst
 
 
-@pytest.mark.parametrize("key", ["1c2f-r0.5", "predsim-r0.5", "infopro-r0.5"])
+@pytest.mark.parametrize("key", ["1c2f-r0.5", "predsim-r0.5", "infopro-r0.5", "vit-token-linear-r0.5-cls"])
 def test_variant_stop_gradient_isolation(key):
     art = variant(*VARIANTS[key])
     fused, _ = executors(art, PLAIN, torch.float64)

@@ -25,11 +25,12 @@ from ..partition.plan import IRNode, Partition
 from .fuse_storage import FusedTensor, fuse
 from .fused_loss import FusedLoss
 from .fused_ops import _ELEMENTWISE, _POOLS, FusedOps, NotFusable, Step, _alias, _fn, _same
+from .fused_tokens import FusedTokenOps
 from .stage_outputs import StageOutputs
 from .stage_runner import StepState
 
 
-class FusedStage(FusedOps):
+class FusedStage(FusedOps, FusedTokenOps):
     """One module's G sibling partitions as one program (body, aux heads, local losses).
 
     Args:
@@ -138,6 +139,14 @@ class FusedStage(FusedOps):
                     raise NotFusable(f"{kind} {name} on flat features")
                 steps.append((name, self._channelwise(n, lays[0])))
                 layout[name] = "gstack" if kind == "flatten" and lays[0] == "stack" else lays[0]
+            elif kind in ("patch_embed", "pos_embed", "layernorm", "attention", "mlp"):
+                build = getattr(self, f"_{kind}")
+                steps_layout = build(n, lays[0], [gm.get_submodule(name) for gm in gms])
+                steps.append((name, steps_layout[0]))
+                layout[name] = steps_layout[1]
+            elif kind == "token_pool":
+                step, layout[name] = self._token_pool(n, lays[0])
+                steps.append((name, step))
             elif kind == "add":
                 if lays[0] != lays[1] or lays[0] == "mixed":
                     raise NotFusable(f"add {name} of {lays[0]} and {lays[1]} tensors")

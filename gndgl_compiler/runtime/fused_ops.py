@@ -30,7 +30,7 @@ from ..partition.plan import IRNode
 from .fuse_storage import FusedTensor, fuse
 from .shared_conv import SharedHeadConv
 
-_ELEMENTWISE = {"relu": torch.relu, "sigmoid": torch.sigmoid}
+_ELEMENTWISE = {"relu": torch.relu, "sigmoid": torch.sigmoid, "gelu": F.gelu, "silu": F.silu}
 _POOLS = ("maxpool", "avgpool", "adaptive_avgpool", "upsample")
 _DENSE_BELOW = 16
 _DENSE_GROUP = 4

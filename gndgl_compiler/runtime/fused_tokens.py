@@ -1,0 +1,187 @@
+"""The fused form of the token (vision-transformer) ops over a module's G sibling groups (DESIGN §2.1).
+
+Token values use the layouts of ``runtime/fused_ops.py`` with tokens channel-first, plus one more:
+
+    stack   (B, G·c, N)       group g's residual-stream channels g·c..(g+1)·c
+    gfull   (G, B, D, N)      group g's own view of a full-width tensor: a dense-in LayerNorm (the group's
+                              own D affine parameters over the shared module input), or an aux head's
+                              LayerNorm over cat(own live, siblings detached)
+
+    op           shared in                     stack in                        mixed in
+    patch_embed  dense conv p×p, W = cat_g W_g  —                               —
+    pos_embed    —                             + cat_g pos_g (and CLS tokens)  —
+    layernorm    normalise once, G affines     per group over its c channels   per head over the channels it reads
+                 → gfull                                                       (own live, others detached) → gfull
+    attention    (gfull in) QKV, scaled dot product and projection as G-batched matmuls, the G·H/G heads as
+                 one attention call; stack out
+    mlp          (stack or gfull in) two G-batched matmuls around the activation; stack out
+    token_pool   mean over tokens (or the CLS token); gfull → gstack (G, B, D)
+
+Each builder fuses the G layers' parameters (``runtime/fuse_storage.py``) and returns a step ``env -> None``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..partition.plan import IRNode
+from .fuse_storage import FusedTensor, fuse
+from .fused_ops import NotFusable, Step, _same
+
+
+class FusedTokenOps:
+    """The token-op builders of :class:`~gndgl_compiler.runtime.fused.FusedStage` (its ``G``, ``width``,
+    ``tensors`` and ``_cols``)."""
+
+    G: int
+    width: int
+    tensors: list[FusedTensor]
+    _cols: dict
+
+    def _tensor(self, parts: list[torch.Tensor], linear: bool = False) -> FusedTensor:
+        ft = fuse(parts, linear=linear)
+        self.tensors.append(ft)
+        return ft
+
+    def _patch_embed(self, n: IRNode, lay: str, mods: list[torch.nn.Module]) -> tuple[Step, str]:
+        if lay != "shared":
+            raise NotFusable(f"patch_embed {n.name} on a {lay} tensor")
+        convs = [m.proj for m in mods]
+        w = self._tensor([c.weight for c in convs])
+        b = self._tensor([c.bias for c in convs]) if convs[0].bias is not None else None
+        p, name, arg = n.attrs["patch"], n.name, n.args[0]
+
+        def step(env: dict) -> None:
+            env[name] = F.conv2d(env[arg], w.fused, None if b is None else b.fused, p).flatten(2)
+        return step, "stack"
+
+    def _pos_embed(self, n: IRNode, lay: str, mods: list[torch.nn.Module]) -> tuple[Step, str]:
+        if lay != "stack":
+            raise NotFusable(f"pos_embed {n.name} on a {lay} tensor")
+        pos = self._tensor([m.pos for m in mods])  # (G, c, N): group g's (1, c, N) in row g
+        cls = self._tensor([m.cls for m in mods]) if mods[0].cls is not None else None
+        name, arg = n.name, n.args[0]
+
+        def step(env: dict) -> None:
+            x = env[arg]
+            if cls is not None:
+                x = torch.cat([cls.fused.reshape(1, -1, 1).expand(x.shape[0], -1, -1), x], dim=2)
+            env[name] = x + pos.fused.reshape(1, -1, pos.fused.shape[-1])
+        return step, "stack"
+
+    def _layernorm(self, n: IRNode, lay: str, mods: list[torch.nn.Module]) -> tuple[Step, str]:
+        _same([(m.eps, m.elementwise_affine, tuple(m.normalized_shape)) for m in mods], f"layernorm {n.name}")
+        if not mods[0].elementwise_affine or mods[0].bias is None:
+            raise NotFusable(f"layernorm {n.name} without affine parameters")
+        G, name, arg, eps = self.G, n.name, n.args[0], mods[0].eps
+        w, b = self._tensor([m.weight for m in mods]), self._tensor([m.bias for m in mods])
+        if len(n.shape) != 2:
+            raise NotFusable(f"layernorm {n.name} on flat features")
+        if lay == "stack":
+            def grouped(env: dict) -> None:
+                x = env[arg]
+                B, C, N = x.shape
+                z = F.layer_norm(x.view(B, G, C // G, N).transpose(2, 3), (C // G,), None, None, eps)
+                z = z * w.fused.view(G, 1, -1) + b.fused.view(G, 1, -1)  # (B, G, N, c)
+                env[name] = z.transpose(2, 3).reshape(B, C, N)
+            return grouped, "stack"
+        if lay == "shared":
+            def dense(env: dict) -> None:
+                x = env[arg]
+                z = F.layer_norm(x.transpose(1, 2), (x.shape[1],), None, None, eps)  # (B, N, D)
+                z = z.unsqueeze(0) * w.fused.view(G, 1, 1, -1) + b.fused.view(G, 1, 1, -1)  # (G, B, N, D)
+                env[name] = z.transpose(2, 3)
+            return dense, "gfull"
+        if lay != "mixed":
+            raise NotFusable(f"layernorm {n.name} on a {lay} tensor")
+        got = self._cols.get(arg)
+        c = self.width
+        cin = n.shape[0]
+        idx = got[0] if got is not None else torch.arange(G * c).expand(G, G * c)
+        idx = idx.to(w.fused.device)
+        own = (idx // c == torch.arange(G, device=idx.device).unsqueeze(1)).view(1, G, cin, 1)
+        flat = idx.reshape(-1)
+
+        def mixed(env: dict) -> None:
+            h = env[arg][0]
+            B, _, N = h.shape
+            live = h.index_select(1, flat).view(B, G, cin, N)
+            x = torch.where(own, live, h.detach().index_select(1, flat).view(B, G, cin, N))  # own slice live
+            z = F.layer_norm(x.transpose(2, 3), (cin,), None, None, eps)  # (B, G, N, cin)
+            z = z * w.fused.view(G, 1, -1) + b.fused.view(G, 1, -1)
+            env[name] = z.permute(1, 0, 3, 2)  # (G, B, cin, N)
+        return mixed, "gfull"
+
+    @staticmethod
+    def _rows(x: torch.Tensor, lay: str, G: int) -> torch.Tensor:
+        """A stack (B, G·c, N) or gfull (G, B, D, N) token value as (G, B, N, c) rows for batched matmuls."""
+        if lay == "stack":
+            B, C, N = x.shape
+            return x.view(B, G, C // G, N).permute(1, 0, 3, 2)
+        return x.transpose(2, 3)
+
+    @staticmethod
+    def _stacked(y: torch.Tensor) -> torch.Tensor:
+        """(G, B, N, c) → the stack (B, G·c, N)."""
+        G, B, N, c = y.shape
+        return y.permute(1, 0, 3, 2).reshape(B, G * c, N)
+
+    def _batched(self, lins: list[torch.nn.Linear]) -> "callable":
+        w = self._tensor([m.weight for m in lins], linear=True)  # (G, O, I)
+        b = self._tensor([m.bias for m in lins]) if lins[0].bias is not None else None
+        G, O = self.G, lins[0].weight.shape[0]
+
+        def apply(x: torch.Tensor) -> torch.Tensor:  # (G, B, N, I) -> (G, B, N, O)
+            lead = x.shape[:3]
+            x2 = x.reshape(G, -1, x.shape[3])
+            wt = w.fused.transpose(1, 2)
+            y = torch.bmm(x2, wt) if b is None else torch.baddbmm(b.fused.view(G, 1, O), x2, wt)
+            return y.view(*lead, O)
+        return apply
+
+    def _attention(self, n: IRNode, lay: str, mods: list[torch.nn.Module]) -> tuple[Step, str]:
+        if lay not in ("stack", "gfull"):
+            raise NotFusable(f"attention {n.name} on a {lay} tensor")
+        G, name, arg = self.G, n.name, n.args[0]
+        H, d = mods[0].heads, mods[0].head_dim
+        qkv, proj = self._batched([m.qkv for m in mods]), self._batched([m.proj for m in mods])
+
+        def step(env: dict) -> None:
+            x = self._rows(env[arg], lay, G)  # (G, B, N, D_in)
+            _, B, N, _ = x.shape
+            t = qkv(x).view(G, B, N, 3, H, d).permute(3, 1, 0, 4, 2, 5).reshape(3, B, G * H, N, d)
+            o = F.scaled_dot_product_attention(t[0], t[1], t[2])  # (B, G·H, N, d): all groups' heads at once
+            o = o.view(B, G, H, N, d).permute(1, 0, 3, 2, 4).reshape(G, B, N, H * d)
+            env[name] = self._stacked(proj(o))
+        return step, "stack"
+
+    def _mlp(self, n: IRNode, lay: str, mods: list[torch.nn.Module]) -> tuple[Step, str]:
+        if lay not in ("stack", "gfull"):
+            raise NotFusable(f"mlp {n.name} on a {lay} tensor")
+        G, name, arg = self.G, n.name, n.args[0]
+        act = F.gelu if n.attrs.get("act", "gelu") == "gelu" else F.silu
+        fc1, fc2 = self._batched([m.fc1 for m in mods]), self._batched([m.fc2 for m in mods])
+
+        def step(env: dict) -> None:
+            env[name] = self._stacked(fc2(act(fc1(self._rows(env[arg], lay, G)))))
+        return step, "stack"
+
+    def _token_pool(self, n: IRNode, lay: str) -> tuple[Step, str]:
+        name, arg, cls = n.name, n.args[0], n.attrs.get("cls", False)
+        if lay not in ("stack", "gfull"):
+            raise NotFusable(f"token_pool {n.name} on a {lay} tensor")
+
+        def step(env: dict) -> None:
+            x = env[arg]
+            env[name] = x[..., 0] if cls else x.mean(dim=-1)
+        # stack (B, G·c) is a flat stack: as (G, B, c) for the linear layers
+        if lay == "stack":
+            G = self.G
+
+            def flat(env: dict) -> None:
+                step(env)
+                x = env[name]
+                env[name] = x.view(x.shape[0], G, -1).transpose(0, 1)
+            return flat, "gstack"
+        return step, "gstack"
