@@ -1,4 +1,4 @@
-"""Sibling fusion of the head and loss variants: share_ratio 0 < r < 1, predsim, InfoPro (softmax), ViT modules.
+"""Sibling fusion of the head and loss variants: share_ratio 0 < r < 1, predsim, InfoPro (softmax and contrast), ViT.
 
 On the tiny GN-DGL spec (K=2 × G=2) and a tiny ViT (K=2 × G=2, token heads, with and without a CLS token), float64, against the per-partition path (``siblings=False``):
 
@@ -6,7 +6,6 @@ On the tiny GN-DGL spec (K=2 × G=2) and a tiny ViT (K=2 × G=2, token heads, wi
 * 20 steps of SGD-Nesterov: equal weights to 1e-10 relative;
 * stop-gradient isolation on the fused path: partition g's loss reaches no other group's parameters and
   none of the module's inputs, and scaling it changes no other partition's gradient;
-* what still runs per partition (InfoPro's contrast variant) says why.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ VARIANTS = {  # id: (head, share_ratio, diversity weight)
     "predsim-r0": ("{kind: predsim, beta: 0.99}", 0.0, 0.0),
     "infopro-r1": (INFOPRO, 1.0, 0.5),
     "infopro-r0.5": (INFOPRO, 0.5, 0.0),
+    "infopro-contrast-r1": (INFOPRO.replace("softmax", "contrast"), 1.0, 0.0),
 }
 
 
@@ -96,7 +96,8 @@ def test_variant_20_steps_float64(key):
     assert worst[0] <= F64_RTOL, worst
 
 
-@pytest.mark.parametrize("key", ["1c2f-r0.5", "predsim-r0.5", "infopro-r0.5", "vit-token-linear-r0.5-cls"])
+@pytest.mark.parametrize("key", ["1c2f-r0.5", "predsim-r0.5", "infopro-r0.5", "infopro-contrast-r1",
+                                 "vit-token-linear-r0.5-cls"])
 def test_variant_stop_gradient_isolation(key):
     art = variant(*VARIANTS[key])
     fused, _ = executors(art, PLAIN, torch.float64)
@@ -128,16 +129,9 @@ def test_variant_stop_gradient_isolation(key):
         assert all(a is None or torch.count_nonzero(a) == 0 for a in gs[len(leaves):]), "gradient left the module"
     scale = torch.ones(fs.G, dtype=torch.float64)
     scale[1] = 3.0
-    tol = 1e-6 if key.startswith("infopro") else 1e-12  # InfoPro's BCE is float32 (losses.recon_bce), also here
+    # InfoPro computes its BCE and SupCon in float32 (losses.py), also here: 3·g rounds differently (2e-6 measured)
+    tol = 1e-5 if key.startswith("infopro") else 1e-12
     for t, a, b in zip(tensors, grads(torch.ones(fs.G, dtype=torch.float64), leaves), grads(scale, leaves)):
         for h in range(fs.G):
             pa, pb = rows(t, a, h), rows(t, b, h)
-            assert rel(pb, 3 * pa) <= tol if h == 1 else torch.equal(pa, pb)
-
-
-def test_infopro_contrast_runs_per_partition():
-    art = variant(INFOPRO.replace("softmax", "contrast"), 1.0, 0.0)
-    fused, _ = executors(art, PLAIN, torch.float64)
-    multi = [r for r in fused.fusion if len(r["partitions"]) > 1]
-    assert multi and not any(r["fused"] for r in multi)
-    assert all("proj" in r["reason"] or "contrast" in r["reason"] for r in multi), multi
+            assert rel(pb, 3 * pa) <= tol if h == 1 else torch.equal(pa, pb), (h, rel(pb, 3 * pa), rel(pb, pa))

@@ -2,18 +2,19 @@
 
 The G partitions of a module have the same IR (same node names and kinds; only the channel
 slice differs), so each IR node becomes one fused op over all G groups (the layouts and each
-op's fused form: ``runtime/fused_ops.py``); a ``slice`` with start = g·len tiling is the shared
-tensor itself (identity shortcut of group g). :class:`FusedStage` checks the siblings, compiles
-their bodies and aux heads into fused steps and runs them with the batched losses
-(``runtime/fused_loss.py``); :class:`SiblingFusedRunner` is its stage runner
-(``runtime/stage_runner.py``), which replaces the per-partition runner for that module.
+op's fused form: ``runtime/fused_ops.py``, token ops ``runtime/fused_tokens.py``); a ``slice``
+with start = g·len tiling is the shared tensor itself (identity shortcut of group g).
+:class:`FusedStage` checks the siblings, compiles their bodies and aux heads into fused steps and
+runs them with the batched losses (``runtime/fused_loss.py``: cross-entropy, predsim, InfoPro
+softmax, diversity); :class:`SiblingFusedRunner` is its stage runner (``runtime/stage_runner.py``),
+which replaces the per-partition runner for that module.
 
-The ``mixed`` conv is exact: conv(cat(own live, siblings detached), W_g) has the value
-conv(h, W_g), the weight gradient of that conv, and an input gradient that reaches group g's
-body only through W_g's own columns (``runtime/shared_conv.py``). What cannot be expressed this
-way (dropout with per-partition RNG, share_ratio < 1, predsim / InfoPro losses, differing
-siblings, ...) raises :class:`NotFusable` with the reason, and the executor runs that module
-partition by partition.
+The ``mixed`` aux-head input is exact: conv(cat(own live, siblings' first k channels detached), W_g)
+has the value conv(h, W_g') with W_g's columns scattered to the channels of h it reads (any share
+ratio), the weight gradient of that conv, and an input gradient that reaches group g's body only
+through W_g's own columns (``runtime/shared_conv.py``). What cannot be expressed this way (dropout
+with per-partition RNG, unequal group widths, InfoPro's contrast variant, differing siblings, ...)
+raises :class:`NotFusable` with the reason, and the executor runs that module partition by partition.
 """
 
 from __future__ import annotations
@@ -49,14 +50,15 @@ class FusedStage(FusedOps, FusedTokenOps):
             raise NotFusable("not all groups of the module are here")
         self.mods, self.parts, self.pids = mods, parts, [p.id for p in parts]
         _same([[i.source for i in p.inputs] for p in parts], "input list")
+        if any(p.out_shape != parts[0].out_shape for p in parts):
+            raise NotFusable(f"group widths differ ({[p.out_shape[0] for p in parts]}: an unequal split)")
         if any(n.kind in ("dropout",) for p in parts for n in p.body + p.head):
             raise NotFusable("dropout (per-partition random streams)")
         outs = parts[0].head_outputs
         _same([p.head_outputs for p in parts], "head outputs")
-        if set(outs) - {"sim", "recon"} != {"logits"}:
-            raise NotFusable(f"head outputs {sorted(outs)} (class logits, predsim's sim, InfoPro's recon fuse)")
+        if set(outs) - {"sim", "recon"} not in ({"logits"}, {"proj"}) or ("proj" in outs and "recon" not in outs):
+            raise NotFusable(f"head outputs {sorted(outs)} (class logits, predsim's sim, InfoPro's recon / proj fuse)")
         self.outputs = dict(outs)
-        self.logits = outs["logits"]
         self.loss = FusedLoss(parts)  # checked before any parameter moves into fused storage
         self.width = parts[0].out_shape[0]
         self.tensors: list[FusedTensor] = []
@@ -134,7 +136,7 @@ class FusedStage(FusedOps, FusedTokenOps):
                     raise NotFusable(f"batch norm {name} over a {lays[0]} tensor")
                 steps.append((name, self._bn(name, args[0], [gm.get_submodule(name) for gm in gms], lays[0])))
                 layout[name] = lays[0]
-            elif kind in _ELEMENTWISE or kind in _POOLS or kind == "flatten":
+            elif kind in _ELEMENTWISE or kind in _POOLS or kind in ("flatten", "l2norm"):
                 if kind in _POOLS and lays[0] == "gstack":
                     raise NotFusable(f"{kind} {name} on flat features")
                 steps.append((name, self._channelwise(n, lays[0])))
@@ -156,7 +158,8 @@ class FusedStage(FusedOps, FusedTokenOps):
                 raise NotFusable(f"op '{kind}' ({name})")
         outs = {"out": lists[0][-1].name} if not head else self.outputs
         for key, out in outs.items():
-            if layout.get(out) not in (("stack", "gstack") if key in ("out", "logits") else ("stack",)):
+            if layout.get(out) not in {"out": ("stack", "gstack"), "logits": ("stack", "gstack"),
+                                       "proj": ("gstack",)}.get(key, ("stack",)):
                 raise NotFusable(f"{'head' if head else 'body'} output {key} is not per group")
         if not head:
             self.body_gstack = layout[outs["out"]] == "gstack"
@@ -193,7 +196,8 @@ class FusedStage(FusedOps, FusedTokenOps):
             image01: the de-normalised image (InfoPro's reconstruction target), else None.
 
         Returns:
-            ``(body output (B, G·c, ...), logits (B, G, classes), losses (G,), total loss)``.
+            ``(body output (B, G·c, ...), logits (B, G, classes) or None (InfoPro contrast), losses (G,),
+            total loss)``.
         """
         env: dict = {}
         skip = None
@@ -216,10 +220,12 @@ class FusedStage(FusedOps, FusedTokenOps):
         for name, step in self.head:
             step(henv)
         B = out.shape[0]
-        z = henv[self.logits]
-        logits = z.transpose(0, 1) if z.dim() == 3 else z.view(B, self.G, -1)
-        sim, recon = (henv[self.outputs[k]] if k in self.outputs else None for k in ("sim", "recon"))
-        losses = self.loss(logits, y, sim=sim, recon=recon, image01=image01)
+        logits = None
+        if "logits" in self.outputs:
+            z = henv[self.outputs["logits"]]
+            logits = z.transpose(0, 1) if z.dim() == 3 else z.view(B, self.G, -1)
+        sim, recon, proj = (henv[self.outputs[k]] if k in self.outputs else None for k in ("sim", "recon", "proj"))
+        losses = self.loss(logits, y, sim=sim, recon=recon, image01=image01, proj=proj)
         return out, logits, losses, losses.sum()
 
 
@@ -263,5 +269,5 @@ class SiblingFusedRunner:
                                                     None if self.image01 is None else self.image01(st.x).to(dev))
         h.put_fused(self.stage, out)
         total.backward()
-        correct = (logits.detach().argmax(2) == yd.unsqueeze(1)).sum(0)
-        st.stats.update(zip(self.stage, zip(losses.detach().unbind(0), correct.unbind(0))))
+        correct = [None] * fs.G if logits is None else (logits.detach().argmax(2) == yd.unsqueeze(1)).sum(0).unbind(0)
+        st.stats.update(zip(self.stage, zip(losses.detach().unbind(0), correct)))

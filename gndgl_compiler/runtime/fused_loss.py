@@ -9,7 +9,8 @@ For logits ``Z`` of shape (B, G, classes) — head g's logits in ``Z[:, g]`` —
     L_g     = task_g + w · pen_g
 
 where task_g is ce_g, or predsim's β·MSE(S(sim_g), S(onehot y)) + (1−β)·ce_g (the G similarity matrices
-as one bmm), or InfoPro's λ_recon·BCE(recon_g, image) + λ_task·ce_g (softmax variant; the G BCEs are G float32 calls).
+as one bmm), or InfoPro's λ_recon·BCE(recon_g, image) + λ_task·ce_g (softmax variant; the G BCEs are G float32 calls), or λ_recon·BCE + λ_task·SupCon(proj_g) (contrast
+variant: G float32 calls).
 
 Partition g's loss depends on its own logits live and on its siblings' only through the
 detached p̂ — the same stop-gradient as the per-partition losses (``losses.py``).
@@ -45,8 +46,6 @@ class FusedLoss:
             raise NotFusable("local losses differ between siblings")
         if loss.kind not in ("ce", "predsim", "infopro"):
             raise NotFusable(f"'{loss.kind}' loss")
-        if loss.kind == "infopro" and loss.variant != "softmax":
-            raise NotFusable(f"InfoPro '{loss.variant}' variant (supervised contrastive loss)")
         self.kind, self.spec = loss.kind, loss
         ids = {p.id for p in parts}
         self.weight = loss.diversity_weight if G > 1 else 0.0
@@ -58,7 +57,8 @@ class FusedLoss:
         self._classes: torch.Tensor | None = None
 
     def __call__(self, logits: torch.Tensor, y: torch.Tensor, sim: torch.Tensor | None = None,
-                 recon: torch.Tensor | None = None, image01: torch.Tensor | None = None) -> torch.Tensor:
+                 recon: torch.Tensor | None = None, image01: torch.Tensor | None = None,
+                 proj: torch.Tensor | None = None) -> torch.Tensor:
         """Per-partition losses.
 
         Args:
@@ -67,11 +67,15 @@ class FusedLoss:
             sim: predsim's similarity features (B, G·c, ...), group g in channels g·c..(g+1)·c.
             recon: InfoPro's reconstructions (B, G·3, H, W).
             image01: InfoPro's target, the de-normalised image (B, 3, H, W).
+            proj: InfoPro contrast's projections (G, B, D), instead of logits.
 
         Returns:
             (G,) tensor: partition g's local loss at index g.
         """
         G, spec = self.G, self.spec
+        if logits is None:  # InfoPro contrast: G supervised contrastive losses (float32, as losses.supcon_loss)
+            task = torch.stack([L.supcon_loss(proj[g], y, spec.temperature) for g in range(G)])
+            return spec.recon_weight * self._recon(recon, image01) + spec.task_weight * task
         ce = F.cross_entropy(logits.transpose(1, 2), y.unsqueeze(1).expand(-1, G), reduction="none").mean(0)
         if self.kind == "predsim":
             ce = spec.beta * self._predsim(sim, y, logits.shape[2]).to(ce.dtype) + (1.0 - spec.beta) * ce

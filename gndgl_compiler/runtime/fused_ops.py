@@ -235,6 +235,12 @@ class FusedOps:
                 return x if x.dim() <= 2 or lay == "gstack" else x.flatten(1)
         elif n.kind in _ELEMENTWISE:
             fn = _ELEMENTWISE[n.kind]
+        elif n.kind == "l2norm":  # over the features of each group: dim 2 of (G, B, F)
+            if lay != "gstack":
+                raise NotFusable(f"l2norm {name} on a {lay} tensor")
+
+            def fn(x: torch.Tensor) -> torch.Tensor:
+                return F.normalize(x, dim=2)
         else:
             op = get_op(n.kind)
             kwargs = op.kwargs(n.attrs, [])
