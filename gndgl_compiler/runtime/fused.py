@@ -149,6 +149,11 @@ class FusedStage(FusedOps, FusedTokenOps):
             elif kind == "token_pool":
                 step, layout[name] = self._token_pool(n, lays[0])
                 steps.append((name, step))
+            elif kind == "add" and "gtok" in lays:
+                if set(lays) - {"gtok", "stack"}:
+                    raise NotFusable(f"add {name} of {lays[0]} and {lays[1]} tensors")
+                steps.append((name, self._token_add(name, args, lays)))
+                layout[name] = "gtok"
             elif kind == "add":
                 if lays[0] != lays[1] or lays[0] == "mixed":
                     raise NotFusable(f"add {name} of {lays[0]} and {lays[1]} tensors")
@@ -158,11 +163,12 @@ class FusedStage(FusedOps, FusedTokenOps):
                 raise NotFusable(f"op '{kind}' ({name})")
         outs = {"out": lists[0][-1].name} if not head else self.outputs
         for key, out in outs.items():
-            if layout.get(out) not in {"out": ("stack", "gstack"), "logits": ("stack", "gstack"),
+            if layout.get(out) not in {"out": ("stack", "gstack", "gtok"), "logits": ("stack", "gstack"),
                                        "proj": ("gstack",)}.get(key, ("stack",)):
                 raise NotFusable(f"{'head' if head else 'body'} output {key} is not per group")
         if not head:
             self.body_gstack = layout[outs["out"]] == "gstack"
+            self.body_gtok = layout[outs["out"]] == "gtok"
         return steps
 
     @staticmethod
@@ -216,6 +222,8 @@ class FusedStage(FusedOps, FusedTokenOps):
         out = env[self.body_out]
         if self.body_gstack:  # flat group features (G, B, D) -> (B, G·D)
             out = out.transpose(0, 1).reshape(out.shape[1], -1)
+        elif self.body_gtok:  # tokens (G, B, N, c) -> (B, G·c, N)
+            out = self.stacked(out)
         henv = {"h": out}
         for name, step in self.head:
             step(henv)

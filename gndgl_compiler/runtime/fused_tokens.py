@@ -2,20 +2,24 @@
 
 Token values use the layouts of ``runtime/fused_ops.py`` with tokens channel-first, plus one more:
 
-    stack   (B, G·c, N)       group g's residual-stream channels g·c..(g+1)·c
-    gfull   (G, B, D, N)      group g's own view of a full-width tensor: a dense-in LayerNorm (the group's
+    stack   (B, G·c, N)       group g's residual-stream channels g·c..(g+1)·c (module inputs and outputs)
+    gtok    (G, B, N, c)      the same, token-last and group-major (contiguous): what the token ops work
+                              in, so the G-batched matmuls and LayerNorms need no transposes
+    gfull   (G, B, N, D)      group g's own view of a full-width tensor: a dense-in LayerNorm (the group's
                               own D affine parameters over the shared module input), or an aux head's
                               LayerNorm over cat(own live, siblings detached)
 
     op           shared in                     stack in                        mixed in
+    op           shared in                     stack / gtok in                 mixed in
     patch_embed  dense conv p×p, W = cat_g W_g  —                               —
-    pos_embed    —                             + cat_g pos_g (and CLS tokens)  —
+    pos_embed    —                             + pos_g (and CLS tokens); gtok  —
     layernorm    normalise once, G affines     per group over its c channels   per head over the channels it reads
-                 → gfull                                                       (own live, others detached) → gfull
-    attention    (gfull in) QKV, scaled dot product and projection as G-batched matmuls, the G·H/G heads as
-                 one attention call; stack out
-    mlp          (stack or gfull in) two G-batched matmuls around the activation; stack out
-    token_pool   mean over tokens (or the CLS token); gfull → gstack (G, B, D)
+                 → gfull                       → gtok                          (own live, others detached) → gfull
+    attention    (gtok / gfull in) QKV, scaled dot product and projection as G-batched matmuls, one attention
+                 call over a (G·B) batch; gtok out
+    mlp          (gtok / gfull in) two G-batched matmuls around the activation; gtok out
+    token_pool   mean over tokens (or the CLS token) → gstack (G, B, c)
+    add          gtok + gtok; a stack operand (the dense-in block's identity slice) is made gtok first
 
 Each builder fuses the G layers' parameters (``runtime/fuse_storage.py``) and returns a step ``env -> None``.
 """
@@ -57,18 +61,18 @@ class FusedTokenOps:
         return step, "stack"
 
     def _pos_embed(self, n: IRNode, lay: str, mods: list[torch.nn.Module]) -> tuple[Step, str]:
-        if lay != "stack":
+        if lay not in ("stack", "gtok"):
             raise NotFusable(f"pos_embed {n.name} on a {lay} tensor")
         pos = self._tensor([m.pos for m in mods])  # (G, c, N): group g's (1, c, N) in row g
         cls = self._tensor([m.cls for m in mods]) if mods[0].cls is not None else None
-        name, arg = n.name, n.args[0]
+        G, name, arg = self.G, n.name, n.args[0]
 
         def step(env: dict) -> None:
-            x = env[arg]
+            x = self.tokens(env[arg], lay)
             if cls is not None:
-                x = torch.cat([cls.fused.reshape(1, -1, 1).expand(x.shape[0], -1, -1), x], dim=2)
-            env[name] = x + pos.fused.reshape(1, -1, pos.fused.shape[-1])
-        return step, "stack"
+                x = torch.cat([cls.fused.transpose(1, 2).unsqueeze(1).expand(G, x.shape[1], 1, -1), x], dim=2)
+            env[name] = (x + pos.fused.transpose(1, 2).unsqueeze(1)).contiguous()
+        return step, "gtok"
 
     def _layernorm(self, n: IRNode, lay: str, mods: list[torch.nn.Module]) -> tuple[Step, str]:
         _same([(m.eps, m.elementwise_affine, tuple(m.normalized_shape)) for m in mods], f"layernorm {n.name}")
@@ -78,20 +82,16 @@ class FusedTokenOps:
         w, b = self._tensor([m.weight for m in mods]), self._tensor([m.bias for m in mods])
         if len(n.shape) != 2:
             raise NotFusable(f"layernorm {n.name} on flat features")
-        if lay == "stack":
+        if lay in ("stack", "gtok"):
             def grouped(env: dict) -> None:
-                x = env[arg]
-                B, C, N = x.shape
-                z = F.layer_norm(x.view(B, G, C // G, N).transpose(2, 3), (C // G,), None, None, eps)
-                z = z * w.fused.view(G, 1, -1) + b.fused.view(G, 1, -1)  # (B, G, N, c)
-                env[name] = z.transpose(2, 3).reshape(B, C, N)
-            return grouped, "stack"
+                z = F.layer_norm(self.tokens(env[arg], lay), (w.fused.shape[0] // G,), None, None, eps)
+                env[name] = torch.addcmul(b.fused.view(G, 1, 1, -1), z, w.fused.view(G, 1, 1, -1))
+            return grouped, "gtok"
         if lay == "shared":
             def dense(env: dict) -> None:
                 x = env[arg]
                 z = F.layer_norm(x.transpose(1, 2), (x.shape[1],), None, None, eps)  # (B, N, D)
-                z = z.unsqueeze(0) * w.fused.view(G, 1, 1, -1) + b.fused.view(G, 1, 1, -1)  # (G, B, N, D)
-                env[name] = z.transpose(2, 3)
+                env[name] = torch.addcmul(b.fused.view(G, 1, 1, -1), z.unsqueeze(0), w.fused.view(G, 1, 1, -1))
             return dense, "gfull"
         if lay != "mixed":
             raise NotFusable(f"layernorm {n.name} on a {lay} tensor")
@@ -108,22 +108,20 @@ class FusedTokenOps:
             B, _, N = h.shape
             live = h.index_select(1, flat).view(B, G, cin, N)
             x = torch.where(own, live, h.detach().index_select(1, flat).view(B, G, cin, N))  # own slice live
-            z = F.layer_norm(x.transpose(2, 3), (cin,), None, None, eps)  # (B, G, N, cin)
-            z = z * w.fused.view(G, 1, -1) + b.fused.view(G, 1, -1)
-            env[name] = z.permute(1, 0, 3, 2)  # (G, B, cin, N)
+            z = F.layer_norm(x.permute(1, 0, 3, 2), (cin,), None, None, eps)  # (G, B, N, cin)
+            env[name] = torch.addcmul(b.fused.view(G, 1, 1, -1), z, w.fused.view(G, 1, 1, -1))
         return mixed, "gfull"
 
-    @staticmethod
-    def _rows(x: torch.Tensor, lay: str, G: int) -> torch.Tensor:
-        """A stack (B, G·c, N) or gfull (G, B, D, N) token value as (G, B, N, c) rows for batched matmuls."""
-        if lay == "stack":
-            B, C, N = x.shape
-            return x.view(B, G, C // G, N).permute(1, 0, 3, 2)
-        return x.transpose(2, 3)
+    def tokens(self, x: torch.Tensor, lay: str) -> torch.Tensor:
+        """A stack (B, G·c, N) token value as gtok (G, B, N, c) (a copy); gtok / gfull as they are."""
+        if lay != "stack":
+            return x
+        B, C, N = x.shape
+        return x.view(B, self.G, C // self.G, N).permute(1, 0, 3, 2).contiguous()
 
     @staticmethod
-    def _stacked(y: torch.Tensor) -> torch.Tensor:
-        """(G, B, N, c) → the stack (B, G·c, N)."""
+    def stacked(y: torch.Tensor) -> torch.Tensor:
+        """gtok (G, B, N, c) → the stack (B, G·c, N) (a module's output)."""
         G, B, N, c = y.shape
         return y.permute(1, 0, 3, 2).reshape(B, G * c, N)
 
@@ -134,54 +132,56 @@ class FusedTokenOps:
 
         def apply(x: torch.Tensor) -> torch.Tensor:  # (G, B, N, I) -> (G, B, N, O)
             lead = x.shape[:3]
-            x2 = x.reshape(G, -1, x.shape[3])
+            x2 = x.view(G, -1, x.shape[3])
             wt = w.fused.transpose(1, 2)
             y = torch.bmm(x2, wt) if b is None else torch.baddbmm(b.fused.view(G, 1, O), x2, wt)
             return y.view(*lead, O)
         return apply
 
     def _attention(self, n: IRNode, lay: str, mods: list[torch.nn.Module]) -> tuple[Step, str]:
-        if lay not in ("stack", "gfull"):
+        if lay not in ("stack", "gtok", "gfull"):
             raise NotFusable(f"attention {n.name} on a {lay} tensor")
         G, name, arg = self.G, n.name, n.args[0]
         H, d = mods[0].heads, mods[0].head_dim
         qkv, proj = self._batched([m.qkv for m in mods]), self._batched([m.proj for m in mods])
 
         def step(env: dict) -> None:
-            x = self._rows(env[arg], lay, G)  # (G, B, N, D_in)
+            x = self.tokens(env[arg], lay)  # (G, B, N, D_in)
             _, B, N, _ = x.shape
-            t = qkv(x).view(G, B, N, 3, H, d).permute(3, 1, 0, 4, 2, 5).reshape(3, B, G * H, N, d)
-            o = F.scaled_dot_product_attention(t[0], t[1], t[2])  # (B, G·H, N, d): all groups' heads at once
-            o = o.view(B, G, H, N, d).permute(1, 0, 3, 2, 4).reshape(G, B, N, H * d)
-            env[name] = self._stacked(proj(o))
-        return step, "stack"
+            q, k, v = qkv(x).view(G * B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)  # views, (G·B, H, N, d)
+            o = F.scaled_dot_product_attention(q, k, v)  # all groups' heads at once, the G groups as batch
+            o = o.transpose(1, 2).reshape(G, B, N, H * d)
+            env[name] = proj(o)
+        return step, "gtok"
 
     def _mlp(self, n: IRNode, lay: str, mods: list[torch.nn.Module]) -> tuple[Step, str]:
-        if lay not in ("stack", "gfull"):
+        if lay not in ("stack", "gtok", "gfull"):
             raise NotFusable(f"mlp {n.name} on a {lay} tensor")
         G, name, arg = self.G, n.name, n.args[0]
         act = F.gelu if n.attrs.get("act", "gelu") == "gelu" else F.silu
         fc1, fc2 = self._batched([m.fc1 for m in mods]), self._batched([m.fc2 for m in mods])
 
         def step(env: dict) -> None:
-            env[name] = self._stacked(fc2(act(fc1(self._rows(env[arg], lay, G)))))
-        return step, "stack"
+            env[name] = fc2(act(fc1(self.tokens(env[arg], lay))))
+        return step, "gtok"
 
     def _token_pool(self, n: IRNode, lay: str) -> tuple[Step, str]:
         name, arg, cls = n.name, n.args[0], n.attrs.get("cls", False)
-        if lay not in ("stack", "gfull"):
+        if lay not in ("stack", "gtok", "gfull"):
             raise NotFusable(f"token_pool {n.name} on a {lay} tensor")
 
         def step(env: dict) -> None:
             x = env[arg]
-            env[name] = x[..., 0] if cls else x.mean(dim=-1)
-        # stack (B, G·c) is a flat stack: as (G, B, c) for the linear layers
-        if lay == "stack":
-            G = self.G
-
-            def flat(env: dict) -> None:
-                step(env)
-                x = env[name]
-                env[name] = x.view(x.shape[0], G, -1).transpose(0, 1)
-            return flat, "gstack"
+            if lay == "stack":  # (B, G·c, N) -> (G, B, c)
+                x = (x[:, :, 0] if cls else x.mean(dim=2))
+                env[name] = x.view(x.shape[0], self.G, -1).transpose(0, 1)
+            else:
+                env[name] = x[:, :, 0] if cls else x.mean(dim=2)
         return step, "gstack"
+
+    def _token_add(self, name: str, args: list[str], lays: list[str]) -> Step:
+        """``add`` of token values, one of them gtok: a stack operand is made gtok first."""
+        def step(env: dict) -> None:
+            a, b = (self.tokens(env[x], lay) for x, lay in zip(args, lays))
+            env[name] = a + b
+        return step
