@@ -97,7 +97,7 @@ def test_variant_20_steps_float64(key):
 
 
 @pytest.mark.parametrize("key", ["1c2f-r0.5", "predsim-r0.5", "infopro-r0.5", "infopro-contrast-r1",
-                                 "vit-token-linear-r0.5-cls"])
+                                 "vit-token-linear-r1", "vit-token-linear-r0.5-cls"])
 def test_variant_stop_gradient_isolation(key):
     art = variant(*VARIANTS[key])
     fused, _ = executors(art, PLAIN, torch.float64)

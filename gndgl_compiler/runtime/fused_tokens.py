@@ -98,6 +98,10 @@ class FusedTokenOps:
         got = self._cols.get(arg)
         c = self.width
         cin = n.shape[0]
+        if got is None:  # r = 1 in group order: one normalisation for all heads
+            def shared(env: dict) -> None:
+                env[name] = SharedHeadLayerNorm.apply(env[arg][0], w.fused, b.fused, G, eps)
+            return shared, "gfull"
         idx = got[0] if got is not None else torch.arange(G * c).expand(G, G * c)
         idx = idx.to(w.fused.device)
         own = (idx // c == torch.arange(G, device=idx.device).unsqueeze(1)).view(1, G, cin, 1)
@@ -185,3 +189,44 @@ class FusedTokenOps:
             a, b = (self.tokens(env[x], lay) for x, lay in zip(args, lays))
             env[name] = a + b
         return step
+
+
+class SharedHeadLayerNorm(torch.autograd.Function):
+    """The G aux heads' LayerNorms over ``cat(own live, siblings detached)`` when each reads all of h in
+    group order (share_ratio 1): ``apply(h, w, b, G, eps)`` with h (B, G·c, N), w and b (G·D,) → (G, B, N, D).
+
+    The normalised value is the same for every head, so it is computed once; head g's input gradient is
+    the LayerNorm backward of its own affine output, kept on its own channels (the siblings' are constants):
+
+        dz_g = gout_g · w_g      dx[own g] = rstd · (dz_g − mean(dz_g) − z · mean(dz_g · z))[own g]
+    """
+
+    @staticmethod
+    def forward(ctx, h, w, b, G, eps):  # noqa: ANN001 - autograd.Function signature
+        x = h.transpose(1, 2)
+        if x.dtype in (torch.float16, torch.bfloat16):  # as F.layer_norm under autocast: in float32
+            x = x.float()
+        D = x.shape[2]
+        z, _, rstd = torch.native_layer_norm(x, (D,), None, None, eps)
+        w4, b4 = w.to(z.dtype).view(G, 1, 1, D), b.to(z.dtype).view(G, 1, 1, D)
+        ctx.save_for_backward(z, rstd, w4)
+        ctx.conf = (G, h.dtype, w.dtype)
+        return torch.addcmul(b4, z.unsqueeze(0), w4)
+
+    @staticmethod
+    def backward(ctx, gout):  # noqa: ANN001 - autograd.Function signature
+        z, rstd, w4 = ctx.saved_tensors
+        G, hdt, wdt = ctx.conf
+        B, N, D = z.shape
+        c = D // G
+        gw = (gout * z).sum((1, 2)).reshape(-1).to(wdt) if ctx.needs_input_grad[1] else None
+        gb = gout.sum((1, 2)).reshape(-1).to(wdt) if ctx.needs_input_grad[2] else None
+        gh = None
+        if ctx.needs_input_grad[0]:
+            dz = gout * w4  # (G, B, N, D)
+            m1 = dz.mean(3, keepdim=True).permute(1, 2, 0, 3)  # (B, N, G, 1)
+            m2 = (dz * z).mean(3, keepdim=True).permute(1, 2, 0, 3)
+            own = dz.view(G, B, N, G, c).diagonal(0, 0, 3).movedim(-1, 2)  # (B, N, G, c): head g, channels of g
+            zg = z.view(B, N, G, c)
+            gh = (rstd.unsqueeze(3) * (own - m1 - zg * m2)).reshape(B, N, D).transpose(1, 2).to(hdt)
+        return gh, gw, gb, None, None
