@@ -92,7 +92,8 @@ def test_one_step_float64_equal_losses_and_gradients(name):
             worst = max(worst, (r, f"{pid}.{key}"))
     assert worst[0] <= F64_RTOL, (name, worst)
     fusable = [r for r in fused.fusion if r["fused"]]
-    if name in ("resnet32_k8g4", "resnet32_k4g4", "resnet32_k2g2", "resnet32x2_k8g4", "quickstart_fmnist"):
+    if name in ("resnet32_k8g4", "resnet32_k4g4", "resnet32_k2g2", "resnet32x2_k8g4", "quickstart_fmnist",
+                "vit_cifar_k4g4", "vit_tiny_fmnist_k2g2"):
         assert len(fusable) == len([r for r in fused.fusion if len(r["partitions"]) > 1]) > 0, fused.fusion
 
 
@@ -220,11 +221,11 @@ def test_checkpoint_resumes_in_the_other_path(tmp_path, first, second):
 
 HEAD_VARIANTS = [("{kind: linear}", 1.0, 0.5, True), ("{kind: mlp-sr}", 1.0, 0.5, True),
                  ("{kind: 1c2f, hidden: 32}", 0.0, 0.5, True), ("{kind: 1c2f, hidden: 32}", 1.0, 0.0, True),
-                 ("{kind: 1c2f, hidden: 32}", 0.5, 0.5, False)]
+                 ("{kind: 1c2f, hidden: 32}", 0.5, 0.5, True)]
 
 
 @pytest.mark.parametrize("head,share,diversity,fusable", HEAD_VARIANTS,
-                         ids=["linear", "mlp-sr", "r0", "no-diversity", "r0.5-per-partition"])
+                         ids=["linear", "mlp-sr", "r0", "no-diversity", "r0.5"])
 def test_head_variants_float64(head, share, diversity, fusable):
     text = tiny_spec("variant", "train:\n  dataset: synthetic\n  batch_size: 8\n")
     text = text.replace("head: {kind: 1c2f, hidden: 32}\n  share_ratio: 1.0", f"head: {head}\n  share_ratio: {share}")

@@ -86,7 +86,7 @@ class Executor:
             self.step_plan.decide(i, True)
             self.fused_stages[i] = fs
             self.runners[i] = SiblingFusedRunner(fs, stage, self.parts[stage[0]].module, devices[stage[0]],
-                                                 self.env.autocast)
+                                                 self.env.autocast, self.env.image01)
         fused_grads = [g for fs in self.fused_stages.values() for g in fs.fused_grads()]
         self.updater: PartitionUpdater | DeviceUpdater | None = None
         """Owns the optimizers (None: this executor only evaluates)."""

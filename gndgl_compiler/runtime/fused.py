@@ -2,18 +2,19 @@
 
 The G partitions of a module have the same IR (same node names and kinds; only the channel
 slice differs), so each IR node becomes one fused op over all G groups (the layouts and each
-op's fused form: ``runtime/fused_ops.py``); a ``slice`` with start = g·len tiling is the shared
-tensor itself (identity shortcut of group g). :class:`FusedStage` checks the siblings, compiles
-their bodies and aux heads into fused steps and runs them with the batched losses
-(``runtime/fused_loss.py``); :class:`SiblingFusedRunner` is its stage runner
-(``runtime/stage_runner.py``), which replaces the per-partition runner for that module.
+op's fused form: ``runtime/fused_ops.py``, token ops ``runtime/fused_tokens.py``); a ``slice``
+with start = g·len tiling is the shared tensor itself (identity shortcut of group g).
+:class:`FusedStage` checks the siblings, compiles their bodies and aux heads into fused steps and
+runs them with the batched losses (``runtime/fused_loss.py``: cross-entropy, predsim, InfoPro
+softmax, diversity); :class:`SiblingFusedRunner` is its stage runner (``runtime/stage_runner.py``),
+which replaces the per-partition runner for that module.
 
-The ``mixed`` conv is exact: conv(cat(own live, siblings detached), W_g) has the value
-conv(h, W_g), the weight gradient of that conv, and an input gradient that reaches group g's
-body only through W_g's own columns (``runtime/shared_conv.py``). What cannot be expressed this
-way (dropout with per-partition RNG, share_ratio < 1, predsim / InfoPro losses, differing
-siblings, ...) raises :class:`NotFusable` with the reason, and the executor runs that module
-partition by partition.
+The ``mixed`` aux-head input is exact: conv(cat(own live, siblings' first k channels detached), W_g)
+has the value conv(h, W_g') with W_g's columns scattered to the channels of h it reads (any share
+ratio), the weight gradient of that conv, and an input gradient that reaches group g's body only
+through W_g's own columns (``runtime/shared_conv.py``). What cannot be expressed this way (dropout
+with per-partition RNG, unequal group widths, InfoPro's contrast variant, differing siblings, ...)
+raises :class:`NotFusable` with the reason, and the executor runs that module partition by partition.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from ..partition.plan import IRNode, Partition
 from .fuse_storage import FusedTensor, fuse
 from .fused_loss import FusedLoss
 from .fused_ops import _ELEMENTWISE, _POOLS, FusedOps, NotFusable, Step, _alias, _fn, _same
+from .fused_tokens import FusedTokenOps
 from .stage_outputs import StageOutputs
 from .stage_runner import StepState
 
 
-class FusedStage(FusedOps):
+class FusedStage(FusedOps, FusedTokenOps):
     """One module's G sibling partitions as one program (body, aux heads, local losses).
 
     Args:
@@ -48,18 +50,19 @@ class FusedStage(FusedOps):
             raise NotFusable("not all groups of the module are here")
         self.mods, self.parts, self.pids = mods, parts, [p.id for p in parts]
         _same([[i.source for i in p.inputs] for p in parts], "input list")
+        if any(p.out_shape != parts[0].out_shape for p in parts):
+            raise NotFusable(f"group widths differ ({[p.out_shape[0] for p in parts]}: an unequal split)")
         if any(n.kind in ("dropout",) for p in parts for n in p.body + p.head):
             raise NotFusable("dropout (per-partition random streams)")
-        if any(p.loss.kind == "infopro" for p in parts):
-            raise NotFusable("InfoPro loss")
         outs = parts[0].head_outputs
         _same([p.head_outputs for p in parts], "head outputs")
-        if set(outs) != {"logits"}:
-            raise NotFusable(f"head outputs {sorted(outs)} (only class logits fuse)")
-        self.logits = outs["logits"]
+        if set(outs) - {"sim", "recon"} not in ({"logits"}, {"proj"}) or ("proj" in outs and "recon" not in outs):
+            raise NotFusable(f"head outputs {sorted(outs)} (class logits, predsim's sim, InfoPro's recon / proj fuse)")
+        self.outputs = dict(outs)
         self.loss = FusedLoss(parts)  # checked before any parameter moves into fused storage
         self.width = parts[0].out_shape[0]
         self.tensors: list[FusedTensor] = []
+        self._cols: dict = {}
         self._bn_counters: list[torch.Tensor] = []
         self.body = self._compile([p.body for p in parts], [m.body for m in mods], head=False)
         self.body_out = parts[0].output
@@ -133,11 +136,24 @@ class FusedStage(FusedOps):
                     raise NotFusable(f"batch norm {name} over a {lays[0]} tensor")
                 steps.append((name, self._bn(name, args[0], [gm.get_submodule(name) for gm in gms], lays[0])))
                 layout[name] = lays[0]
-            elif kind in _ELEMENTWISE or kind in _POOLS or kind == "flatten":
+            elif kind in _ELEMENTWISE or kind in _POOLS or kind in ("flatten", "l2norm"):
                 if kind in _POOLS and lays[0] == "gstack":
                     raise NotFusable(f"{kind} {name} on flat features")
                 steps.append((name, self._channelwise(n, lays[0])))
                 layout[name] = "gstack" if kind == "flatten" and lays[0] == "stack" else lays[0]
+            elif kind in ("patch_embed", "pos_embed", "layernorm", "attention", "mlp"):
+                build = getattr(self, f"_{kind}")
+                steps_layout = build(n, lays[0], [gm.get_submodule(name) for gm in gms])
+                steps.append((name, steps_layout[0]))
+                layout[name] = steps_layout[1]
+            elif kind == "token_pool":
+                step, layout[name] = self._token_pool(n, lays[0])
+                steps.append((name, step))
+            elif kind == "add" and "gtok" in lays:
+                if set(lays) - {"gtok", "stack"}:
+                    raise NotFusable(f"add {name} of {lays[0]} and {lays[1]} tensors")
+                steps.append((name, self._token_add(name, args, lays)))
+                layout[name] = "gtok"
             elif kind == "add":
                 if lays[0] != lays[1] or lays[0] == "mixed":
                     raise NotFusable(f"add {name} of {lays[0]} and {lays[1]} tensors")
@@ -145,12 +161,14 @@ class FusedStage(FusedOps):
                 layout[name] = lays[0]
             else:
                 raise NotFusable(f"op '{kind}' ({name})")
-        out = lists[0][-1].name if not head else lists[0][[m.name for m in lists[0]].index(
-            self.parts[0].head_outputs.get("logits", lists[0][-1].name))].name
-        if layout[out] not in ("stack", "gstack"):
-            raise NotFusable(f"{'head' if head else 'body'} output is not per group")
+        outs = {"out": lists[0][-1].name} if not head else self.outputs
+        for key, out in outs.items():
+            if layout.get(out) not in {"out": ("stack", "gstack", "gtok"), "logits": ("stack", "gstack"),
+                                       "proj": ("gstack",)}.get(key, ("stack",)):
+                raise NotFusable(f"{'head' if head else 'body'} output {key} is not per group")
         if not head:
-            self.body_gstack = layout[out] == "gstack"
+            self.body_gstack = layout[outs["out"]] == "gstack"
+            self.body_gtok = layout[outs["out"]] == "gtok"
         return steps
 
     @staticmethod
@@ -172,8 +190,8 @@ class FusedStage(FusedOps):
         """The fused gradient tensors (zeroed after each optimizer step)."""
         return [t.fused.grad for t in self.tensors if t.grads is not None]
 
-    def forward(self, inputs: list[torch.Tensor], fused_input: torch.Tensor | None,
-                y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, inputs: list[torch.Tensor], fused_input: torch.Tensor | None, y: torch.Tensor,
+                image01: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Bodies, aux heads and local losses of all G partitions.
 
         Args:
@@ -181,9 +199,11 @@ class FusedStage(FusedOps):
             fused_input: the concatenation of ``inputs`` when the upstream module ran fused
                 (saves the cat), else None.
             y: labels.
+            image01: the de-normalised image (InfoPro's reconstruction target), else None.
 
         Returns:
-            ``(body output (B, G·c, ...), logits (B, G, classes), losses (G,), total loss)``.
+            ``(body output (B, G·c, ...), logits (B, G, classes) or None (InfoPro contrast), losses (G,),
+            total loss)``.
         """
         env: dict = {}
         skip = None
@@ -202,13 +222,18 @@ class FusedStage(FusedOps):
         out = env[self.body_out]
         if self.body_gstack:  # flat group features (G, B, D) -> (B, G·D)
             out = out.transpose(0, 1).reshape(out.shape[1], -1)
+        elif self.body_gtok:  # tokens (G, B, N, c) -> (B, G·c, N)
+            out = self.stacked(out)
         henv = {"h": out}
         for name, step in self.head:
             step(henv)
         B = out.shape[0]
-        z = henv[self.logits]
-        logits = z.transpose(0, 1) if z.dim() == 3 else z.view(B, self.G, -1)
-        losses = self.loss(logits, y)
+        logits = None
+        if "logits" in self.outputs:
+            z = henv[self.outputs["logits"]]
+            logits = z.transpose(0, 1) if z.dim() == 3 else z.view(B, self.G, -1)
+        sim, recon, proj = (henv[self.outputs[k]] if k in self.outputs else None for k in ("sim", "recon", "proj"))
+        losses = self.loss(logits, y, sim=sim, recon=recon, image01=image01, proj=proj)
         return out, logits, losses, losses.sum()
 
 
@@ -225,10 +250,13 @@ class SiblingFusedRunner:
         module: the module's number (for error messages).
         device: the siblings' device.
         autocast: ``device -> context manager`` (the executor's bf16 autocast).
+        image01: ``x -> image in [0, 1]`` (``StageEnv.image01``), for InfoPro's reconstruction loss.
     """
 
-    def __init__(self, fs: FusedStage, stage: list[int], module: int, device: torch.device, autocast):
+    def __init__(self, fs: FusedStage, stage: list[int], module: int, device: torch.device, autocast,
+                 image01=None):
         self.fs, self.stage, self.module, self.device, self.autocast = fs, stage, module, device, autocast
+        self.image01 = image01 if fs.loss.kind == "infopro" else None
         self.srcs = [i.source for i in fs.parts[0].inputs]
 
     def takes(self, active: set[int] | None) -> bool:
@@ -245,8 +273,9 @@ class SiblingFusedRunner:
         inputs = [] if fused_in is not None else [h[s].to(dev, non_blocking=True) for s in self.srcs]
         yd = st.y.to(dev, non_blocking=True)
         with self.autocast(dev):
-            out, logits, losses, total = fs.forward(inputs, fused_in, yd)
+            out, logits, losses, total = fs.forward(inputs, fused_in, yd,
+                                                    None if self.image01 is None else self.image01(st.x).to(dev))
         h.put_fused(self.stage, out)
         total.backward()
-        correct = (logits.detach().argmax(2) == yd.unsqueeze(1)).sum(0)
-        st.stats.update(zip(self.stage, zip(losses.detach().unbind(0), correct.unbind(0))))
+        correct = [None] * fs.G if logits is None else (logits.detach().argmax(2) == yd.unsqueeze(1)).sum(0).unbind(0)
+        st.stats.update(zip(self.stage, zip(losses.detach().unbind(0), correct)))

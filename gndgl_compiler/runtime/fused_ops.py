@@ -30,7 +30,7 @@ from ..partition.plan import IRNode
 from .fuse_storage import FusedTensor, fuse
 from .shared_conv import SharedHeadConv
 
-_ELEMENTWISE = {"relu": torch.relu, "sigmoid": torch.sigmoid}
+_ELEMENTWISE = {"relu": torch.relu, "sigmoid": torch.sigmoid, "gelu": F.gelu, "silu": F.silu}
 _POOLS = ("maxpool", "avgpool", "adaptive_avgpool", "upsample")
 _DENSE_BELOW = 16
 _DENSE_GROUP = 4
@@ -61,20 +61,34 @@ class FusedOps:
     width: int
     tensors: list[FusedTensor]
     _bn_counters: list[torch.Tensor]
+    _cols: dict[str, tuple[torch.Tensor, int] | None]
 
     def _head_cat(self, ns: list[IRNode], lists: list[list[IRNode]], inputs: list[str]) -> Step:
-        """``cat(own live, siblings detached)`` in group order → a mixed value (sharing r = 1)."""
-        G = self.G
+        """``cat(own live, siblings' first k channels detached)`` → a mixed value.
+
+        Any share ratio and any order of the cat: head g's input channels are mapped to channels of the
+        whole module output h (``self._cols``: a (G, C_in) index, or None for the identity, r = 1 in group
+        order); a conv or linear layer over the mixed value then runs over all of h with head g's weight
+        columns scattered to the channels it reads (zeros elsewhere: the same value, exactly).
+        """
+        G, c = self.G, self.width
+        by_id = {q.id: q.group for q in self.parts}
+        cols = []
         for g, (n, p) in enumerate(zip(ns, self.parts)):
             share_names = [m.name for m in lists[g] if m.kind == "input"][1:]
-            if len(p.shares) != G - 1 or any(s.channels != self.width for s in p.shares):
-                raise NotFusable("share_ratio < 1")
-            group_of = {"h": g}
-            by_id = {q.id: q.group for q in self.parts}
+            read = {"h": (g, c)}
             for nm, s in zip(share_names, p.shares):
-                group_of[nm] = by_id[s.source]
-            if [group_of.get(a) for a in n.args] != list(range(G)):
-                raise NotFusable("aux head input is not the module output in group order")
+                if s.source not in by_id or s.channels > c:
+                    raise NotFusable("aux head shares are not this module's sibling outputs")
+                read[nm] = (by_id[s.source], s.channels)
+            if any(a not in read for a in n.args) or "h" not in n.args \
+                    or len({read[a][0] for a in n.args}) != len(n.args):
+                raise NotFusable("aux head input is not the module output and sibling shares")
+            cols.append(torch.cat([torch.arange(read[a][0] * c, read[a][0] * c + read[a][1]) for a in n.args]))
+        idx = torch.stack(cols)
+        full = G * c
+        ident = idx.shape[1] == full and torch.equal(idx, torch.arange(full).expand(G, full))
+        self._cols[ns[0].name] = None if ident else (idx, full)
         arg = "h"
 
         def step(env: dict) -> None:
@@ -118,8 +132,9 @@ class FusedOps:
         if lay != "mixed" or groups != 1:
             raise NotFusable(f"conv {name} on a {lay} tensor")
 
+        spread = self._spread(arg, w.fused)
+        cin = G * self.width if spread is not None else w.fused.shape[1]
         own = None
-        cin = w.fused.shape[1]
         if cin <= _DENSE_BELOW and cin // G <= _DENSE_GROUP and w.fused.device.type == "cpu":
             o = w.fused.shape[0] // G
             own = torch.zeros(G * o, cin, 1, 1, dtype=w.fused.dtype, device=w.fused.device)
@@ -127,8 +142,29 @@ class FusedOps:
                 own[g * o:(g + 1) * o, g * (cin // G):(g + 1) * (cin // G)] = 1
 
         def mixed(env: dict) -> None:
-            env[name] = SharedHeadConv.apply(env[arg][0], w.fused, bias, G, [stride] * 2, [padding] * 2, own)
+            weight = w.fused if spread is None else spread(w.fused)
+            env[name] = SharedHeadConv.apply(env[arg][0], weight, bias, G, [stride] * 2, [padding] * 2, own)
         return mixed, "stack"
+
+    def _spread(self, arg: str, w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """For a mixed input read through a channel map: ``W -> W_full``, head g's weight columns
+        scattered to the channels of h it reads, exact zeros elsewhere (None: the map is the identity).
+
+        ``W`` is (G·O, C_in, k...) for a conv, (G, O, C_in) for a linear layer."""
+        got = self._cols.get(arg)
+        if got is None:
+            return None
+        G = self.G
+        idx, full = got
+        idx = idx.to(w.device)
+
+        def spread(wt: torch.Tensor) -> torch.Tensor:
+            linear = wt.dim() == 3  # (G, O, C_in); a conv weight is (G·O, C_in, k, k)
+            w3 = wt if linear else wt.view(G, -1, *wt.shape[1:])
+            index = idx.view(G, 1, -1, *([1] * (w3.dim() - 3))).expand(w3.shape)
+            out = w3.new_zeros(G, w3.shape[1], full, *w3.shape[3:]).scatter(2, index, w3)
+            return out if linear else out.view(-1, full, *wt.shape[2:])
+        return spread
 
     def _linear(self, name: str, arg: str, lay: str, mods: list[torch.nn.Module]) -> tuple[Step, str]:
         """G linear layers as one batched matmul over (G, B, F) features (layout ``gstack``)."""
@@ -156,9 +192,13 @@ class FusedOps:
                 env[name] = torch.bmm(x, wt) if b is None else torch.baddbmm(bias3(), x, wt)
             return batched, "gstack"
 
+        spread = self._spread(arg, w.fused)
+        full = I if spread is None else self._cols[arg][1]
+
         def mixed(env: dict) -> None:
             x = env[arg][0]
-            out = SharedHeadConv.apply(x.unsqueeze(-1), w.fused.view(G * O, I, 1), None if b is None else b.fused,
+            wt = w.fused if spread is None else spread(w.fused)
+            out = SharedHeadConv.apply(x.unsqueeze(-1), wt.reshape(G * O, full, 1), None if b is None else b.fused,
                                        G, [1], [0])
             env[name] = out.view(x.shape[0], G, O).transpose(0, 1)
         return mixed, "gstack"
@@ -195,6 +235,12 @@ class FusedOps:
                 return x if x.dim() <= 2 or lay == "gstack" else x.flatten(1)
         elif n.kind in _ELEMENTWISE:
             fn = _ELEMENTWISE[n.kind]
+        elif n.kind == "l2norm":  # over the features of each group: dim 2 of (G, B, F)
+            if lay != "gstack":
+                raise NotFusable(f"l2norm {name} on a {lay} tensor")
+
+            def fn(x: torch.Tensor) -> torch.Tensor:
+                return F.normalize(x, dim=2)
         else:
             op = get_op(n.kind)
             kwargs = op.kwargs(n.attrs, [])
@@ -202,6 +248,13 @@ class FusedOps:
             def fn(x: torch.Tensor, _f=op.function, _k=kwargs) -> torch.Tensor:
                 return _f(x, **_k)
         if lay == "mixed":
+            got = self._cols.get(arg)
+            if got is not None and n.kind == "flatten":  # channel c of head g's input -> features c·S..c·S+S
+                idx, full = got
+                S = n.shape[0] // idx.shape[1]
+                got = ((idx.unsqueeze(2) * S + torch.arange(S)).flatten(1), full * S)
+            self._cols[name] = got
+
             def step(env: dict) -> None:
                 env[name] = (fn(env[arg][0]),)
         else:
