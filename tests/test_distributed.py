@@ -4,8 +4,8 @@
   same intra-op thread count: 1 everywhere; CPU conv kernels round differently with 2) that
   runs sibling-fused exactly the modules whose siblings sit whole on one rank;
 - committed checkpoints: stop mid-epoch, resume with ``--workers 2``, same weights as an
-  uninterrupted run (and on 3 ranks with a sibling-fused module, as one process); ``gndgl eval``
-  and merged ``metrics.jsonl`` afterwards;
+  uninterrupted run (on 3 ranks with a sibling-fused module: as one process, ``dist_run``);
+  ``gndgl eval`` and merged ``metrics.jsonl`` afterwards;
 - faults (a fault-injecting Transport, ``tests/fault_worker.py``: kill|hang|raise at RANK:STEP,
   installed as the launcher's worker module): bounded exit, a message naming the
   rank and its partitions, no orphan worker, a loadable committed checkpoint, resumable;
@@ -272,7 +272,10 @@ def single(art, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dist_run(art, tmp_path_factory):
-    """``dist_run(name, workers, fused)``: a finished ``launch_local`` run (threads 1, batches of 32), cached."""
+    """``dist_run(name, workers, fused)``: a finished ``launch_local`` run (threads 1, batches of 32), cached.
+    resnet32_k2g2 on 3 ranks (m1 sibling-fused on rank 0) is stopped after 2 of its 4 steps (committing
+    every step) and resumed, so the comparison with one process also checks that fused ranks resume
+    exactly; ``get.printed[key]`` is what the ranks of the first launch printed."""
     base = tmp_path_factory.mktemp("dist")
     cache: dict[tuple, Path] = {}
 
@@ -280,11 +283,30 @@ def dist_run(art, tmp_path_factory):
         key = (name, workers, fused)
         if key not in cache:
             run = base / f"{name}-{workers}-{fused}"
-            _launch(art(name), run, workers, 32, *(["--no-fused"] if fused is False else []))
+            extra = ["--no-fused"] if fused is False else []
+            stop = key == ("resnet32_k2g2", 3, None)
+            if stop:
+                extra += ["--max-steps", "2", "--checkpoint-every", "1"]
+            r = _captured(lambda: _launch(art(name), run, workers, 32, *extra))
+            assert r.returncode == 0, r.out[-4000:]
+            get.printed[key] = r.out
+            if stop:
+                assert json.loads((run / "summary.json").read_text())["steps"] == 2
+                r = _captured(lambda: _resume(run, workers))
+                assert r.returncode == 0, r.out[-4000:]
             cache[key] = run
         return cache[key]
 
+    get.printed = {}
     return get
+
+
+def _resume(run: Path, workers: int) -> None:
+    """``launch_local(workers, --resume RUN, threads=1)``."""
+    from gndgl_compiler.runtime.launch import launch_local
+
+    with _environ():
+        launch_local(workers, [str(run / "artifact"), "--resume", str(run), "--timeout", "60"], threads=1)
 
 
 TRAIN2 = ["--workers", "2", *DATA, "--batch-size", "16", "--log-every", "1"]  # resnet32_k2g1: 8 steps
@@ -334,7 +356,8 @@ def fault_runs(art, tmp_path_factory):
 @pytest.mark.parametrize("name,workers,fused", [
     ("resnet32_k2g1", 2, None),    # DGL, joint final head, spec default (fused)
     ("resnet32_k2g2", 2, False),   # GN-DGL, sharing + diversity, unfused per-partition steps
-    ("resnet32_k2g2", 3, None),    # 5 partitions on 3 ranks: m1 fused on rank 0, m2.g0 | m2.g1 share, exchange
+    ("resnet32_k2g2", 3, None),    # 5 partitions on 3 ranks: m1 fused on rank 0, m2.g0 | m2.g1 share, exchange;
+                                   # stopped after 2 steps and resumed (dist_run)
     ("vit_tiny_fmnist_k2g2", 2, None),  # a width-cut ViT: group-wise placement, token slices and diversity travel
 ], ids=["k2g1-2w-fused", "k2g2-2w-unfused", "k2g2-3w-fused", "vit-k2g2-2w-fused"])
 def test_distributed_matches_single_process(art, single, dist_run, name, workers, fused):
@@ -386,28 +409,15 @@ def test_resume_matches_uninterrupted_run(resumed_run, reference_run):
     _assert_same_weights(_weights(run), _weights(reference_run))
 
 
-def test_sibling_fused_ranks_resume_exactly(art, single, tmp_path):
-    """resnet32_k2g2 on 3 ranks: m1's siblings sit whole on rank 0 and run fused (each partition's slice
-    goes to rank 1 or 2), m2's are split; stopped after 2 of 4 steps and resumed, the weights equal one
-    process fusing the same modules, bit for bit."""
-    from gndgl_compiler.runtime.launch import launch_local
-
-    run = tmp_path / "run"
-    first = _captured(lambda: _launch(art("resnet32_k2g2"), run, 3, 32, "--max-steps", "2", "--checkpoint-every", "1"))
-    assert first.returncode == 0, first.out[-4000:]
+def test_ranks_print_which_modules_run_fused(dist_run):
+    """resnet32_k2g2 on 3 ranks: m1's siblings sit whole on rank 0 and run fused there (each partition's
+    slice goes to rank 1 or 2), m2's are split over ranks 1 and 2; rank 0 prints every rank's line."""
+    dist_run("resnet32_k2g2", 3, None)
+    out = dist_run.printed[("resnet32_k2g2", 3, None)].splitlines()
     split = "per partition (siblings on other ranks): 2"
     for line in ["rank 0: sibling-fused modules: 1", f"rank 1: sibling-fused modules: none; {split}",
                  f"rank 2: sibling-fused modules: none; {split}"]:
-        assert line in first.out.splitlines(), first.out[-3000:]
-
-    def resume():
-        with _environ():
-            launch_local(3, [str(run / "artifact"), "--resume", str(run), "--timeout", "60"], threads=1)
-
-    second = _captured(resume)
-    assert second.returncode == 0, second.out[-4000:]
-    assert json.loads((run / "summary.json").read_text())["steps"] == 4
-    _assert_same_weights(_weights(run), single("resnet32_k2g2", 32, None, frozenset({2})))
+        assert line in out, out[-40:]
 
 
 def test_committed_checkpoint_is_loadable(resumed_run):
