@@ -197,7 +197,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="rounds; each setting keeps its fastest run")
     ap.add_argument("--no-control", action="store_true", help="skip the N concurrent 1-worker runs (ceiling)")
     ap.add_argument("--fusion-ab", action="store_true",
-                    help="also run 1 and N workers with --no-fuse-siblings in the same rounds (every module per partition)")
+                    help="also run 1 and N workers with --no-fuse-siblings in the same rounds "
+                         "(every module per partition)")
     ap.add_argument("--configs", default=None, help="comma-separated subset of: " + ", ".join(_configs()))
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds one run may take")
     args = ap.parse_args()
@@ -275,15 +276,15 @@ def main() -> None:
           " CPU speed-up = 1 worker's / the busiest rank's")
     for r in rows:
         cpus = [x["cpu"] for x in r["ranks"]]
-        print(f"  {r['name']:<15} 1w {r['one_cpu']:.2f} · {' · '.join(f'rank {i}: {c:.2f}' for i, c in enumerate(cpus))}"
-              f" · CPU speed-up {r['one_cpu'] / max(cpus):.2f}x")
+        per_rank = " · ".join(f"rank {i}: {c:.2f}" for i, c in enumerate(cpus))
+        print(f"  {r['name']:<15} 1w {r['one_cpu']:.2f} · {per_rank} · CPU speed-up {r['one_cpu'] / max(cpus):.2f}x")
     if args.fusion_ab:
         print("\nsibling fusion on the ranks vs --no-fuse-siblings (every module per partition), same rounds: "
               "img/s · busiest rank's CPU s · B/sample")
         for r in rows:
             ab = r["ab"]
-            print(f"  {r['name']:<15} " + " | ".join(
-                f"{st}: {ab[st][0]:.1f} img/s, {ab[st][1]:.2f} CPU s, {ab[st][2]:.0f} B" for st in ("1w", "1w-pp", "Nw", "Nw-pp")))
+            print(f"  {r['name']:<15} " + " | ".join(f"{st}: {ab[st][0]:.1f} img/s, {ab[st][1]:.2f} CPU s, "
+                                                    f"{ab[st][2]:.0f} B" for st in ("1w", "1w-pp", "Nw", "Nw-pp")))
     if n == 2:
         for r in rows:
             sp = r["many"] / r["one"]
