@@ -18,6 +18,10 @@ side in one run, interleaved over ``--repeat`` rounds) and prints:
 - where each rank's time went over the window: compute (``Executor.train_step`` minus
   blocking receives), blocked in receives (``PeerComm._recv``: waiting for an upstream
   rank), blocked in send waits (``PeerComm._wait_all``: the ``max_inflight`` window);
+  and the process CPU seconds in ``train_step`` (not inflated by other jobs on the machine:
+  1 worker's over the busiest rank's is the speed-up an idle machine would allow);
+- with ``--fusion-ab``, the same for ``--no-fuse-siblings`` runs in the same rounds: what sibling
+  fusion on the ranks changes (modules whose siblings sit whole on a rank run fused);
 - the bytes that crossed a process boundary per sample (``bytes_sent`` of every rank over
   the window / (steps x batch)) next to the plan's prediction (``cross_worker_bytes``: each
   ``plan.edges`` tensor once per destination worker, as the runtime sends it).
@@ -28,7 +32,7 @@ with timers and prints every rank's summary (``python -m gndgl_compiler.worker``
 prints rank 0's only, and ranks >= 1 can send too).
 
     python benchmarks/distributed_speedup.py [--steps 12] [--batch 32] [--warmup 3] [--workers 2]
-                                             [--repeat 3] [--no-control] [--configs resnet32_k2g1,...]
+                                             [--repeat 3] [--no-control] [--fusion-ab] [--configs resnet32_k2g1,...]
 
 The data set is ``synthetic`` (512 training images), so ``(warmup + steps) x batch``
 must stay below 512: no end-of-epoch evaluation or checkpoint lands in the run.
@@ -58,6 +62,7 @@ def _configs() -> dict[str, object]:
     vgg["model"]["width"] = 0.5  # VGG6a at width 1 is ~0.86 GMAC/sample to train: too slow on 2 cores
     return {"resnet32_k2g1": ROOT / "specs" / "resnet32_k2g1.yaml",
             "resnet32_k2g2": ROOT / "specs" / "resnet32_k2g2.yaml",
+            "resnet32_k8g4": ROOT / "specs" / "resnet32_k8g4.yaml",  # 2 ranks: 7 of 8 modules whole, fused
             "vgg6a_dgl_w05": vgg}
 
 
@@ -74,7 +79,7 @@ def _worker(argv: list[str]) -> int:
     from gndgl_compiler.runtime import distributed as D
     from gndgl_compiler.runtime import executor as E
 
-    acc = {"step": 0.0, "recv": 0.0, "send_wait": 0.0}
+    acc = {"step": 0.0, "recv": 0.0, "send_wait": 0.0, "cpu": 0.0}
     trace: list[tuple] = []
     comms: list = []
 
@@ -82,14 +87,16 @@ def _worker(argv: list[str]) -> int:
         fn = getattr(cls, name)
 
         def wrapper(*a, **k):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             try:
                 return fn(*a, **k)
             finally:
                 acc[key] += time.perf_counter() - t
                 if key == "step":
+                    acc["cpu"] += time.process_time() - c
+                if key == "step":
                     sent = comms[0].bytes_sent if comms else 0
-                    trace.append((time.perf_counter(), acc["step"], acc["recv"], acc["send_wait"], sent))
+                    trace.append((time.perf_counter(), acc["step"], acc["recv"], acc["send_wait"], sent, acc["cpu"]))
 
         setattr(cls, name, wrapper)
 
@@ -116,13 +123,14 @@ def _worker(argv: list[str]) -> int:
 
 
 # --------------------------------------------------------------------------------------- driver side
-def _start(art: Path, workers: int, max_steps: int, batch: int, run_dir: Path) -> list[subprocess.Popen]:
+def _start(art: Path, workers: int, max_steps: int, batch: int, run_dir: Path,
+           extra: tuple[str, ...] = ()) -> list[subprocess.Popen]:
     """Start the ``workers`` ranks (``--threads 1`` each) of one run."""
     from gndgl_compiler.runtime.launch import free_port
 
     args = [str(art), "--run-dir", str(run_dir), "--dataset", "synthetic", "--limit-train", str(SYNTHETIC_TRAIN),
             "--limit-test", "64", "--batch-size", str(batch), "--epochs", "1", "--max-steps", str(max_steps),
-            "--threads", "1", "--timeout", "120"]
+            "--threads", "1", "--timeout", "120", *extra]
     base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(workers),
                 OMP_NUM_THREADS="1", GNDGL_BACKEND="gloo")
     return [subprocess.Popen([sys.executable, __file__, "--_worker", *args],
@@ -154,9 +162,9 @@ def _window(ranks: list[dict], warmup: int, steps: int) -> dict:
         tr = s["trace"]
         assert len(tr) == warmup + steps, (len(tr), s["rank"])
         a, b = tr[warmup - 1], tr[-1]
-        dt, step, recv, send_wait, sent = (y - x for x, y in zip(a, b))
+        dt, step, recv, send_wait, sent, cpu = (y - x for x, y in zip(a, b))
         per_rank.append({"rank": s["rank"], "wall": dt, "compute": step - recv, "recv": recv,
-                         "send_wait": send_wait, "bytes": sent})
+                         "send_wait": send_wait, "bytes": sent, "cpu": cpu})
     return {"wall": max(r["wall"] for r in per_rank), "ranks": per_rank,
             "summary_ips": ranks[0]["images_per_s"]}
 
@@ -188,6 +196,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="N, compared with 1 worker")
     ap.add_argument("--repeat", type=int, default=3, help="rounds; each setting keeps its fastest run")
     ap.add_argument("--no-control", action="store_true", help="skip the N concurrent 1-worker runs (ceiling)")
+    ap.add_argument("--fusion-ab", action="store_true",
+                    help="also run 1 and N workers with --no-fuse-siblings in the same rounds "
+                         "(every module per partition)")
     ap.add_argument("--configs", default=None, help="comma-separated subset of: " + ", ".join(_configs()))
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds one run may take")
     args = ap.parse_args()
@@ -214,10 +225,11 @@ def main() -> None:
             control: list[float] = []
             k = 0
             for _ in range(args.repeat):  # interleaved, so that background load hits every setting alike
-                for setting in ("1w", "Nw"):
+                for setting in ("1w", "Nw") + (("1w-pp", "Nw-pp") if args.fusion_ab else ()):
                     k += 1
-                    run = _collect(_start(art_dir, 1 if setting == "1w" else n, total_steps, args.batch,
-                                          tmp / "runs" / f"{name}-{k}"), args.timeout)
+                    extra = ("--no-fuse-siblings",) if setting.endswith("-pp") else ()
+                    run = _collect(_start(art_dir, 1 if setting.startswith("1w") else n, total_steps, args.batch,
+                                          tmp / "runs" / f"{name}-{k}", extra), args.timeout)
                     win = _window(run, args.warmup, args.steps)
                     if setting not in best or win["wall"] < best[setting]["wall"]:
                         best[setting] = win
@@ -233,7 +245,11 @@ def main() -> None:
                          "many": many, "pred": speed, "ceiling": max(control) / one if control else None,
                          "bytes": sum(r["bytes"] for r in best["Nw"]["ranks"]) / images, "pred_bytes": cross_pred,
                          "ranks": best["Nw"]["ranks"], "one_compute": best["1w"]["ranks"][0]["compute"],
-                         "summary": (best["1w"]["summary_ips"], best["Nw"]["summary_ips"])})
+                         "one_cpu": best["1w"]["ranks"][0]["cpu"],
+                         "summary": (best["1w"]["summary_ips"], best["Nw"]["summary_ips"]),
+                         "ab": {st: (images / best[st]["wall"], max(x["cpu"] for x in best[st]["ranks"]),
+                                     sum(x["bytes"] for x in best[st]["ranks"]) / images)
+                                for st in best}})
             print(f"  done {name}", file=sys.stderr, flush=True)
 
     print(f"gloo on CPU, {os.cpu_count()} cores, --threads 1 per worker; batch {args.batch}; {args.steps} timed steps "
@@ -256,6 +272,19 @@ def main() -> None:
         ranks = " · ".join(f"rank {x['rank']}: compute {x['compute']:.2f} recv-wait {x['recv']:.2f} "
                            f"send-wait {x['send_wait']:.2f}" for x in r["ranks"])
         print(f"  {r['name']:<15} 1w compute {r['one_compute']:.2f} · {ranks}")
+    print("\nprocess CPU seconds in train_step over the timed window (what the load of other jobs does not inflate);"
+          " CPU speed-up = 1 worker's / the busiest rank's")
+    for r in rows:
+        cpus = [x["cpu"] for x in r["ranks"]]
+        per_rank = " · ".join(f"rank {i}: {c:.2f}" for i, c in enumerate(cpus))
+        print(f"  {r['name']:<15} 1w {r['one_cpu']:.2f} · {per_rank} · CPU speed-up {r['one_cpu'] / max(cpus):.2f}x")
+    if args.fusion_ab:
+        print("\nsibling fusion on the ranks vs --no-fuse-siblings (every module per partition), same rounds: "
+              "img/s · busiest rank's CPU s · B/sample")
+        for r in rows:
+            ab = r["ab"]
+            print(f"  {r['name']:<15} " + " | ".join(f"{st}: {ab[st][0]:.1f} img/s, {ab[st][1]:.2f} CPU s, "
+                                                    f"{ab[st][2]:.0f} B" for st in ("1w", "1w-pp", "Nw", "Nw-pp")))
     if n == 2:
         for r in rows:
             sp = r["many"] / r["one"]

@@ -26,16 +26,34 @@ def _parser() -> argparse.ArgumentParser:
     return worker_parser("python -m gndgl_compiler.worker", __doc__.splitlines()[0])
 
 
+def _encode(text: str, size: int) -> torch.Tensor:
+    """``text`` as UTF-8 bytes in a zero-padded uint8 tensor of ``size`` (cut to fit)."""
+    buf = torch.zeros(size, dtype=torch.uint8)
+    raw = text.encode()[:size]
+    buf[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+    return buf
+
+
+def _decode(buf: torch.Tensor) -> str:
+    return bytes(buf[buf != 0].tolist()).decode(errors="replace")
+
+
 def _share_run_dir(rank: int, path: str | None) -> str:
     """Rank 0's run directory name, broadcast to all ranks as bytes (no pickling)."""
     import torch.distributed as dist
 
-    buf = torch.zeros(1024, dtype=torch.uint8)
-    if rank == 0:
-        raw = (path or "").encode()[:1024]
-        buf[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+    buf = _encode(path or "", 1024) if rank == 0 else torch.zeros(1024, dtype=torch.uint8)
     dist.broadcast(buf, 0)
-    return bytes(buf[buf != 0].tolist()).decode()
+    return _decode(buf)
+
+
+def _gather_text(text: str, world: int) -> list[str]:
+    """Every rank's ``text``, in rank order, on every rank (as bytes, no pickling)."""
+    import torch.distributed as dist
+
+    bufs = [torch.zeros(2048, dtype=torch.uint8) for _ in range(world)]
+    dist.all_gather(bufs, _encode(text, 2048))
+    return [_decode(b) for b in bufs]
 
 
 def run_worker(args: argparse.Namespace, rank: int, world: int, transport=None) -> dict:
@@ -83,7 +101,11 @@ def run_worker(args: argparse.Namespace, rank: int, world: int, transport=None) 
     comm = PeerComm(art.plan, rank, config.recipe.batch_size, torch.device(device), dtype=torch.float32)
     comm = transport(comm) if transport is not None else comm
     ctx = DistContext(rank, world, comm, run_dir)
-    summary = Trainer(art, config, run_dir, ctx, device=device, on_log=_print_record if rank == 0 else None).fit()
+    trainer = Trainer(art, config, run_dir, ctx, device=device, on_log=_print_record if rank == 0 else None)
+    setup = _gather_text(ctx.setup_text(trainer.ex), world)  # which modules each rank runs sibling-fused
+    if rank == 0:
+        print("\n".join(setup), flush=True)
+    summary = trainer.fit()
     summary["bytes_sent"] = comm.bytes_sent
     return summary
 

@@ -1,9 +1,11 @@
 """Distributed training on CPU (gloo, 2-3 local worker processes).
 
 - same numbers: N workers end with weights ``torch.equal`` to one process (same seed,
-  same intra-op thread count: 1 everywhere; CPU conv kernels round differently with 2);
+  same intra-op thread count: 1 everywhere; CPU conv kernels round differently with 2) that
+  runs sibling-fused exactly the modules whose siblings sit whole on one rank;
 - committed checkpoints: stop mid-epoch, resume with ``--workers 2``, same weights as an
-  uninterrupted run; ``gndgl eval`` and merged ``metrics.jsonl`` afterwards;
+  uninterrupted run (on 3 ranks with a sibling-fused module: as one process, ``dist_run``);
+  ``gndgl eval`` and merged ``metrics.jsonl`` afterwards;
 - faults (a fault-injecting Transport, ``tests/fault_worker.py``: kill|hang|raise at RANK:STEP,
   installed as the launcher's worker module): bounded exit, a message naming the
   rank and its partitions, no orphan worker, a loadable committed checkpoint, resumable;
@@ -109,6 +111,11 @@ def _gndgl(*args: str, fault: str | None = None) -> Result:
     """``gndgl ARGS`` run by ``gndgl_cli.main.main`` in this process; an escaping exception counts as a traceback."""
     from gndgl_cli.main import main
 
+    return _captured(lambda: main(list(args)), fault)
+
+
+def _captured(fn, fault: str | None = None) -> Result:
+    """Call ``fn()`` with everything printed captured (worker processes included): exit code, output, wall."""
     buf = io.StringIO()
     t0 = time.time()
     with tempfile.TemporaryFile() as fds, _faulty_workers(fault), _one_thread():
@@ -120,7 +127,7 @@ def _gndgl(*args: str, fault: str | None = None) -> Result:
         try:
             with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
                 try:
-                    main(list(args))
+                    fn()
                     code = 0
                 except SystemExit as exc:
                     code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -146,16 +153,49 @@ def _launch(art: Path, run_dir: Path, workers: int, batch: int, *extra: str) -> 
         launch_local(workers, args, threads=1)
 
 
-def _single(art: Path, run_dir: Path, batch: int, fused: bool | None = None) -> dict[str, torch.Tensor]:
-    """One process (this one), one intra-op thread, every module per partition as the ranks run them
-    (bit-for-bit comparable; the sibling-fused single-process path equals it within float rounding,
-    tests/test_fused.py)."""
+@contextlib.contextmanager
+def _per_partition(modules: frozenset[int]):
+    """The executors built in this process run ``modules`` per partition (as a rank does with a
+    module whose siblings sit on other ranks); the other modules fuse where they can."""
+    from gndgl_compiler.runtime import executor
+    from gndgl_compiler.runtime.fused import NotFusable
+
+    real = executor.FusedStage
+
+    def fused_stage(mods):
+        if mods[0].part.module in modules:
+            raise NotFusable("siblings on other ranks in the distributed run")
+        return real(mods)
+
+    executor.FusedStage = fused_stage
+    try:
+        yield
+    finally:
+        executor.FusedStage = real
+
+
+def split_modules(plan, workers: int) -> frozenset[int]:
+    """Modules whose partitions the placement for ``workers`` ranks puts on more than one rank."""
+    from gndgl_compiler.partition.placement import place
+
+    place(plan, plan.devices, workers)
+    ranks: dict[int, set[int]] = {}
+    for p in plan.partitions:
+        ranks.setdefault(p.module, set()).add(p.worker)
+    return frozenset(m for m, r in ranks.items() if len(r) > 1)
+
+
+def _single(art: Path, run_dir: Path, batch: int, fused: bool | None = None,
+            split: frozenset[int] | None = None) -> dict[str, torch.Tensor]:
+    """One process (this one), one intra-op thread, the modules fused or not as the ranks run them
+    (bit-for-bit comparable): with ``split`` (modules whose siblings a distributed run spreads over
+    ranks) those run per partition and the others sibling-fused; without, every module per partition."""
     from gndgl_compiler.runtime.train import TrainOptions, train_artifact
 
-    with _one_thread():
+    with _one_thread(), _per_partition(split or frozenset()):
         train_artifact(art, TrainOptions(dataset="synthetic", limit_train=128, limit_test=64, epochs=1,
-                                         batch_size=batch, fused=fused, fuse_siblings=False, run_dir=str(run_dir),
-                                         tensorboard=False))
+                                         batch_size=batch, fused=fused, fuse_siblings=split is not None,
+                                         run_dir=str(run_dir), tensorboard=False))
     return load_file(str(run_dir / "weights.safetensors"))
 
 
@@ -215,14 +255,16 @@ def art(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single(art, tmp_path_factory):
-    """``single(name, batch, fused)``: single-process weights (one thread), cached."""
+    """``single(name, batch, fused, split)``: single-process weights (one thread), cached (``_single``)."""
     base = tmp_path_factory.mktemp("single")
     cache: dict[tuple, dict] = {}
 
-    def get(name: str, batch: int, fused: bool | None = None) -> dict[str, torch.Tensor]:
-        key = (name, batch, fused)
+    def get(name: str, batch: int, fused: bool | None = None, split: frozenset[int] | None = None
+            ) -> dict[str, torch.Tensor]:
+        key = (name, batch, fused, split)
         if key not in cache:
-            cache[key] = _single(art(name), base / f"{name}-{batch}-{fused}", batch, fused)
+            tag = "pp" if split is None else "-".join(map(str, sorted(split))) or "all"
+            cache[key] = _single(art(name), base / f"{name}-{batch}-{fused}-{tag}", batch, fused, split)
         return cache[key]
 
     return get
@@ -230,7 +272,10 @@ def single(art, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dist_run(art, tmp_path_factory):
-    """``dist_run(name, workers, fused)``: a finished ``launch_local`` run (threads 1, batches of 32), cached."""
+    """``dist_run(name, workers, fused)``: a finished ``launch_local`` run (threads 1, batches of 32), cached.
+    resnet32_k2g2 on 3 ranks (m1 sibling-fused on rank 0) is stopped after 2 of its 4 steps (committing
+    every step) and resumed, so the comparison with one process also checks that fused ranks resume
+    exactly; ``get.printed[key]`` is what the ranks of the first launch printed."""
     base = tmp_path_factory.mktemp("dist")
     cache: dict[tuple, Path] = {}
 
@@ -238,11 +283,30 @@ def dist_run(art, tmp_path_factory):
         key = (name, workers, fused)
         if key not in cache:
             run = base / f"{name}-{workers}-{fused}"
-            _launch(art(name), run, workers, 32, *(["--no-fused"] if fused is False else []))
+            extra = ["--no-fused"] if fused is False else []
+            stop = key == ("resnet32_k2g2", 3, None)
+            if stop:
+                extra += ["--max-steps", "2", "--checkpoint-every", "1"]
+            r = _captured(lambda: _launch(art(name), run, workers, 32, *extra))
+            assert r.returncode == 0, r.out[-4000:]
+            get.printed[key] = r.out
+            if stop:
+                assert json.loads((run / "summary.json").read_text())["steps"] == 2
+                r = _captured(lambda: _resume(run, workers))
+                assert r.returncode == 0, r.out[-4000:]
             cache[key] = run
         return cache[key]
 
+    get.printed = {}
     return get
+
+
+def _resume(run: Path, workers: int) -> None:
+    """``launch_local(workers, --resume RUN, threads=1)``."""
+    from gndgl_compiler.runtime.launch import launch_local
+
+    with _environ():
+        launch_local(workers, [str(run / "artifact"), "--resume", str(run), "--timeout", "60"], threads=1)
 
 
 TRAIN2 = ["--workers", "2", *DATA, "--batch-size", "16", "--log-every", "1"]  # resnet32_k2g1: 8 steps
@@ -292,7 +356,8 @@ def fault_runs(art, tmp_path_factory):
 @pytest.mark.parametrize("name,workers,fused", [
     ("resnet32_k2g1", 2, None),    # DGL, joint final head, spec default (fused)
     ("resnet32_k2g2", 2, False),   # GN-DGL, sharing + diversity, unfused per-partition steps
-    ("resnet32_k2g2", 3, None),    # 5 partitions on 3 ranks: m2.g0 | m2.g1 share and exchange diversity
+    ("resnet32_k2g2", 3, None),    # 5 partitions on 3 ranks: m1 fused on rank 0, m2.g0 | m2.g1 share, exchange;
+                                   # stopped after 2 steps and resumed (dist_run)
     ("vit_tiny_fmnist_k2g2", 2, None),  # a width-cut ViT: group-wise placement, token slices and diversity travel
 ], ids=["k2g1-2w-fused", "k2g2-2w-unfused", "k2g2-3w-fused", "vit-k2g2-2w-fused"])
 def test_distributed_matches_single_process(art, single, dist_run, name, workers, fused):
@@ -309,12 +374,16 @@ def test_distributed_matches_single_process(art, single, dist_run, name, workers
         assert any(owner[s] != owner[p.id] for p in a.plan.partitions for s in p.siblings
                    if p.loss.diversity_weight > 0)
 
+    # a module whose siblings all sit on one rank runs sibling-fused there, as in one process
+    split = split_modules(a.plan, workers)
+    whole = {p.module for p in a.plan.partitions if p.groups > 1} - split
+    assert bool(whole) == (name == "resnet32_k2g2" and workers == 3)
     run = dist_run(name, workers, fused)
     cfg = json.loads((run / "run.json").read_text())
     assert cfg["world"] == workers and cfg["config"]["fused"] is (fused is not False)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["complete"] and summary["steps"] == 4
-    _assert_same_weights(_weights(run), single(name, 32, fused))
+    _assert_same_weights(_weights(run), single(name, 32, fused, split if whole and fused is not False else None))
 
 
 def test_distributed_matches_single_process_with_dropout(art, tmp_path):
@@ -338,6 +407,17 @@ def test_resume_matches_uninterrupted_run(resumed_run, reference_run):
     for r in (0, 1):
         assert list((run / "checkpoints" / f"rank{r}").glob("ckpt-*.safetensors"))
     _assert_same_weights(_weights(run), _weights(reference_run))
+
+
+def test_ranks_print_which_modules_run_fused(dist_run):
+    """resnet32_k2g2 on 3 ranks: m1's siblings sit whole on rank 0 and run fused there (each partition's
+    slice goes to rank 1 or 2), m2's are split over ranks 1 and 2; rank 0 prints every rank's line."""
+    dist_run("resnet32_k2g2", 3, None)
+    out = dist_run.printed[("resnet32_k2g2", 3, None)].splitlines()
+    split = "per partition (siblings on other ranks): 2"
+    for line in ["rank 0: sibling-fused modules: 1", f"rank 1: sibling-fused modules: none; {split}",
+                 f"rank 2: sibling-fused modules: none; {split}"]:
+        assert line in out, out[-40:]
 
 
 def test_committed_checkpoint_is_loadable(resumed_run):

@@ -101,20 +101,26 @@ def test_transports_implement_the_protocol(k2g2):
     assert isinstance(ex.transport, LocalTransport)  # the default
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["per-device-updater", "per-partition-updater"])
-def test_custom_transport_equals_default_bit_for_bit(k2g2, fused):
+@pytest.mark.parametrize("fused,siblings", [(True, True), (True, False), (False, True)],
+                         ids=["sibling-fused", "per-device-updater", "per-partition-updater"])
+def test_custom_transport_equals_default_bit_for_bit(k2g2, fused, siblings):
     plan = k2g2.plan
     devices = {p.id: CPU for p in plan.partitions}
-    ref = Executor(plan, copy.deepcopy(k2g2.modules), SGD, devices, fused=fused, siblings=False)
+    ref = Executor(plan, copy.deepcopy(k2g2.modules), SGD, devices, fused=fused, siblings=siblings)
     mods = copy.deepcopy(k2g2.modules)
     first = {p.id for p in plan.partitions if p.module == 1}
     box: dict = {}
     ranks = []
     for owned in (first, set(mods) - first):
         t = MailboxTransport(plan, owned, box)
-        ranks.append((t, Executor(plan, {pid: mods[pid] for pid in owned}, SGD, devices, fused=fused, transport=t)))
-    assert not any(r["fused"] for _, ex in ranks for r in ex.fusion)  # tensors leave: no sibling fusion
-    assert ("out of the process" if fused else "fusion off") in ranks[0][1].fusion[0]["reason"]
+        ranks.append((t, Executor(plan, {pid: mods[pid] for pid in owned}, SGD, devices, fused=fused,
+                                  siblings=siblings, transport=t)))
+    # each module's siblings sit whole on one "rank": they fuse there as in one process (module 1 sends
+    # its partitions' slices, module 2 receives them), and the weights stay bitwise those of one process
+    assert [[r["fused"] for r in ex.fusion] for _, ex in ranks] == [[fused and siblings], [fused and siblings, False]]
+    assert [r["fused"] for r in ref.fusion] == [fused and siblings] * 2 + [False]
+    if not (fused and siblings):
+        assert "fusion off" in ranks[0][1].fusion[0]["reason"]
     for step in range(3):
         x, y = batch(k2g2, seed=step)
         lr = SGD["lr"] * (1 - step / 4)
@@ -131,6 +137,21 @@ def test_custom_transport_equals_default_bit_for_bit(k2g2, fused):
     for pid, m in ref.modules.items():
         for k, v in m.state_dict().items():
             assert torch.equal(mods[pid].state_dict()[k], v), (pid, k)
+
+
+def test_siblings_on_other_ranks_run_per_partition(k2g2):
+    plan = k2g2.plan
+    devices = {p.id: CPU for p in plan.partitions}
+    m2 = [p.id for p in plan.partitions if p.module == 2]
+    owned = {p.id for p in plan.partitions if p.module == 1} | {m2[0]}  # m2.g1 and the head elsewhere
+    ex = Executor(plan, {pid: copy.deepcopy(k2g2.modules[pid]) for pid in owned}, SGD, devices,
+                  transport=MailboxTransport(plan, owned, {}))
+    assert [(r["fused"], r["reason"]) for r in ex.fusion] == [(True, ""), (False, "siblings on other ranks")]
+    assert [type(r) for r in ex.runners] == [SiblingFusedRunner, PartitionRunner]
+    assert ex.runners[0].transport is ex.transport  # the fused module still sends to the other rank
+    assert ex.fusion_summary() == "sibling-fused modules: 1; per partition (siblings on other ranks): 2"
+    local = Executor(plan, copy.deepcopy(k2g2.modules), SGD, devices)
+    assert local.runners[0].transport is None  # in one process the fused runners skip the hooks
 
 
 def test_step_plan_is_plain_data(k2g2):

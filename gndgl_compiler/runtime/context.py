@@ -42,7 +42,8 @@ class LocalContext:
         return self.rank == 0
 
     def fuse_siblings(self, setting: bool) -> bool:
-        """Whether sibling partitions run as one program."""
+        """Whether sibling partitions run as one program (on a rank: the modules whose siblings all
+        sit on it, ``step_plan.py``)."""
         return setting
 
     def setup_text(self, executor: Any) -> str:
@@ -105,11 +106,9 @@ class DistContext(LocalContext):
         self.rank, self.world, self.comm = rank, world, comm
         self.run_dir = run_dir
 
-    def fuse_siblings(self, setting: bool) -> bool:
-        return False
-
     def setup_text(self, executor: Any) -> str:
-        return "distributed: every module runs per partition"
+        """This rank's modules: which run sibling-fused, which per partition and why."""
+        return f"rank {self.rank}: {executor.fusion_summary()}"
 
     def checkpoint_dir(self, root: Path) -> Path:
         return root / f"rank{self.rank}"

@@ -51,8 +51,8 @@ class Executor:
         amp: bf16 autocast (CUDA only).
         channels_last: channels_last memory format for 4-d tensors.
         denorm: ``(mean, std)`` to turn the normalised image back into [0, 1] (InfoPro).
-        siblings: with ``fused``, run each module whose sibling partitions share a device as
-            one fused program (same losses and gradients; see ``runtime/fused.py``).
+        siblings: with ``fused``, run each module whose sibling partitions are all here, on one
+            device, as one fused program (same losses and gradients; see ``runtime/fused.py``).
         transport: how tensors reach partitions in other processes (default :class:`LocalTransport`).
     """
 
@@ -64,8 +64,7 @@ class Executor:
         self.fused, self.amp, self.channels_last, self.denorm = fused, amp, channels_last, denorm
         self.transport: Transport = transport if transport is not None else LocalTransport()
         self.parts = {p.id: p for p in plan.partitions}
-        self.step_plan = StepPlan.build(plan, modules, devices, random_ops=RANDOM_OPS, fuse=fused and siblings,
-                                        in_process=self.transport.in_process)
+        self.step_plan = StepPlan.build(plan, modules, devices, random_ops=RANDOM_OPS, fuse=fused and siblings)
         self.env = StageEnv(self.parts, modules, devices, self.transport, self.step_plan.random, amp, denorm)
         for pid in self.order:
             m = modules[pid].to(devices[pid])
@@ -76,6 +75,7 @@ class Executor:
         """Stage index -> its runner (sibling-fused where the module fuses, else per partition)."""
         self.fused_stages: dict[int, FusedStage] = {}
         """Stage index -> its fused program (modules whose siblings run as one)."""
+        remote = None if self.transport.in_process else self.transport  # the fused runners' hooks
         for i in self.step_plan.candidates:
             stage = self.stages[i]
             try:
@@ -86,7 +86,7 @@ class Executor:
             self.step_plan.decide(i, True)
             self.fused_stages[i] = fs
             self.runners[i] = SiblingFusedRunner(fs, stage, self.parts[stage[0]].module, devices[stage[0]],
-                                                 self.env.autocast, self.env.image01)
+                                                 self.env.autocast, self.env.image01, remote)
         fused_grads = [g for fs in self.fused_stages.values() for g in fs.fused_grads()]
         self.updater: PartitionUpdater | DeviceUpdater | None = None
         """Owns the optimizers (None: this executor only evaluates)."""

@@ -9,9 +9,11 @@ Plain data, derived from the PartitionPlan and the placement before any tensor m
     fusion    per module: ``{"module", "partitions", "fused", "reason"}`` — which modules run
               sibling-fused and why the others do not
 
-The static reasons (fusion off, siblings on different devices, a transport that sends tensors
-out of the process) are decided here; the executor then asks the sibling-fused runner whether
-each remaining candidate fuses exactly and records the answer with :meth:`StepPlan.decide`.
+The static reasons (fusion off, siblings on other ranks, siblings on different devices) are
+decided here; the executor then asks the sibling-fused runner whether each remaining candidate
+fuses exactly and records the answer with :meth:`StepPlan.decide`. The transport does not
+matter: a distributed rank fuses a module whose G siblings it owns, and the fused runner still
+calls the transport's hooks for the module's inputs and its per-partition outputs.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from typing import Any, Iterable
 import torch
 
 from ..partition.plan import PartitionPlan
+
+SPLIT = "siblings on other ranks"
+"""The fusion reason of a module whose siblings this process does not all own (a distributed rank)."""
 
 
 @dataclass
@@ -38,7 +43,7 @@ class StepPlan:
 
     @classmethod
     def build(cls, plan: PartitionPlan, owned: Iterable[int], devices: dict[int, torch.device], *,
-              random_ops: tuple[str, ...], fuse: bool, in_process: bool = True) -> "StepPlan":
+              random_ops: tuple[str, ...], fuse: bool) -> "StepPlan":
         """The step plan of the partitions ``owned`` (ids) placed on ``devices``.
 
         Args:
@@ -47,7 +52,6 @@ class StepPlan:
             devices: ``{partition id: device}``.
             random_ops: IR op kinds that draw random numbers (dropout).
             fuse: sibling fusion requested.
-            in_process: the transport keeps every tensor in this process (required to fuse).
         """
         owned = set(owned)
         parts = {p.id: p for p in plan.partitions}
@@ -68,15 +72,18 @@ class StepPlan:
             release.setdefault(i, []).append(src)
         random = {p.id for p in plan.partitions if any(n.kind in random_ops for n in p.body + p.head)}
         sp = cls(order, stages, release, random)
+        siblings: dict[int, set[int]] = {}
+        for p in plan.partitions:
+            siblings.setdefault(p.module, set()).add(p.id)
         for i, stage in enumerate(stages):
             rec = {"module": parts[stage[0]].module, "partitions": [parts[pid].name for pid in stage],
                    "fused": False, "reason": ""}
             if not fuse:
                 rec["reason"] = "sibling fusion off"
+            elif set(stage) != siblings[parts[stage[0]].module]:
+                rec["reason"] = SPLIT
             elif len({str(devices[pid]) for pid in stage}) > 1:
                 rec["reason"] = "siblings on different devices"
-            elif not in_process:
-                rec["reason"] = "the transport sends tensors out of the process"
             else:
                 sp.candidates.append(i)
             sp.fusion.append(rec)
@@ -91,7 +98,7 @@ class StepPlan:
         fused = [str(r["module"]) for r in self.fusion if r["fused"]]
         other: dict[str, list[str]] = {}
         for r in self.fusion:
-            if not r["fused"] and len(r["partitions"]) > 1:
+            if not r["fused"] and (len(r["partitions"]) > 1 or r["reason"] == SPLIT):
                 other.setdefault(r["reason"], []).append(str(r["module"]))
         text = f"sibling-fused modules: {', '.join(fused) if fused else 'none'}"
         for reason, mods in other.items():

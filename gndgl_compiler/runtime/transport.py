@@ -11,9 +11,13 @@ transport; a single-process run gets :class:`LocalTransport`, whose hooks do not
     drain()                   wait for everything in flight (before checkpoints, at the end)
 
 Everything sent is detached (no gradient crosses a partition). ``PeerComm``
-(``runtime/distributed.py``) is the point-to-point implementation; a transport whose
-``in_process`` is False makes every module run partition by partition (each partition's
-output must be sent on its own). How to add one: docs/architecture.md.
+(``runtime/distributed.py``) is the point-to-point implementation. A module whose G siblings
+are all in this process may run sibling-fused whatever the transport: its runner calls
+``recv_inputs`` per partition before the fused bodies and ``send_output`` per partition after
+(each partition's channel slice of the fused output, a detached view: the transport makes its
+own contiguous copy if it sends it); its siblings' shares and diversity vectors never leave the
+process, so it calls neither ``recv_shares`` nor ``exchange_diversity``. With ``in_process``
+True the fused runner skips the hooks. How to add one: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ class Transport(Protocol):
     """What the executor and the training loop need from a transport."""
 
     in_process: bool
-    """True when no tensor leaves this process (sibling fusion is then allowed)."""
+    """True when no tensor leaves this process (the sibling-fused runner then skips the hooks)."""
     bytes_sent: int
     """Bytes sent so far (reported in a distributed run's summary)."""
 
