@@ -29,6 +29,7 @@ from .fused import FusedStage, NotFusable, SiblingFusedRunner
 from .stage_outputs import StageOutputs
 from .stage_runner import HEAD_KEYS, PartitionRunner, StageEnv, StageRunner, StepState, step_stats
 from .step_plan import StepPlan
+from .streams import Streams
 from .transport import LocalTransport, Transport
 from .updater import DeviceUpdater, PartitionUpdater
 
@@ -65,7 +66,10 @@ class Executor:
         self.parts = {p.id: p for p in plan.partitions}
         self.step_plan = StepPlan.build(plan, modules, devices, random_ops=RANDOM_OPS, fuse=fused and siblings,
                                         in_process=self.transport.in_process)
-        self.env = StageEnv(self.parts, modules, devices, self.transport, self.step_plan.random, amp, denorm)
+        self.streams = Streams(self.parts, modules, devices, self.step_plan.random)
+        """The random partitions' generators, seeded per (seed, step, partition) (``runtime/streams.py``)."""
+        self.env = StageEnv(self.parts, modules, devices, self.transport, self.step_plan.random, amp, denorm,
+                            streams=self.streams)
         for pid in self.order:
             m = modules[pid].to(devices[pid])
             if channels_last:
@@ -77,6 +81,9 @@ class Executor:
         """Stage index -> its fused program (modules whose siblings run as one)."""
         for i in self.step_plan.candidates:
             stage = self.stages[i]
+            if self.streams.legacy & set(stage):
+                self.step_plan.decide(i, False, "a random op that takes no generator")
+                continue
             try:
                 fs = FusedStage([modules[pid] for pid in stage])
             except NotFusable as exc:
@@ -146,6 +153,7 @@ class Executor:
         Returns:
             ``(head outputs by partition, losses by partition)``.
         """
+        self.streams.seed(seed)
         h: dict[int, torch.Tensor] = {IMAGE: x}
         outs: dict[int, dict] = {}
         losses: dict[int, torch.Tensor] = {}
@@ -168,13 +176,14 @@ class Executor:
             x, y: the batch.
             lr: learning rate of this step.
             active: partitions that train (sequential schedule); None = all.
-            seed: ``(run seed, global step)``: seeds dropout per partition (``StageEnv.rng``).
+            seed: ``(run seed, global step)``: seeds dropout per partition (``runtime/streams.py``).
 
         Returns:
             ``{pid: (detached loss, number of correct predictions or None)}``, on device (no host sync).
         """
         for pid in self.order:
             self.modules[pid].train(active is None or pid in active)
+        self.streams.seed(seed)
         st = StepState(x, y, lr, StageOutputs({IMAGE: x}), active, seed)
         for i, runner in enumerate(self.runners):
             if not runner.takes(active):

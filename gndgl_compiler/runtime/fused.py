@@ -11,7 +11,7 @@ their bodies and aux heads into fused steps and runs them with the batched losse
 The ``mixed`` conv is exact: conv(cat(own live, siblings detached), W_g) has the value
 conv(h, W_g), the weight gradient of that conv, and an input gradient that reaches group g's
 body only through W_g's own columns (``runtime/shared_conv.py``). What cannot be expressed this
-way (dropout with per-partition RNG, share_ratio < 1, predsim / InfoPro losses, differing
+way (share_ratio < 1, predsim / InfoPro losses, differing
 siblings, ...) raises :class:`NotFusable` with the reason, and the executor runs that module
 partition by partition.
 """
@@ -23,6 +23,7 @@ import torch
 from ..codegen.modules import PartitionModule
 from ..partition.plan import IRNode, Partition
 from .fuse_storage import FusedTensor, fuse
+from .fused_dropout import fused_dropout
 from .fused_loss import FusedLoss
 from .fused_ops import _ELEMENTWISE, _POOLS, FusedOps, NotFusable, Step, _alias, _fn, _same
 from .stage_outputs import StageOutputs
@@ -48,8 +49,6 @@ class FusedStage(FusedOps):
             raise NotFusable("not all groups of the module are here")
         self.mods, self.parts, self.pids = mods, parts, [p.id for p in parts]
         _same([[i.source for i in p.inputs] for p in parts], "input list")
-        if any(n.kind in ("dropout",) for p in parts for n in p.body + p.head):
-            raise NotFusable("dropout (per-partition random streams)")
         if any(p.loss.kind == "infopro" for p in parts):
             raise NotFusable("InfoPro loss")
         outs = parts[0].head_outputs
@@ -138,6 +137,9 @@ class FusedStage(FusedOps):
                     raise NotFusable(f"{kind} {name} on flat features")
                 steps.append((name, self._channelwise(n, lays[0])))
                 layout[name] = "gstack" if kind == "flatten" and lays[0] == "stack" else lays[0]
+            elif kind == "dropout":  # each group's mask from its own partition's generator
+                steps.append((name, fused_dropout(name, args[0], [gm.get_submodule(name) for gm in gms], lays[0])))
+                layout[name] = lays[0]
             elif kind == "add":
                 if lays[0] != lays[1] or lays[0] == "mixed":
                     raise NotFusable(f"add {name} of {lays[0]} and {lays[1]} tensors")
