@@ -54,12 +54,15 @@ class Executor:
         siblings: with ``fused``, run each module whose sibling partitions share a device as
             one fused program (same losses and gradients; see ``runtime/fused.py``).
         transport: how tensors reach partitions in other processes (default :class:`LocalTransport`).
+        capturable: build a step that reads nothing on the host, for CUDA-graph capture
+            (``runtime/cuda_graphs.py``): the LR lives in a tensor per device (``runtime/device_lr.py``;
+            needs ``fused``). Off: the Python-float LR, today's results bit for bit.
     """
 
     def __init__(self, plan: PartitionPlan, modules: dict[int, PartitionModule], optimizer: dict[str, Any],
                  devices: dict[int, torch.device], *, fused: bool = True, amp: bool = False,
                  channels_last: bool = False, denorm: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
-                 siblings: bool = True, transport: Transport | None = None):
+                 siblings: bool = True, transport: Transport | None = None, capturable: bool = False):
         self.plan, self.modules, self.devices = plan, modules, devices
         self.fused, self.amp, self.channels_last, self.denorm = fused, amp, channels_last, denorm
         self.transport: Transport = transport if transport is not None else LocalTransport()
@@ -94,8 +97,10 @@ class Executor:
             self.runners[i] = SiblingFusedRunner(fs, stage, self.parts[stage[0]].module, devices[stage[0]],
                                                  self.env.autocast)
         fused_grads = [g for fs in self.fused_stages.values() for g in fs.fused_grads()]
-        self.updater = DeviceUpdater(self.order, modules, optimizer, devices, fused_grads) if fused else \
-            PartitionUpdater(self.order, modules, optimizer)
+        if capturable and not fused:
+            raise ValueError("a capturable step needs the per-device fused updater (fused=True)")
+        self.updater = DeviceUpdater(self.order, modules, optimizer, devices, fused_grads, lr_tensor=capturable) \
+            if fused else PartitionUpdater(self.order, modules, optimizer)
 
     # ------------------------------------------------------------------ the plan, read-only views
     @property
@@ -181,9 +186,22 @@ class Executor:
         Returns:
             ``{pid: (detached loss, number of correct predictions or None)}``, on device (no host sync).
         """
+        self.begin_step(lr, active, seed)
+        return self.run_step(x, y, lr, active, seed)
+
+    def begin_step(self, lr: float, active: set[int] | None = None, seed: tuple[int, int] | None = None) -> None:
+        """The host side of a step, before anything of it runs on a device: train/eval modes, the
+        random streams' seeds (``runtime/streams.py``) and the LR (tensor LR: written on the device).
+        A CUDA graph replays :meth:`run_step` only; this runs before every replay."""
         for pid in self.order:
             self.modules[pid].train(active is None or pid in active)
         self.streams.seed(seed)
+        self.updater.set_lr(lr)
+
+    def run_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, active: set[int] | None = None,
+                 seed: tuple[int, int] | None = None) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+        """The device side of a step (after :meth:`begin_step`): forward, backward, optimizer, stats.
+        With ``capturable`` it reads no tensor on the host (``tests/test_cuda_graphs.py``)."""
         st = StepState(x, y, lr, StageOutputs({IMAGE: x}), active, seed)
         for i, runner in enumerate(self.runners):
             if not runner.takes(active):

@@ -49,6 +49,24 @@ def _forked(device: torch.device, seed: int):
         yield
 
 
+def random_modules(parts: dict, modules: dict, random: set[int]):
+    """``(pid, stream offset, random submodule or None)`` of every random IR node of the owned partitions."""
+    for pid in sorted(random):
+        if pid not in modules:
+            continue
+        for offset, nodes, gm in ((0, parts[pid].body, modules[pid].body),
+                                  (HEAD_OFFSET, parts[pid].head, modules[pid].aux)):
+            subs = dict(gm.named_modules())
+            for n in nodes:
+                if n.kind in RANDOM_KINDS:
+                    yield pid, offset, subs.get(n.name)
+
+
+def untaken(parts: dict, modules: dict, random: set[int]) -> set[int]:
+    """Partitions with a random op that takes no generator (they need the forked global RNG)."""
+    return {pid for pid, _, sub in random_modules(parts, modules, random) if not hasattr(sub, "generator")}
+
+
 class Streams:
     """The generators of the random partitions of one Executor, set on their random modules.
 
@@ -65,24 +83,16 @@ class Streams:
         """``(pid, 0 | HEAD_OFFSET) -> generator`` (body or aux-head stream)."""
         self.legacy: set[int] = set()
         """Partitions with a random op that takes no generator (forked global RNG per step)."""
-        for pid in sorted(random):
-            if pid not in modules:
+        for pid, offset, sub in random_modules(parts, modules, random):
+            if not hasattr(sub, "generator"):
+                self.legacy.add(pid)
                 continue
-            for offset, nodes, gm in ((0, parts[pid].body, modules[pid].body), (HEAD_OFFSET, parts[pid].head,
-                                                                               modules[pid].aux)):
-                for n in nodes:
-                    if n.kind not in RANDOM_KINDS:
-                        continue
-                    sub = dict(gm.named_modules()).get(n.name)
-                    if sub is None or not hasattr(sub, "generator"):
-                        self.legacy.add(pid)
-                        continue
-                    key = (pid, offset)
-                    if key not in self.generators:
-                        gen = torch.Generator(device=devices[pid])
-                        gen.manual_seed(partition_seed(0, offset, pid))
-                        self.generators[key] = gen
-                    sub.generator = self.generators[key]
+            key = (pid, offset)
+            if key not in self.generators:
+                gen = torch.Generator(device=devices[pid])
+                gen.manual_seed(partition_seed(0, offset, pid))
+                self.generators[key] = gen
+            sub.generator = self.generators[key]
 
     def seed(self, seed: tuple[int, int] | None) -> None:
         """Seed every stream for ``(run seed, global step)`` (host only; None: keep drawing on)."""
