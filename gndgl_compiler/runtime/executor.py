@@ -72,7 +72,7 @@ class Executor:
         self.streams = Streams(self.parts, modules, devices, self.step_plan.random)
         """The random partitions' generators, seeded per (seed, step, partition) (``runtime/streams.py``)."""
         self.env = StageEnv(self.parts, modules, devices, self.transport, self.step_plan.random, amp, denorm,
-                            streams=self.streams)
+                            streams=self.streams, autocast_cache=not capturable)
         for pid in self.order:
             m = modules[pid].to(devices[pid])
             if channels_last:

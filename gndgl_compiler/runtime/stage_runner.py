@@ -43,13 +43,15 @@ class StageEnv:
     amp: bool = False
     denorm: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     streams: Streams | None = None
+    autocast_cache: bool = True
+    """Autocast's weight-cast cache (off for a CUDA-graph captured step, as torch requires)."""
     """The random partitions' generators (``runtime/streams.py``), seeded by the executor per step."""
     _denorm_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def autocast(self, device: torch.device):
         """bf16 autocast on CUDA when ``amp``; else nothing."""
         if self.amp and device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+            return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=self.autocast_cache)
         return contextlib.nullcontext()
 
     def rng(self, pid: int, seed: tuple[int, int] | None, head: bool = False):
