@@ -112,3 +112,14 @@ def test_cuda_graphs_on_a_cpu_run_exits_2(tmp_path):
                                                     limit_test=8, tensorboard=False, device="cpu", max_steps=1,
                                                     on_log=lambda r: notes.append(r.get("text", ""))))
     assert summary["steps"] == 1 and any("cuda graphs: off (partitions on cpu" in n for n in notes), notes
+
+
+def test_regional_compile_option_wraps_only_the_fused_programs():
+    from gndgl_compiler.runtime.regional_compile import compile_fused
+
+    art = compile_spec(SPECS / "resnet32_k2g2.yaml")
+    ex = Executor(art.plan, copy.deepcopy(art.modules), SGD, {p.id: CPU for p in art.plan.partitions})
+    assert compile_fused(ex.fused_stages, "off") == 0
+    with pytest.raises(ValueError, match="off, regional"):
+        compile_fused(ex.fused_stages, "everything")
+    assert compile_fused(ex.fused_stages, "regional") == len(ex.fused_stages) == 2  # compiled lazily, at first call

@@ -39,6 +39,7 @@ from .data_cache import DataBundle
 from .devices import _synthetic_like, guard_oom, resolve_devices  # noqa: F401  (re-exported)
 from .evaluate import evaluate_run  # noqa: F401  (re-exported)
 from .cuda_graphs import GraphedStep, not_capturable, resolve
+from .regional_compile import compile_fused
 from .executor import Executor
 from .streams import untaken
 from ..graph.ops import RANDOM_KINDS
@@ -187,6 +188,7 @@ class Trainer:
                            channels_last=self.channels_last, denorm=(self.data.mean, self.data.std),
                            siblings=self.ctx.fuse_siblings(self.execution.fuse_siblings), transport=self.ctx.comm,
                            capturable=graphs)
+        compile_fused(self.ex.fused_stages, self.execution.compile, self._note)
         self.step_fn = GraphedStep(self.ex, self._note) if graphs else self.ex.train_step
         """One training step: the executor's, or its replay from a CUDA graph (``runtime/cuda_graphs.py``)."""
         if self.on_log:
