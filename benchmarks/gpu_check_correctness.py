@@ -247,6 +247,57 @@ def check_no_sync(name: str, args, device: torch.device, siblings: bool = True) 
     return {"status": "pass", "message": f"{mode}: no host sync in one train_step", "raised": False}
 
 
+GRAPH_STEPS = 20
+"""Steps of the CUDA-graphs check (the first ``cuda_graphs.WARMUP_STEPS`` eager, then captured and replayed)."""
+
+
+def check_cuda_graphs(name: str, args, device: torch.device, overrides: tuple[str, ...] = ()) -> dict:
+    """``train.cuda_graphs`` on vs off: the same losses over ``GRAPH_STEPS`` steps (float32, TF32 off, the LR
+    changing every step, dropout seeded per step) within ``F32_RTOL``, then images/s of both (bf16,
+    channels_last). The graphed path was written without a GPU: this is its first test."""
+    if device.type != "cuda":
+        return {"status": "skipped", "message": "skipped (no CUDA)"}
+    from gndgl_compiler.runtime.cuda_graphs import GraphedStep
+
+    art = compile_spec(spec_path(name), overrides=list(overrides) or None)
+    opt = art.spec["train"]["optimizer"]
+    notes: list[str] = []
+
+    def pair(amp: bool):
+        eager = Executor(art.plan, copy.deepcopy(art.modules), opt, {p: device for p in art.modules}, amp=amp,
+                         channels_last=amp)
+        cap = Executor(art.plan, copy.deepcopy(art.modules), opt, {p: device for p in art.modules}, amp=amp,
+                       channels_last=amp, capturable=True)
+        return eager.train_step, GraphedStep(cap, notes.append)
+
+    batches = [_batch(art, args.p1_batch, device, False, seed=i) for i in range(GRAPH_STEPS)]
+    worst = 0.0
+    with _no_tf32():
+        eager, graphed = pair(False)
+        for i, (x, y) in enumerate(batches):
+            lr = 0.02 * (1 + math.cos(math.pi * i / GRAPH_STEPS)) / 2 + 1e-3
+            a, b = eager(x, y, lr, seed=(0, i)), graphed(x, y, lr, seed=(0, i))
+            worst = max([worst] + [rel(b[p][0].double(), a[p][0].double()) for p in a])
+    if graphed.failed or graphed.graph is None:
+        return {"status": "fail", "message": f"not captured: {'; '.join(notes) or 'no graph'}", "loss_rel": None}
+    speed = {}
+    eager, graphed = pair(True)
+    x, y = _batch(art, args.p1_batch, device, True)
+    for label, fn in (("off", eager), ("on", graphed)):
+        for i in range(5):
+            fn(x, y, 0.01, seed=(0, i))
+        sync(device)
+        t = time.perf_counter()
+        for i in range(GRAPH_STEPS):
+            fn(x, y, 0.01, seed=(0, 5 + i))
+        sync(device)
+        speed[label] = GRAPH_STEPS * args.p1_batch / (time.perf_counter() - t)
+    ok = worst <= F32_RTOL
+    return {"status": "pass" if ok else "fail", "loss_rel": worst, "img_s_off": speed["off"], "img_s_on": speed["on"],
+            "message": f"{GRAPH_STEPS} steps, worst loss rel {worst:.1e} (tolerance {F32_RTOL:g}); img/s off "
+                       f"{speed['off']:.0f}, on {speed['on']:.0f} ({speed['on'] / speed['off']:.2f}x)"}
+
+
 def check_pipeline_sync(name: str, args, device: torch.device) -> dict:
     """Informational: does drawing one augmented training batch (``Batches``) synchronise? (``warn`` if so)."""
     if device.type != "cuda":
@@ -301,6 +352,9 @@ def phase_correctness(rec: Recorder, args, device: torch.device, work: Path) -> 
     for s in main[-1:]:
         run("no_host_sync_per_partition", s, lambda s=s: check_no_sync(s, args, device, siblings=False))
     run("input_pipeline_sync", main[0], lambda: check_pipeline_sync(main[0], args, device))
+    run("cuda_graphs_on_vs_off", main[0], lambda: check_cuda_graphs(main[0], args, device))
+    run("cuda_graphs_on_vs_off_dropout", "vgg6a_g2", lambda: check_cuda_graphs(
+        "vgg6a_g2", args, device, ("local.head.kind=linear", "model.dropout=0.3", "model.width=0.25")))
     phase["status"] = phase_status(phase["checks"])
     phase["seconds"] = round(time.perf_counter() - t0, 1)
     return phase

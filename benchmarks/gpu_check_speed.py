@@ -17,11 +17,12 @@ if TYPE_CHECKING:
 
 
 def cuda_graphs_note() -> str:
-    """What the run says about CUDA graphs: gndgl has no option for them yet (checked in the spec schema)."""
+    """What the run says about CUDA graphs: measured by phase 1's ``cuda_graphs_on_vs_off`` checks, not here."""
     from gndgl_compiler.spec.models import Train
 
-    if any("graph" in f for f in Train.model_fields):
-        return "a CUDA-graphs option exists in train.* now, but this script does not measure it yet"
+    if "cuda_graphs" in Train.model_fields:
+        return ("n/a here: train.cuda_graphs (default off) is measured on vs off in phase 1 "
+                "(cuda_graphs_on_vs_off: losses and img/s); this table runs without it")
     return "n/a (no cuda_graphs option yet)"
 
 

@@ -177,6 +177,18 @@ def test_step_plan_is_plain_data(k2g2):
     ex = Executor(vgg.plan, copy.deepcopy(vgg.modules), SGD, {p.id: CPU for p in vgg.plan.partitions})
     assert ex.step_plan.random and all(any(n.kind == "dropout" for n in parts_.body + parts_.head)
                                        for parts_ in vgg.plan.partitions if parts_.id in ex.step_plan.random)
+    # dropout draws from per-partition generators: the global RNG is not touched, and the masks are a
+    # function of (seed, step, partition) alone (the same step again gives the same losses)
+    small = compile_spec(SPECS / "vgg6a_g2.yaml", overrides=["model.width=0.25", "model.dropout=0.5"])
+    x, y = batch(small, seed=1)
+    runs = []
+    for seed in [(0, 7), (0, 7), (1, 7)]:
+        ex = Executor(small.plan, copy.deepcopy(small.modules), SGD, {p.id: CPU for p in small.plan.partitions})
+        before = torch.get_rng_state()
+        runs.append(torch.stack([loss for loss, _ in ex.train_step(x, y, 0.0, seed=seed).values()]))
+        assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    assert not ex.streams.legacy and {pid for pid, _ in ex.streams.generators} == ex.random
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["per-device", "per-partition"])

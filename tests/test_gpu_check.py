@@ -49,6 +49,8 @@ def test_gpu_check_smoke_writes_three_phases(tmp_path):
     assert by_name["kill_resume"][0]["status"] == "pass" and by_name["kill_resume"][0]["weights_rel"] == 0.0
     assert any(c["status"] == "pass" for c in by_name["fused_vs_partition_f32"])
     assert all(c["message"] == "skipped (no CUDA)" for c in by_name["no_host_sync"])
+    assert all(c["status"] == "skipped" for n in ("cuda_graphs_on_vs_off", "cuda_graphs_on_vs_off_dropout")
+               for c in by_name[n])
     rows = phases["speed"]["rows"]
     assert {r["spec"] for r in rows} == {"resnet32_e2e", "resnet32_k8g4"} and all(r["gndgl_img_s"] > 0 for r in rows)
     assert phases["speed"]["cuda_graphs"].startswith("n/a")

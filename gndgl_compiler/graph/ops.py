@@ -8,7 +8,7 @@ Each entry says, for an op with attributes ``attrs`` and per-sample input shapes
     leads_in                 segmentation (graph/build.py)
     module / function,       codegen (codegen/emit.py)
       kwargs, variadic
-    random                   the executor's per-partition RNG (runtime/executor.py)
+    random                   the per-partition generators (runtime/streams.py)
     draw, label              the ops-level picture (viz/dot.py)
 
 The token (transformer) ops live in :mod:`.transformer_ops`. Adding an op kind is adding
@@ -32,6 +32,7 @@ from torch import nn
 
 from ..errors import GraphError
 from .transformer_ops import transformer_op_defs
+from .random_ops import SeededDropout
 
 Shape = tuple[int, ...]
 Attrs = dict[str, Any]
@@ -73,7 +74,10 @@ class OpDef:
     variadic: bool = False
     """``function`` takes its inputs as one list (``torch.cat``) rather than as separate arguments."""
     random: bool = False
-    """It draws random numbers in training (dropout): the executor seeds its partition per step."""
+    """It draws random numbers in training (dropout). Its module should draw from a ``generator``
+    attribute (``graph/random_ops.py``): the executor sets it to the partition's own generator,
+    seeded per (seed, step, partition); a module without one is run under a forked, re-seeded
+    global RNG instead (not capturable in a CUDA graph, never sibling-fused)."""
     draw: str = ""
     """How the ops-level picture draws it: ``layer`` (a box naming its unit) or ``op`` (a small
     ellipse); default: ``layer`` for ``weights`` ops, else ``op``."""
@@ -219,7 +223,7 @@ OPS: dict[str, OpDef] = {
         lambda a, i, o: nn.Linear(a["in"], a["out"], bias=a["bias"]), split="weights"),
     "bn": OpDef("bn", _same, params=lambda a, i, o: 2 * i[0][0], module=_bn_module),
     "relu": OpDef("relu", _same, function=torch.relu),
-    "dropout": OpDef("dropout", _same, module=lambda a, i, o: nn.Dropout(a["p"]), random=True),
+    "dropout": OpDef("dropout", _same, module=lambda a, i, o: SeededDropout(a["p"]), random=True),
     "maxpool": OpDef("maxpool", _pool_shape("maxpool"), function=F.max_pool2d,
                      kwargs=lambda a, i: {"kernel_size": a["kernel"], "stride": a.get("stride") or a["kernel"]}),
     "avgpool": OpDef("avgpool", _pool_shape("avgpool"), function=F.avg_pool2d,

@@ -26,7 +26,8 @@ from .options import TrainOptions
 
 RECIPE_FIELDS = ("dataset", "batch_size", "epochs", "seed", "optimizer", "schedule", "augment")
 """The spec's ``train`` fields that say what is trained."""
-EXECUTION_FIELDS = ("data_root", "fused", "fuse_siblings", "amp", "channels_last", "log_every", "checkpoint_every")
+EXECUTION_FIELDS = ("data_root", "fused", "fuse_siblings", "amp", "channels_last", "cuda_graphs", "compile",
+                    "log_every", "checkpoint_every")
 """The spec's ``train`` fields that say how the run is carried out (recorded in run.json too)."""
 
 
@@ -84,6 +85,10 @@ class Execution:
     channels_last: str
     log_every: int
     checkpoint_every: int
+    cuda_graphs: str = "off"
+    compile: str = "off"
+    """``off`` or ``regional``: torch.compile the sibling-fused programs (``runtime/regional_compile.py``)."""
+    """``auto``, ``on`` or ``off``: capture each step as one CUDA graph (``runtime/cuda_graphs.py``)."""
     download: bool = False
     tensorboard: bool | None = None
     max_steps: int | None = None
@@ -185,7 +190,7 @@ def new_run_config(spec_train: dict[str, Any], opts: TrainOptions) -> RunConfig:
     if opts.epochs is not None and opts.epochs != train.epochs:
         merged["schedule"] = scale_schedule(train.schedule, opts.epochs / train.epochs).model_dump()
     for key in ("epochs", "dataset", "data_root", "batch_size", "seed", "fused", "fuse_siblings", "amp",
-                "channels_last", "log_every", "checkpoint_every"):
+                "channels_last", "cuda_graphs", "compile", "log_every", "checkpoint_every"):
         if getattr(opts, key) is not None:
             merged[key] = getattr(opts, key)
     if opts.lr is not None:

@@ -29,6 +29,7 @@ from .fused import FusedStage, NotFusable, SiblingFusedRunner
 from .stage_outputs import StageOutputs
 from .stage_runner import HEAD_KEYS, PartitionRunner, StageEnv, StageRunner, StepState, step_stats
 from .step_plan import StepPlan
+from .streams import Streams
 from .transport import LocalTransport, Transport
 from .updater import DeviceUpdater, PartitionUpdater
 
@@ -54,18 +55,24 @@ class Executor:
         siblings: with ``fused``, run each module whose sibling partitions are all here, on one
             device, as one fused program (same losses and gradients; see ``runtime/fused.py``).
         transport: how tensors reach partitions in other processes (default :class:`LocalTransport`).
+        capturable: build a step that reads nothing on the host, for CUDA-graph capture
+            (``runtime/cuda_graphs.py``): the LR lives in a tensor per device (``runtime/device_lr.py``;
+            needs ``fused``). Off: the Python-float LR, today's results bit for bit.
     """
 
     def __init__(self, plan: PartitionPlan, modules: dict[int, PartitionModule], optimizer: Any | None,
                  devices: dict[int, torch.device], *, fused: bool = True, amp: bool = False,
                  channels_last: bool = False, denorm: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
-                 siblings: bool = True, transport: Transport | None = None):
+                 siblings: bool = True, transport: Transport | None = None, capturable: bool = False):
         self.plan, self.modules, self.devices = plan, modules, devices
         self.fused, self.amp, self.channels_last, self.denorm = fused, amp, channels_last, denorm
         self.transport: Transport = transport if transport is not None else LocalTransport()
         self.parts = {p.id: p for p in plan.partitions}
         self.step_plan = StepPlan.build(plan, modules, devices, random_ops=RANDOM_OPS, fuse=fused and siblings)
-        self.env = StageEnv(self.parts, modules, devices, self.transport, self.step_plan.random, amp, denorm)
+        self.streams = Streams(self.parts, modules, devices, self.step_plan.random)
+        """The random partitions' generators, seeded per (seed, step, partition) (``runtime/streams.py``)."""
+        self.env = StageEnv(self.parts, modules, devices, self.transport, self.step_plan.random, amp, denorm,
+                            streams=self.streams, autocast_cache=not capturable)
         for pid in self.order:
             m = modules[pid].to(devices[pid])
             if channels_last:
@@ -78,6 +85,9 @@ class Executor:
         remote = None if self.transport.in_process else self.transport  # the fused runners' hooks
         for i in self.step_plan.candidates:
             stage = self.stages[i]
+            if self.streams.legacy & set(stage):
+                self.step_plan.decide(i, False, "a random op that takes no generator")
+                continue
             try:
                 fs = FusedStage([modules[pid] for pid in stage])
             except NotFusable as exc:
@@ -88,11 +98,13 @@ class Executor:
             self.runners[i] = SiblingFusedRunner(fs, stage, self.parts[stage[0]].module, devices[stage[0]],
                                                  self.env.autocast, self.env.image01, remote)
         fused_grads = [g for fs in self.fused_stages.values() for g in fs.fused_grads()]
+        if capturable and not fused:
+            raise ValueError("a capturable step needs the per-device fused updater (fused=True)")
         self.updater: PartitionUpdater | DeviceUpdater | None = None
         """Owns the optimizers (None: this executor only evaluates)."""
         if optimizer is not None:
-            self.updater = DeviceUpdater(self.order, modules, optimizer, devices, fused_grads) if fused else \
-                PartitionUpdater(self.order, modules, optimizer)
+            self.updater = DeviceUpdater(self.order, modules, optimizer, devices, fused_grads, lr_tensor=capturable) \
+                if fused else PartitionUpdater(self.order, modules, optimizer)
 
     # ------------------------------------------------------------------ the plan, read-only views
     @property
@@ -150,6 +162,7 @@ class Executor:
         Returns:
             ``(head outputs by partition, losses by partition)``.
         """
+        self.streams.seed(seed)
         h: dict[int, torch.Tensor] = {IMAGE: x}
         outs: dict[int, dict] = {}
         losses: dict[int, torch.Tensor] = {}
@@ -172,15 +185,29 @@ class Executor:
             x, y: the batch.
             lr: learning rate of this step.
             active: partitions that train (sequential schedule); None = all.
-            seed: ``(run seed, global step)``: seeds dropout per partition (``StageEnv.rng``).
+            seed: ``(run seed, global step)``: seeds dropout per partition (``runtime/streams.py``).
 
         Returns:
             ``{pid: (detached loss, number of correct predictions or None)}``, on device (no host sync).
         """
         if self.updater is None:
             raise RuntimeError("this Executor was built to evaluate (optimizer=None); it cannot train")
+        self.begin_step(lr, active, seed)
+        return self.run_step(x, y, lr, active, seed)
+
+    def begin_step(self, lr: float, active: set[int] | None = None, seed: tuple[int, int] | None = None) -> None:
+        """The host side of a step, before anything of it runs on a device: train/eval modes, the
+        random streams' seeds (``runtime/streams.py``) and the LR (tensor LR: written on the device).
+        A CUDA graph replays :meth:`run_step` only; this runs before every replay."""
         for pid in self.order:
             self.modules[pid].train(active is None or pid in active)
+        self.streams.seed(seed)
+        self.updater.set_lr(lr)
+
+    def run_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, active: set[int] | None = None,
+                 seed: tuple[int, int] | None = None) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+        """The device side of a step (after :meth:`begin_step`): forward, backward, optimizer, stats.
+        With ``capturable`` it reads no tensor on the host (``tests/test_cuda_graphs.py``)."""
         st = StepState(x, y, lr, StageOutputs({IMAGE: x}), active, seed)
         for i, runner in enumerate(self.runners):
             if not runner.takes(active):

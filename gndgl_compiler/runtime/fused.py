@@ -12,9 +12,10 @@ which replaces the per-partition runner for that module.
 The ``mixed`` aux-head input is exact: conv(cat(own live, siblings' first k channels detached), W_g)
 has the value conv(h, W_g') with W_g's columns scattered to the channels of h it reads (any share
 ratio), the weight gradient of that conv, and an input gradient that reaches group g's body only
-through W_g's own columns (``runtime/shared_conv.py``). What cannot be expressed this way (dropout
-with per-partition RNG, unequal group widths, InfoPro's contrast variant, differing siblings, ...)
-raises :class:`NotFusable` with the reason, and the executor runs that module partition by partition.
+through W_g's own columns (``runtime/shared_conv.py``). Dropout is exact too: each group's mask comes
+from its own partition's generator (``runtime/fused_dropout.py``). What cannot be expressed this way
+(unequal group widths, differing siblings, ...) raises :class:`NotFusable` with the reason, and the
+executor runs that module partition by partition.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from ..codegen.modules import PartitionModule
 from ..partition.plan import IRNode, Partition
 from .fuse_storage import FusedTensor, fuse
+from .fused_dropout import fused_dropout
 from .fused_loss import FusedLoss
 from .fused_ops import _ELEMENTWISE, _POOLS, FusedOps, NotFusable, Step, _alias, _fn, _same
 from .fused_tokens import FusedTokenOps
@@ -52,8 +54,6 @@ class FusedStage(FusedOps, FusedTokenOps):
         _same([[i.source for i in p.inputs] for p in parts], "input list")
         if any(p.out_shape != parts[0].out_shape for p in parts):
             raise NotFusable(f"group widths differ ({[p.out_shape[0] for p in parts]}: an unequal split)")
-        if any(n.kind in ("dropout",) for p in parts for n in p.body + p.head):
-            raise NotFusable("dropout (per-partition random streams)")
         outs = parts[0].head_outputs
         _same([p.head_outputs for p in parts], "head outputs")
         if set(outs) - {"sim", "recon"} not in ({"logits"}, {"proj"}) or ("proj" in outs and "recon" not in outs):
@@ -154,6 +154,9 @@ class FusedStage(FusedOps, FusedTokenOps):
                     raise NotFusable(f"add {name} of {lays[0]} and {lays[1]} tensors")
                 steps.append((name, self._token_add(name, args, lays)))
                 layout[name] = "gtok"
+            elif kind == "dropout":  # each group's mask from its own partition's generator
+                steps.append((name, fused_dropout(name, args[0], [gm.get_submodule(name) for gm in gms], lays[0])))
+                layout[name] = lays[0]
             elif kind == "add":
                 if lays[0] != lays[1] or lays[0] == "mixed":
                     raise NotFusable(f"add {name} of {lays[0]} and {lays[1]} tensors")

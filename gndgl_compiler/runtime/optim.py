@@ -15,7 +15,7 @@ from ..spec.models import Optimizer, Schedule
 
 
 def make_optimizer(params: Iterable, opt: Optimizer | Mapping[str, Any],
-                   foreach: bool | None = None) -> torch.optim.Optimizer:
+                   foreach: bool | None = None, capturable: bool = False) -> torch.optim.Optimizer:
     """Build the optimizer of ``train.optimizer`` over ``params`` (parameters or param groups).
 
     Args:
@@ -23,6 +23,8 @@ def make_optimizer(params: Iterable, opt: Optimizer | Mapping[str, Any],
         opt: the spec's optimizer section (kind, lr, momentum, nesterov, weight_decay, betas); plain
             data is checked as the spec checks it.
         foreach: use the multi-tensor kernels (None = PyTorch's default).
+        capturable: Adam / AdamW keep their step count on the device and accept a tensor LR (CUDA
+            graphs; ``runtime/device_lr.py``). SGD needs nothing: its tensor-LR step is ``device_lr.sgd_step``.
     """
     if not isinstance(opt, Optimizer):
         opt = Optimizer.model_validate(dict(opt))
@@ -30,7 +32,8 @@ def make_optimizer(params: Iterable, opt: Optimizer | Mapping[str, Any],
         return torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov,
                                weight_decay=opt.weight_decay, foreach=foreach)
     cls = torch.optim.Adam if opt.kind == "adam" else torch.optim.AdamW
-    return cls(params, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay, foreach=foreach)
+    extra = {"capturable": True} if capturable else {}
+    return cls(params, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay, foreach=foreach, **extra)
 
 
 def lr_at(step: int, steps_per_epoch: int, base_lr: float, sched: Schedule, total_epochs: int) -> float:

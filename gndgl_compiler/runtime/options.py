@@ -71,6 +71,12 @@ class TrainOptions:
                                         "partitions on one device as one program (default from the spec).")
     """Sibling fusion (see ``Train.fuse_siblings``); a checkpoint of either setting resumes with the other."""
     amp: str | None = None
+    compile: str | None = option(None, "--compile", "torch.compile each sibling-fused module's program: off or "
+                                 "regional (default from the spec, train.compile).", metavar="off|regional")
+    """``train.compile`` (``runtime/regional_compile.py``); a resumed run may change it."""
+    cuda_graphs: str | None = option(None, "--cuda-graphs", "Capture each step as one CUDA graph: auto, on or off "
+                                     "(default from the spec, train.cuda_graphs).", metavar="auto|on|off")
+    """``train.cuda_graphs`` (``runtime/cuda_graphs.py``); a resumed run may change it."""
     channels_last: str | None = None
     run_dir: str | None = option(None, "--run-dir", "Run directory (default runs/<name>-<time>).", metavar="DIR",
                                  part="run")

@@ -3,7 +3,7 @@
 ``gndgl train --resume RUN`` continues with the settings recorded in ``run.json``. Options
 that only change how the run is carried out (``--device``, ``--log-every``,
 ``--checkpoint-every``, ``--data-root``, ``--fuse-siblings`` (the checkpoint layout is the
-same either way), ``--max-steps``, ``--tensorboard``) apply and are
+same either way), ``--cuda-graphs`` (the same step, captured or not), ``--compile``, ``--max-steps``, ``--tensorboard``) apply and are
 recorded; options that would change what is trained (``--dataset``, ``--batch-size``,
 ``--seed``, ``--set``, ...) are refused with a message. ``--epochs`` changes the length of an
 unfinished run (warm-up and milestones scale, as for a new run) or, on a finished one,
@@ -25,7 +25,7 @@ from ..errors import RunError
 from .config import Extension, RunConfig, scale_schedule
 from .optim import lr_at
 
-APPLIES = ("device", "log_every", "checkpoint_every", "data_root", "fuse_siblings")
+APPLIES = ("device", "log_every", "checkpoint_every", "data_root", "fuse_siblings", "cuda_graphs", "compile")
 """Options a resumed run takes (recorded in run.json); ``max_steps`` and ``tensorboard`` apply too."""
 REFUSED = {"dataset": "--dataset", "batch_size": "--batch-size", "seed": "--seed", "fused": "--fused/--no-fused",
            "amp": "amp", "channels_last": "channels_last", "limit_train": "--limit-train",

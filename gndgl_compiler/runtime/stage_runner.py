@@ -25,25 +25,10 @@ import torch
 from ..codegen.modules import PartitionModule
 from .. import losses as L
 from ..partition.plan import Partition
+from .streams import Streams
 from .transport import Transport
 
 HEAD_KEYS = ("logits", "sim", "recon", "proj")
-
-
-def _partition_seed(seed: int, step: int, pid: int) -> int:
-    """Seed of partition ``pid``'s random ops at global step ``step`` (independent of placement)."""
-    return ((seed * 1_000_003 + step) * 65_537 + pid) % (2 ** 63)
-
-
-@contextlib.contextmanager
-def _seeded(device: torch.device, seed: int):
-    """Run the block with the global RNG (CPU, and ``device`` if CUDA) seeded to ``seed``; restore it after."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.default_generator.manual_seed(seed)
-        if device.type == "cuda":
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
-        yield
 
 
 @dataclass
@@ -57,20 +42,24 @@ class StageEnv:
     random: set[int]
     amp: bool = False
     denorm: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    streams: Streams | None = None
+    autocast_cache: bool = True
+    """Autocast's weight-cast cache (off for a CUDA-graph captured step, as torch requires)."""
+    """The random partitions' generators (``runtime/streams.py``), seeded by the executor per step."""
     _denorm_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def autocast(self, device: torch.device):
         """bf16 autocast on CUDA when ``amp``; else nothing."""
         if self.amp and device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+            return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=self.autocast_cache)
         return contextlib.nullcontext()
 
-    def rng(self, pid: int, seed: tuple[int, int] | None):
-        """Fork the RNG and seed it per (seed, step, partition), so dropout masks do not depend on
-        which partitions share a process or in which order they run."""
-        if seed is None or pid not in self.random:
+    def rng(self, pid: int, seed: tuple[int, int] | None, head: bool = False):
+        """Nothing for a partition whose random ops draw from their own generator (all built-in ones);
+        the forked, re-seeded global RNG for one whose op takes no generator (:class:`Streams`)."""
+        if self.streams is None:
             return contextlib.nullcontext()
-        return _seeded(self.devices[pid], _partition_seed(seed[0], seed[1], pid))
+        return self.streams.legacy_rng(pid, seed, head)
 
     def image01(self, x: torch.Tensor) -> torch.Tensor:
         """The normalised batch back in [0, 1] (InfoPro's reconstruction target); the mean/std
@@ -146,8 +135,7 @@ class PartitionRunner:
         for pid in live:
             p, dev = env.parts[pid], env.devices[pid]
             comm.recv_shares(pid, h)
-            with torch.set_grad_enabled(torch.is_grad_enabled()), env.autocast(dev), \
-                    env.rng(pid, None if seed is None else (seed[0], seed[1] + (1 << 40))):
+            with torch.set_grad_enabled(torch.is_grad_enabled()), env.autocast(dev), env.rng(pid, seed, head=True):
                 shares = [h[s.source][:, :s.channels].to(dev, non_blocking=True) for s in p.shares]
                 outs[pid] = env.modules[pid].aux(h[pid], *shares)
         losses: dict[int, torch.Tensor] = {}

@@ -38,7 +38,11 @@ from .data import load_dataset
 from .data_cache import DataBundle
 from .devices import _synthetic_like, guard_oom, resolve_devices  # noqa: F401  (re-exported)
 from .evaluate import evaluate_run  # noqa: F401  (re-exported)
+from .cuda_graphs import GraphedStep, not_capturable, resolve
+from .regional_compile import compile_fused
 from .executor import Executor
+from .streams import untaken
+from ..graph.ops import RANDOM_KINDS
 from .loop_state import MetricsWindow, Reporter, TrainState
 from .metrics import MetricsLogger, truncate_metrics, write_metrics_csv
 from .options import TrainOptions
@@ -179,9 +183,14 @@ class Trainer:
         self.channels_last = self.execution.channels_last_on(self.device)
         self.data = self._load_data()
         torch.manual_seed(self.recipe.seed)
+        graphs = self._cuda_graphs(devices)
         self.ex = Executor(plan, art.modules, self.recipe.optimizer, devices, fused=self.execution.fused, amp=self.amp,
                            channels_last=self.channels_last, denorm=(self.data.mean, self.data.std),
-                           siblings=self.ctx.fuse_siblings(self.execution.fuse_siblings), transport=self.ctx.comm)
+                           siblings=self.ctx.fuse_siblings(self.execution.fuse_siblings), transport=self.ctx.comm,
+                           capturable=graphs)
+        compile_fused(self.ex.fused_stages, self.execution.compile, self._note)
+        self.step_fn = GraphedStep(self.ex, self._note) if graphs else self.ex.train_step
+        """One training step: the executor's, or its replay from a CUDA graph (``runtime/cuda_graphs.py``)."""
         if self.on_log:
             self.on_log({"kind": "setup", "fusion": self.ex.fusion, "text": self.ctx.setup_text(self.ex)})
         bs = self.recipe.batch_size
@@ -198,6 +207,24 @@ class Trainer:
         self.validate = Validator(self)
         self.window = MetricsWindow({p.id: p.name for p in plan.partitions}, bs)
         self.state = TrainState()
+
+    def _cuda_graphs(self, devices: dict[int, torch.device]) -> bool:
+        """``train.cuda_graphs`` resolved for this process (RunError, exit 2: ``on`` where it cannot capture)."""
+        plan, mods = self.art.plan, self.art.modules
+        owned = {pid: d for pid, d in devices.items() if pid in mods}
+        random = {p.id for p in plan.partitions if p.id in mods and any(n.kind in RANDOM_KINDS for n in p.body + p.head)}
+        reason = not_capturable(owned, fused=self.execution.fused, in_process=self.ctx.comm is None,
+                                world=self.ctx.world, sequential=plan.schedule != "parallel",
+                                legacy_random=bool(untaken({p.id: p for p in plan.partitions}, mods, random)))
+        on = resolve(self.execution.cuda_graphs, reason)
+        if self.on_log and self.execution.cuda_graphs != "off":
+            self.on_log({"kind": "note", "text": "cuda graphs: " + ("on (untested on a GPU so far)" if on
+                                                                    else f"off ({reason})")})
+        return on
+
+    def _note(self, text: str) -> None:
+        if self.on_log:
+            self.on_log({"kind": "note", "text": text})
 
     def _load_data(self) -> DataBundle:
         plan, r = self.art.plan, self.recipe
@@ -291,7 +318,7 @@ class Trainer:
         st = self.state
         self.ctx.begin_step(st.step)
         lr = self._lr()
-        stats = guard_oom(lambda: self.ex.train_step(x, y, lr, self._active(), seed=(self.recipe.seed, st.step)),
+        stats = guard_oom(lambda: self.step_fn(x, y, lr, self._active(), seed=(self.recipe.seed, st.step)),
                           self.device, self.recipe.batch_size)
         fsio.point("train.step", step=st.step + 1)
         self.window.add(stats)

@@ -345,6 +345,8 @@ class Train(_Strict):
     log_every: int = Field(50, ge=1, description="Log training metrics every N steps.")
     amp: Literal["auto", "bf16", "off"] = Field("auto", description="bf16 autocast: 'auto' = on for CUDA.")
     channels_last: Literal["auto", "on", "off"] = Field("auto", description="channels_last memory format: 'auto' = on for CUDA.")
+    compile: Literal["off", "regional"] = Field("off", description="torch.compile each sibling-fused module's program ('regional'); off by default (measured: see README).")
+    cuda_graphs: Literal["auto", "on", "off"] = Field("off", description="Capture the whole step as one CUDA graph: 'auto' = when every partition of the process is on CUDA and the step is capturable, 'on' = required (exit 2 if not), 'off' (default until checked on a GPU).")
     fused: bool = Field(True, description="Fuse the partitions on one device into one step (same math, fewer kernels).")
     fuse_siblings: bool = Field(True, description="With fused: run the G partitions of a module that share a device as one "
                                 "program (dense first conv + grouped convs, batched heads and losses; same math up to "

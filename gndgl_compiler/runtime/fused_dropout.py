@@ -1,0 +1,52 @@
+"""The sibling-fused form of dropout: each group's mask from its own partition's generator.
+
+Group g's partition draws its mask from its own stream (``runtime/streams.py``) for a tensor of
+its own shape; the fused step draws the same G masks, in the same order, from the same G
+generators and joins them in the fused layout — concatenated along channels for a ``stack``
+tensor ``(B, G·c, ...)``, stacked for a ``gstack`` tensor ``(G, B, D)`` — so the fused module
+computes exactly what the G partition programs compute (``tests/test_fused.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..graph.random_ops import SeededDropout
+from .fused_ops import NotFusable
+
+Step = Callable[[dict], None]
+
+
+def fused_dropout(name: str, arg: str, subs: list[torch.nn.Module], lay: str) -> Step:
+    """The fused step of dropout node ``name`` reading ``arg`` in layout ``lay``.
+
+    Args:
+        name, arg: the IR node and its input.
+        subs: the node's module in each group's program, in group order.
+        lay: the input's fused layout.
+
+    Raises:
+        NotFusable: a dropout without per-partition generator, or over a tensor not split by group.
+    """
+    if not all(isinstance(m, SeededDropout) for m in subs):
+        raise NotFusable(f"dropout {name} without a per-partition generator")
+    if lay not in ("stack", "gstack"):
+        raise NotFusable(f"dropout {name} over a {lay} tensor")
+    G = len(subs)
+
+    def step(env: dict) -> None:
+        x = env[arg]
+        first = subs[0]
+        if not first.training or first.p == 0.0:
+            env[name] = x
+            return
+        if lay == "gstack":  # (G, B, D): group g's tensor is x[g]
+            mask = torch.stack([m.mask(x.shape[1:], x) for m in subs])
+        else:  # (B, G·c, ...): group g's channels are the g-th block of dim 1
+            shape = (x.shape[0], x.shape[1] // G, *x.shape[2:])
+            mask = torch.cat([m.mask(shape, x) for m in subs], dim=1)
+        env[name] = x * mask
+
+    return step
