@@ -177,7 +177,7 @@ def test_parameters_stay_per_partition():
 
 
 def test_unfusable_modules_are_reported():
-    art = compile_spec(SPECS / "vgg6a_g2.yaml")
+    art = compile_spec(SPECS / "vgg6a_g6.yaml")
     mods = copy.deepcopy(art.modules)
     ex = Executor(art.plan, mods, SGD, {pid: CPU for pid in mods}, fused=True)
     multi = [r for r in ex.fusion if len(r["partitions"]) > 1]
