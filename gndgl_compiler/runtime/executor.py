@@ -49,7 +49,7 @@ class Executor:
         devices: ``{partition id: device}``.
         fused: per-device fused step (one backward, multi-tensor optimizer: :class:`DeviceUpdater`);
             False: per-partition steps (:class:`PartitionUpdater`).
-        amp: bf16 autocast (CUDA only).
+        amp: bf16 autocast (on CUDA and on the CPU).
         channels_last: channels_last memory format for 4-d tensors.
         denorm: ``(mean, std)`` to turn the normalised image back into [0, 1] (InfoPro).
         siblings: with ``fused``, run each module whose sibling partitions are all here, on one

@@ -69,19 +69,28 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 
 
 def step_all(opt: torch.optim.Optimizer) -> None:
-    """``opt.step()``, with SGD's param groups that share hyper-parameters stepped by one multi-tensor call.
+    """``opt.step()``, with the param groups that share hyper-parameters stepped by one multi-tensor call.
 
     The param groups (one per partition) and the per-parameter state stay as ``opt.step()`` keeps
     them, so ``state_dict`` is unchanged; the update is the same element-wise math, so the weights
-    are bit-for-bit those of ``opt.step()``. Optimizers other than multi-tensor SGD just step.
+    are bit-for-bit those of ``opt.step()`` (``tests/test_optim_merge.py``). Multi-tensor SGD and
+    Adam / AdamW are merged; any other optimizer or setting just steps.
 
     Args:
         opt: the optimizer.
     """
-    if type(opt) is not torch.optim.SGD or any(not g["foreach"] or g["fused"] or g["differentiable"]
-                                                for g in opt.param_groups):
+    if any(not g.get("foreach") or g.get("fused") or g.get("differentiable") for g in opt.param_groups):
         opt.step()
-        return
+    elif type(opt) is torch.optim.SGD:
+        _sgd_step_all(opt)
+    elif type(opt) in (torch.optim.Adam, torch.optim.AdamW) and _adam_mergeable(opt):
+        _adam_step_all(opt)
+    else:
+        opt.step()
+
+
+def _sgd_step_all(opt: torch.optim.SGD) -> None:
+    """SGD's step with the groups of equal hyper-parameters in one foreach call (see :func:`step_all`)."""
     from torch.optim.sgd import sgd
 
     buckets: dict[tuple, tuple[list, list, list]] = {}
@@ -105,3 +114,39 @@ def step_all(opt: torch.optim.Optimizer) -> None:
             if momentum != 0:
                 for p, buf in zip(params, bufs):
                     opt.state[p]["momentum_buffer"] = buf
+
+
+_ADAM_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "capturable", "decoupled_weight_decay")
+
+
+def _adam_mergeable(opt: torch.optim.Optimizer) -> bool:
+    """Whether this torch's Adam exposes what :func:`_adam_step_all` calls (else ``opt.step()``)."""
+    return hasattr(opt, "_init_group") and all(k in g for g in opt.param_groups for k in _ADAM_KEYS) \
+        and not any(isinstance(g["lr"], torch.Tensor) for g in opt.param_groups)
+
+
+def _adam_step_all(opt: torch.optim.Optimizer) -> None:
+    """Adam / AdamW's step with the groups of equal hyper-parameters in one foreach call.
+
+    Each group is prepared by the optimizer itself (``_init_group``: lazy state, step counts), then
+    the lists of all groups with the same hyper-parameters go through ``torch.optim.adam.adam`` at
+    once: per tensor the same element-wise math with its own step count, so bit for bit ``opt.step()``.
+    """
+    from torch.optim.adam import adam
+
+    buckets: dict[tuple, tuple[list, ...]] = {}
+    complex_: dict[tuple, bool] = {}
+    for g in opt.param_groups:
+        key = tuple(tuple(g[k]) if k == "betas" else g[k] for k in _ADAM_KEYS)
+        lists = buckets.setdefault(key, ([], [], [], [], [], []))
+        with torch.no_grad():
+            complex_[key] = bool(opt._init_group(g, *lists)) or complex_.get(key, False)
+    with torch.no_grad():
+        for key, (params, grads, avgs, sqs, max_sqs, steps) in buckets.items():
+            if not params:
+                continue
+            conf = dict(zip(_ADAM_KEYS, key))
+            adam(params, grads, avgs, sqs, max_sqs, steps, foreach=True, capturable=conf["capturable"],
+                 has_complex=complex_[key], decoupled_weight_decay=conf["decoupled_weight_decay"],
+                 amsgrad=conf["amsgrad"], beta1=conf["betas"][0], beta2=conf["betas"][1], lr=conf["lr"],
+                 weight_decay=conf["weight_decay"], eps=conf["eps"], maximize=conf["maximize"])

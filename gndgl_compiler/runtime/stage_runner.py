@@ -49,9 +49,9 @@ class StageEnv:
     _denorm_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def autocast(self, device: torch.device):
-        """bf16 autocast on CUDA when ``amp``; else nothing."""
-        if self.amp and device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=self.autocast_cache)
+        """bf16 autocast on ``device`` (CUDA or CPU) when ``amp``; else nothing."""
+        if self.amp and device.type in ("cuda", "cpu"):
+            return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=self.autocast_cache)
         return contextlib.nullcontext()
 
     def rng(self, pid: int, seed: tuple[int, int] | None, head: bool = False):
