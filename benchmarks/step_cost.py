@@ -14,7 +14,9 @@ aten ops per step are counted with a ``TorchDispatchMode`` (deterministic: the p
 CPU ms per step is the median over ``--steps`` steps (after warm-up) of the process CPU time a step
 takes (user + system: with ``--threads 1`` that is what the step costs, whatever else a shared
 machine runs), the three variants interleaved step by step (A B C, B C A, ...) so that machine load
-hits them alike. On CUDA the ms column is wall time between synchronisations.
+hits them alike. The "paired" column is the median (with quartiles) over rounds of the ratio fused ÷
+hand within one round, the steps measured back to back: what machine noise leaves of the comparison.
+On CUDA the ms column is wall time between synchronisations.
 
     python benchmarks/step_cost.py --threads 1 --batch 32 --steps 7
     python benchmarks/step_cost.py --device cuda --batch 256      # images/s and peak MiB
@@ -117,7 +119,10 @@ def bench(spec: str, make_hand, args, device: torch.device) -> dict:
             variants[k].step(x, y)
             _sync(device)
             times[k].append(time.process_time() - c0 if device.type == "cpu" else time.perf_counter() - t0)
+    paired = sorted(f / h for f, h in zip(times["fused"], times["hand"]))  # same round, back to back
+    q = statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3
     out = {"ops": ops, "ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
+           "paired": (q[0], statistics.median(paired), q[2]),
            "parts": len(art.plan.partitions), "params": sizes["hand"],
            "fused_modules": sum(r["fused"] for r in variants["fused"].ex.fusion), "modules": len(variants["fused"].ex.fusion)}
     if device.type == "cuda":
@@ -155,9 +160,10 @@ def main(argv=None) -> int:
         print(f"  {spec}: done", file=sys.stderr, flush=True)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)"
     print(f"\none training step, batch {args.batch}, median of {args.steps} interleaved steps after {args.warmup} "
-          f"warm-up; {where}; torch {torch.__version__}")
+          f"warm-up; {where}; torch {torch.__version__}\n'paired': the median (and quartiles) over rounds of fused "
+          f"time / hand time measured back to back in the same round (robust to slow drifts in machine load)")
     cols = ["config", "parts", "fused mods", "ops fused", "ops per-part", "ops hand", "fused/hand ops",
-            "ms fused", "ms per-part", "ms hand", "fused/hand ms"]
+            "ms fused", "ms per-part", "ms hand", "fused/hand ms", "paired (IQR)"]
     if device.type == "cuda":
         cols += ["img/s fused", "img/s hand", "MiB fused", "MiB hand"]
     table = []
@@ -165,7 +171,8 @@ def main(argv=None) -> int:
         o, m = r["ops"], r["ms"]
         row = [label, str(r["parts"]), f"{r['fused_modules']}/{r['modules']}", str(o["fused"]), str(o["per-partition"]),
                str(o["hand"]), f"{o['fused'] / o['hand']:.2f}x", f"{m['fused']:.1f}", f"{m['per-partition']:.1f}",
-               f"{m['hand']:.1f}", f"{m['fused'] / m['hand']:.2f}x"]
+               f"{m['hand']:.1f}", f"{m['fused'] / m['hand']:.2f}x",
+               "{1:.2f}x ({0:.2f}-{2:.2f})".format(*r["paired"])]
         if device.type == "cuda":
             row += [f"{r['img_s']['fused']:.0f}", f"{r['img_s']['hand']:.0f}", f"{r['peak_mib']['fused']:.0f}",
                     f"{r['peak_mib']['hand']:.0f}"]
