@@ -35,10 +35,14 @@ def resolve_devices(art: Artifact, device: str | None) -> dict[int, torch.device
     return out
 
 
-def _synthetic_like(plan) -> dict:
+def _synthetic_like(plan, batch_size: int | None = None) -> dict:
     """``synthetic`` data shaped like the network's input, with its number of classes, so that any
-    spec can be smoke-tested with ``--dataset synthetic``."""
-    return {"shape": tuple(plan.input_shape), "num_classes": plan.num_classes}
+    spec can be smoke-tested with ``--dataset synthetic``: at least two batches of ``batch_size``
+    training images (512 by default), so a spec's own batch size always fits."""
+    out = {"shape": tuple(plan.input_shape), "num_classes": plan.num_classes}
+    if batch_size:
+        out["n_train"] = max(512, 2 * batch_size)
+    return out
 
 
 def guard_oom(fn, device: torch.device, bs: int):

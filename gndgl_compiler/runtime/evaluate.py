@@ -29,7 +29,7 @@ def evaluate_run(run_dir: str | Path, device: str | None = None, limit_test: int
     devices = resolve_devices(art, device or "cpu")
     data = load_dataset(config.recipe.dataset, root=config.execution.data_root, input_shape=tuple(art.plan.input_shape),
                         limit_train=1, limit_test=limit_test or config.recipe.limit_test,
-                        synthetic=_synthetic_like(art.plan))
+                        synthetic=_synthetic_like(art.plan, config.recipe.batch_size))
     first = devices[art.plan.partitions[0].id]
     data = data.to(first)
     ex = Executor(art.plan, art.modules, None, devices, fused=False, denorm=(data.mean, data.std))  # no optimizers

@@ -210,7 +210,7 @@ def _data_record(run_dir: Path, saved: dict, art: Artifact) -> dict[str, Any]:
     origin = f"statistics of data set '{dataset}' (the run has no {DATA_RECORD})"
     try:  # an older run: the statistics the training data had, computed the same way
         data = load_dataset(dataset, root=config.execution.data_root, input_shape=tuple(art.plan.input_shape),
-                            limit_train=1, limit_test=1, synthetic=_synthetic_like(art.plan))
+                            limit_train=1, limit_test=1, synthetic=_synthetic_like(art.plan, config.recipe.batch_size))
         rec = {"mean": list(data.mean), "std": list(data.std), "classes": list(data.classes)}
     except DataError as exc:
         known = str(dataset).strip().lower().replace("_", "-").replace("fashionmnist", "fashion-mnist")

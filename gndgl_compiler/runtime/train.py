@@ -230,7 +230,7 @@ class Trainer:
         plan, r = self.art.plan, self.recipe
         data = load_dataset(r.dataset, root=self.execution.data_root, download=self.execution.download,
                             input_shape=tuple(plan.input_shape), limit_train=r.limit_train, limit_test=r.limit_test,
-                            synthetic=_synthetic_like(plan), progress=self.on_progress)
+                            synthetic=_synthetic_like(plan, r.batch_size), progress=self.on_progress)
         if data.num_classes != plan.num_classes:
             raise RunError(f"data set '{r.dataset}' has {data.num_classes} classes but the network was compiled for "
                            f"{plan.num_classes}; set model.num_classes: {data.num_classes} and recompile")
