@@ -32,12 +32,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hand_loops as hand  # noqa: E402
 
 from gndgl_compiler import compile_spec  # noqa: E402
+from gndgl_compiler.profiling import count_ops  # noqa: E402
 from gndgl_compiler.runtime.executor import Executor  # noqa: E402
 
 SPECS = Path(__file__).resolve().parents[1] / "specs"
@@ -48,18 +48,6 @@ CONFIGS = [
     ("resnet32_k4g4", "GN-DGL K=4 G=4", lambda: hand.HandGNDGL(4, 4)),
     ("resnet32_k8g4", "GN-DGL K=8 G=4", lambda: hand.HandGNDGL(8, 4)),
 ]
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched while active (forward, backward and optimizer alike)."""
-
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += 1
-        return func(*args, **(kwargs or {}))
 
 
 class Gndgl:
@@ -78,13 +66,6 @@ class Gndgl:
 
 def n_params(mods) -> int:
     return sum(p.numel() for m in mods for p in m.parameters())
-
-
-def count_ops(step, x, y) -> int:
-    """aten ops of one ``step(x, y)`` (after the caller's warm-up)."""
-    with OpCounter() as c:
-        step(x, y)
-    return c.n
 
 
 def _sync(device: torch.device) -> None:

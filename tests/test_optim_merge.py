@@ -13,8 +13,8 @@ import copy
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from gndgl_compiler.profiling import OpCounter
 from gndgl_compiler.runtime.optim import make_optimizer, step_all
 
 KINDS = {
@@ -22,16 +22,6 @@ KINDS = {
     "adam": {"kind": "adam", "lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 1e-4},
     "adamw": {"kind": "adamw", "lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.05},
 }
-
-
-class Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += 1
-        return func(*args, **(kwargs or {}))
 
 
 def groups(seed: int = 0) -> list[dict]:
@@ -79,7 +69,7 @@ def test_merged_step_dispatches_fewer_ops(kind):
         opt = make_optimizer(groups(), KINDS[kind], foreach=True)
         for s in range(2):
             set_grads(opt, 0)
-            with Ops() as c:
+            with OpCounter() as c:
                 step(opt)
         counts[name] = c.n
     # eight groups with two sets of hyper-parameters: two sets of multi-tensor calls instead of eight
