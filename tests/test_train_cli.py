@@ -35,6 +35,8 @@ SMALL = ["--epochs", "1", "--limit-train", "64", "--limit-test", "32", "--batch-
 ERROR_CASES = {
     "unknown-dataset": (["train", "{spec}", "--dataset", "no-such-data", "--run-dir", "r", *SMALL],
                         ["unknown data set 'no-such-data'", "synthetic"]),
+    "workers-unknown-dataset": (["train", "{spec}", "--dataset", "no-such-data", "--workers", "2", "--run-dir", "r",
+                                 *SMALL], ["unknown data set 'no-such-data'", "stopped on the error above"]),
     "device-cuda3": (["train", "{spec}", "--dataset", "synthetic", "--device", "cuda:3", "--run-dir", "r", *SMALL],
                      ["cuda:3", "--device"]),
     "device-tpu": (["train", "{spec}", "--dataset", "synthetic", "--device", "tpu", "--run-dir", "r", *SMALL],

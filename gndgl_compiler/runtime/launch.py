@@ -63,7 +63,9 @@ def launch_local(workers: int, worker_args: list[str], *, port: int | None = Non
         module: the module each rank runs (default :data:`WORKER_MODULE`).
 
     Raises:
-        DistributedError: a rank failed; names it, its exit code and its partitions.
+        DistributedSetupError: a rank refused its input (its exit status 2: the error it printed is the
+            reason; exit status 2 here too).
+        DistributedError: a rank failed otherwise; names it, its exit code and its partitions.
     """
     if workers < 1:
         raise DistributedSetupError(f"--workers must be at least 1, got {workers}")
@@ -90,6 +92,9 @@ def launch_local(workers: int, worker_args: list[str], *, port: int | None = Non
                 r, c = _culprit(failed)
                 _stop(procs)
                 names = ", ".join((partitions_of or {}).get(r, [])) or "?"
+                if c == 2:  # the rank refused its input (bad data set, option, artifact) and said why above
+                    raise DistributedSetupError(f"rank {r} (partitions {names}) stopped on the error above (exit "
+                                                "status 2); the other ranks were stopped")
                 raise DistributedError(f"rank {r} (partitions {names}) exited with code {c}; the other ranks were "
                                        "stopped. The last committed checkpoint stays resumable (--resume RUN_DIR).")
             if all(c == 0 for c in codes):
