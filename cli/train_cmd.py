@@ -105,7 +105,18 @@ def _launch(art, workers: int, opts, launch) -> None:
         owners.setdefault(p.worker, []).append(p.name)
     console.print(f"launching {workers} workers: " + " · ".join(f"rank {r}: {len(v)} partitions"
                                                                for r, v in owners.items()), highlight=False)
-    launch_local(workers, worker_args(art.path, opts, launch), port=launch.port, partitions_of=owners)
+    fresh = False
+    if opts.resume is None:  # the run directory is made here, so a start that fails can be undone here
+        from gndgl_compiler.runtime.run_dir import new_run_dir
+        fresh = not (opts.run_dir and Path(opts.run_dir).exists())
+        opts.run_dir = str(new_run_dir(art.plan.name, opts.run_dir))
+    try:
+        launch_local(workers, worker_args(art.path, opts, launch), port=launch.port, partitions_of=owners)
+    except DistributedSetupError:  # a rank refused its input: nothing was trained
+        if opts.resume is None:
+            from gndgl_compiler.runtime.run_dir import discard_unstarted
+            discard_unstarted(Path(opts.run_dir), fresh)
+        raise
 
 
 def _option_parameters() -> list[inspect.Parameter]:

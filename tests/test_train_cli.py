@@ -122,6 +122,12 @@ def test_bad_input_exits_with_status_2(cli_runs, case):
     assert code == 2, f"exit {code}:\n{so + se}"
 
 
+@pytest.mark.parametrize("case", ["unknown-dataset", "workers-unknown-dataset", "device-tpu"])
+def test_a_start_that_fails_on_bad_input_leaves_no_run_directory(cli_runs, case):
+    _, so, se, cwd = cli_runs[case]
+    assert not (cwd / "r").exists() and not (cwd / "runs").exists(), so + se
+
+
 def test_train_writes_a_complete_run(cli_runs):
     code, so, se, cwd = cli_runs["train-ok"]
     assert code == 0, so + se
@@ -164,6 +170,9 @@ def test_eval_and_plot_default_to_the_newest_run(cli_runs, tmp_path):
     (older / "run.json").write_text("{}")  # would fail to evaluate: must not be chosen
     os.utime(older / "run.json", (1, 1))
     (tmp_path / "runs" / "newest").symlink_to(cwd / "tmp")
+    unstarted = tmp_path / "runs" / "unstarted"  # newer still, but its start failed before a step: passed over
+    unstarted.mkdir()
+    (unstarted / "run.json").write_text("{}")
     res = subprocess.run(cli("eval", "--json"), cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     assert json.loads(res.stdout)["test_acc"] == json.loads((cwd / "tmp" / "summary.json").read_text())["test_acc"]

@@ -29,7 +29,13 @@ DATA_RECORD = "data.json"
 """Run-directory file with the input normalisation and class names the run trained with."""
 
 
-def _new_run_dir(name: str, requested: str | None) -> Path:
+def new_run_dir(name: str, requested: str | None) -> Path:
+    """Make an empty directory for a new run: ``requested`` (which must be empty or absent) or
+    ``runs/<name>-<time>`` (a unique one).
+
+    Raises:
+        RunError: ``requested`` is not empty, or the directory cannot be created.
+    """
     if requested:
         d = Path(requested)
         if d.exists() and any(d.iterdir()):
@@ -59,7 +65,7 @@ def create_run(art: Artifact, config: RunConfig, requested: str | None, *, world
     Raises:
         RunError: the requested directory is not empty or cannot be created.
     """
-    run_dir = _new_run_dir(art.plan.name, requested)
+    run_dir = new_run_dir(art.plan.name, requested)
     if art.path is not None:
         shutil.copytree(art.path, run_dir / "artifact", dirs_exist_ok=True)
     write_run_record(run_dir, {"config": config.record(), "device": config.execution.device,
@@ -109,6 +115,9 @@ def record_changes(run_dir: str | Path, saved: dict) -> None:
 def latest_run(root: str | Path = "runs") -> Path:
     """The most recently started run under ``root`` (what ``gndgl eval`` / ``plot`` use by default).
 
+    A directory whose start failed before its first step (only ``run.json`` and the artifact in it:
+    e.g. a torchrun start on a missing data set) is passed over for an older run that trained.
+
     Raises:
         RunError: ``root`` holds no run directory.
     """
@@ -116,7 +125,15 @@ def latest_run(root: str | Path = "runs") -> Path:
     runs = [d for d in root.iterdir() if (d / "run.json").is_file()] if root.is_dir() else []
     if not runs:
         raise RunError(f"no run directory in '{root}/'; pass one (gndgl train writes runs/NAME-TIME/)")
-    return max(runs, key=lambda d: (d / "run.json").stat().st_mtime)
+    started = [d for d in runs if _started(d)]
+    return max(started or runs, key=lambda d: (d / "run.json").stat().st_mtime)
+
+
+def _started(run_dir: Path) -> bool:
+    """Whether a run got as far as its first step (metrics, a checkpoint or weights)."""
+    ckpt = run_dir / "checkpoints"
+    return (run_dir / "metrics.jsonl").is_file() or (run_dir / "weights.safetensors").is_file() \
+        or (ckpt.is_dir() and any(ckpt.iterdir()))
 
 
 def write_run_record(run_dir: str | Path, record: dict) -> Path:
@@ -219,9 +236,15 @@ def check_resume_world(run_dir: str | Path, world: int) -> dict:
     return saved
 
 
-def _discard_unstarted(run_dir: Path, fresh: bool) -> None:
+def discard_unstarted(run_dir: Path, fresh: bool) -> None:
     """Undo a run directory whose start failed on bad input (nothing was trained in it), so the
-    same command works once the input is fixed."""
+    same command works once the input is fixed and ``gndgl eval`` / ``plot`` do not pick it.
+
+    Args:
+        run_dir: the run directory.
+        fresh: it did not exist before this command (removed; else only emptied). A directory with
+            checkpoints is left as it is.
+    """
     if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
         return
     if fresh:

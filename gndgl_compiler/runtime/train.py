@@ -48,7 +48,7 @@ from .metrics import MetricsLogger, truncate_metrics, write_metrics_csv
 from .options import TrainOptions
 from .progress import ProgressEvent, ProgressFn, counted
 from .resume import run_lr
-from .run_dir import (DATA_RECORD, _discard_unstarted, _load_run_artifact, _new_run_dir,  # noqa: F401
+from .run_dir import (DATA_RECORD, discard_unstarted, _load_run_artifact, new_run_dir,  # noqa: F401
                       check_resume_world, create_run, latest_run, read_run_record, record_changes, reopen_run,
                       run_weights)
 from .signals import Interrupted
@@ -85,7 +85,7 @@ def train_artifact(source: str | Path | Artifact, opts: TrainOptions | None = No
     try:
         return Trainer(art, config, run_dir, on_log=opts.on_log, on_progress=opts.on_progress).fit()
     except (RunError, DataError, DeviceError):
-        _discard_unstarted(run_dir, fresh)
+        discard_unstarted(run_dir, fresh)
         raise
 
 
