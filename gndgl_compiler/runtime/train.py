@@ -186,7 +186,7 @@ class Trainer:
         graphs = self._cuda_graphs(devices)
         self.ex = Executor(plan, art.modules, self.recipe.optimizer, devices, fused=self.execution.fused, amp=self.amp,
                            channels_last=self.channels_last, denorm=(self.data.mean, self.data.std),
-                           siblings=self.ctx.fuse_siblings(self.execution.fuse_siblings), transport=self.ctx.comm,
+                           siblings=self.ctx.fuse_siblings(self.execution.fuse_siblings), transport=self.ctx.transport,
                            capturable=graphs)
         compile_fused(self.ex.fused_stages, self.execution.compile, self._note)
         self.step_fn = GraphedStep(self.ex, self._note) if graphs else self.ex.train_step
@@ -213,7 +213,7 @@ class Trainer:
         plan, mods = self.art.plan, self.art.modules
         owned = {pid: d for pid, d in devices.items() if pid in mods}
         random = {p.id for p in plan.partitions if p.id in mods and any(n.kind in RANDOM_KINDS for n in p.body + p.head)}
-        reason = not_capturable(owned, fused=self.execution.fused, in_process=self.ctx.comm is None,
+        reason = not_capturable(owned, fused=self.execution.fused, in_process=self.ctx.transport.in_process,
                                 world=self.ctx.world, sequential=plan.schedule != "parallel",
                                 legacy_random=bool(untaken({p.id: p for p in plan.partitions}, mods, random)))
         on = resolve(self.execution.cuda_graphs, reason)
