@@ -36,7 +36,7 @@ from .context import DistContext, LocalContext
 from .batches import Batches, steps_per_epoch
 from .data import load_dataset
 from .data_cache import DataBundle
-from .devices import _synthetic_like, guard_oom, resolve_devices  # noqa: F401  (re-exported)
+from .devices import _synthetic_like, guard_oom, resolve_devices
 from .evaluate import evaluate_run  # noqa: F401  (re-exported)
 from .cuda_graphs import GraphedStep, not_capturable, resolve
 from .regional_compile import compile_fused
@@ -48,9 +48,8 @@ from .metrics import MetricsLogger, truncate_metrics, write_metrics_csv
 from .options import TrainOptions
 from .progress import ProgressEvent, ProgressFn, counted
 from .resume import run_lr
-from .run_dir import (DATA_RECORD, _discard_unstarted, _load_run_artifact, _new_run_dir,  # noqa: F401
-                      check_resume_world, create_run, latest_run, read_run_record, record_changes, reopen_run,
-                      run_weights)
+from .run_dir import (DATA_RECORD, _discard_unstarted, create_run, latest_run, read_run_record, record_changes,
+                      reopen_run, run_weights)
 from .signals import Interrupted
 
 
