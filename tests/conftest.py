@@ -1,9 +1,11 @@
-"""Shared test fixtures."""
+"""Shared test fixtures (the distributed tests' session fixtures: ``tests/dist_fixtures.py``)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+pytest_plugins = ["dist_fixtures"]
 
 
 @pytest.fixture(scope="module")

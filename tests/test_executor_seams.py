@@ -151,7 +151,8 @@ def test_siblings_on_other_ranks_run_per_partition(k2g2):
     assert ex.runners[0].transport is ex.transport  # the fused module still sends to the other rank
     assert ex.fusion_summary() == "sibling-fused modules: 1; per partition (siblings on other ranks): 2"
     local = Executor(plan, copy.deepcopy(k2g2.modules), SGD, devices)
-    assert local.runners[0].transport is None  # in one process the fused runners skip the hooks
+    assert local.runners[0].transport is local.transport  # every runner holds the executor's transport ...
+    assert isinstance(local.transport, LocalTransport) and not local.runners[0].remote  # ... and skips its hooks
 
 
 def test_step_plan_is_plain_data(k2g2):

@@ -1,8 +1,11 @@
 """What differs between one process and a rank of a distributed run, behind one object's methods.
 
 :class:`LocalContext` is rank 0 of 1; :class:`DistContext` is one of ``world`` ranks, each
-training the partitions placed on it and sending activations through ``comm``. The trainer
-calls the same methods either way, so its loop has no ``if world > 1`` branches:
+training the partitions placed on it and sending activations through its ``transport``. Both
+hold a :class:`~gndgl_compiler.runtime.transport.Transport` (one process: ``LocalTransport``,
+whose hooks do nothing; a rank: its ``PeerComm``), so the executor and the trainer call its hooks
+unconditionally. The trainer calls the same methods either way, so its loop has no
+``if world > 1`` branches:
 
     is_main              this process writes the run directory's shared files, evaluates, reports
     checkpoint_dir       checkpoints/            | checkpoints/rank<r>/
@@ -10,6 +13,7 @@ calls the same methods either way, so its loop has no ``if world > 1`` branches:
     commit               nothing                 | barrier, rank 0 writes commit-<step>.json, barrier
     evaluator            the training executor   | one over every rank's committed weights
     final_weights        this process's modules  | every rank's last checkpoint, on rank 0
+    begin_step, drain    the transport's hooks: LocalTransport's do nothing | PeerComm's step window
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from .dist_checkpoint import (commit_checkpoint, committed_checkpoint, gather_mo
                               merge_rank_metrics, metrics_dir)
 from .run_dir import _usable_checkpoint
 from .signals import StopFlag
+from .transport import LocalTransport, Transport
 
 
 class LocalContext:
@@ -32,9 +37,12 @@ class LocalContext:
 
     rank = 0
     world = 1
-    comm: Any = None
     evaluates_checkpoints = False
     """Whether evaluation reads the checkpoint of this step (so it is written before evaluating)."""
+
+    def __init__(self) -> None:
+        self.transport: Transport = LocalTransport()
+        """How tensors reach partitions in other processes (here: nowhere)."""
 
     @property
     def is_main(self) -> bool:
@@ -67,10 +75,12 @@ class LocalContext:
         return StopFlag()
 
     def begin_step(self, step: int) -> None:
-        """Before training step ``step``."""
+        """Before training step ``step``: the transport's step begins."""
+        self.transport.begin_step(step)
 
     def drain(self) -> None:
         """Wait for the activations still in flight (before a checkpoint)."""
+        self.transport.drain()
 
     def commit(self, root: Path, step: int) -> None:
         """Make the checkpoint of ``step`` the one to resume from."""
@@ -94,17 +104,23 @@ class LocalContext:
 
     def rank_record(self, step: int) -> dict[str, Any]:
         """What a rank that does not write the summary returns."""
-        return {"rank": self.rank, "steps": step, "bytes_sent": 0}
+        return {"rank": self.rank, "steps": step, "bytes_sent": self.transport.bytes_sent}
 
 
 class DistContext(LocalContext):
-    """One rank of a distributed run: its partitions, its peer transport ``comm``."""
+    """One rank of a distributed run: its partitions, its peer transport.
+
+    Args:
+        rank: this rank.
+        world: the number of ranks.
+        transport: this rank's transport (its ``PeerComm``, or a wrapper of it).
+        run_dir: the run directory (rank 0 gathers the final weights and metrics there).
+    """
 
     evaluates_checkpoints = True
 
-    def __init__(self, rank: int = 0, world: int = 1, comm: Any = None, run_dir: Path | None = None) -> None:
-        self.rank, self.world, self.comm = rank, world, comm
-        self.run_dir = run_dir
+    def __init__(self, rank: int, world: int, transport: Transport, run_dir: Path) -> None:
+        self.rank, self.world, self.transport, self.run_dir = rank, world, transport, run_dir
 
     def setup_text(self, executor: Any) -> str:
         """This rank's modules: which run sibling-fused, which per partition and why."""
@@ -119,14 +135,6 @@ class DistContext(LocalContext):
     def stop_flag(self) -> StopFlag:
         """The first signal interrupts at once: the launcher stops every rank together."""
         return StopFlag(immediate=True)
-
-    def begin_step(self, step: int) -> None:
-        if self.comm is not None:
-            self.comm.begin_step(step)
-
-    def drain(self) -> None:
-        if self.comm is not None:
-            self.comm.drain()
 
     def commit(self, root: Path, step: int) -> None:
         commit_checkpoint(root, step, self)
@@ -149,7 +157,3 @@ class DistContext(LocalContext):
         final = gather_tensors(self.run_dir / "checkpoints", step, self.world)
         merge_rank_metrics(self.run_dir, self.world)
         return final
-
-    def rank_record(self, step: int) -> dict[str, Any]:
-        return {"rank": self.rank, "steps": step, "bytes_sent": self.comm.bytes_sent if self.comm else 0}
-

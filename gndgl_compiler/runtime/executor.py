@@ -66,7 +66,7 @@ class Executor:
                  siblings: bool = True, transport: Transport | None = None, capturable: bool = False):
         self.plan, self.modules, self.devices = plan, modules, devices
         self.fused, self.amp, self.channels_last, self.denorm = fused, amp, channels_last, denorm
-        self.transport: Transport = transport if transport is not None else LocalTransport()
+        self.transport: Transport = transport or LocalTransport()
         self.parts = {p.id: p for p in plan.partitions}
         self.step_plan = StepPlan.build(plan, modules, devices, random_ops=RANDOM_OPS, fuse=fused and siblings)
         self.streams = Streams(self.parts, modules, devices, self.step_plan.random)
@@ -82,7 +82,6 @@ class Executor:
         """Stage index -> its runner (sibling-fused where the module fuses, else per partition)."""
         self.fused_stages: dict[int, FusedStage] = {}
         """Stage index -> its fused program (modules whose siblings run as one)."""
-        remote = None if self.transport.in_process else self.transport  # the fused runners' hooks
         for i in self.step_plan.candidates:
             stage = self.stages[i]
             if self.streams.legacy & set(stage):
@@ -96,7 +95,7 @@ class Executor:
             self.step_plan.decide(i, True)
             self.fused_stages[i] = fs
             self.runners[i] = SiblingFusedRunner(fs, stage, self.parts[stage[0]].module, devices[stage[0]],
-                                                 self.env.autocast, self.env.image01, remote)
+                                                 self.env.autocast, self.transport, self.env.image01)
         fused_grads = [g for fs in self.fused_stages.values() for g in fs.fused_grads()]
         if capturable and not fused:
             raise ValueError("a capturable step needs the per-device fused updater (fused=True)")

@@ -31,6 +31,7 @@ from .fused_ops import _ELEMENTWISE, _POOLS, FusedOps, NotFusable, Step, _alias,
 from .fused_tokens import FusedTokenOps
 from .stage_outputs import StageOutputs
 from .stage_runner import StepState
+from .transport import Transport
 
 
 class FusedStage(FusedOps, FusedTokenOps):
@@ -253,17 +254,19 @@ class SiblingFusedRunner:
         module: the module's number (for error messages).
         device: the siblings' device.
         autocast: ``device -> context manager`` (the executor's bf16 autocast).
+        transport: the executor's transport; unless it is ``in_process``, its hooks bring the
+            module's inputs from other ranks and send each partition's output to its readers there.
         image01: ``x -> image in [0, 1]`` (``StageEnv.image01``), for InfoPro's reconstruction loss.
-        transport: on a distributed rank, the transport whose hooks bring the module's inputs from
-            other ranks and send each partition's output to its readers there; None in one process.
     """
 
     def __init__(self, fs: FusedStage, stage: list[int], module: int, device: torch.device, autocast,
-                 image01=None, transport=None):
+                 transport: Transport, image01=None):
         self.fs, self.stage, self.module, self.device, self.autocast = fs, stage, module, device, autocast
         self.image01 = image01 if fs.loss.kind == "infopro" else None
         self.srcs = [i.source for i in fs.parts[0].inputs]
         self.transport = transport
+        self.remote = not transport.in_process
+        """Whether tensors leave the process (else the hooks are skipped: they would do nothing)."""
 
     def takes(self, active: set[int] | None) -> bool:
         return active is None or all(p in active for p in self.stage)
@@ -293,14 +296,14 @@ class SiblingFusedRunner:
     # the module's inputs arrive and its partitions' outputs leave, as on the per-partition path.
     def _recv_inputs(self, h: StageOutputs) -> None:
         """Receive into ``h`` the module's inputs that live on other ranks."""
-        if self.transport is not None:
+        if self.remote:
             for pid in self.stage:
                 self.transport.recv_inputs(pid, h)
 
     def _send_outputs(self, out: torch.Tensor) -> None:
         """Send each partition's output (its channel slice of ``out``, detached; the transport makes
         it contiguous) to its readers on other ranks."""
-        if self.transport is not None:
+        if self.remote:
             width = out.shape[1] // len(self.stage)
             for g, pid in enumerate(self.stage):
                 self.transport.send_output(pid, out.detach().narrow(1, g * width, width))

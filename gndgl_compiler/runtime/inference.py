@@ -27,7 +27,8 @@ from ..errors import DataError, RunError
 from ..partition.plan import IMAGE
 from .data import IDX_CLASSES, STATS, load_dataset
 from .config import RunConfig
-from .train import DATA_RECORD, _load_run_artifact, _synthetic_like, latest_run, read_run_record, run_weights
+from .devices import _synthetic_like
+from .run_dir import DATA_RECORD, _load_run_artifact, latest_run, read_run_record, run_weights
 
 
 class InputError(RunError):

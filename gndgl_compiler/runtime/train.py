@@ -36,7 +36,7 @@ from .context import DistContext, LocalContext
 from .batches import Batches, steps_per_epoch
 from .data import load_dataset
 from .data_cache import DataBundle
-from .devices import _synthetic_like, guard_oom, resolve_devices  # noqa: F401  (re-exported)
+from .devices import _synthetic_like, guard_oom, resolve_devices
 from .evaluate import evaluate_run  # noqa: F401  (re-exported)
 from .cuda_graphs import GraphedStep, not_capturable, resolve
 from .regional_compile import compile_fused
@@ -48,9 +48,8 @@ from .metrics import MetricsLogger, truncate_metrics, write_metrics_csv
 from .options import TrainOptions
 from .progress import ProgressEvent, ProgressFn, counted
 from .resume import run_lr
-from .run_dir import (DATA_RECORD, discard_unstarted, _load_run_artifact, new_run_dir,  # noqa: F401
-                      check_resume_world, create_run, latest_run, read_run_record, record_changes, reopen_run,
-                      run_weights)
+from .run_dir import (DATA_RECORD, create_run, discard_unstarted, latest_run, read_run_record, record_changes,
+                      reopen_run, run_weights)
 from .signals import Interrupted
 
 
@@ -186,7 +185,7 @@ class Trainer:
         graphs = self._cuda_graphs(devices)
         self.ex = Executor(plan, art.modules, self.recipe.optimizer, devices, fused=self.execution.fused, amp=self.amp,
                            channels_last=self.channels_last, denorm=(self.data.mean, self.data.std),
-                           siblings=self.ctx.fuse_siblings(self.execution.fuse_siblings), transport=self.ctx.comm,
+                           siblings=self.ctx.fuse_siblings(self.execution.fuse_siblings), transport=self.ctx.transport,
                            capturable=graphs)
         compile_fused(self.ex.fused_stages, self.execution.compile, self._note)
         self.step_fn = GraphedStep(self.ex, self._note) if graphs else self.ex.train_step
@@ -213,7 +212,7 @@ class Trainer:
         plan, mods = self.art.plan, self.art.modules
         owned = {pid: d for pid, d in devices.items() if pid in mods}
         random = {p.id for p in plan.partitions if p.id in mods and any(n.kind in RANDOM_KINDS for n in p.body + p.head)}
-        reason = not_capturable(owned, fused=self.execution.fused, in_process=self.ctx.comm is None,
+        reason = not_capturable(owned, fused=self.execution.fused, in_process=self.ctx.transport.in_process,
                                 world=self.ctx.world, sequential=plan.schedule != "parallel",
                                 legacy_random=bool(untaken({p.id: p for p in plan.partitions}, mods, random)))
         on = resolve(self.execution.cuda_graphs, reason)
