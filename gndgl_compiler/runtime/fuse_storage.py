@@ -143,6 +143,8 @@ def fuse_padded(parts: list[torch.Tensor], rows: int, cols: int | None = None, *
         data = torch.full(shape, fill, dtype=first.dtype, device=first.device)
         for p, ix in zip(parts, index):
             data[ix] = p.detach()
+        if first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous():
+            data = data.contiguous(memory_format=torch.channels_last)
     ft = FusedTensor(data.requires_grad_(grad), list(parts), stacked, index=index)
     for g, p in enumerate(parts):
         p.data = ft._view(data.detach(), g)
