@@ -13,6 +13,12 @@ an in-place write through either side (optimizer step, ``load_state_dict``, Batc
 running-stat update) is seen by the other. Linear weights are stacked as ``[G, O, I]`` so the
 fused program runs the G layers as one batched matmul.
 
+Siblings of unequal widths (a balanced split: 22, 22, 21, ...) fuse *padded* (:func:`fuse_padded`):
+each group's block is padded to the widest group's rows (and, for grouped / batched layers, input
+columns) with exact zeros, and partition g's tensor is the view of its real sub-block (possibly not
+contiguous). The padded entries belong to no parameter, so no optimizer, weight decay or
+``load_state_dict`` ever writes them: they stay zero.
+
 Moving a module to another device or dtype after fusion (``module.to``) replaces its
 storage and breaks the alias; :meth:`FusedTensor.intact` detects that.
 """
@@ -38,8 +44,12 @@ class FusedTensor:
     parts: list[torch.Tensor]
     linear: bool = False
     grads: list[torch.Tensor] | None = None
+    index: list[tuple[object, ...]] | None = None
+    """Padded storage: partition g's sub-block is ``fused[index[g]]`` (None: the equal-width layout)."""
 
     def _view(self, base: torch.Tensor, g: int) -> torch.Tensor:
+        if self.index is not None:
+            return base[self.index[g]]
         if self.parts[g].dim() == 0 or self.linear:
             return base[g]
         n = self.parts[g].shape[0]
@@ -93,3 +103,73 @@ def fuse(parts: list[torch.Tensor], *, linear: bool = False, grad: bool | None =
         ft.fused.grad = torch.zeros_like(data)
         ft.grads = [ft._view(ft.fused.grad, g) for g in range(len(parts))]
     return ft
+
+
+def fuse_padded(parts: list[torch.Tensor], rows: int, cols: int | None = None, *, stacked: bool = False,
+                fill: float = 0.0, grad: bool | None = None) -> FusedTensor:
+    """Like :func:`fuse` for siblings of unequal widths: each group's block padded with ``fill``.
+
+    Args:
+        parts: G tensors (o_g, [i_g, k...]) of equal rank, dtype and device, one per sibling, in group order.
+        rows: the padded output width (at least every o_g).
+        cols: the padded input width of 2-d+ tensors (None: every i_g, which must then be equal).
+        stacked: lay the groups out as ``[G, rows, cols, ...]`` (batched linear) instead of ``[G·rows, cols, ...]``.
+        fill: the value of the padded entries (0; 1 for a running variance).
+        grad: as for :func:`fuse`.
+
+    Returns:
+        The :class:`FusedTensor`; partition g's tensor is ``fused[index[g]]``.
+
+    Raises:
+        ValueError: ranks, trailing shapes, dtypes or devices differ, or a part is wider than the padding.
+    """
+    first, G = parts[0], len(parts)
+    trail = {tuple(p.shape[2:]) for p in parts}
+    if any(p.dim() != first.dim() or p.dtype != first.dtype or p.device != first.device for p in parts) \
+            or len(trail) != 1 or first.dim() == 0 or any(p.shape[0] > rows for p in parts):
+        raise ValueError(f"sibling tensors cannot be padded together: {[(tuple(p.shape), p.dtype) for p in parts]}")
+    if first.dim() > 1:
+        cols = cols if cols is not None else first.shape[1]
+        if any(p.shape[1] > cols for p in parts):
+            raise ValueError(f"a sibling tensor is wider than {cols} columns: {[tuple(p.shape) for p in parts]}")
+    inner = ((cols,) if first.dim() > 1 else ()) + tuple(first.shape[2:])
+    shape = (G, rows, *inner) if stacked else (G * rows, *inner)
+    index = []
+    for g, p in enumerate(parts):
+        r = (g, slice(0, p.shape[0])) if stacked else (slice(g * rows, g * rows + p.shape[0]),)
+        index.append(r + ((slice(0, p.shape[1]),) if p.dim() > 1 else ()))
+    grad = first.requires_grad if grad is None else grad
+    with torch.no_grad():
+        data = torch.full(shape, fill, dtype=first.dtype, device=first.device)
+        for p, ix in zip(parts, index):
+            data[ix] = p.detach()
+        if first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous():
+            data = data.contiguous(memory_format=torch.channels_last)
+    ft = FusedTensor(data.requires_grad_(grad), list(parts), stacked, index=index)
+    for g, p in enumerate(parts):
+        p.data = ft._view(data.detach(), g)
+    if grad:
+        ft.fused.grad = torch.zeros_like(data)
+        ft.grads = [ft._view(ft.fused.grad, g) for g in range(G)]
+    return ft
+
+
+def fuse_layer(parts: list[torch.Tensor], cols: int | None = None, *, stacked: bool = False,
+               fill: float = 0.0, grad: bool | None = None) -> FusedTensor:
+    """Fuse one layer's sibling tensors: :func:`fuse` when their shapes are equal (and fill ``cols``),
+    else padded to the widest rows and ``cols`` columns (:func:`fuse_padded`).
+
+    Args:
+        parts: the G sibling tensors, in group order.
+        cols: the padded input width of a grouped / batched layer (None: the parts' own).
+        stacked: a batched linear weight (``[G, O, I]``).
+        fill: the padded entries' value.
+        grad: as for :func:`fuse`.
+
+    Returns:
+        The :class:`FusedTensor`.
+    """
+    first = parts[0]
+    if all(p.shape == first.shape for p in parts) and (cols is None or first.dim() < 2 or cols == first.shape[1]):
+        return fuse(parts, linear=stacked, grad=grad)
+    return fuse_padded(parts, max(p.shape[0] for p in parts), cols, stacked=stacked, fill=fill, grad=grad)

@@ -13,9 +13,11 @@ The ``mixed`` aux-head input is exact: conv(cat(own live, siblings' first k chan
 has the value conv(h, W_g') with W_g's columns scattered to the channels of h it reads (any share
 ratio), the weight gradient of that conv, and an input gradient that reaches group g's body only
 through W_g's own columns (``runtime/shared_conv.py``). Dropout is exact too: each group's mask comes
-from its own partition's generator (``runtime/fused_dropout.py``). What cannot be expressed this way
-(unequal group widths, differing siblings, ...) raises :class:`NotFusable` with the reason, and the
-executor runs that module partition by partition.
+from its own partition's generator (``runtime/fused_dropout.py``). Unequal group widths (a balanced split)
+fuse padded: every group padded to the widest with exact-zero channels that no loss, statistic or
+parameter sees (``runtime/fused_padded.py``). What cannot be expressed this way (differing siblings,
+a sigmoid or a residual slice in an unequal split, ...) raises :class:`NotFusable` with the reason, and
+the executor runs that module partition by partition.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ..partition.plan import IRNode, Partition
 from .fuse_storage import FusedTensor, fuse
 from .fused_dropout import fused_dropout
 from .fused_loss import FusedLoss
+from .fused_padded import PaddedChecks, real_channels
 from .fused_ops import _ELEMENTWISE, _POOLS, FusedOps, NotFusable, Step, _alias, _fn, _same
 from .fused_tokens import FusedTokenOps
 from .stage_outputs import StageOutputs
@@ -34,7 +37,7 @@ from .stage_runner import StepState
 from .transport import Transport
 
 
-class FusedStage(FusedOps, FusedTokenOps):
+class FusedStage(FusedOps, FusedTokenOps, PaddedChecks):
     """One module's G sibling partitions as one program (body, aux heads, local losses).
 
     Args:
@@ -53,23 +56,28 @@ class FusedStage(FusedOps, FusedTokenOps):
             raise NotFusable("not all groups of the module are here")
         self.mods, self.parts, self.pids = mods, parts, [p.id for p in parts]
         _same([[i.source for i in p.inputs] for p in parts], "input list")
-        if any(p.out_shape != parts[0].out_shape for p in parts):
-            raise NotFusable(f"group widths differ ({[p.out_shape[0] for p in parts]}: an unequal split)")
+        self.widths = [p.out_shape[0] for p in parts]
+        self.padded = len(set(self.widths)) > 1  # an unequal split: fused padded (runtime/fused_padded.py)
+        if any(list(p.out_shape[1:]) != list(parts[0].out_shape[1:]) for p in parts):
+            raise NotFusable(f"group output shapes differ beyond the width ({[p.out_shape for p in parts]})")
         outs = parts[0].head_outputs
         _same([p.head_outputs for p in parts], "head outputs")
         if set(outs) - {"sim", "recon"} not in ({"logits"}, {"proj"}) or ("proj" in outs and "recon" not in outs):
             raise NotFusable(f"head outputs {sorted(outs)} (class logits, predsim's sim, InfoPro's recon / proj fuse)")
         self.outputs = dict(outs)
         self.loss = FusedLoss(parts)  # checked before any parameter moves into fused storage
-        self.width = parts[0].out_shape[0]
+        self.width = max(self.widths)  # the padded group width (every group's, when equal)
         self.tensors: list[FusedTensor] = []
         self._cols: dict = {}
+        self._pad: dict[str, list[int]] = {"h": self.widths}  # per-group real widths of stack / gstack values
         self._bn_counters: list[torch.Tensor] = []
         self.body = self._compile([p.body for p in parts], [m.body for m in mods], head=False)
         self.body_out = parts[0].output
         self.head = self._compile([p.head for p in parts], [m.aux for m in mods], head=True)
         self.counters = fuse(self._bn_counters, grad=False) if self._bn_counters else None
         self.cat_input: str | None = self._cat_input(parts[0])
+        self.unpad = real_channels(self.widths, self.width, next(mods[0].parameters()).device) if self.padded else None
+        self.loss.sim_widths = self._padding(self.outputs["sim"]) if "sim" in self.outputs else None
 
     # ---------------------------------------------------------------- compilation
     @staticmethod
@@ -96,8 +104,8 @@ class FusedStage(FusedOps, FusedTokenOps):
             NotFusable: an op or pattern without an exact fused form.
         """
         G = self.G
-        _same([[(n.kind, n.shape) if head and n.kind in ("input", "cat") else (n.name, n.kind, n.args, n.shape)
-                for n in nodes] for nodes in lists], "IR")
+        _same([[(n.kind, self._ir_shape(n)) if head and n.kind in ("input", "cat")
+                 else (n.name, n.kind, n.args, self._ir_shape(n)) for n in nodes] for nodes in lists], "IR")
         layout: dict[str, str] = {}
         steps: list[tuple[str, Step]] = []
         inputs = [n.name for n in lists[0] if n.kind == "input"]
@@ -108,6 +116,8 @@ class FusedStage(FusedOps, FusedTokenOps):
                 layout[name] = ("stack" if name == "h" else "share_in") if head else "shared"
                 continue
             lays = [layout[a] for a in args]
+            if self.padded:
+                self._check_padded(ns, lays)
             if kind == "slice":
                 _same([n.attrs["length"] for n in ns], "slice length")
                 ln = n.attrs["length"]
@@ -123,7 +133,7 @@ class FusedStage(FusedOps, FusedTokenOps):
                 continue
             if "share_in" in lays:
                 raise NotFusable(f"sibling shares read by {kind} (share_ratio < 1 or a custom head)")
-            _same([m.attrs for m in ns], f"attributes of {name}")
+            _same([self._ir_attrs(m) for m in ns], f"attributes of {name}")
             if kind == "cat":
                 if set(lays) != {"shared"}:
                     raise NotFusable(f"cat {name} of group tensors")
@@ -156,7 +166,8 @@ class FusedStage(FusedOps, FusedTokenOps):
                 steps.append((name, self._token_add(name, args, lays)))
                 layout[name] = "gtok"
             elif kind == "dropout":  # each group's mask from its own partition's generator
-                steps.append((name, fused_dropout(name, args[0], [gm.get_submodule(name) for gm in gms], lays[0])))
+                steps.append((name, fused_dropout(name, args[0], [gm.get_submodule(name) for gm in gms], lays[0],
+                                                   self._padding(args[0]))))
                 layout[name] = lays[0]
             elif kind == "add":
                 if lays[0] != lays[1] or lays[0] == "mixed":
@@ -165,11 +176,15 @@ class FusedStage(FusedOps, FusedTokenOps):
                 layout[name] = lays[0]
             else:
                 raise NotFusable(f"op '{kind}' ({name})")
+            if layout[name] in ("stack", "gstack"):
+                self._pad[name] = [m.shape[0] for m in ns]
         outs = {"out": lists[0][-1].name} if not head else self.outputs
         for key, out in outs.items():
             if layout.get(out) not in {"out": ("stack", "gstack", "gtok"), "logits": ("stack", "gstack"),
                                        "proj": ("gstack",)}.get(key, ("stack",)):
                 raise NotFusable(f"{'head' if head else 'body'} output {key} is not per group")
+            if head and key not in ("sim", "out") and self._padding(out) is not None:
+                raise NotFusable(f"head output {key} has unequal widths per group")
         if not head:
             self.body_gstack = layout[outs["out"]] == "gstack"
             self.body_gtok = layout[outs["out"]] == "gtok"
@@ -228,7 +243,9 @@ class FusedStage(FusedOps, FusedTokenOps):
             out = out.transpose(0, 1).reshape(out.shape[1], -1)
         elif self.body_gtok:  # tokens (G, B, N, c) -> (B, G·c, N)
             out = self.stacked(out)
-        henv = {"h": out}
+        henv = {"h": out}  # padded: the heads read the padded layout, the other stages the real channels
+        if self.unpad is not None:
+            out = out.index_select(1, self.unpad)
         for name, step in self.head:
             step(henv)
         B = out.shape[0]
@@ -285,7 +302,7 @@ class SiblingFusedRunner:
         with self.autocast(dev):
             out, logits, losses, total = fs.forward(inputs, fused_in, yd,
                                                     None if self.image01 is None else self.image01(st.x).to(dev))
-        h.put_fused(self.stage, out)
+        h.put_fused(self.stage, out, fs.widths)
         self._send_outputs(out)
         total.backward()
         correct = [None] * fs.G if logits is None else (logits.detach().argmax(2) == yd.unsqueeze(1)).sum(0).unbind(0)
@@ -304,6 +321,7 @@ class SiblingFusedRunner:
         """Send each partition's output (its channel slice of ``out``, detached; the transport makes
         it contiguous) to its readers on other ranks."""
         if self.remote:
-            width = out.shape[1] // len(self.stage)
-            for g, pid in enumerate(self.stage):
-                self.transport.send_output(pid, out.detach().narrow(1, g * width, width))
+            start = 0
+            for width, pid in zip(self.fs.widths, self.stage):
+                self.transport.send_output(pid, out.detach().narrow(1, start, width))
+                start += width

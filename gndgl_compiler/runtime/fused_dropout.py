@@ -19,13 +19,15 @@ from .fused_ops import NotFusable
 Step = Callable[[dict], None]
 
 
-def fused_dropout(name: str, arg: str, subs: list[torch.nn.Module], lay: str) -> Step:
+def fused_dropout(name: str, arg: str, subs: list[torch.nn.Module], lay: str, real: list[int] | None = None) -> Step:
     """The fused step of dropout node ``name`` reading ``arg`` in layout ``lay``.
 
     Args:
         name, arg: the IR node and its input.
         subs: the node's module in each group's program, in group order.
         lay: the input's fused layout.
+        real: an unequal split's real group widths (the input is padded: each group's mask is drawn for
+            its real width and padded with zeros), else None.
 
     Raises:
         NotFusable: a dropout without per-partition generator, or over a tensor not split by group.
@@ -35,6 +37,8 @@ def fused_dropout(name: str, arg: str, subs: list[torch.nn.Module], lay: str) ->
     if lay not in ("stack", "gstack"):
         raise NotFusable(f"dropout {name} over a {lay} tensor")
     G = len(subs)
+    if real is not None:
+        return _padded(name, arg, subs, lay, real)
 
     def step(env: dict) -> None:
         x = env[arg]
@@ -48,5 +52,28 @@ def fused_dropout(name: str, arg: str, subs: list[torch.nn.Module], lay: str) ->
             shape = (x.shape[0], x.shape[1] // G, *x.shape[2:])
             mask = torch.cat([m.mask(shape, x) for m in subs], dim=1)
         env[name] = x * mask
+
+    return step
+
+
+def _padded(name: str, arg: str, subs: list[torch.nn.Module], lay: str, real: list[int]) -> Step:
+    """The step of :func:`fused_dropout` over a padded value: group g's mask drawn for its c_g real
+    channels (features), as its partition draws it, then padded with zeros to the padded width."""
+    dim = 1  # stack (B, G·w, ...): channels; gstack (G, B, w): features of each group's (B, w)
+
+    def step(env: dict) -> None:
+        x = env[arg]
+        first = subs[0]
+        if not first.training or first.p == 0.0:
+            env[name] = x
+            return
+        shape = list(x.shape[1:]) if lay == "gstack" else [x.shape[0], x.shape[1] // len(subs), *x.shape[2:]]
+        w, pieces = shape[dim], []
+        for m, c in zip(subs, real):
+            pieces.append(m.mask([*shape[:dim], c, *shape[dim + 1:]], x))
+            if c < w:
+                pieces.append(x.new_zeros([*shape[:dim], w - c, *shape[dim + 1:]]))
+        mask = torch.cat(pieces, dim=dim)
+        env[name] = x * (mask.view(x.shape[1], len(subs), w).transpose(0, 1) if lay == "gstack" else mask)
 
     return step

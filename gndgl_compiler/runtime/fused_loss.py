@@ -55,6 +55,9 @@ class FusedLoss:
         self.G = G
         self._off: torch.Tensor | None = None
         self._classes: torch.Tensor | None = None
+        self.sim_widths: list[int] | None = None
+        """An unequal split's real widths of predsim's ``sim`` (padded with zero channels), else None."""
+        self._mask: torch.Tensor | None = None
 
     def __call__(self, logits: torch.Tensor, y: torch.Tensor, sim: torch.Tensor | None = None,
                  recon: torch.Tensor | None = None, image01: torch.Tensor | None = None,
@@ -104,13 +107,36 @@ class FusedLoss:
         """(G,) ``MSE(S(sim_g), S(onehot(y)))``: the G similarity matrices as one bmm (``losses.similarity_matrix``)."""
         G, B = self.G, sim.shape[0]
         z = sim.double() if sim.dtype == torch.float64 else sim.float()
+        flat = sim.dim() == 2  # flat features (B, G·D) are used as they are, like losses.similarity_matrix
         z = z.reshape(B, G, sim.shape[1] // G, -1)  # (B, G, c, positions)
-        z = z.std(dim=3, correction=1 if z.shape[3] > 1 else 0)
-        z = F.normalize(z - z.mean(dim=2, keepdim=True), p=2, dim=2, eps=_EPS).transpose(0, 1)  # (G, B, c)
+        if self.sim_widths is None:
+            z = z[..., 0] if flat else z.std(dim=3, correction=1 if z.shape[3] > 1 else 0)
+            z = F.normalize(z - z.mean(dim=2, keepdim=True), p=2, dim=2, eps=_EPS).transpose(0, 1)  # (G, B, c)
+        else:
+            z = self._masked_stats(z, flat)
         s = torch.bmm(z, z.transpose(1, 2)).clamp(-1.0, 1.0)
         t = (y.unsqueeze(1) == self._classes_of(classes, y.device)).to(z.dtype)  # one-hot without a host sync
         t = F.normalize(t - t.mean(dim=1, keepdim=True), p=2, dim=1, eps=_EPS)
         return (s - (t @ t.t()).clamp(-1.0, 1.0)).square().mean((1, 2))
+
+    def _masked_stats(self, z: torch.Tensor, flat: bool) -> torch.Tensor:
+        """Predsim's centred, normalised channel deviations of a padded (B, G, w, positions) ``sim`` (or its
+        features as they are, when ``flat``), over each group's real channels only: (G, B, w), exact zeros
+        in the padded channels.
+
+        A padded channel is all zeros: its standard deviation 0 has no finite gradient (√ at 0), so only
+        real channels' variances reach the square root; means divide by each group's real width."""
+        if self._mask is None or self._mask.device != z.device or self._mask.shape[2] != z.shape[2]:
+            real = torch.tensor(self.sim_widths, device=z.device)
+            self._mask = (torch.arange(z.shape[2], device=z.device) < real.unsqueeze(1)).unsqueeze(0)  # (1, G, w)
+        mask = self._mask
+        if flat:
+            z = z[..., 0]
+        else:
+            var = z.var(dim=3, correction=1 if z.shape[3] > 1 else 0)
+            z = torch.where(mask, torch.where(mask, var, 1.0).sqrt(), 0.0)
+        mean = z.sum(dim=2, keepdim=True) / mask.sum(dim=2, keepdim=True).to(z.dtype)
+        return F.normalize(torch.where(mask, z - mean, 0.0), p=2, dim=2, eps=_EPS).transpose(0, 1)
 
     def _recon(self, recon: torch.Tensor, image01: torch.Tensor) -> torch.Tensor:
         """(G,) ``losses.recon_bce`` of each group's reconstruction: G float32 BCE calls, as per partition

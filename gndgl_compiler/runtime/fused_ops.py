@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..partition.plan import IRNode
-from .fuse_storage import FusedTensor, fuse
+from .fuse_storage import FusedTensor, fuse_layer
 from .shared_conv import SharedHeadConv
 
 _ELEMENTWISE = {"relu": torch.relu, "sigmoid": torch.sigmoid, "gelu": F.gelu, "silu": F.silu}
@@ -71,21 +71,25 @@ class FusedOps:
         order); a conv or linear layer over the mixed value then runs over all of h with head g's weight
         columns scattered to the channels it reads (zeros elsewhere: the same value, exactly).
         """
-        G, c = self.G, self.width
+        G, c, widths = self.G, self.width, self.widths
         by_id = {q.id: q.group for q in self.parts}
         cols = []
         for g, (n, p) in enumerate(zip(ns, self.parts)):
             share_names = [m.name for m in lists[g] if m.kind == "input"][1:]
-            read = {"h": (g, c)}
+            read = {"h": (g, widths[g])}
             for nm, s in zip(share_names, p.shares):
-                if s.source not in by_id or s.channels > c:
+                if s.source not in by_id or s.channels > widths[by_id[s.source]]:
                     raise NotFusable("aux head shares are not this module's sibling outputs")
                 read[nm] = (by_id[s.source], s.channels)
             if any(a not in read for a in n.args) or "h" not in n.args \
                     or len({read[a][0] for a in n.args}) != len(n.args):
                 raise NotFusable("aux head input is not the module output and sibling shares")
             cols.append(torch.cat([torch.arange(read[a][0] * c, read[a][0] * c + read[a][1]) for a in n.args]))
-        idx = torch.stack(cols)
+        # padded: a head reading fewer channels reads, in its padded columns, a padded (zero) channel of h
+        # (the narrowest group's last; its weight there is a padded zero, so the scatter's duplicates agree)
+        dummy = min(range(G), key=lambda q: widths[q]) * c + c - 1
+        width = max(len(col) for col in cols)
+        idx = torch.stack([torch.cat([col, col.new_full((width - len(col),), dummy)]) for col in cols])
         full = G * c
         ident = idx.shape[1] == full and torch.equal(idx, torch.arange(full).expand(G, full))
         self._cols[ns[0].name] = None if ident else (idx, full)
@@ -100,10 +104,11 @@ class FusedOps:
         """A conv or linear layer of all G groups; returns (step, output layout)."""
         G, arg = self.G, n.args[0]
         a = n.attrs
+        cols = self._in_width(n, lay)
         if n.kind == "linear":
-            return self._linear(name, arg, lay, mods)
-        w = fuse([m.weight for m in mods])
-        b = fuse([m.bias for m in mods]) if mods[0].bias is not None else None
+            return self._linear(name, arg, lay, mods, cols)
+        w = fuse_layer([m.weight for m in mods], cols)
+        b = fuse_layer([m.bias for m in mods]) if mods[0].bias is not None else None
         self.tensors += [w] + ([b] if b is not None else [])
         bias = b.fused if b is not None else None
         groups, stride, padding = a.get("groups", 1), a["stride"], a["padding"]
@@ -133,7 +138,7 @@ class FusedOps:
             raise NotFusable(f"conv {name} on a {lay} tensor")
 
         spread = self._spread(arg, w.fused)
-        cin = G * self.width if spread is not None else w.fused.shape[1]
+        cin = self._cols[arg][1] if spread is not None else w.fused.shape[1]
         own = None
         if cin <= _DENSE_BELOW and cin // G <= _DENSE_GROUP and w.fused.device.type == "cpu":
             o = w.fused.shape[0] // G
@@ -166,13 +171,14 @@ class FusedOps:
             return out if linear else out.view(-1, full, *wt.shape[2:])
         return spread
 
-    def _linear(self, name: str, arg: str, lay: str, mods: list[torch.nn.Module]) -> tuple[Step, str]:
-        """G linear layers as one batched matmul over (G, B, F) features (layout ``gstack``)."""
+    def _linear(self, name: str, arg: str, lay: str, mods: list[torch.nn.Module], cols: int | None) -> tuple[Step, str]:
+        """G linear layers as one batched matmul over (G, B, F) features (layout ``gstack``); ``cols``: the
+        padded input width (None: not padded)."""
         G = self.G
-        w = fuse([m.weight for m in mods], linear=True)  # (G, O, I)
-        b = fuse([m.bias for m in mods]) if mods[0].bias is not None else None
+        w = fuse_layer([m.weight for m in mods], cols, stacked=True)  # (G, O, I)
+        b = fuse_layer([m.bias for m in mods]) if mods[0].bias is not None else None
         self.tensors += [w] + ([b] if b is not None else [])
-        O, I = mods[0].weight.shape
+        O, I = w.fused.shape[1:]
 
         def bias3() -> torch.Tensor | None:
             return None if b is None else b.fused.view(G, 1, O)
@@ -208,9 +214,9 @@ class FusedOps:
         _same([(m.eps, m.momentum, m.affine, m.track_running_stats) for m in mods], f"batch norm {name}")
         if not (m0.affine and m0.track_running_stats and m0.momentum is not None):
             raise NotFusable(f"batch norm {name} without affine / running stats / momentum")
-        w, b = fuse([m.weight for m in mods]), fuse([m.bias for m in mods])
-        rm = fuse([m.running_mean for m in mods], grad=False)
-        rv = fuse([m.running_var for m in mods], grad=False)
+        w, b = fuse_layer([m.weight for m in mods]), fuse_layer([m.bias for m in mods])  # padded: γ = β = 0
+        rm = fuse_layer([m.running_mean for m in mods], grad=False)
+        rv = fuse_layer([m.running_var for m in mods], grad=False, fill=1.0)
         self.tensors += [w, b, rm, rv]
         self._bn_counters += [m.num_batches_tracked for m in mods]
         eps, momentum, owner = m0.eps, m0.momentum, self.mods[0]

@@ -18,13 +18,16 @@ class StageOutputs(dict):
         self.fused: dict[tuple[int, ...], torch.Tensor] = {}
         self._owner: dict[int, tuple[tuple[int, ...], int, int]] = {}
 
-    def put_fused(self, pids: list[int], tensor: torch.Tensor) -> None:
-        """Store the output of a fused module whose partitions ``pids`` own equal channel slices in order."""
+    def put_fused(self, pids: list[int], tensor: torch.Tensor, widths: list[int] | None = None) -> None:
+        """Store the output of a fused module whose partitions ``pids`` own consecutive channel slices in
+        order: of ``widths`` channels each (None: equal slices)."""
         key = tuple(pids)
         self.fused[key] = tensor
-        width = tensor.shape[1] // len(pids)
-        for g, pid in enumerate(pids):
-            self._owner[pid] = (key, g * width, width)
+        widths = widths or [tensor.shape[1] // len(pids)] * len(pids)
+        start = 0
+        for width, pid in zip(widths, pids):
+            self._owner[pid] = (key, start, width)
+            start += width
 
     def get_fused(self, pids: list[int]) -> torch.Tensor | None:
         """The fused tensor of exactly these partitions in this order, or None."""
