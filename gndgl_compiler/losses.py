@@ -78,7 +78,9 @@ def predsim_loss(sim_features: Tensor, logits: Tensor, y: Tensor, num_classes: i
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"predsim beta must be in [0, 1], got {beta}")
     s_features = similarity_matrix(sim_features)
-    s_labels = similarity_matrix(F.one_hot(y, num_classes).to(s_features.dtype))
+    # y == arange: the one-hot targets without F.one_hot's range check (two host reads per call)
+    onehot = (y.unsqueeze(1) == torch.arange(num_classes, device=y.device)).to(s_features.dtype)
+    s_labels = similarity_matrix(onehot)
     sim = F.mse_loss(s_features, s_labels)
     return beta * sim + (1.0 - beta) * cross_entropy(logits, y)
 

@@ -255,7 +255,7 @@ class _ScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("name", ["resnet32_k8g4", "resnet32_k8g1", "resnet32_e2e"])
+@pytest.mark.parametrize("name", ["resnet32_k8g4", "resnet32_k8g1", "resnet32_e2e", "vgg6a_g6", "vit_tiny_fmnist_k2g2"])
 @pytest.mark.parametrize("siblings", [True, False], ids=["fused", "per-partition"])
 def test_train_step_reads_no_device_scalar(name, siblings):
     """Capture-readiness: a training step (forward, losses, backward, optimizer, metrics) reads no
