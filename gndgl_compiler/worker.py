@@ -137,7 +137,7 @@ def _wants_cuda(args: argparse.Namespace) -> bool:
 def main(argv: list[str] | None = None, transport=None) -> int:
     """Entry point of one rank; returns the exit code. ``transport`` wraps the rank's PeerComm
     (``transport(comm) -> Transport``): a module that calls ``main(transport=...)`` and is run as
-    ``runtime.launch.WORKER_MODULE`` injects a transport (tests/fault_worker.py injects faults so)."""
+    ``GNDGL_WORKER_MODULE`` (``runtime/launch.py``) injects a transport (tests/fault_worker.py injects faults so)."""
     from .runtime.distributed import init_process_group
 
     args = _parser().parse_args(argv)

@@ -38,7 +38,7 @@ DATA = ["--dataset", "synthetic", "--limit-train", "128", "--limit-test", "64", 
 @contextlib.contextmanager
 def worker_env(**values: str | None):
     """Set (or, with None, remove) environment variables for the worker processes, then restore them."""
-    values = {"GNDGL_BACKEND": "gloo", "GNDGL_TEST_FAULT": None, **values}
+    values = {"GNDGL_BACKEND": "gloo", "GNDGL_TEST_FAULT": None, "GNDGL_WORKER_MODULE": None, **values}
     saved = {k: os.environ.get(k) for k in values}
     try:
         for k, v in values.items():
@@ -79,21 +79,14 @@ class Result:
 @contextlib.contextmanager
 def faulty_workers(fault: str | None):
     """With ``fault`` (``kind:RANK:STEP``), the launcher's ranks run ``tests/fault_worker.py`` (the real
-    worker with a fault-injecting Transport); without, the real worker."""
-    from gndgl_compiler.runtime import launch
-
+    worker with a fault-injecting Transport; named by ``GNDGL_WORKER_MODULE``); without, the real worker."""
     if fault is None:
         with worker_env():
             yield
         return
-    saved = launch.WORKER_MODULE
     path = os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))
-    launch.WORKER_MODULE = "fault_worker"
-    try:
-        with worker_env(GNDGL_TEST_FAULT=fault, PYTHONPATH=path):
-            yield
-    finally:
-        launch.WORKER_MODULE = saved
+    with worker_env(GNDGL_TEST_FAULT=fault, GNDGL_WORKER_MODULE="fault_worker", PYTHONPATH=path):
+        yield
 
 
 def gndgl(*args: str, fault: str | None = None) -> Result:
@@ -142,27 +135,6 @@ def launch_run(art: Path, run_dir: Path, workers: int, batch: int, *extra: str) 
         launch_local(workers, args, threads=1)
 
 
-@contextlib.contextmanager
-def per_partition(modules: frozenset[int]):
-    """The executors built in this process run ``modules`` per partition (as a rank does with a
-    module whose siblings sit on other ranks); the other modules fuse where they can."""
-    from gndgl_compiler.runtime import executor
-    from gndgl_compiler.runtime.fused import NotFusable
-
-    real = executor.FusedStage
-
-    def fused_stage(mods):
-        if mods[0].part.module in modules:
-            raise NotFusable("siblings on other ranks in the distributed run")
-        return real(mods)
-
-    executor.FusedStage = fused_stage
-    try:
-        yield
-    finally:
-        executor.FusedStage = real
-
-
 def split_modules(plan, workers: int) -> frozenset[int]:
     """Modules whose partitions the placement for ``workers`` ranks puts on more than one rank."""
     from gndgl_compiler.partition.placement import place
@@ -179,12 +151,26 @@ def train_single(art: Path, run_dir: Path, batch: int, fused: bool | None = None
     """One process (this one), one intra-op thread, the modules fused or not as the ranks run them
     (bit-for-bit comparable): with ``split`` (modules whose siblings a distributed run spreads over
     ranks) those run per partition and the others sibling-fused; without, every module per partition."""
-    from gndgl_compiler.runtime.train import TrainOptions, train_artifact
+    from gndgl_compiler import load_artifact
+    from gndgl_compiler.runtime.config import new_run_config
+    from gndgl_compiler.runtime.context import LocalContext
+    from gndgl_compiler.runtime.run_dir import create_run
+    from gndgl_compiler.runtime.train import TrainOptions, Trainer
 
-    with single_thread(), per_partition(split or frozenset()):
-        train_artifact(art, TrainOptions(dataset="synthetic", limit_train=128, limit_test=64, epochs=1,
-                                         batch_size=batch, fused=fused, fuse_siblings=split is not None,
-                                         run_dir=str(run_dir), tensorboard=False))
+    class FuseAsRanksDo(LocalContext):
+        """One process whose modules fuse as a distributed run's ranks fuse them (``split`` never)."""
+
+        def fuse_siblings(self, setting: bool) -> bool | frozenset[int]:
+            if not setting or split is None:
+                return setting
+            return frozenset(p.module for p in loaded.plan.partitions) - split
+
+    opts = TrainOptions(dataset="synthetic", limit_train=128, limit_test=64, epochs=1, batch_size=batch, fused=fused,
+                        fuse_siblings=split is not None, run_dir=str(run_dir), tensorboard=False)
+    with single_thread():
+        loaded = load_artifact(art)
+        config = new_run_config(loaded.spec["train"], opts)
+        Trainer(loaded, config, create_run(loaded, config, opts.run_dir), FuseAsRanksDo()).fit()
     return load_file(str(run_dir / "weights.safetensors"))
 
 

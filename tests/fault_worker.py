@@ -2,14 +2,13 @@
 
 ``GNDGL_TEST_FAULT=kind:RANK:STEP`` (kind: kill | hang | raise), read here only: rank RANK
 SIGKILLs itself, hangs, or raises when the training loop begins global step STEP. Installed
-through the launcher's seam — ``runtime.launch.WORKER_MODULE = "fault_worker"`` with this
+through the launcher's seam — ``GNDGL_WORKER_MODULE=fault_worker`` with this
 directory on ``PYTHONPATH`` (``tests/dist_helpers.py``, for ``tests/test_distributed_faults.py``) — or run by torchrun as
 ``-m fault_worker``. Production code reads no fault variable.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import signal
 import sys
@@ -55,9 +54,9 @@ def wrap(comm):
 
 
 def main() -> int:
-    from gndgl_compiler.runtime import launch
+    from gndgl_compiler import worker
 
-    return importlib.import_module(launch.WORKER_MODULE).main(transport=wrap)
+    return worker.main(transport=wrap)
 
 
 if __name__ == "__main__":

@@ -155,6 +155,18 @@ def test_siblings_on_other_ranks_run_per_partition(k2g2):
     assert isinstance(local.transport, LocalTransport) and not local.runners[0].remote  # ... and skips its hooks
 
 
+def test_siblings_may_name_the_modules_that_fuse(k2g2):
+    """``siblings={2}``: module 2 fuses, module 1 runs per partition (what a one-process run that
+    reproduces a distributed run's numerics passes, tests/dist_helpers.py ``train_single``)."""
+    devices = {p.id: CPU for p in k2g2.plan.partitions}
+    ex = Executor(k2g2.plan, copy.deepcopy(k2g2.modules), SGD, devices, siblings=frozenset({2}))
+    assert [(r["module"], r["fused"], r["reason"]) for r in ex.fusion][:2] == [
+        (1, False, "sibling fusion off for this module"), (2, True, "")]
+    assert [type(r) for r in ex.runners][:2] == [PartitionRunner, SiblingFusedRunner]
+    none = Executor(k2g2.plan, copy.deepcopy(k2g2.modules), SGD, devices, siblings=frozenset())
+    assert not any(r["fused"] for r in none.fusion)
+
+
 def test_step_plan_is_plain_data(k2g2):
     ex = Executor(k2g2.plan, copy.deepcopy(k2g2.modules), SGD, {p.id: CPU for p in k2g2.plan.partitions})
     sp = ex.step_plan

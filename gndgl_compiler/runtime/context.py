@@ -49,9 +49,10 @@ class LocalContext:
         """This process writes the shared files of the run directory, evaluates and reports."""
         return self.rank == 0
 
-    def fuse_siblings(self, setting: bool) -> bool:
+    def fuse_siblings(self, setting: bool) -> bool | frozenset[int]:
         """Whether sibling partitions run as one program (on a rank: the modules whose siblings all
-        sit on it, ``step_plan.py``)."""
+        sit on it, ``step_plan.py``): the setting, or the module indices that may fuse (a context
+        that reproduces a distributed run's fusion in one process returns those)."""
         return setting
 
     def setup_text(self, executor: Any) -> str:

@@ -17,7 +17,7 @@ the generated code. The parameters stay per partition whichever runner and updat
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Collection
 
 import torch
 
@@ -53,7 +53,8 @@ class Executor:
         channels_last: channels_last memory format for 4-d tensors.
         denorm: ``(mean, std)`` to turn the normalised image back into [0, 1] (InfoPro).
         siblings: with ``fused``, run each module whose sibling partitions are all here, on one
-            device, as one fused program (same losses and gradients; see ``runtime/fused.py``).
+            device, as one fused program (same losses and gradients; see ``runtime/fused.py``);
+            or the module indices that may fuse (the others run per partition).
         transport: how tensors reach partitions in other processes (default :class:`LocalTransport`).
         capturable: build a step that reads nothing on the host, for CUDA-graph capture
             (``runtime/cuda_graphs.py``): the LR lives in a tensor per device (``runtime/device_lr.py``;
@@ -63,12 +64,13 @@ class Executor:
     def __init__(self, plan: PartitionPlan, modules: dict[int, PartitionModule], optimizer: Any | None,
                  devices: dict[int, torch.device], *, fused: bool = True, amp: bool = False,
                  channels_last: bool = False, denorm: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
-                 siblings: bool = True, transport: Transport | None = None, capturable: bool = False):
+                 siblings: bool | Collection[int] = True, transport: Transport | None = None,
+                 capturable: bool = False):
         self.plan, self.modules, self.devices = plan, modules, devices
         self.fused, self.amp, self.channels_last, self.denorm = fused, amp, channels_last, denorm
         self.transport: Transport = transport or LocalTransport()
         self.parts = {p.id: p for p in plan.partitions}
-        self.step_plan = StepPlan.build(plan, modules, devices, random_ops=RANDOM_OPS, fuse=fused and siblings)
+        self.step_plan = StepPlan.build(plan, modules, devices, random_ops=RANDOM_OPS, fuse=siblings if fused else False)
         self.streams = Streams(self.parts, modules, devices, self.step_plan.random)
         """The random partitions' generators, seeded per (seed, step, partition) (``runtime/streams.py``)."""
         self.env = StageEnv(self.parts, modules, devices, self.transport, self.step_plan.random, amp, denorm,

@@ -22,8 +22,10 @@ from ..errors import DistributedError, DistributedSetupError
 
 PR_SET_PDEATHSIG = 1
 WORKER_MODULE = "gndgl_compiler.worker"
-"""The module every rank runs (``python -m``). A test or plugin points it at a module that calls this
-module's ``main(transport=...)`` to wrap each rank's transport (tests/fault_worker.py injects faults so)."""
+"""The module every rank runs (``python -m``) unless ``module=`` or the environment variable
+:data:`WORKER_MODULE_ENV` names another: a module that calls ``gndgl_compiler.worker.main(transport=...)``
+to wrap each rank's transport (``tests/fault_worker.py`` injects faults so)."""
+WORKER_MODULE_ENV = "GNDGL_WORKER_MODULE"
 
 
 def free_port() -> int:
@@ -60,7 +62,7 @@ def launch_local(workers: int, worker_args: list[str], *, port: int | None = Non
         port: rendezvous port (default: a free one).
         threads: intra-op threads per rank (default: cores // workers, at least 1).
         partitions_of: rank -> partition names, for error messages.
-        module: the module each rank runs (default :data:`WORKER_MODULE`).
+        module: the module each rank runs (default: ``$GNDGL_WORKER_MODULE``, else :data:`WORKER_MODULE`).
 
     Raises:
         DistributedSetupError: a rank refused its input (its exit status 2: the error it printed is the
@@ -74,13 +76,14 @@ def launch_local(workers: int, worker_args: list[str], *, port: int | None = Non
     else:
         check_port(port)
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    module = module or os.environ.get(WORKER_MODULE_ENV) or WORKER_MODULE
     procs: list[subprocess.Popen] = []
     base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(workers),
                 OMP_NUM_THREADS=str(threads), GNDGL_BACKEND=os.environ.get("GNDGL_BACKEND", ""))
     try:
         for r in range(workers):
             env = dict(base, RANK=str(r), LOCAL_RANK=str(r))
-            procs.append(subprocess.Popen([sys.executable, "-m", module or WORKER_MODULE, *worker_args,
+            procs.append(subprocess.Popen([sys.executable, "-m", module, *worker_args,
                                            "--threads", str(threads)], env=env, preexec_fn=_die_with_parent))
         while True:
             codes = [p.poll() for p in procs]

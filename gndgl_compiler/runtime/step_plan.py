@@ -19,7 +19,7 @@ calls the transport's hooks for the module's inputs and its per-partition output
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Collection, Iterable
 
 import torch
 
@@ -43,7 +43,7 @@ class StepPlan:
 
     @classmethod
     def build(cls, plan: PartitionPlan, owned: Iterable[int], devices: dict[int, torch.device], *,
-              random_ops: tuple[str, ...], fuse: bool) -> "StepPlan":
+              random_ops: tuple[str, ...], fuse: bool | Collection[int]) -> "StepPlan":
         """The step plan of the partitions ``owned`` (ids) placed on ``devices``.
 
         Args:
@@ -51,7 +51,9 @@ class StepPlan:
             owned: ids of the partitions this process runs.
             devices: ``{partition id: device}``.
             random_ops: IR op kinds that draw random numbers (dropout).
-            fuse: sibling fusion requested.
+            fuse: sibling fusion requested: True (every module), False, or the module indices that may
+                fuse (the others run per partition: e.g. to run in one process as a distributed run's
+                ranks do, where a module split over ranks cannot fuse).
         """
         owned = set(owned)
         parts = {p.id: p for p in plan.partitions}
@@ -80,6 +82,8 @@ class StepPlan:
                    "fused": False, "reason": ""}
             if not fuse:
                 rec["reason"] = "sibling fusion off"
+            elif fuse is not True and rec["module"] not in fuse:
+                rec["reason"] = "sibling fusion off for this module"
             elif set(stage) != siblings[parts[stage[0]].module]:
                 rec["reason"] = SPLIT
             elif len({str(devices[pid]) for pid in stage}) > 1:
