@@ -291,7 +291,7 @@ def test_metrics_tensorboard_required_but_missing(tmp_path):
         assert (tmp_path / "tensorboard").is_dir()
 
 
-def test_metrics_scalars_go_to_tensorboard_writer(tmp_path, monkeypatch):
+def test_metrics_scalars_go_to_tensorboard_writer(tmp_path):
     calls = []
 
     class FakeWriter:
@@ -301,7 +301,6 @@ def test_metrics_scalars_go_to_tensorboard_writer(tmp_path, monkeypatch):
         def close(self):
             calls.append("closed")
 
-    monkeypatch.setattr(MetricsLogger, "_open_tensorboard", lambda self, tb: FakeWriter())
-    with MetricsLogger(tmp_path) as log:
+    with MetricsLogger(tmp_path, writer=FakeWriter()) as log:
         log.log({"kind": "eval", "step": 7, "acc": torch.tensor(0.75), "note": "x"})
     assert calls == [("eval/acc", 0.75, 7), "closed"]

@@ -238,7 +238,8 @@ def test_cli_variants(tmp_path, monkeypatch, capsys):
 def test_missing_graphviz_still_writes_dot(k8g4, tmp_path, monkeypatch):
     from gndgl_compiler.viz.render import RenderError
 
-    monkeypatch.setattr(shutil, "which", lambda name: None)
+    (tmp_path / "no-bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))  # no `dot` executable to find
     with pytest.raises(RenderError, match="apt-get install graphviz"):
         render_dot(plan_to_dot(k8g4, level="partitions"), tmp_path / "p.svg")
     assert (tmp_path / "p.dot").read_text().startswith("digraph")

@@ -86,16 +86,18 @@ class MetricsLogger:
         run_dir: the run directory (created if missing).
         tensorboard: ``True`` to require TensorBoard, ``False`` for none, ``None`` to
             use it when ``torch.utils.tensorboard`` and ``tensorboard`` import.
+        writer: an object with ``add_scalar(tag, value, global_step)`` and ``close()`` to log the
+            scalars to instead (another tracker; ``tensorboard`` is then not consulted).
 
     Raises:
         GndglError: if ``tensorboard`` is True and TensorBoard is not installed.
         TrainingError: if the metrics file cannot be opened.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, tensorboard: bool | None = None):
+    def __init__(self, run_dir: str | os.PathLike, tensorboard: bool | None = None, writer: Any = None):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / METRICS_FILE
-        self._writer = self._open_tensorboard(tensorboard)
+        self._writer = writer if writer is not None else self._open_tensorboard(tensorboard)
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._repair_tail()
