@@ -7,7 +7,10 @@ module with a batch-normed linear layer, or a convolutional one for InfoPro), fl
 * 20 steps of SGD-Nesterov with weight decay and dropout: equal weights, and the padded entries of the
   fused storage still exact zeros;
 * stop-gradient isolation on the padded fused path;
-* state_dict names and shapes as per partition, and a fused run's checkpoint resumes per partition.
+* state_dict names and shapes as per partition, and a fused run's checkpoint resumes per partition;
+* a small unequal-split ResNet (a stride-2 block with a 1×1 conv shortcut, an identity-shortcut block whose
+  residual slices are gathered into the padded layout): one step per head kind, 20 steps, isolation; and
+  ``resnet32_k8g4`` at ``cuts.width=3``, balanced: every module fuses, one step exact.
 
 The shipped unequal splits (``vgg6a_g6``, ``vgg6a_g6_sg_div``) are checked, one step, in ``test_fused.py``.
 """
@@ -22,8 +25,9 @@ from safetensors.torch import load_file
 
 from gndgl_compiler import compile_spec
 from gndgl_compiler.runtime.executor import Executor
+from gndgl_compiler.runtime.fused_padded import shortcut_gather
 from gndgl_compiler.runtime.train import TrainOptions, train_artifact
-from test_fused import CPU, F32_RTOL, PLAIN, SGD, batch, executors, rel
+from test_fused import CPU, F32_RTOL, PLAIN, SGD, SPECS, batch, executors, rel
 
 F64_RTOL = 1e-10
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -77,12 +81,13 @@ VARIANTS = {  # id: (head, share_ratio, diversity weight, flat second module (or
 }
 
 
-def one_step(art) -> tuple[float, tuple[float, str]]:
-    """(worst loss error, (worst gradient error, where)) of one plain SGD step, fused vs per partition."""
+def one_step(art, modules: int = 2, n: int = 4) -> tuple[float, tuple[float, str]]:
+    """(worst loss error, (worst gradient error, where)) of one plain SGD step, fused vs per partition;
+    every one of the ``modules`` multi-group modules must fuse."""
     fused, ref = executors(art, PLAIN, torch.float64)
-    assert [r["fused"] for r in fused.fusion if len(r["partitions"]) > 1] == [True] * 2, fused.fusion
+    assert [r["fused"] for r in fused.fusion if len(r["partitions"]) > 1] == [True] * modules, fused.fusion
     before = {pid: {k: v.clone() for k, v in m.state_dict().items()} for pid, m in ref.modules.items()}
-    x, y = batch(art, dtype=torch.float64)
+    x, y = batch(art, n=n, dtype=torch.float64)
     sf, sr = fused.train_step(x, y, 1.0, seed=(0, 0)), ref.train_step(x, y, 1.0, seed=(0, 0))
     loss = max(rel(sf[p][0], sr[p][0]) for p in sr)
     grad = max((rel(fused.modules[pid].state_dict()[k] - before[pid][k], v - before[pid][k]), f"{pid}.{k}")
@@ -130,6 +135,12 @@ def test_padded_stop_gradient_isolation():
     fused, _ = executors(art, PLAIN, torch.float64)
     fs = fused.fused_stages[1]  # module 2: inputs from module 1, heads sharing all three groups
     assert fs.padded and fs.widths == [4, 4, 3]  # conv3: 11 channels
+    assert_isolated(fs)
+
+
+def assert_isolated(fs) -> None:
+    """Partition g's loss reaches only partition g's block of every fused parameter, never the module's
+    inputs, and scaling it changes no other partition's gradient."""
     for m in fs.mods:
         m.train()
     g = torch.Generator().manual_seed(0)
@@ -199,3 +210,80 @@ def test_padded_checkpoint_resumes_per_partition(tmp_path):
     assert wa.keys() == wb.keys() and all(wa[k].shape == wb[k].shape for k in wb)
     worst = max((rel(wa[k].double(), wb[k].double()), k) for k in wb if wb[k].is_floating_point())
     assert worst[0] <= F32_RTOL, worst
+
+
+def residual(head: str = "{kind: 1c2f, hidden: 8}", share: float = 0.5, diversity: float = 0.5) -> str:
+    """YAML of a small unequal-split ResNet (K=3 × G=3, split balanced): module 2 is a stride-2 block with a
+    1×1 conv shortcut (10 → 14 = 5 + 5 + 4 channels, dense over the shared input), module 3 an identity-shortcut
+    block whose residual slices 0..5, 5..10, 10..14 of the shared input (gathered into the padded layout)."""
+    return f"""name: tiny_residual_unequal
+model:
+  input_shape: [3, 16, 16]
+  num_classes: 10
+  layers:
+    - {{op: conv, name: conv1, out: 10}}
+    - {{op: bn}}
+    - {{op: relu}}
+    - {{op: block, name: block1, out: 10}}
+    - {{op: block, name: block2, out: 10}}
+    - {{op: block, name: block3, out: 14, stride: 2}}
+    - {{op: block, name: block4, out: 14}}
+    - {{op: adaptive_avgpool, size: 1}}
+    - {{op: flatten}}
+    - {{op: linear, name: fc, out: 10}}
+cuts: {{depth: [block2, block3], width: 3, split: balanced}}
+local:
+  head: {head}
+  share_ratio: {share}
+  diversity: {{weight: {diversity}, temperature: 3.0}}
+  final_head: {{kind: model, mode: separate}}
+  schedule: parallel
+{TRAIN}
+"""
+
+
+RESIDUAL = {  # id: (head, share_ratio, diversity weight)
+    "1c2f-r0.5": ("{kind: 1c2f, hidden: 8}", 0.5, 0.5),
+    "linear-r1": ("{kind: linear}", 1.0, 0.0),
+    "predsim-r1": ("{kind: predsim, beta: 0.99}", 1.0, 0.5),
+}
+
+
+@pytest.mark.parametrize("key", list(RESIDUAL))
+def test_padded_residual_one_step_float64(key):
+    loss, grad = one_step(compile_spec(residual(*RESIDUAL[key])), modules=3)
+    assert loss <= F64_RTOL and grad[0] <= F64_RTOL, (loss, grad)
+
+
+def test_padded_residual_steps_and_isolation():
+    art = compile_spec(residual())
+    fused, ref = executors(art, SGD, torch.float64)
+    slices = [n for fs in fused.fused_stages.values() for n in fs.parts[0].body if n.kind == "slice"]
+    assert [fs.widths for fs in fused.fused_stages.values()] == [[4, 3, 3], [5, 5, 4], [5, 5, 4]] and slices
+    for step in range(20):
+        x, y = batch(art, n=6, seed=step, dtype=torch.float64)
+        sf, sr = fused.train_step(x, y, 0.05, seed=(1, step)), ref.train_step(x, y, 0.05, seed=(1, step))
+        assert max(rel(sf[p][0], sr[p][0]) for p in sr) <= F64_RTOL, step
+    worst = max((rel(fused.modules[pid].state_dict()[k], v), f"{pid}.{k}")
+                for pid, m in ref.modules.items() for k, v in m.state_dict().items() if v.is_floating_point())
+    assert worst[0] <= F64_RTOL, worst
+    pads = [p for fs in fused.fused_stages.values() for p in padded_entries(fs)]
+    assert pads and all(torch.count_nonzero(p) == 0 for p in pads), "a padded weight moved"
+    for fs in list(fused.fused_stages.values())[1:]:  # the conv shortcut, the identity slice
+        assert_isolated(fs)
+
+
+def test_shortcut_gather_pads_each_slice_with_zeros():
+    x = torch.randn(2, 7, 3, 3, dtype=torch.float64)
+    starts, lengths = [4, 0, 2], [3, 2, 1]  # not tiling x: gathered through an index_select
+    env = {"x": x}
+    shortcut_gather("s", "x", starts, lengths, 7, x.device)(env)
+    for g, (s, n) in enumerate(zip(starts, lengths)):
+        assert torch.equal(env["s"][:, g * 3:g * 3 + n], x[:, s:s + n])
+        assert torch.count_nonzero(env["s"][:, g * 3 + n:(g + 1) * 3]) == 0
+
+
+def test_resnet32_unequal_split_fuses_every_module():
+    art = compile_spec(SPECS / "resnet32_k8g4.yaml", overrides=["cuts.width=3", "cuts.split=balanced"])
+    loss, grad = one_step(art, modules=8)
+    assert loss <= F64_RTOL and grad[0] <= F64_RTOL, (loss, grad)

@@ -30,7 +30,7 @@ from .fuse_storage import FusedTensor, fuse
 from .fused_dropout import fused_dropout
 from .fused_loss import FusedLoss
 from .fused_padded import PaddedChecks, real_channels
-from .fused_ops import _ELEMENTWISE, _POOLS, FusedOps, NotFusable, Step, _alias, _fn, _same
+from .fused_ops import _ELEMENTWISE, _POOLS, FusedOps, NotFusable, Step, _fn, _same
 from .fused_tokens import FusedTokenOps
 from .stage_outputs import StageOutputs
 from .stage_runner import StepState
@@ -103,7 +103,6 @@ class FusedStage(FusedOps, FusedTokenOps, PaddedChecks):
         Raises:
             NotFusable: an op or pattern without an exact fused form.
         """
-        G = self.G
         _same([[(n.kind, self._ir_shape(n)) if head and n.kind in ("input", "cat")
                  else (n.name, n.kind, n.args, self._ir_shape(n)) for n in nodes] for nodes in lists], "IR")
         layout: dict[str, str] = {}
@@ -118,14 +117,10 @@ class FusedStage(FusedOps, FusedTokenOps, PaddedChecks):
             lays = [layout[a] for a in args]
             if self.padded:
                 self._check_padded(ns, lays)
-            if kind == "slice":
-                _same([n.attrs["length"] for n in ns], "slice length")
-                ln = n.attrs["length"]
-                if lays != ["shared"] or [m.attrs["start"] for m in ns] != [g * ln for g in range(G)] \
-                        or self._shape(lists[0], args[0])[0] != G * ln:
-                    raise NotFusable(f"slice {name} is not group g's own channels")
-                steps.append((name, _alias(name, args[0])))
+            if kind == "slice":  # each group's channels of the shared input: the stack itself, or gathered
+                steps.append((name, self._slice(ns, lays[0], self._shape(lists[0], args[0])[0])))
                 layout[name] = "stack"
+                self._pad[name] = [m.attrs["length"] for m in ns]
                 continue
             if kind == "cat" and head:
                 steps.append((name, self._head_cat(ns, lists, inputs)))

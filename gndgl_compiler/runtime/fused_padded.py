@@ -11,8 +11,9 @@ zeros**, kept by every fused op:
     bn              padded γ = β = 0: the output of a padded (all-zero, variance-0) channel is β = 0;
                     padded running mean 0 / variance 1 are never read for a real channel
     relu, gelu, silu, pools, upsample, flatten, add, dropout (padded mask entries 0): zero stays zero
-    sigmoid         σ(0) = ½ — refused on a padded value (:class:`NotFusable`), as are token ops and
-                    residual slices
+    slice           a residual shortcut's channels of the shared input, gathered into the padded layout
+                    (group g's slice at g·w .. g·w + c_g, exact zeros after it: ``shortcut_gather``)
+    sigmoid         σ(0) = ½ — refused on a padded value (:class:`NotFusable`), as are token ops
 
 so a real channel's value and every real parameter's gradient are those of the per-partition
 program (the padded channels only add exact zeros to sums). The losses read real channels only:
@@ -27,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from ..partition.plan import IRNode
-from .fused_ops import NotFusable
+from .fused_ops import NotFusable, Step, _alias
 
 _TOKEN_OPS = ("patch_embed", "pos_embed", "layernorm", "attention", "mlp", "token_pool")
 
@@ -46,9 +47,31 @@ def real_channels(widths: list[int], width: int, device: torch.device) -> torch.
     return torch.cat([torch.arange(g * width, g * width + c) for g, c in enumerate(widths)]).to(device)
 
 
-class PaddedChecks:
-    """The padded-form checks of :class:`~gndgl_compiler.runtime.fused.FusedStage` (``padded``, ``_pad``)."""
+def shortcut_gather(name: str, arg: str, starts: list[int], lengths: list[int], channels: int,
+                    device: torch.device) -> Step:
+    """Each group's channel slice of a shared (B, channels, ...) value as one stack value: slice g
+    (``starts[g]`` .. + ``lengths[g]``) lands at channels g·w .. g·w + lengths[g], w = max length, and
+    the channels after it (the padding) are exact zeros. One ``index_copy_`` into a zero tensor, after
+    an ``index_select`` unless the slices tile the value in order (a residual shortcut's usual case)."""
+    G, w = len(starts), max(lengths)
+    src = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)])
+    dst = torch.cat([torch.arange(g * w, g * w + n) for g, n in enumerate(lengths)]).to(device)
+    tiled = torch.equal(src, torch.arange(channels))
+    src = src.to(device)
 
+    def gather(env: dict) -> None:
+        x = env[arg]
+        out = x.new_zeros(x.shape[0], G * w, *x.shape[2:])
+        env[name] = out.index_copy_(1, dst, x if tiled else x.index_select(1, src))
+    return gather
+
+
+class PaddedChecks:
+    """The padded-form checks of :class:`~gndgl_compiler.runtime.fused.FusedStage` (``padded``, ``_pad``)
+    and its residual-shortcut slices."""
+
+    G: int
+    mods: list
     padded: bool
     _pad: dict[str, list[int]]
     _cols: dict
@@ -80,17 +103,32 @@ class PaddedChecks:
         """Refuse, in an unequal split, the ops whose padded form would not keep padded channels zero.
 
         Raises:
-            NotFusable: token ops, residual slices, sigmoid, convs grouped within a partition.
+            NotFusable: token ops, sigmoid, convs grouped within a partition.
         """
         n = ns[0]
         why = None
         if n.kind in _TOKEN_OPS or "gtok" in lays:
             why = f"token op {n.kind} ({n.name})"
-        elif n.kind == "slice":
-            why = f"slice {n.name} (a residual shortcut of unequal group widths)"
         elif n.kind == "sigmoid" and (lays[0] == "mixed" or self._padding(n.args[0]) is not None):
             why = f"sigmoid {n.name} (sigmoid(0) = 1/2 would leak into padded channels)"
         elif n.kind == "conv" and n.attrs.get("groups", 1) != 1:
             why = f"grouped conv {n.name} within a partition"
         if why is not None:
             raise NotFusable(f"{why} in an unequal split ({[m.shape[0] for m in ns]} channels)")
+
+    def _slice(self, ns: list[IRNode], lay: str, channels: int) -> Step:
+        """Group g's channel slice of a shared value (``channels`` wide), for all groups: the shared value
+        itself when the slices are its equal tiles in group order, else gathered (``shortcut_gather``).
+
+        Raises:
+            NotFusable: a slice of a per-group value.
+        """
+        n = ns[0]
+        if lay != "shared":
+            raise NotFusable(f"slice {n.name} of a {lay} tensor")
+        starts, lengths = [m.attrs["start"] for m in ns], [m.attrs["length"] for m in ns]
+        w = lengths[0]
+        if lengths == [w] * self.G and starts == [g * w for g in range(self.G)] and channels == self.G * w:
+            return _alias(n.name, n.args[0])
+        device = next(self.mods[0].parameters()).device
+        return shortcut_gather(n.name, n.args[0], starts, lengths, channels, device)
