@@ -3,7 +3,8 @@
 The G partitions of a module have the same IR (same node names and kinds; only the channel
 slice differs), so each IR node becomes one fused op over all G groups (the layouts and each
 op's fused form: ``runtime/fused_ops.py``, token ops ``runtime/fused_tokens.py``); a ``slice``
-with start = g·len tiling is the shared tensor itself (identity shortcut of group g).
+with start = g·len tiling is the shared tensor itself (identity shortcut of group g); other slices
+(unequal lengths and starts) are gathered into one stack (``runtime/fused_padded.py``).
 :class:`FusedStage` checks the siblings, compiles their bodies and aux heads into fused steps and
 runs them with the batched losses (``runtime/fused_loss.py``: cross-entropy, predsim, InfoPro
 softmax, diversity); :class:`SiblingFusedRunner` is its stage runner (``runtime/stage_runner.py``),
@@ -16,7 +17,7 @@ through W_g's own columns (``runtime/shared_conv.py``). Dropout is exact too: ea
 from its own partition's generator (``runtime/fused_dropout.py``). Unequal group widths (a balanced split)
 fuse padded: every group padded to the widest with exact-zero channels that no loss, statistic or
 parameter sees (``runtime/fused_padded.py``). What cannot be expressed this way (differing siblings,
-a sigmoid or a residual slice in an unequal split, ...) raises :class:`NotFusable` with the reason, and
+a sigmoid or a token op in an unequal split, ...) raises :class:`NotFusable` with the reason, and
 the executor runs that module partition by partition.
 """
 
