@@ -39,6 +39,26 @@ group run as one dense conv with a block-diagonal weight (measured on torch 2.14
 at 4 groups of 4 channels; slower at 2 groups of 8 and from 32 channels on)."""
 
 
+_GROUPED_MULTIPLE = 8
+"""On the CPU, a grouped conv whose groups are not a multiple of 8 input channels runs as its G separate
+convs: oneDNN's grouped kernels are slow there (measured on torch 2.14, one thread, forward + backward,
+batch 32: 3 groups of 6 channels at 32x32 28 ms grouped vs 17 ms separate; 3 of 11 at 16x16 17 vs 7;
+6 of 22 at 16x16 90 vs 33; 8 or 16 channels per group: grouped is faster)."""
+
+
+def _separate_convs(name: str, arg: str, w: FusedTensor, bias: torch.Tensor | None, groups: int,
+                    stride: int, padding: int) -> Callable[[dict], None]:
+    """The step of a grouped conv run as ``groups`` convs on its channel blocks, outputs concatenated
+    (the same convs as per partition: exact)."""
+
+    def separate(env: dict) -> None:
+        xs = env[arg].chunk(groups, 1)
+        ws = w.fused.chunk(groups, 0)
+        bs = bias.chunk(groups, 0) if bias is not None else [None] * groups
+        env[name] = torch.cat([F.conv2d(x, wt, b, stride, padding) for x, wt, b in zip(xs, ws, bs)], 1)
+    return separate
+
+
 class NotFusable(Exception):
     """This module's siblings cannot run as one program; ``str(exc)`` says why."""
 
@@ -130,6 +150,8 @@ class FusedOps:
                     weight = w.fused.repeat(1, G, 1, 1) * mask
                     env[name] = F.conv2d(env[arg], weight, bias, stride, padding)
                 return block_diag, "stack"
+            if g_all > 1 and groups == 1 and (cin // g_all) % _GROUPED_MULTIPLE and w.fused.device.type == "cpu":
+                return _separate_convs(name, arg, w, bias, g_all, stride, padding), "stack"
 
             def conv(env: dict) -> None:
                 env[name] = F.conv2d(env[arg], w.fused, bias, stride, padding, groups=g_all)
