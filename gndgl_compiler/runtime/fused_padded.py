@@ -73,6 +73,7 @@ class PaddedChecks:
     G: int
     mods: list
     padded: bool
+    widths: list[int]
     _pad: dict[str, list[int]]
     _cols: dict
 
@@ -114,7 +115,7 @@ class PaddedChecks:
         elif n.kind == "conv" and n.attrs.get("groups", 1) != 1:
             why = f"grouped conv {n.name} within a partition"
         if why is not None:
-            raise NotFusable(f"{why} in an unequal split ({[m.shape[0] for m in ns]} channels)")
+            raise NotFusable(f"{why} in an unequal split (group widths {self.widths})")
 
     def _slice(self, ns: list[IRNode], lay: str, channels: int) -> Step:
         """Group g's channel slice of a shared value (``channels`` wide), for all groups: the shared value
