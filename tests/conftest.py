@@ -1,11 +1,12 @@
-"""Shared test fixtures (the distributed tests' session fixtures: ``tests/dist_fixtures.py``)."""
+"""Shared test fixtures (session fixtures: the distributed tests' ``tests/dist_fixtures.py``, the fault-injection
+tests' ``tests/fault_fixtures.py``, the spec fuzzer's ``tests/fuzz_fixtures.py``)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-pytest_plugins = ["dist_fixtures"]
+pytest_plugins = ["dist_fixtures", "fault_fixtures", "fuzz_fixtures"]
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@
   and a run checkpointed with fusion resumes without it (and the other way round).
 
 The reference is the executor's per-partition path (``siblings=False``), which the bit-for-bit
-tests of ``test_runtime.py`` check against hand-written PyTorch.
+tests of ``test_runtime_handwritten.py`` check against hand-written PyTorch.
 """
 
 from __future__ import annotations
