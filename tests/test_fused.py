@@ -63,6 +63,18 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300)) if b.norm() > 0 else float((a - b).norm())
 
 
+def assert_same_training(fused, ref, art, *, n: int, seed: int, steps: int = 20, lr: float = 0.05) -> None:
+    """``steps`` float64 steps of both executors on the same batches (dropout seeded by ``(seed, step)``):
+    equal losses at every step and equal final weights, to ``F64_RTOL``."""
+    for step in range(steps):
+        x, y = batch(art, n=n, seed=step, dtype=torch.float64)
+        sf, sr = fused.train_step(x, y, lr, seed=(seed, step)), ref.train_step(x, y, lr, seed=(seed, step))
+        assert max(rel(sf[p][0], sr[p][0]) for p in sr) <= F64_RTOL, step
+    worst = max((rel(fused.modules[pid].state_dict()[k], v), f"{pid}.{k}")
+                for pid, m in ref.modules.items() for k, v in m.state_dict().items() if v.is_floating_point())
+    assert worst[0] <= F64_RTOL, worst
+
+
 SHIPPED = sorted(p.stem for p in SPECS.glob("*.yaml"))
 
 
@@ -279,10 +291,4 @@ def test_dropout_fuses_exactly_float64_20_steps():
     fused, ref = executors(art, SGD, torch.float64)
     assert fused.random and all(r["fused"] for r in fused.fusion if len(r["partitions"]) > 1), fused.fusion
     assert any(r["fused"] for r in fused.fusion)
-    for step in range(20):
-        x, y = batch(art, n=4, seed=step, dtype=torch.float64)
-        sf, sr = fused.train_step(x, y, 0.05, seed=(3, step)), ref.train_step(x, y, 0.05, seed=(3, step))
-        assert max(rel(sf[p][0], sr[p][0]) for p in sr) <= F64_RTOL, step
-    worst = max((rel(fused.modules[pid].state_dict()[k], v), f"{pid}.{k}")
-                for pid, m in ref.modules.items() for k, v in m.state_dict().items() if v.is_floating_point())
-    assert worst[0] <= F64_RTOL, worst
+    assert_same_training(fused, ref, art, n=4, seed=3)

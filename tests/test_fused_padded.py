@@ -27,7 +27,7 @@ from gndgl_compiler import compile_spec
 from gndgl_compiler.runtime.executor import Executor
 from gndgl_compiler.runtime.fused_padded import shortcut_gather
 from gndgl_compiler.runtime.train import TrainOptions, train_artifact
-from test_fused import CPU, F32_RTOL, PLAIN, SGD, SPECS, batch, executors, rel
+from test_fused import CPU, F32_RTOL, PLAIN, SGD, SPECS, assert_same_training, batch, executors, rel
 
 F64_RTOL = 1e-10
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -115,19 +115,18 @@ def padded_entries(fs) -> list[torch.Tensor]:
     return out
 
 
+def assert_padding_untouched(ex) -> None:
+    """Every padded entry of every fused stage is still exactly zero."""
+    pads = [p for fs in ex.fused_stages.values() for p in padded_entries(fs)]
+    assert pads and all(torch.count_nonzero(p) == 0 for p in pads), "a padded weight moved"
+
+
 def test_padded_steps_give_the_same_weights():
     art = compile_spec(unequal("{kind: 1c2f, hidden: 8}", 0.5, 0.5, dropout=0.2))
     fused, ref = executors(art, SGD, torch.float64)
     assert all(fs.padded for fs in fused.fused_stages.values()) and len(fused.fused_stages) == 2
-    for step in range(20):
-        x, y = batch(art, n=6, seed=step, dtype=torch.float64)
-        sf, sr = fused.train_step(x, y, 0.05, seed=(1, step)), ref.train_step(x, y, 0.05, seed=(1, step))
-        assert max(rel(sf[p][0], sr[p][0]) for p in sr) <= F64_RTOL, step
-    worst = max((rel(fused.modules[pid].state_dict()[k], v), f"{pid}.{k}")
-                for pid, m in ref.modules.items() for k, v in m.state_dict().items() if v.is_floating_point())
-    assert worst[0] <= F64_RTOL, worst
-    pads = [p for fs in fused.fused_stages.values() for p in padded_entries(fs)]
-    assert pads and all(torch.count_nonzero(p) == 0 for p in pads), "a padded weight moved"
+    assert_same_training(fused, ref, art, n=6, seed=1)
+    assert_padding_untouched(fused)
 
 
 def test_padded_stop_gradient_isolation():
@@ -260,15 +259,8 @@ def test_padded_residual_steps_and_isolation():
     fused, ref = executors(art, SGD, torch.float64)
     slices = [n for fs in fused.fused_stages.values() for n in fs.parts[0].body if n.kind == "slice"]
     assert [fs.widths for fs in fused.fused_stages.values()] == [[4, 3, 3], [5, 5, 4], [5, 5, 4]] and slices
-    for step in range(20):
-        x, y = batch(art, n=6, seed=step, dtype=torch.float64)
-        sf, sr = fused.train_step(x, y, 0.05, seed=(1, step)), ref.train_step(x, y, 0.05, seed=(1, step))
-        assert max(rel(sf[p][0], sr[p][0]) for p in sr) <= F64_RTOL, step
-    worst = max((rel(fused.modules[pid].state_dict()[k], v), f"{pid}.{k}")
-                for pid, m in ref.modules.items() for k, v in m.state_dict().items() if v.is_floating_point())
-    assert worst[0] <= F64_RTOL, worst
-    pads = [p for fs in fused.fused_stages.values() for p in padded_entries(fs)]
-    assert pads and all(torch.count_nonzero(p) == 0 for p in pads), "a padded weight moved"
+    assert_same_training(fused, ref, art, n=6, seed=1)
+    assert_padding_untouched(fused)
     for fs in list(fused.fused_stages.values())[1:]:  # the conv shortcut, the identity slice
         assert_isolated(fs)
 
