@@ -116,6 +116,16 @@ def _front(spec: Spec) -> tuple[OpGraph, PartitionPlan]:
     return og, plan
 
 
+def _load_init(spec: Spec, og: OpGraph, plan: PartitionPlan, modules: dict) -> None:
+    """``train.init``: the partitions start from a state-dict file (its errors name the field)."""
+    from .codegen.pretrained import InitError, init_from_file, resolve_init
+    try:
+        init_from_file(resolve_init(spec.train.init, getattr(spec, "_file", None)), spec.model.template, plan,
+                       modules, og.classifier.nodes)
+    except InitError as err:
+        raise spec_error(spec, ("train", "init"), str(err)) from None
+
+
 def plan_spec(source: str | os.PathLike | dict | Spec, *, workers: int | None = None,
               overrides: list[str] | None = None) -> PartitionPlan:
     """The front half of :func:`compile_spec`: spec → graph → validated partition plan, no modules.
@@ -161,6 +171,8 @@ def compile_spec(source: str | os.PathLike | dict | Spec, out_dir: str | os.Path
     og, plan = _front(spec)
     _check_params(spec, plan)
     modules = build_partitions(plan, seed=spec.train.seed)
+    if spec.train.init:
+        _load_init(spec, og, plan, modules)
     spec_json = spec.model_dump(mode="json")
     art = Artifact(spec_json, plan, modules)
     if out_dir is not None:

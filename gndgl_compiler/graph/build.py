@@ -128,10 +128,45 @@ def _block_unit(b: _Builder, layer, idx: int, x: str) -> str:
     return b.add(f"{name}.relu2", "relu", {}, [h], idx, name, "inner")
 
 
-UNIT_BUILDERS = {"conv": _conv_unit, "linear": _linear_unit, "block": _block_unit, **TOKEN_UNIT_BUILDERS}
+def bottleneck_width(planes: int, base_width: int, cardinality: int) -> int:
+    """Inner width w of a bottleneck: ⌊p·b/64⌋·c (torchvision's formula)."""
+    return planes * base_width // 64 * cardinality
+
+
+def _bottleneck_unit(b: _Builder, layer, idx: int, x: str) -> str:
+    """torchvision's bottleneck (v1.5, DESIGN §2.2): 1×1 → w, 3×3 stride s groups c (op ``gconv``), 1×1 → 4p,
+    each with BN (ReLU after the first two), plus the identity or a 1×1 stride-s conv-BN shortcut, add, ReLU."""
+    name, c_in, s = layer.name, b.g.nodes[x]["shape"][0], layer.stride
+    w, c_out = bottleneck_width(layer.planes, layer.base_width, layer.cardinality), 4 * layer.planes
+    if w < 1 or w % layer.cardinality:
+        raise GraphError(f"unit '{name}' (#{idx}): planes {layer.planes} × base_width {layer.base_width} / 64 "
+                         "leaves no channels per group; raise planes or base_width")
+
+    def conv(tag: str, cin: int, cout: int, k: int, stride: int, src: str, role: str, kind: str = "conv",
+             **extra) -> str:
+        return b.add(f"{name}.{tag}", kind, {"in": cin, "out": cout, "kernel": k, "stride": stride,
+                                             "padding": k // 2, "bias": False, **extra}, [src], idx, name, role)
+
+    h = conv("conv1", c_in, w, 1, 1, x, "entry")
+    h = b.add(f"{name}.relu1", "relu", {}, [b.add(f"{name}.bn1", "bn", {}, [h], idx, name, "inner")],
+              idx, name, "inner")
+    h = conv("conv2", w, w, 3, s, h, "inner", kind="gconv", groups=layer.cardinality)
+    h = b.add(f"{name}.relu2", "relu", {}, [b.add(f"{name}.bn2", "bn", {}, [h], idx, name, "inner")],
+              idx, name, "inner")
+    h = b.add(f"{name}.bn3", "bn", {}, [conv("conv3", w, c_out, 1, 1, h, "inner")], idx, name, "inner")
+    sc = x
+    if s != 1 or c_in != c_out:
+        sc = b.add(f"{name}.shortcut_bn", "bn", {}, [conv("shortcut", c_in, c_out, 1, s, x, "entry")],
+                   idx, name, "inner")
+    h = b.add(f"{name}.add", "add", {}, [h, sc], idx, name, "inner")
+    return b.add(f"{name}.relu3", "relu", {}, [h], idx, name, "inner")
+
+
+UNIT_BUILDERS = {"conv": _conv_unit, "linear": _linear_unit, "block": _block_unit, "bottleneck": _bottleneck_unit,
+                 **TOKEN_UNIT_BUILDERS}
 """Units that expand into several ops or need derived attributes; any other unit is one op of its
 own kind whose attributes are the unit's fields."""
-SEGMENT_UNITS = ("block",) + TOKEN_SEGMENT_UNITS
+SEGMENT_UNITS = ("block", "bottleneck") + TOKEN_SEGMENT_UNITS
 """Several-op units that open a segment (a unit that is one op asks the registry)."""
 
 

@@ -83,6 +83,10 @@ class OpDef:
     ellipse); default: ``layer`` for ``weights`` ops, else ``op``."""
     label: Callable[[Attrs], str] = lambda a: ""
     """Text the picture appends to the kind (kernel and stride of a conv, heads of an attention, ...)."""
+    split_attrs: Callable[[Attrs, int], Attrs] | None = None
+    """For a ``weights`` op: the attributes of one group's copy beyond :attr:`split_keys`, given the
+    module's G (a grouped conv's ``groups``); raises ``ValueError`` with the reason and the valid G
+    when G cannot split it."""
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -168,9 +172,34 @@ def _bn_module(a: Attrs, ins: list[Shape], out: Shape) -> nn.Module:
 def _pool_shape(kind: str) -> Callable[[Attrs, list[Shape]], Shape]:
     def shape(a: Attrs, ins: list[Shape]) -> Shape:
         c, h, w = _need_map(kind, ins)
-        k, s = a["kernel"], a.get("stride") or a["kernel"]
-        return (c, _spatial(h, k, s, 0, kind), _spatial(w, k, s, 0, kind))
+        k, s, p = a["kernel"], a.get("stride") or a["kernel"], a.get("padding", 0)
+        if 2 * p > k:
+            raise GraphError(f"{kind} padding {p} is more than half its kernel {k}; use padding ≤ {k // 2}")
+        return (c, _spatial(h, k, s, p, kind), _spatial(w, k, s, p, kind))
     return shape
+
+
+def _pool_kwargs(a: Attrs, ins: list[Shape]) -> dict:
+    kw = {"kernel_size": a["kernel"], "stride": a.get("stride") or a["kernel"]}
+    return {**kw, "padding": a["padding"]} if a.get("padding") else kw
+
+
+# --- grouped conv (a bottleneck's 3×3: groups = cardinality) ----------------------------------
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _gconv_split(a: Attrs, groups: int) -> Attrs:
+    """Group g's copy of a grouped conv at G=``groups``: ``groups/G`` of its groups (DESIGN §2.2), or a plain
+    conv on the slice when the conv has one group."""
+    c = a.get("groups", 1)
+    if c == 1 or groups == 1:
+        return a
+    if c % groups:
+        raise ValueError(f"G={groups} does not divide the cardinality {c} (the groups of this 3×3 conv); "
+                         f"valid G: {', '.join(map(str, _divisors(c)))}")
+    return {**a, "groups": c // groups}
 
 
 def _adaptive_shape(a: Attrs, ins: list[Shape]) -> Shape:
@@ -217,6 +246,9 @@ def _upsample_shape(a: Attrs, ins: list[Shape]) -> Shape:
 
 OPS: dict[str, OpDef] = {
     "conv": OpDef("conv", _conv_shape, _conv_macs, _conv_params, _conv_module, split="weights", label=_conv_label),
+    "gconv": OpDef("gconv", _conv_shape, _conv_macs, _conv_params, _conv_module, split="weights",
+                   label=lambda a: _conv_label(a) + (f" g{a['groups']}" if a.get("groups", 1) > 1 else ""),
+                   split_attrs=_gconv_split),
     "linear": OpDef(
         "linear", _linear_shape, lambda a, i, o: a["in"] * a["out"],
         lambda a, i, o: a["in"] * a["out"] + (a["out"] if a["bias"] else 0),
@@ -224,10 +256,8 @@ OPS: dict[str, OpDef] = {
     "bn": OpDef("bn", _same, params=lambda a, i, o: 2 * i[0][0], module=_bn_module),
     "relu": OpDef("relu", _same, function=torch.relu),
     "dropout": OpDef("dropout", _same, module=lambda a, i, o: SeededDropout(a["p"]), random=True),
-    "maxpool": OpDef("maxpool", _pool_shape("maxpool"), function=F.max_pool2d,
-                     kwargs=lambda a, i: {"kernel_size": a["kernel"], "stride": a.get("stride") or a["kernel"]}),
-    "avgpool": OpDef("avgpool", _pool_shape("avgpool"), function=F.avg_pool2d,
-                     kwargs=lambda a, i: {"kernel_size": a["kernel"], "stride": a.get("stride") or a["kernel"]}),
+    "maxpool": OpDef("maxpool", _pool_shape("maxpool"), function=F.max_pool2d, kwargs=_pool_kwargs),
+    "avgpool": OpDef("avgpool", _pool_shape("avgpool"), function=F.avg_pool2d, kwargs=_pool_kwargs),
     "adaptive_avgpool": OpDef("adaptive_avgpool", _adaptive_shape, function=F.adaptive_avg_pool2d,
                               kwargs=lambda a, i: {"output_size": a["size"]}, leads_in=True),
     "flatten": OpDef("flatten", lambda a, i: (math.prod(i[0]),), function=torch.flatten,

@@ -12,7 +12,8 @@ Connectivity inside module k, group g (DESIGN §2):
 
 Each op says how it splits in the registry (``OpDef.split``): ``weights`` ops
 (conv, linear, patch_embed, attention, mlp) divide their ``split_keys`` (output
-channels, heads, MLP hidden units) by G; ``follow`` ops (BN, activations, pooling,
+channels, heads, MLP hidden units) by G (and ``split_attrs`` rewrites the rest: a
+bottleneck's grouped 3×3 conv keeps cardinality/G groups); ``follow`` ops (BN, activations, pooling,
 dropout, LayerNorm, ...) act on whatever slice reaches them, the full input before
 the module's first ``weights`` op (a transformer's LN₁) and the group's slice after;
 ``merge`` ops (the residual add) slice an input that still holds all channels to
@@ -123,6 +124,11 @@ def module_body(og: OpGraph, nodes: list[str], module_input: str, x: str, groups
         if op.parametric:
             for key in op.split_keys:
                 attrs[key] = group_offset(attrs[key], groups, g, split)[1]
+            if op.split_attrs is not None:
+                try:
+                    attrs = op.split_attrs(attrs, groups)
+                except ValueError as err:
+                    raise PartitionError(f"'{n}': {err}", field=("cuts", "width")) from None
             attrs["in"] = b.shape(args[0])[0]
             is_dense = preds[0] in full
             ir[n] = b.add(n, kind, attrs, args, source=n, dense_in=preds[0] == module_input)

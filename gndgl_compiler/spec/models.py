@@ -50,6 +50,7 @@ class MaxPool(_Unit):
     op: Literal["maxpool"] = Field(description="Max pooling.")
     kernel: int = Field(2, ge=1, le=16, description="Window size.")
     stride: int | None = Field(None, ge=1, le=16, description="Stride; default = kernel.")
+    padding: int = Field(0, ge=0, le=8, description="Implicit -inf padding on each side (at most kernel // 2).")
 
 
 class AvgPool(_Unit):
@@ -82,6 +83,14 @@ class Block(_Unit):
     op: Literal["block"] = Field(description="Basic residual block: conv-bn-relu-conv-bn + shortcut, relu.")
     out: int = Field(ge=1, le=65536, description="Output channels.")
     stride: int = Field(1, ge=1, le=4, description="Stride of the first conv (and the shortcut).")
+
+
+class Bottleneck(_Unit):
+    op: Literal["bottleneck"] = Field(description="torchvision's bottleneck (v1.5): 1×1, 3×3 (stride, groups = cardinality), 1×1 to 4·planes, + shortcut, relu.")
+    planes: int = Field(ge=1, le=65536, description="Planes p: the block outputs 4·p channels.")
+    stride: int = Field(1, ge=1, le=4, description="Stride of the 3×3 conv (and the shortcut).")
+    cardinality: int = Field(1, ge=1, le=4096, description="Groups c of the 3×3 conv (ResNeXt); a width cut's G must divide it.")
+    base_width: int = Field(64, ge=1, le=65536, description="Base width b: the inner width is floor(p·b/64)·c.")
 
 
 class PatchEmbed(_Unit):
@@ -133,12 +142,12 @@ class TokenPool(_Unit):
 
 
 Layer = Annotated[
-    Union[Conv, BN, ReLU, MaxPool, AvgPool, AdaptiveAvgPool, Flatten, Linear, Dropout, Block, PatchEmbed, PosEmbed,
+    Union[Conv, BN, ReLU, MaxPool, AvgPool, AdaptiveAvgPool, Flatten, Linear, Dropout, Block, Bottleneck, PatchEmbed, PosEmbed,
           LayerNorm, GELU, SiLU, Attention, MLP, TransformerBlock, TokenPool],
     Field(discriminator="op"),
 ]
 LAYER_OPS = ("conv", "bn", "relu", "maxpool", "avgpool", "adaptive_avgpool", "flatten", "linear", "dropout", "block",
-             "patch_embed", "pos_embed", "layernorm", "gelu", "silu", "attention", "mlp", "transformer_block",
+             "bottleneck", "patch_embed", "pos_embed", "layernorm", "gelu", "silu", "attention", "mlp", "transformer_block",
              "token_pool")
 
 
@@ -153,9 +162,17 @@ class ViT(_Strict):
     cls: bool = Field(False, description="Classify from a CLS token instead of the mean over tokens.")
 
 
+IMAGENET_TEMPLATES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+                      "resnext101_32x8d", "wide_resnet50_2")
+"""torchvision's ResNets / ResNeXts (DESIGN §2.2); their default input is 3×224×224."""
+
+
 class Model(_Strict):
-    template: Literal["resnet20", "resnet32", "resnet56", "resnet110", "vgg6a", "vit_tiny", "vit_cifar"] | None = Field(
+    template: Literal["resnet20", "resnet32", "resnet56", "resnet110", "vgg6a", "vit_tiny", "vit_cifar", "resnet18",
+                      "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
+                      "wide_resnet50_2"] | None = Field(
         None, description="Built-in network; expands to plain layers. Give either this or 'layers'.")
+    stem: Literal["imagenet", "cifar"] | None = Field(None, description="Stem of the torchvision templates (resnet18 .. wide_resnet50_2): 'imagenet' (7×7/2 conv, BN, ReLU, 3×3/2 max-pool; the default) or 'cifar' (3×3/1 conv, no pool).")
     width: float = Field(1.0, gt=0, le=16, description="Template width multiplier (2 = '2×ResNet-32'; scales D of a ViT).")
     vit: ViT | None = Field(None, description="vit_tiny / vit_cifar dimensions (D, depth, heads, patch, MLP ratio, CLS).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Template dropout after each hidden layer (vgg6a).")
@@ -177,6 +194,11 @@ class Model(_Strict):
         if self.vit is not None and not (self.template or "").startswith("vit_"):
             raise ValueError("'vit' sets the dimensions of the vit_tiny / vit_cifar templates; "
                              f"use it with one of those (template is {self.template!r})")
+        if self.stem is not None and self.template not in IMAGENET_TEMPLATES:
+            raise ValueError(f"'stem' chooses the stem of the torchvision templates ({', '.join(IMAGENET_TEMPLATES)}); "
+                             f"template is {self.template!r}")
+        if self.template in IMAGENET_TEMPLATES and "input_shape" not in self.model_fields_set:
+            self.input_shape = (3, 224, 224)
         return self
 
 
@@ -341,6 +363,7 @@ class Train(_Strict):
     schedule: Schedule = Field(default_factory=Schedule, description="Learning-rate schedule.")
     augment: Augment | None = Field(default_factory=Augment, description="Data augmentation; null for none.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of weights, batch order and augmentation.")
+    init: str | None = Field(None, min_length=1, max_length=4096, description="Initial weights: a state-dict file (.pt / .pth / .safetensors) with torchvision's names (a torchvision template's) or the op graph's (e.g. 's1.b0.conv1.weight'); each partition takes its slice. Loaded at compile time.")
     checkpoint_every: int = Field(0, ge=0, description="Also checkpoint every N steps (0 = only each epoch).")
     log_every: int = Field(50, ge=1, description="Log training metrics every N steps.")
     amp: Literal["auto", "bf16", "off"] = Field("auto", description="bf16 autocast: 'auto' = on for CUDA.")

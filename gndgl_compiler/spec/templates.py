@@ -8,6 +8,7 @@ import math
 from pydantic import TypeAdapter
 
 from ..errors import SpecError
+from .imagenet import IMAGENET_CONFIGS, imagenet_layers
 from .models import Layer, Model
 
 _LAYERS = TypeAdapter(list[Layer])
@@ -125,9 +126,12 @@ def expand_model(model: Model) -> list:
         list of unit models (``Conv``, ``Block``, ...) with ``name`` set.
 
     Raises:
-        SpecError: impossible template dimensions (see :func:`vit_dims`).
+        SpecError: impossible template dimensions (see :func:`vit_dims`) or an input too small for a
+            torchvision template (:func:`~.imagenet.imagenet_layers`).
     """
-    if model.template in RESNET_BLOCKS:
+    if model.template in IMAGENET_CONFIGS:
+        layers = _LAYERS.validate_python(imagenet_layers(model))
+    elif model.template in RESNET_BLOCKS:
         raw = resnet_layers(RESNET_BLOCKS[model.template], model.width, model.num_classes)
         layers = _LAYERS.validate_python(raw)
     elif model.template in VIT_DEFAULTS:
