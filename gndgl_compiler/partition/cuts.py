@@ -7,6 +7,8 @@ an explicit list names the units to cut after.
 
 from __future__ import annotations
 
+import re
+
 from ..errors import PartitionError
 from ..graph.build import OpGraph
 
@@ -69,6 +71,24 @@ def balanced_split(costs: list[int], k: int) -> list[int]:
     return sorted(starts)
 
 
+_NUMBERED = re.compile(r"^(.*?)(\d+)$")
+
+
+def name_ranges(names: list[str], limit: int = 40) -> str:
+    """``names`` for a message, runs of consecutive numbers shortened: ``stem, s1.b0..s1.b2, s2.b0..s2.b3``
+    (at most ``limit`` entries, then ``...``)."""
+    runs: list[list] = []  # [prefix, first, last, first name, last name]
+    for nm in names:
+        m = _NUMBERED.match(nm)
+        if m and runs and runs[-1][0] == m[1] and runs[-1][2] == int(m[2]) - 1:
+            runs[-1][2], runs[-1][4] = int(m[2]), nm
+        else:
+            runs.append([m[1], int(m[2]), int(m[2]), nm, nm] if m else [None, 0, -1, nm, nm])
+    parts = [r[3] if r[3] == r[4] else (f"{r[3]}, {r[4]}" if r[2] == r[1] + 1 else f"{r[3]}..{r[4]}")
+             for r in runs]
+    return ", ".join(parts[:limit]) + (", ..." if len(parts) > limit else "")
+
+
 def module_segments(og: OpGraph, depth: int | list, template: str | None) -> list[list[int]]:
     """Resolve ``cuts.depth`` into lists of body-segment indices, one list per module.
 
@@ -108,7 +128,7 @@ def module_segments(og: OpGraph, depth: int | list, template: str | None) -> lis
                 seg = by_name[c]
             else:
                 raise PartitionError(f"cut point '{c}' names no unit; units that can be cut after: "
-                                     f"{', '.join(s.name for s in body[:12])}{', ...' if n > 12 else ''}")
+                                     f"{name_ranges([s.name for s in body])}")
             if seg >= n:
                 raise PartitionError(f"cut point {c!r} is inside the classifier; cut before it")
             if seg == n - 1:
