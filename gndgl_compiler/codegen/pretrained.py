@@ -213,3 +213,19 @@ def init_from_file(path: str | Path, template: str | None, plan: PartitionPlan,
                             f"torchvision template (valid: {', '.join(IMAGENET_CONFIGS)})")
         state = from_torchvision(template, state)
     return load_full_state(plan, parts, state, optional=tuple(classifier))
+
+
+def full_state(plan: PartitionPlan, parts: dict[int, PartitionModule]) -> dict[str, torch.Tensor]:
+    """The network's tensors with op-graph names (the inverse of :func:`load_full_state` when every module
+    has one group): e.g. ``to_torchvision(name, full_state(plan, parts))`` gives a trained K-module run's
+    weights to ``torchvision.models.<name>()``.
+
+    Raises:
+        InitError: a module with G > 1 (its layers are block-diagonal parts of the dense ones).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for p, mod, source in _owned(plan, parts):
+        if p.groups > 1:
+            raise InitError(f"partition {p.name} is one of {p.groups} width groups; a full state dict needs G = 1")
+        out.update({f"{source}.{leaf}": t for leaf, t in mod.state_dict().items()})
+    return out
