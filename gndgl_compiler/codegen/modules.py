@@ -87,6 +87,18 @@ def init_weights(module: nn.Module, seed: int) -> None:
                     m.bias.uniform_(-bound, bound, generator=gen)
 
 
+def _materialize(module: nn.Module) -> None:
+    """``module.to_empty(device="cpu")``, without its per-tensor dispatch through the meta decompositions
+    (~0.4 ms a tensor: 1.6 s of a 205-partition ResNet-152 compile). Storage is uninitialised, as there."""
+    for m in module.modules():
+        for key, p in m._parameters.items():
+            if p is not None:
+                m._parameters[key] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype), p.requires_grad)
+        for key, b in m._buffers.items():
+            if b is not None:
+                m._buffers[key] = torch.empty(b.shape, dtype=b.dtype)
+
+
 def build_partitions(plan: PartitionPlan, seed: int = 0, ids: list[int] | None = None) -> dict[int, PartitionModule]:
     """Build (a subset of) the partition modules of a plan, freshly initialised.
 
@@ -105,7 +117,7 @@ def build_partitions(plan: PartitionPlan, seed: int = 0, ids: list[int] | None =
             key = repr((p.loss, sorted(p.head_outputs), PartitionModule.n_diversity_inputs(p)))
             with torch.device("meta"):  # allocate once, below, instead of default-initialising
                 pm = PartitionModule(p, plan.num_classes, losses.get(key))
-            pm.to_empty(device="cpu")
+            _materialize(pm)
             losses.setdefault(key, pm.loss)
             init_weights(pm, seed * 1_000_003 + p.id)
             out[p.id] = pm
