@@ -157,8 +157,9 @@ def load_full_state(plan: PartitionPlan, parts: dict[int, PartitionModule], stat
         plan: the partition plan.
         parts: its modules (any subset).
         state: ``{"<op-graph node>.<tensor>": tensor}``, e.g. from :func:`from_torchvision`.
-        optional: op-graph nodes whose tensors may be absent (keep their fresh initialisation), e.g. the
-            classifier ``fc`` when fine-tuning to another number of classes.
+        optional: op-graph nodes whose tensors may be absent (keep their fresh initialisation) or unused,
+            e.g. the classifier ``fc`` when fine-tuning to another number of classes or when a 1c2f final
+            head replaces it.
 
     Returns:
         The number of tensors copied.
@@ -180,7 +181,7 @@ def load_full_state(plan: PartitionPlan, parts: dict[int, PartitionModule], stat
             used.add(key)
             copied += 1
     if len(parts) == len(plan.partitions):
-        extra = sorted(set(state) - used)
+        extra = sorted(k for k in set(state) - used if k.rsplit(".", 1)[0] not in optional)
         if extra:
             raise InitError(f"{len(extra)} tensor(s) of the initial weights are not in this network, e.g. "
                             f"{', '.join(extra[:3])}")
