@@ -146,6 +146,11 @@ def test_macs_equal_flop_counter_on_the_assembled_net(name, size):
     assert got == want  # conv and linear MACs, counted the same way
 
 
+def test_templates_are_the_models_list():
+    from gndgl_compiler.spec.models import IMAGENET_TEMPLATES
+    assert tuple(TEMPLATES) == IMAGENET_TEMPLATES
+
+
 def test_resnet50_is_torchvisions_published_size():
     plan = plan_spec(spec_text("resnet50", 224))
     assert round(plan.summary["e2e_macs"] / 1e9, 2) == 4.09  # torchvision: 4.09 GFLOPS (multiply-adds)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import SpecError
-from .models import IMAGENET_TEMPLATES, Model
+from .models import Model
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ IMAGENET_CONFIGS: dict[str, ResNetConfig] = {
     "resnext101_32x8d": ResNetConfig("bottleneck", (3, 4, 23, 3), 32, 8),
     "wide_resnet50_2": ResNetConfig("bottleneck", (3, 4, 6, 3), 1, 128),
 }
-assert tuple(IMAGENET_CONFIGS) == IMAGENET_TEMPLATES
+"""One entry per name of ``models.IMAGENET_TEMPLATES`` (checked by the tests)."""
 
 MIN_INPUT = 32
 """Smallest input height / width of these templates (DESIGN §2.2)."""
