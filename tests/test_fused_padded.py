@@ -1,4 +1,4 @@
-"""Sibling fusion of an unequal (balanced) split, padded (``runtime/fused_padded.py``), against the per-partition path.
+"""Sibling fusion of an unequal (balanced) split, padded (``runtime/fusion/padded.py``), against the per-partition path.
 
 A small VGG-like spec (10 → 4, 3, 3 and 14 → 5, 5, 4 channels, 11 → 4, 4, 3 features in G=3 groups; a flat
 module with a batch-normed linear layer, or a convolutional one for InfoPro), float64:
@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from gndgl_compiler import compile_spec
 from gndgl_compiler.runtime.executor import Executor
-from gndgl_compiler.runtime.fused_padded import shortcut_gather
+from gndgl_compiler.runtime.fusion.padded import shortcut_gather
 from gndgl_compiler.runtime.train import TrainOptions, train_artifact
 from float_compare import flat_error, module_error, rel, scaled_error
 from test_fused import CPU, F32_RTOL, PLAIN, SGD, SPECS, assert_same_training, batch, executors
