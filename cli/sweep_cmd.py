@@ -56,7 +56,7 @@ def _sweep(spec: Path, depth: str, width: str, output: Path, train: bool, seeds:
 
     def log(line: str) -> None:
         display.finish()
-        console.print(line, highlight=False, markup=False)
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
 
     with display.progress if train else contextlib.nullcontext():
         rows = run_sweep(spec, depths, widths, train=train, out_dir=output, train_options=opts, log=log,
