@@ -323,7 +323,12 @@ class Trainer:
         self.window.add(stats)
         st.advance(step, y.numel(), lr)
         report.progress(ProgressEvent("train", st.step_in_epoch, self.spe, epoch=st.epoch, epochs=self.total_epochs,
-                                      step=st.step, steps=self.total_epochs * self.spe, images=y.numel()))
+                                      step=st.step, steps=self._end_step(), images=y.numel()))
+
+    def _end_step(self) -> int:
+        """The global step this attempt stops at: the end of the schedule or ``--max-steps``, the earlier."""
+        total, cap = self.total_epochs * self.spe, self.execution.max_steps
+        return total if cap is None else min(total, cap)
 
     def _checkpoint(self) -> None:
         self.window.check_finite(self.state.step)
