@@ -315,6 +315,10 @@ def test_unknown_name_and_missing_files(tmp_path, monkeypatch):
         load_dataset(str(tmp_path / "nope.tar.gz"))
     monkeypatch.setenv("GNDGL_DATA", str(tmp_path / "data"))
     monkeypatch.delenv("GNDGL_CIFAR10_JPEG", raising=False)
+    (tmp_path / "cifar").mkdir()
+    (tmp_path / "m").mkdir()
+    with pytest.raises(DataError, match="--data-root .* does not exist"):  # not silently looked for elsewhere
+        load_dataset("mnist", root=str(tmp_path / "nope"), cache_dir=str(tmp_path / "c"))
     with pytest.raises(DataError) as e:
         load_dataset("cifar10", root=str(tmp_path / "cifar"), cache_dir=str(tmp_path / "c"))
     msg = str(e.value)
