@@ -103,7 +103,7 @@ def cli_runs(tmp_path_factory):
         procs[key] = (subprocess.Popen(cli(*argv), cwd=cwd, env=env(GNDGL_CACHE=str(tmp / "cache")), stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE, text=True), cwd)
     out = {"_subst": subst}
-    deadline = time.monotonic() + 150
+    deadline = time.monotonic() + 300
     for key, (p, cwd) in procs.items():
         try:
             so, se = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
