@@ -105,3 +105,15 @@ def note_resolved(typed: Any, used: Any) -> None:
     which = "the only artifact" if n == 1 else f"the newest of {n} artifacts"
     console_err.print(f"using {escape(str(used))}/ ({which} in {escape(str(typed))}/)", highlight=False)
 
+
+
+def newest_run_noted(need: str) -> Any:
+    """The newest run in ``./runs`` with something to show (``need``: ``"weights"`` or ``"metrics"``),
+    saying which newer runs were skipped and why (``runtime/run_dir.newest_run``)."""
+    from gndgl_compiler.runtime.run_dir import newest_run
+
+    run, skipped = newest_run("runs", need)
+    if skipped:
+        console_err.print(f"using {escape(str(run))}; skipped {len(skipped)} newer run(s) with nothing to show: "
+                          + "; ".join(escape(s) for s in skipped), highlight=False, soft_wrap=True)
+    return run

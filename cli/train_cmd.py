@@ -13,9 +13,9 @@ import typer
 from gndgl_compiler.errors import DistributedSetupError
 from gndgl_compiler.runtime.report import format_summary
 
-from .common import console, note_resolved
-from .compile_cmd import default_output
+from .common import console, newest_run_noted, note_resolved
 from .progress_display import TrainDisplay
+from .train_start import compiled_on_the_fly, is_spec
 
 
 def _launch(art, workers: int, opts, launch) -> None:
@@ -25,13 +25,22 @@ def _launch(art, workers: int, opts, launch) -> None:
 
     from gndgl_compiler import load_artifact
 
+    from gndgl_compiler.runtime.preflight import check_config
+
     if opts.resume is not None:
-        from gndgl_compiler.runtime.run_dir import check_resume_world
-        check_resume_world(opts.resume, workers)
+        from gndgl_compiler.runtime.run_dir import reopen_run
         art = load_artifact(Path(opts.resume) / "artifact")
+        config = reopen_run(opts.resume, opts, world=workers, verify=False)[1]
+    else:
+        from gndgl_compiler.runtime.config import new_run_config
+        config = new_run_config(art.spec["train"], opts)
+    check_config(config, opts.device)  # what every rank would refuse: before any rank starts
     n = len(art.plan.partitions)
     if workers > n:
         raise DistributedSetupError(f"--workers {workers} is more than the {n} partitions; use --workers {n} or fewer")
+    if art.plan.schedule == "sequential":
+        raise DistributedSetupError("the sequential schedule trains one module at a time; run it in one process "
+                                    "(leave out --workers)")
     place(art.plan, art.plan.devices, workers)
     owners: dict[int, list[str]] = {}
     for p in art.plan.partitions:
@@ -78,27 +87,35 @@ def _option_parameters() -> list[inspect.Parameter]:
 
 def _train(source: Optional[Path] = None, **options: Any) -> None:
     """Train a compiled artifact (or a spec, compiled on the fly); resumable."""
-    from gndgl_compiler import compile_spec
     from gndgl_compiler.runtime.options import DisplayOptions, LaunchOptions, TrainOptions, from_args
-    from gndgl_compiler.runtime.train import train_artifact
+    from gndgl_compiler.runtime.preflight import check_device, check_new_run_dir, check_resume_source
 
     opts, launch = from_args(TrainOptions, options), from_args(LaunchOptions, options)
     shown = from_args(DisplayOptions, options)
-    if source is None and opts.resume is None:
-        source = Path("compiled")
+    if opts.resume is not None:
+        check_resume_source(source, opts.resume)
+    if opts.device:
+        check_device(opts.device)
+    source = source if source is not None or opts.resume is not None else Path("compiled")
+    if opts.resume is None and is_spec(source):
+        with compiled_on_the_fly(source, opts) as art:
+            opts.overrides = None  # already in the compiled spec
+            _run(art, opts, launch, shown)
+        return
     art = None
     if opts.resume is None:
-        assert source is not None
-        if source.is_file() or source.suffix in (".yaml", ".yml"):
-            out = default_output(source)
-            with console.status(f"compiling {source} → {out}/"):
-                art = compile_spec(source, out, overrides=opts.overrides)
-            console.print(f"compiled {source} → {out}/", highlight=False, markup=False)
-            opts.overrides = None  # already in the compiled spec
-        else:
-            from gndgl_compiler import load_artifact
-            art = load_artifact(source)
-            note_resolved(source, art.path)
+        from gndgl_compiler import load_artifact
+
+        check_new_run_dir(opts.run_dir)
+        art = load_artifact(source)
+        note_resolved(source, art.path)
+    _run(art, opts, launch, shown)
+
+
+def _run(art: Any, opts: Any, launch: Any, shown: Any) -> None:
+    """Train ``art`` (None: resume ``opts.resume``) in this process or on ``--workers`` ranks."""
+    from gndgl_compiler.runtime.train import train_artifact
+
     opts.overrides = opts.overrides or None
     if launch.workers is not None and launch.workers > 1:
         _launch(art, launch.workers, opts, launch)
@@ -107,8 +124,10 @@ def _train(source: Optional[Path] = None, **options: Any) -> None:
     opts.on_log, opts.on_progress = display, display.on_progress
     t0 = time.time()
     with display.progress:
-        summary = train_artifact(art if art is not None else Path("."), opts)
-        display.finish()
+        try:
+            summary = train_artifact(art if art is not None else Path("."), opts)
+        finally:
+            display.finish()  # the last, partial window: after a --max-steps stop, Ctrl-C or an error
     console.print(format_summary(summary, wall_s=time.time() - t0), highlight=False, markup=False, soft_wrap=True)
 
 
@@ -136,9 +155,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Test accuracy (final head, layerwise ensemble, each partition) of a finished or partial run."""
         from gndgl_compiler.runtime.evaluate import evaluate_run
-        from gndgl_compiler.runtime.run_dir import latest_run
-
-        run = run if run is not None else latest_run()
+        run = run if run is not None else newest_run_noted("weights")
         ev = evaluate_run(run, device=device, limit_test=limit_test)
         if as_json:
             print(json.dumps(ev, indent=1))

@@ -10,7 +10,7 @@ import typer
 from gndgl_compiler.errors import GndglError
 
 from . import sweep_cmd
-from .common import console, note_resolved
+from .common import console, newest_run_noted, note_resolved
 
 
 def _viz(source: Path, output: Optional[Path], level: str, fmt: Optional[str], terminal: bool, heads: bool,
@@ -76,8 +76,7 @@ def register(app: typer.Typer) -> None:
                                                                           "default RUN_DIR/curves.png."),
     ) -> None:
         """Plot local loss / accuracy per partition and test accuracy per epoch of a run."""
-        from gndgl_compiler.runtime.train import latest_run
         from gndgl_compiler.viz.plots import plot_run
 
-        path = plot_run(run_dir if run_dir is not None else latest_run(), output)
+        path = plot_run(run_dir if run_dir is not None else newest_run_noted("metrics"), output)
         console.print(f"wrote [bold]{path}[/]", highlight=False)
