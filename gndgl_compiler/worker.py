@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None, transport=None) -> int:
                   else format_summary(summary), flush=True)
         code = 0
     except GndglError as err:
-        print(f"rank {rank}: error: {err}", file=sys.stderr, flush=True)
+        print(f"rank {rank}: {'error: ' if err.is_error else ''}{err}", file=sys.stderr, flush=True)
         code = err.exit_code
     except KeyboardInterrupt:
         code = 130

@@ -272,12 +272,13 @@ class Trainer:
                     st.next_epoch()
                     self._end_epoch(report)
             except KeyboardInterrupt:
-                raise Interrupted(f"interrupted; the last checkpoint is in {self.checkpointer.dir}. Continue with: "
-                                  f"gndgl train --resume {self.run_dir}") from None
+                raise Interrupted(f"stopped at once, without a checkpoint at this step; the last checkpoint is in "
+                                  f"{self.checkpointer.dir}. Continue with: gndgl train --resume "
+                                  f"{self.run_dir}") from None
             finally:
                 stop.restore()
         if st.interrupted:
-            raise Interrupted(f"interrupted at step {st.step}; a checkpoint was written. Continue with: "
+            raise Interrupted(f"stopped at step {st.step}; a checkpoint was written. Continue with: "
                               f"gndgl train --resume {self.run_dir}")
         return self._finish()
 
