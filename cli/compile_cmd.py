@@ -5,16 +5,16 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich import box
 from rich.table import Table
 
-from gndgl_compiler import compile_spec, load_artifact
-from gndgl_compiler.api import Artifact
 from gndgl_compiler.errors import GndglError
-from gndgl_compiler.spec.models import Spec
+
+if TYPE_CHECKING:  # torch is imported by the commands that need it, not by 'gndgl --help'
+    from gndgl_compiler.api import Artifact
 
 from .common import console, fmt_bytes, fmt_int, note_resolved
 
@@ -91,9 +91,13 @@ def register(app: typer.Typer) -> None:
                                                  help="Set any spec field (repeatable), e.g. --set cuts.width=2."),
     ) -> None:
         """Compile a spec into partitions, fx modules and an artifact directory."""
+        from gndgl_compiler.spec import load_spec
+
+        loaded = load_spec(spec, overrides=sets or None)  # a bad spec is reported before torch is imported
+        from gndgl_compiler import compile_spec
+
         with contextlib.nullcontext() if as_json else console.status(f"compiling {spec}"):
-            art = compile_spec(spec, output if output is not None else default_output(spec), workers=workers,
-                               overrides=sets or None)
+            art = compile_spec(loaded, output if output is not None else default_output(spec), workers=workers)
         if as_json:
             print(json.dumps(summary_json(art), indent=1))
         else:
@@ -106,6 +110,8 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     ) -> None:
         """Summarise an existing compiled artifact (verifies its hashes)."""
+        from gndgl_compiler import load_artifact
+
         art = load_artifact(artifact)
         note_resolved(artifact, art.path)
         if as_json:
@@ -150,4 +156,6 @@ def register(app: typer.Typer) -> None:
     @app.command("schema")
     def schema() -> None:
         """Print the JSON Schema of the spec format (for editors)."""
+        from gndgl_compiler.spec.models import Spec
+
         print(json.dumps(Spec.model_json_schema(), indent=1))

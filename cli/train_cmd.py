@@ -137,9 +137,7 @@ def _option_parameters() -> list[inspect.Parameter]:
 
 def _train(source: Optional[Path] = None, **options: Any) -> None:
     """Train a compiled artifact (or a spec, compiled on the fly); resumable."""
-    from gndgl_compiler import compile_spec
     from gndgl_compiler.runtime.options import LaunchOptions, TrainOptions, from_args
-    from gndgl_compiler.runtime.train import train_artifact
 
     opts, launch = from_args(TrainOptions, options), from_args(LaunchOptions, options)
     if source is None and opts.resume is None:
@@ -149,8 +147,13 @@ def _train(source: Optional[Path] = None, **options: Any) -> None:
         assert source is not None
         if source.is_file() or source.suffix in (".yaml", ".yml"):
             out = default_output(source)
+            from gndgl_compiler.spec import load_spec
+
+            spec = load_spec(source, overrides=opts.overrides)  # a bad spec is reported before torch is imported
+            from gndgl_compiler import compile_spec
+
             with console.status(f"compiling {source} → {out}/"):
-                art = compile_spec(source, out, overrides=opts.overrides)
+                art = compile_spec(spec, out)
             console.print(f"compiled {source} → {out}/", highlight=False, markup=False)
             opts.overrides = None  # already in the compiled spec
         else:
@@ -161,6 +164,8 @@ def _train(source: Optional[Path] = None, **options: Any) -> None:
     if launch.workers is not None and launch.workers > 1:
         _launch(art, launch.workers, opts, launch)
         return
+    from gndgl_compiler.runtime.train import train_artifact
+
     display = _Display()
     opts.on_log, opts.on_progress = display, display.on_progress
     t0 = time.time()

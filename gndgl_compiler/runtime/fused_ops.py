@@ -273,7 +273,7 @@ class FusedOps:
             op = get_op(n.kind)
             kwargs = op.kwargs(n.attrs, [])
 
-            def fn(x: torch.Tensor, _f=op.function, _k=kwargs) -> torch.Tensor:
+            def fn(x: torch.Tensor, _f=op.target(), _k=kwargs) -> torch.Tensor:
                 return _f(x, **_k)
         if lay == "mixed":
             got = self._cols.get(arg)
