@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from gndgl_compiler.errors import GndglError
@@ -16,7 +17,7 @@ from gndgl_compiler.errors import GndglError
 if TYPE_CHECKING:  # torch is imported by the commands that need it, not by 'gndgl --help'
     from gndgl_compiler.api import Artifact
 
-from .common import console, fmt_bytes, fmt_int, note_resolved
+from .common import console, console_err, fmt_bytes, fmt_int, note_resolved
 
 
 def summary_json(art: Artifact) -> dict:
@@ -28,6 +29,8 @@ def summary_json(art: Artifact) -> dict:
         "groups": art.plan.groups,
         "final_mode": art.plan.final_mode,
         "summary": art.summary,
+        "final_head": art.final_head,
+        "warnings": art.final_head["warnings"],
         "partitions": [
             {"id": p.id, "name": p.name, "kind": p.kind, "module": p.module, "group": p.group, "device": p.device,
              "worker": p.worker, "units": p.units, "head": p.head_kind, **p.costs}
@@ -72,6 +75,15 @@ def print_summary(art: Artifact, title: str) -> None:
         f"params {fmt_int(s['params'])} (inference {fmt_int(s['inference_params'])})", highlight=False)
 
 
+def print_final_head(art: Artifact, notes: bool = True) -> None:
+    """Say what the final head replaced (a note) and warn when inference is slower than the model itself."""
+    report = art.final_head
+    for note in report["notes"] if notes else []:
+        console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
+    for warning in report["warnings"]:
+        console_err.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+
+
 def default_output(spec: Path) -> Path:
     """Where ``gndgl compile SPEC`` (and ``gndgl train SPEC``) writes: ``compiled/<file name>/``."""
     return Path("compiled") / spec.stem
@@ -100,8 +112,10 @@ def register(app: typer.Typer) -> None:
             art = compile_spec(loaded, output if output is not None else default_output(spec), workers=workers)
         if as_json:
             print(json.dumps(summary_json(art), indent=1))
+            print_final_head(art, notes=False)
         else:
             print_summary(art, f"{art.plan.name} → {art.path}")
+            print_final_head(art)
             console.print(f"wrote [bold]{art.path}/[/] (train it: gndgl train {art.path})", highlight=False)
 
     @app.command("inspect")

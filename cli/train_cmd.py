@@ -16,7 +16,7 @@ from gndgl_compiler.runtime.progress import ProgressEvent
 from gndgl_compiler.runtime.report import format_summary
 
 from .common import console, note_resolved
-from .compile_cmd import default_output
+from .compile_cmd import default_output, print_final_head
 
 
 class _Display:
@@ -155,6 +155,7 @@ def _train(source: Optional[Path] = None, **options: Any) -> None:
             with console.status(f"compiling {source} → {out}/"):
                 art = compile_spec(spec, out)
             console.print(f"compiled {source} → {out}/", highlight=False, markup=False)
+            print_final_head(art)
             opts.overrides = None  # already in the compiled spec
         else:
             from gndgl_compiler import load_artifact
