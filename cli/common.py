@@ -53,7 +53,8 @@ def run_guarded(fn: Callable[[], Any]) -> int:
         result = fn()
         return result if isinstance(result, int) else 0
     except GndglError as err:
-        console_err.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+        label = "[bold red]error:[/] " if err.is_error else ""
+        console_err.print(f"{label}{escape(str(err))}", highlight=False, soft_wrap=True)
         return err.exit_code
     except _EXIT as exc:
         return int(getattr(exc, "exit_code", 0) or 0)

@@ -88,20 +88,21 @@ def _option_parameters() -> list[inspect.Parameter]:
 def _train(source: Optional[Path] = None, **options: Any) -> None:
     """Train a compiled artifact (or a spec, compiled on the fly); resumable."""
     from gndgl_compiler.runtime.options import DisplayOptions, LaunchOptions, TrainOptions, from_args
-    from gndgl_compiler.runtime.preflight import check_device, check_new_run_dir, check_resume_source
 
     opts, launch = from_args(TrainOptions, options), from_args(LaunchOptions, options)
     shown = from_args(DisplayOptions, options)
-    if opts.resume is not None:
-        check_resume_source(source, opts.resume)
-    if opts.device:
-        check_device(opts.device)
     source = source if source is not None or opts.resume is not None else Path("compiled")
-    if opts.resume is None and is_spec(source):
+    if opts.resume is None and is_spec(source):  # the spec first (before torch loads), then data, device, run dir
         with compiled_on_the_fly(source, opts) as art:
             opts.overrides = None  # already in the compiled spec
             _run(art, opts, launch, shown)
         return
+    from gndgl_compiler.runtime.preflight import check_device, check_new_run_dir, check_resume_source
+
+    if opts.resume is not None:
+        check_resume_source(source, opts.resume)
+    if opts.device:
+        check_device(opts.device)
     art = None
     if opts.resume is None:
         from gndgl_compiler import load_artifact

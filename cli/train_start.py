@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .common import console
-from .compile_cmd import default_output
+from .compile_cmd import default_output, print_final_head
 
 
 def is_spec(source: Path) -> bool:
@@ -29,18 +29,21 @@ def compiled_on_the_fly(source: Path, opts: Any) -> Iterator[Any]:
     Raises:
         GndglError: the spec or an option is bad (nothing written), or what the block raised.
     """
-    from gndgl_compiler import compile_spec, load_spec
     from gndgl_compiler.errors import GndglError
+    from gndgl_compiler.spec import load_spec
+
+    spec = load_spec(source, overrides=opts.overrides)  # a bad spec is reported before torch is imported
+    from gndgl_compiler import compile_spec
     from gndgl_compiler.runtime.preflight import check_spec_run
 
-    spec = load_spec(source, overrides=opts.overrides)
     check_spec_run(spec.model_dump(mode="json")["train"], opts)
     out = default_output(source)
     kept = _keep_copy(out)
     try:
         with console.status(f"compiling {source} → {out}/"):
-            art = compile_spec(source, out, overrides=opts.overrides)
+            art = compile_spec(spec, out)
         console.print(f"compiled {source} → {out}/", highlight=False, markup=False)
+        print_final_head(art)
         yield art
     except GndglError as err:
         if err.exit_code == 2:

@@ -206,7 +206,7 @@ def _report(rank: int, err: GndglError, shown: bool = True) -> None:
     ``TORCHELASTIC_ERROR_FILE``), so torchrun's failure report repeats it instead of a link to its docs."""
     from . import fsio
 
-    text = f"rank {rank}: error: {err}"
+    text = f"rank {rank}: {'error: ' if err.is_error else ''}{err}"
     if shown:
         print(text, file=sys.stderr, flush=True)
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")

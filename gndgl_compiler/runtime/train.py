@@ -275,12 +275,13 @@ class Trainer:
             except KeyboardInterrupt:
                 with contextlib.suppress(GndglError):  # best effort: the interruption is what to report
                     self._flush_window(report)
-                raise Interrupted(f"interrupted; the last checkpoint is in {self.checkpointer.dir}. Continue with: "
-                                  f"gndgl train --resume {self.run_dir}") from None
+                raise Interrupted(f"stopped at once, without a checkpoint at this step; the last checkpoint is in "
+                                  f"{self.checkpointer.dir}. Continue with: gndgl train --resume "
+                                  f"{self.run_dir}") from None
             finally:
                 stop.restore()
         if st.interrupted:
-            raise Interrupted(f"interrupted at step {st.step}; a checkpoint was written. Continue with: "
+            raise Interrupted(f"stopped at step {st.step}; a checkpoint was written. Continue with: "
                               f"gndgl train --resume {self.run_dir}")
         return self._finish()
 

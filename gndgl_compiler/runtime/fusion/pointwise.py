@@ -58,7 +58,7 @@ def function(maps_only: bool = False) -> Callable[[FusionBuild, NodeGroup], tupl
         op = get_op(n.kind)
         kwargs = op.kwargs(n.attrs, [])
 
-        def fn(x: torch.Tensor, _f=op.function, _k=kwargs) -> torch.Tensor:
+        def fn(x: torch.Tensor, _f=op.target(), _k=kwargs) -> torch.Tensor:
             return _f(x, **_k)
         return _per_channel(b, grp, fn), grp.layout
     return build
