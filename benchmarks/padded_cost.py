@@ -2,7 +2,7 @@
 
 A balanced split (``cuts.split: balanced``) gives groups of unequal widths, which the paper's
 official-style loop (``Conv2d(groups=G)``) cannot express, so there is no hand-written column here:
-gndgl fused (padded, ``runtime/fused_padded.py``) against gndgl per partition, the two interleaved
+gndgl fused (padded, ``runtime/fusion/padded.py``) against gndgl per partition, the two interleaved
 step by step, for ``vgg6a_g6`` (6/12/6 groups of 128/256/512 channels) and ResNet-32 K=8 at G=3.
 
     python benchmarks/padded_cost.py --threads 1 --batch 32 --steps 9

@@ -3,7 +3,7 @@
 For ResNet-32 end-to-end, DGL K=8 and GN-DGL K=8 G=4 (the specs in ``specs/``), this
 times one optimisation step of
 
-* gndgl, fused   — ``Executor(fused=True)``: sibling-fused modules (``runtime/fused.py``), one backward
+* gndgl, fused   — ``Executor(fused=True)``: sibling-fused modules (``runtime/fusion/``), one backward
                    per module and one foreach SGD step per device;
 * gndgl, unfused — ``Executor(fused=False)``: per-partition backward and SGD step;
 * hand-written   — the same network and local-learning recipe written plainly in PyTorch

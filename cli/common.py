@@ -53,7 +53,8 @@ def run_guarded(fn: Callable[[], Any]) -> int:
         result = fn()
         return result if isinstance(result, int) else 0
     except GndglError as err:
-        console_err.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+        label = "[bold red]error:[/] " if err.is_error else ""
+        console_err.print(f"{label}{escape(str(err))}", highlight=False, soft_wrap=True)
         return err.exit_code
     except _EXIT as exc:
         return int(getattr(exc, "exit_code", 0) or 0)
@@ -105,3 +106,15 @@ def note_resolved(typed: Any, used: Any) -> None:
     which = "the only artifact" if n == 1 else f"the newest of {n} artifacts"
     console_err.print(f"using {escape(str(used))}/ ({which} in {escape(str(typed))}/)", highlight=False)
 
+
+
+def newest_run_noted(need: str) -> Any:
+    """The newest run in ``./runs`` with something to show (``need``: ``"weights"`` or ``"metrics"``),
+    saying which newer runs were skipped and why (``runtime/run_dir.newest_run``)."""
+    from gndgl_compiler.runtime.run_dir import newest_run
+
+    run, skipped = newest_run("runs", need)
+    if skipped:
+        console_err.print(f"using {escape(str(run))}; skipped {len(skipped)} newer run(s) with nothing to show: "
+                          + "; ".join(escape(s) for s in skipped), highlight=False, soft_wrap=True)
+    return run

@@ -5,18 +5,19 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
-from gndgl_compiler import compile_spec, load_artifact
-from gndgl_compiler.api import Artifact
 from gndgl_compiler.errors import GndglError
-from gndgl_compiler.spec.models import Spec
 
-from .common import console, fmt_bytes, fmt_int, note_resolved
+if TYPE_CHECKING:  # torch is imported by the commands that need it, not by 'gndgl --help'
+    from gndgl_compiler.api import Artifact
+
+from .common import console, console_err, fmt_bytes, fmt_int, note_resolved
 
 
 def summary_json(art: Artifact) -> dict:
@@ -28,6 +29,8 @@ def summary_json(art: Artifact) -> dict:
         "groups": art.plan.groups,
         "final_mode": art.plan.final_mode,
         "summary": art.summary,
+        "final_head": art.final_head,
+        "warnings": art.final_head["warnings"],
         "partitions": [
             {"id": p.id, "name": p.name, "kind": p.kind, "module": p.module, "group": p.group, "device": p.device,
              "worker": p.worker, "units": p.units, "head": p.head_kind, **p.costs}
@@ -72,6 +75,15 @@ def print_summary(art: Artifact, title: str) -> None:
         f"params {fmt_int(s['params'])} (inference {fmt_int(s['inference_params'])})", highlight=False)
 
 
+def print_final_head(art: Artifact, notes: bool = True) -> None:
+    """Say what the final head replaced (a note) and warn when inference is slower than the model itself."""
+    report = art.final_head
+    for note in report["notes"] if notes else []:
+        console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
+    for warning in report["warnings"]:
+        console_err.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+
+
 def default_output(spec: Path) -> Path:
     """Where ``gndgl compile SPEC`` (and ``gndgl train SPEC``) writes: ``compiled/<file name>/``."""
     return Path("compiled") / spec.stem
@@ -91,13 +103,19 @@ def register(app: typer.Typer) -> None:
                                                  help="Set any spec field (repeatable), e.g. --set cuts.width=2."),
     ) -> None:
         """Compile a spec into partitions, fx modules and an artifact directory."""
+        from gndgl_compiler.spec import load_spec
+
+        loaded = load_spec(spec, overrides=sets or None)  # a bad spec is reported before torch is imported
+        from gndgl_compiler import compile_spec
+
         with contextlib.nullcontext() if as_json else console.status(f"compiling {spec}"):
-            art = compile_spec(spec, output if output is not None else default_output(spec), workers=workers,
-                               overrides=sets or None)
+            art = compile_spec(loaded, output if output is not None else default_output(spec), workers=workers)
         if as_json:
             print(json.dumps(summary_json(art), indent=1))
+            print_final_head(art, notes=False)
         else:
             print_summary(art, f"{art.plan.name} → {art.path}")
+            print_final_head(art)
             console.print(f"wrote [bold]{art.path}/[/] (train it: gndgl train {art.path})", highlight=False)
 
     @app.command("inspect")
@@ -106,6 +124,8 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     ) -> None:
         """Summarise an existing compiled artifact (verifies its hashes)."""
+        from gndgl_compiler import load_artifact
+
         art = load_artifact(artifact)
         note_resolved(artifact, art.path)
         if as_json:
@@ -150,4 +170,6 @@ def register(app: typer.Typer) -> None:
     @app.command("schema")
     def schema() -> None:
         """Print the JSON Schema of the spec format (for editors)."""
+        from gndgl_compiler.spec.models import Spec
+
         print(json.dumps(Spec.model_json_schema(), indent=1))

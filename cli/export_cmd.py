@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import console
+from .common import console, newest_run_noted
 
 
 def register(app: typer.Typer) -> None:
@@ -28,10 +28,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Export a trained run: images in [0, 1] → logits, normalisation built in (safetensors: weights only)."""
         from gndgl_compiler.export import export_run, resolve_format
-        from gndgl_compiler.runtime.train import latest_run
 
         kind = resolve_format(output, fmt)  # fail on a bad format before loading anything
-        run = run if run is not None else latest_run()
+        run = run if run is not None else newest_run_noted("weights")
         path = export_run(run, output, kind, partition=partition)
         what = f"partition {partition}" if partition else "network"
         console.print(f"wrote {path} ({kind}, {what} of {run}, {path.stat().st_size / 1e6:.2f} MB)",

@@ -9,80 +9,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from gndgl_compiler.errors import DistributedSetupError
-from gndgl_compiler.runtime.progress import ProgressEvent
 from gndgl_compiler.runtime.report import format_summary
 
-from .common import console, note_resolved
-from .compile_cmd import default_output
-
-
-class _Display:
-    """Training progress on the console.
-
-    On a terminal: a bar for the steps of the epoch and one for the whole run, each with its
-    ETA, plus loss, images/s and learning rate, redrawn 4 times a second by rich's thread (a
-    step only sets numbers: no device sync). In a pipe or log: one line per log record. An
-    evaluated epoch prints one line either way.
-    """
-
-    def __init__(self) -> None:
-        self.live = console.is_terminal
-        self.progress = Progress(TextColumn("[bold]{task.description:<12}"), BarColumn(bar_width=24),
-                                 MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                                 console=console, transient=False, disable=not self.live, refresh_per_second=4)
-        self.epoch_task = self.progress.add_task("epoch", total=None, info="", visible=False)
-        self.run_task = self.progress.add_task("run", total=None, info="", visible=False)
-        self.other_task = self.progress.add_task("", total=None, info="", visible=False)
-        self.step_recs: list[dict] = []
-        self.info = ""
-
-    def on_progress(self, ev: ProgressEvent) -> None:
-        """Update the bars from a :class:`ProgressEvent` (cheap: called every step)."""
-        if ev.phase == "train":
-            self.progress.update(self.epoch_task, description=f"epoch {ev.epoch + 1}/{ev.epochs}", completed=ev.done,
-                                 total=ev.total, visible=True, info=self.info)
-            self.progress.update(self.run_task, completed=ev.step, total=ev.steps, visible=True, info="")
-            self.progress.update(self.other_task, visible=False)
-        else:
-            label = "test" if ev.phase == "eval" else "decoding"
-            self.progress.update(self.other_task, description=label, completed=ev.done, total=ev.total,
-                                 visible=ev.total is None or ev.done < ev.total, info="")
-
-    def __call__(self, rec: dict) -> None:
-        if rec["kind"] == "note":
-            console.print(rec["text"], highlight=False, markup=False, soft_wrap=True)
-        elif rec["kind"] == "train":
-            if self.step_recs and self.step_recs[-1]["step"] != rec["step"]:
-                self._flush()
-            self.step_recs.append(rec)
-        elif rec["kind"] == "setup":
-            console.print(rec["text"], highlight=False, markup=False)
-        elif rec["kind"] == "eval":
-            self._flush()
-            by_module: dict[str, list[float]] = {}
-            for name, acc in rec["partition_acc"].items():
-                by_module.setdefault(name.split(".")[0], []).append(acc)
-            local = " ".join(f"{m}:{100 * sum(v) / len(v):.1f}" for m, v in by_module.items())
-            console.print(f"epoch {rec['epoch'] + 1}: test {100 * rec['test_acc']:.2f}% · ensemble "
-                          f"{100 * rec['ensemble_acc']:.2f}% · local {local} · {rec['wall_s']:.0f}s", highlight=False)
-
-    def finish(self) -> None:
-        """Show the records not shown yet (the last window before a --max-steps stop)."""
-        self._flush()
-
-    def _flush(self) -> None:
-        if not self.step_recs:
-            return
-        r = self.step_recs[0]
-        loss = sum(x["loss"] for x in self.step_recs) / len(self.step_recs)
-        self.info = f"loss {loss:.3f} · {r['images_per_s']:.0f} img/s · lr {r['lr']:.3g}"
-        self.progress.update(self.epoch_task, info=self.info)
-        if not self.live:
-            console.print(f"epoch {r['epoch'] + 1} step {r['step']}: {self.info}", highlight=False)
-        self.step_recs = []
+from .common import console, newest_run_noted, note_resolved
+from .progress_display import TrainDisplay
+from .train_start import compiled_on_the_fly, is_spec
 
 
 def _launch(art, workers: int, opts, launch) -> None:
@@ -92,13 +25,22 @@ def _launch(art, workers: int, opts, launch) -> None:
 
     from gndgl_compiler import load_artifact
 
+    from gndgl_compiler.runtime.preflight import check_config
+
     if opts.resume is not None:
-        from gndgl_compiler.runtime.run_dir import check_resume_world
-        check_resume_world(opts.resume, workers)
+        from gndgl_compiler.runtime.run_dir import reopen_run
         art = load_artifact(Path(opts.resume) / "artifact")
+        config = reopen_run(opts.resume, opts, world=workers, verify=False)[1]
+    else:
+        from gndgl_compiler.runtime.config import new_run_config
+        config = new_run_config(art.spec["train"], opts)
+    check_config(config, opts.device)  # what every rank would refuse: before any rank starts
     n = len(art.plan.partitions)
     if workers > n:
         raise DistributedSetupError(f"--workers {workers} is more than the {n} partitions; use --workers {n} or fewer")
+    if art.plan.schedule == "sequential":
+        raise DistributedSetupError("the sequential schedule trains one module at a time; run it in one process "
+                                    "(leave out --workers)")
     place(art.plan, art.plan.devices, workers)
     owners: dict[int, list[str]] = {}
     for p in art.plan.partitions:
@@ -119,14 +61,15 @@ def _launch(art, workers: int, opts, launch) -> None:
         raise
 
 
-def _option_parameters() -> list[inspect.Parameter]:
-    """The command's options, one per declared training / launch option (``runtime/options.py``)."""
-    from gndgl_compiler.runtime.options import LaunchOptions, TrainOptions, declared
+def option_parameters(classes: tuple[type, ...], names: tuple[str, ...] | None = None) -> list[inspect.Parameter]:
+    """Typer parameters of the declared options of ``classes`` (``runtime/options.py``): every ``gndgl train``
+    flag, or only those in ``names``."""
+    from gndgl_compiler.runtime.options import declared
 
     params = []
-    for cls in (TrainOptions, LaunchOptions):
+    for cls in classes:
         for name, typ, default, opt in declared(cls):
-            if not opt.cli:
+            if not opt.cli or (names is not None and name not in names):
                 continue
             bounds = {k: v for k, v in (("metavar", opt.metavar), ("min", opt.min), ("max", opt.max)) if v is not None}
             params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
@@ -135,38 +78,57 @@ def _option_parameters() -> list[inspect.Parameter]:
     return params
 
 
+def _option_parameters() -> list[inspect.Parameter]:
+    """The command's options, one per declared training / launch / display option (``runtime/options.py``)."""
+    from gndgl_compiler.runtime.options import DisplayOptions, LaunchOptions, TrainOptions
+
+    return option_parameters((TrainOptions, LaunchOptions, DisplayOptions))
+
+
 def _train(source: Optional[Path] = None, **options: Any) -> None:
     """Train a compiled artifact (or a spec, compiled on the fly); resumable."""
-    from gndgl_compiler import compile_spec
-    from gndgl_compiler.runtime.options import LaunchOptions, TrainOptions, from_args
-    from gndgl_compiler.runtime.train import train_artifact
+    from gndgl_compiler.runtime.options import DisplayOptions, LaunchOptions, TrainOptions, from_args
 
     opts, launch = from_args(TrainOptions, options), from_args(LaunchOptions, options)
-    if source is None and opts.resume is None:
-        source = Path("compiled")
+    shown = from_args(DisplayOptions, options)
+    source = source if source is not None or opts.resume is not None else Path("compiled")
+    if opts.resume is None and is_spec(source):  # the spec first (before torch loads), then data, device, run dir
+        with compiled_on_the_fly(source, opts) as art:
+            opts.overrides = None  # already in the compiled spec
+            _run(art, opts, launch, shown)
+        return
+    from gndgl_compiler.runtime.preflight import check_device, check_new_run_dir, check_resume_source
+
+    if opts.resume is not None:
+        check_resume_source(source, opts.resume)
+    if opts.device:
+        check_device(opts.device)
     art = None
     if opts.resume is None:
-        assert source is not None
-        if source.is_file() or source.suffix in (".yaml", ".yml"):
-            out = default_output(source)
-            with console.status(f"compiling {source} → {out}/"):
-                art = compile_spec(source, out, overrides=opts.overrides)
-            console.print(f"compiled {source} → {out}/", highlight=False, markup=False)
-            opts.overrides = None  # already in the compiled spec
-        else:
-            from gndgl_compiler import load_artifact
-            art = load_artifact(source)
-            note_resolved(source, art.path)
+        from gndgl_compiler import load_artifact
+
+        check_new_run_dir(opts.run_dir)
+        art = load_artifact(source)
+        note_resolved(source, art.path)
+    _run(art, opts, launch, shown)
+
+
+def _run(art: Any, opts: Any, launch: Any, shown: Any) -> None:
+    """Train ``art`` (None: resume ``opts.resume``) in this process or on ``--workers`` ranks."""
+    from gndgl_compiler.runtime.train import train_artifact
+
     opts.overrides = opts.overrides or None
     if launch.workers is not None and launch.workers > 1:
         _launch(art, launch.workers, opts, launch)
         return
-    display = _Display()
+    display = TrainDisplay(shown.progress_every)
     opts.on_log, opts.on_progress = display, display.on_progress
     t0 = time.time()
     with display.progress:
-        summary = train_artifact(art if art is not None else Path("."), opts)
-        display.finish()
+        try:
+            summary = train_artifact(art if art is not None else Path("."), opts)
+        finally:
+            display.finish()  # the last, partial window: after a --max-steps stop, Ctrl-C or an error
     console.print(format_summary(summary, wall_s=time.time() - t0), highlight=False, markup=False, soft_wrap=True)
 
 
@@ -194,9 +156,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Test accuracy (final head, layerwise ensemble, each partition) of a finished or partial run."""
         from gndgl_compiler.runtime.evaluate import evaluate_run
-        from gndgl_compiler.runtime.run_dir import latest_run
-
-        run = run if run is not None else latest_run()
+        run = run if run is not None else newest_run_noted("weights")
         ev = evaluate_run(run, device=device, limit_test=limit_test)
         if as_json:
             print(json.dumps(ev, indent=1))

@@ -2,16 +2,41 @@
 
     spec ──▶ graph ──▶ partition ──▶ codegen ──▶ runtime
 
-Python API::
+Python API (reference: docs/api.md)::
 
     from gndgl_compiler import load_spec, compile_spec, load_artifact, load_run
+    from gndgl_compiler import TrainOptions, train_artifact, evaluate_run
+
+The names are imported on first use (PEP 562), so ``import gndgl_compiler`` does not import
+torch: ``gndgl --help``, ``schema`` and a spec's error messages answer without it; the training
+runtime (data sets, executor, checkpoints) loads only when one of its names is asked for.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from .api import Artifact, compile_spec, load_artifact  # noqa: E402
-from .errors import GndglError, SpecError  # noqa: E402
-from .spec import load_spec  # noqa: E402
-from .runtime.inference import load_run  # noqa: E402
+from .errors import GndglError, SpecError  # noqa: E402  (no third-party imports)
 
-__all__ = ["Artifact", "GndglError", "SpecError", "__version__", "compile_spec", "load_artifact", "load_run", "load_spec"]
+_LAZY = {"Artifact": ".api", "compile_spec": ".api", "load_artifact": ".api", "load_spec": ".spec",
+         "load_run": ".runtime.inference", "TrainOptions": ".runtime.options", "train_artifact": ".runtime.train",
+         "evaluate_run": ".runtime.evaluate"}
+"""Public name → the module that defines it, imported when the name is first used."""
+
+__all__ = ["Artifact", "GndglError", "SpecError", "TrainOptions", "__version__", "compile_spec", "evaluate_run",
+           "load_artifact", "load_run", "load_spec", "train_artifact"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -51,6 +51,15 @@ class Artifact:
         """The spec's ``train`` section."""
         return self.spec["train"]
 
+    @functools.cached_property
+    def final_head(self) -> dict[str, Any]:
+        """The final head: its kind, the model classifier units it replaced, notes and warnings
+        (:func:`~gndgl_compiler.partition.final_report.final_head_report`; ``gndgl compile`` prints them)."""
+        from .partition.final_report import final_head_report
+
+        spec = load_spec(self.spec)
+        return final_head_report(spec, build_graph(spec), self.plan)
+
     def assembled(self) -> fx.GraphModule:
         """The inference network (bodies + final head), sharing weights with ``modules``."""
         return build_assembled(self.plan, self.modules)

@@ -48,7 +48,7 @@ def state_tensors(parts: dict[int, PartitionModule], plan: PartitionPlan) -> dic
 
     CPU tensors are returned without a copy (they alias the live parameters): write them out
     before the next optimizer step, or ``.clone()`` them to keep a snapshot. A tensor that is a
-    slice of a larger storage (sibling-fused parameters, ``runtime/fuse_storage.py``) is copied,
+    slice of a larger storage (sibling-fused parameters, ``runtime/fusion/storage.py``) is copied,
     since safetensors stores whole storages and refuses shared ones.
     """
     out = {}

@@ -12,6 +12,8 @@ class GndglError(Exception):
     """Base class of all user-facing gndgl errors."""
 
     exit_code: int = 2
+    is_error: bool = True
+    """False for a stop the user asked for (Ctrl-C): the CLI prints the message without 'error:'."""
 
 
 class SpecError(GndglError):

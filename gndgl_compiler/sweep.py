@@ -13,6 +13,7 @@ import copy
 import json
 import os
 import re
+import statistics
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -43,8 +44,15 @@ class SweepRow:
     """Largest partition's forward + backward MACs (Figure 3's x axis)."""
     inference_macs: int | None = None
     test_acc: float | None = None
+    """Test accuracy (the mean over ``seeds`` when several were trained)."""
     ensemble_acc: float | None = None
+    test_acc_std: float | None = None
+    """Sample standard deviation (n − 1) of the test accuracy over ``seeds`` (None for one run)."""
+    ensemble_acc_std: float | None = None
+    seeds: str = ""
+    """The seeds trained, comma-separated (empty: the spec's seed, one run)."""
     run_dir: str | None = None
+    """The run directory (with several seeds: the first seed's)."""
     note: str = ""
 
     @property
@@ -53,18 +61,24 @@ class SweepRow:
         return self.training_speedup is not None
 
 
-def parse_ints(text: str, what: str) -> list[int]:
-    """Parse ``"1,2,4"`` into ``[1, 2, 4]``.
+def parse_ints(text: str, what: str, minimum: int = 1) -> list[int]:
+    """Parse ``"1,2,4"`` into ``[1, 2, 4]`` (duplicates dropped).
+
+    Args:
+        text: the comma-separated list.
+        what: the option, for the message (``--depth``).
+        minimum: the smallest value allowed (0 for seeds).
 
     Raises:
-        GndglError: not a comma-separated list of positive integers.
+        GndglError: not a comma-separated list of integers ≥ ``minimum``.
     """
     try:
         vals = [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
         vals = []
-    if not vals or any(v < 1 for v in vals):
-        raise GndglError(f"{what} must be a comma-separated list of positive integers such as 1,2,4, got '{text}'")
+    if not vals or any(v < minimum for v in vals):
+        kind = "positive integers such as 1,2,4" if minimum == 1 else f"integers ≥ {minimum} such as 0,1,2"
+        raise GndglError(f"{what} must be a comma-separated list of {kind}, got '{text}'")
     return list(dict.fromkeys(vals))
 
 
@@ -101,25 +115,80 @@ def _row(K: int, G: int, name: str, plan: Any) -> SweepRow:
 
 
 def _train(art_dir: Path, run_dir: Path, options: dict[str, Any]) -> dict[str, Any]:
-    """Train one compiled variant with the runtime (imported lazily)."""
+    """Train one compiled variant with the runtime (imported lazily).
+
+    A run stopped (``max_steps``) before its first evaluation is evaluated here, so that every
+    trained cell has a test accuracy (``"partial_eval": True`` in the returned summary).
+    """
     try:
-        from .runtime.train import TrainOptions, train_artifact
+        from .runtime.train import TrainOptions, evaluate_run, train_artifact
     except ImportError as exc:
         raise TrainingUnavailable(f"training runtime not available ({exc}); run the sweep without --train") from None
     done = run_dir / "summary.json"
-    if done.exists():  # a finished run of an earlier sweep: reuse it
-        return json.loads(done.read_text())
-    base, i = run_dir, 2
-    while run_dir.exists() and any(run_dir.iterdir()):  # an unfinished earlier attempt: keep it, start afresh
-        run_dir, i = base.with_name(f"{base.name}-{i}"), i + 1
-    known = {f.name for f in fields(TrainOptions)}
-    opts = TrainOptions(**{k: v for k, v in options.items() if k in known and v is not None}, run_dir=str(run_dir))
-    return train_artifact(art_dir, opts)
+    if done.exists():  # a run of an earlier sweep that got to its end (or its --max-steps): reuse it
+        summary = json.loads(done.read_text())
+    else:
+        base, i = run_dir, 2
+        while run_dir.exists() and any(run_dir.iterdir()):  # an unfinished earlier attempt: keep it, start afresh
+            run_dir, i = base.with_name(f"{base.name}-{i}"), i + 1
+        known = {f.name for f in fields(TrainOptions)}
+        opts = TrainOptions(**{k: v for k, v in options.items() if k in known and v is not None},
+                            run_dir=str(run_dir))
+        summary = train_artifact(art_dir, opts)
+    if summary.get("test_acc") is None:
+        ev = evaluate_run(summary["run_dir"], device=options.get("device"))
+        summary.update(test_acc=ev["test_acc"], ensemble_acc=ev["ensemble_acc"], partial_eval=True)
+    return summary
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n − 1) of ``values``; the std is None for fewer than 2."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def _train_cell(row: SweepRow, art_path: Path, out_dir: Path, options: dict[str, Any], seeds: list[int] | None,
+                log: Callable[[str], None] | None) -> None:
+    """Train ``row``'s variant once per seed (once with the spec's seed) and fill in its accuracies."""
+    summaries, notes = [], []
+    for seed in seeds or [None]:
+        run = out_dir / "runs" / (row.name if seed is None else f"{row.name}-s{seed}")
+        which = "" if seed is None else f" seed {seed}"
+        if log:
+            log(f"K={row.K} G={row.G}{which}: training {row.partitions} partitions → {run}")
+        try:
+            summary = _train(art_path, run, {**options, **({} if seed is None else {"seed": seed})})
+        except TrainingUnavailable:
+            raise
+        except GndglError as err:
+            notes.append(f"training{which} failed: {str(err).splitlines()[0]}")
+            if log:
+                log(f"K={row.K} G={row.G}: {notes[-1]}")
+            continue
+        summaries.append(summary)
+        row.run_dir = row.run_dir or str(summary.get("run_dir", run))
+    if any(s.get("partial_eval") for s in summaries):
+        notes.append(f"stopped after {summaries[0]['steps']} steps (before an epoch ended): accuracy of those weights")
+    row.test_acc, row.test_acc_std = mean_std([s["test_acc"] for s in summaries if s.get("test_acc") is not None])
+    row.ensemble_acc, row.ensemble_acc_std = mean_std([s["ensemble_acc"] for s in summaries
+                                                       if s.get("ensemble_acc") is not None])
+    row.seeds = ",".join(str(x) for x in seeds) if seeds else ""
+    row.note = "; ".join(notes)
+
+
+def _accuracy_text(row: SweepRow) -> str:
+    if row.test_acc is None:
+        return ""
+    std = f" ± {100 * row.test_acc_std:.2f}" if row.test_acc_std is not None else ""
+    over = f" (seeds {row.seeds})" if row.seeds else ""
+    return f" · test acc {100 * row.test_acc:.2f}{std}%{over}"
 
 
 def run_sweep(spec: str | os.PathLike | dict, depths: list[int], widths: list[int], *, train: bool = False,
               out_dir: str | os.PathLike | None = None, train_options: dict[str, Any] | None = None,
-              log: Callable[[str], None] | None = None) -> list[SweepRow]:
+              log: Callable[[str], None] | None = None, seeds: list[int] | None = None,
+              overrides: list[str] | None = None) -> list[SweepRow]:
     """Compile every (K, G) variant of ``spec`` (and train it with ``train=True``).
 
     Args:
@@ -129,8 +198,10 @@ def run_sweep(spec: str | os.PathLike | dict, depths: list[int], widths: list[in
         train: train each variant (needs ``out_dir``; artifacts and runs go under it).
         out_dir: where ``artifacts/`` and ``runs/`` go when training.
         train_options: fields of :class:`gndgl_compiler.runtime.train.TrainOptions`
-            (``epochs``, ``dataset``, ``device``, ``limit_train`` ...).
-        log: called with one line per configuration.
+            (``epochs``, ``dataset``, ``device``, ``limit_train``, ``max_steps``, ``lr``, ``on_progress`` ...).
+        log: called with one line per configuration (and per training run).
+        seeds: train each variant once per seed; the row holds the mean and sample std of the accuracies.
+        overrides: ``"a.b.c=VALUE"`` changes of the base spec (``--set``), validated like the spec.
 
     Returns:
         One :class:`SweepRow` per (K, G), in order; a combination that does not
@@ -143,7 +214,7 @@ def run_sweep(spec: str | os.PathLike | dict, depths: list[int], widths: list[in
     from .api import compile_spec, plan_spec
     from .spec.load import load_spec
 
-    base = load_spec(spec).model_dump(mode="json")
+    base = load_spec(spec, overrides=overrides).model_dump(mode="json")
     if train and out_dir is None:
         raise GndglError("a training sweep needs an output directory (-o DIR) for its artifacts and runs")
     rows = []
@@ -161,23 +232,9 @@ def run_sweep(spec: str | os.PathLike | dict, depths: list[int], widths: list[in
                 continue
             row = _row(K, G, d["name"], plan)
             if train:
-                run = Path(out_dir) / "runs" / d["name"]
-                if log:
-                    log(f"K={K} G={G}: training {row.partitions} partitions → {run}")
-                try:
-                    summary = _train(art.path, run, dict(train_options or {}))
-                except TrainingUnavailable:
-                    raise
-                except GndglError as err:
-                    row.note = f"training failed: {str(err).splitlines()[0]}"
-                    if log:
-                        log(f"K={K} G={G}: {row.note}")
-                    summary = {}
-                row.test_acc, row.ensemble_acc = summary.get("test_acc"), summary.get("ensemble_acc")
-                row.run_dir = str(summary.get("run_dir", run))
+                _train_cell(row, art.path, Path(out_dir), dict(train_options or {}), seeds, log)
             rows.append(row)
             if log:
-                acc = f" · test acc {100 * row.test_acc:.2f}%" if row.test_acc is not None else ""
                 log(f"K={K} G={G}: {row.partitions} partitions · training ×{row.training_speedup:.2f} · "
-                    f"inference ×{row.inference_speedup:.2f}{acc}")
+                    f"inference ×{row.inference_speedup:.2f}{_accuracy_text(row)}")
     return rows

@@ -12,11 +12,12 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 
-from .errors import DistributedSetupError, GndglError
+from .errors import DataError, DeviceError, DistributedSetupError, GndglError, RunError
 from .runtime.options import LaunchOptions, TrainOptions, from_args, worker_parser
 from .runtime.report import format_summary
 
@@ -63,7 +64,7 @@ def run_worker(args: argparse.Namespace, rank: int, world: int, transport=None) 
     from .runtime.config import new_run_config
     from .runtime.context import DistContext
     from .runtime.distributed import PeerComm, barrier
-    from .runtime.run_dir import create_run, read_run_config, record_changes, reopen_run
+    from .runtime.run_dir import create_run, discard_unstarted, read_run_config, record_changes, reopen_run
     from .runtime.train import Trainer
 
     opts = from_args(TrainOptions, args)
@@ -78,7 +79,7 @@ def run_worker(args: argparse.Namespace, rank: int, world: int, transport=None) 
             record_changes(run_dir, saved)
             print("resume: " + "; ".join(notes), flush=True)
     else:
-        made = None
+        made, fresh = None, not (opts.run_dir and Path(opts.run_dir).exists())
         if rank == 0:
             src = load_artifact(args.artifact, verify=True)
             made = create_run(src, new_run_config(src.spec["train"], opts), opts.run_dir, world=world)
@@ -86,38 +87,76 @@ def run_worker(args: argparse.Namespace, rank: int, world: int, transport=None) 
         barrier()
         config = read_run_config(run_dir, opts)
     art = load_artifact(run_dir / "artifact", workers=world, rank=rank)
-    n_parts = len(art.plan.partitions)
-    if world > n_parts:
-        raise DistributedSetupError(f"{world} workers for {n_parts} partitions: every worker needs at least one; "
-                                    f"use --workers {n_parts} or fewer")
-    if art.plan.schedule == "sequential":
-        raise DistributedSetupError("the sequential schedule trains one module at a time; run it in one process")
-    if opts.device:
-        device = opts.device
-    elif torch.cuda.is_available() and any(d.startswith("cuda") for d in art.plan.devices):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
-    else:
-        device = "cpu"
+    _check_world(art.plan, world)
+    device = _device(opts, art.plan)
     comm = PeerComm(art.plan, rank, config.recipe.batch_size, torch.device(device), dtype=torch.float32)
     comm = transport(comm) if transport is not None else comm
     ctx = DistContext(rank, world, comm, run_dir)
-    trainer = Trainer(art, config, run_dir, ctx, device=device, on_log=_print_record if rank == 0 else None)
+    printer = _RecordPrinter()
+    try:
+        trainer = Trainer(art, config, run_dir, ctx, device=device, on_log=printer if rank == 0 else None)
+    except (RunError, DataError, DeviceError):  # a start that failed on bad input: as if never started
+        if rank == 0 and not opts.resume:
+            discard_unstarted(run_dir, fresh)
+        raise
     setup = _gather_text(ctx.setup_text(trainer.ex), world)  # which modules each rank runs sibling-fused
     if rank == 0:
         print("\n".join(setup), flush=True)
-    summary = trainer.fit()
+    try:
+        summary = trainer.fit()
+    finally:
+        printer.finish()
     summary["bytes_sent"] = comm.bytes_sent
     return summary
 
 
-def _print_record(rec: dict) -> None:
-    if rec["kind"] == "note":
-        print(rec["text"], flush=True)
-    if rec["kind"] == "train" and rec.get("partial"):
-        return
-    if rec["kind"] == "eval":
-        print(f"epoch {rec['epoch'] + 1}: test {100 * rec['test_acc']:.2f}% · ensemble "
-              f"{100 * rec['ensemble_acc']:.2f}% · {rec['wall_s']:.0f}s", flush=True)
+def _check_world(plan, world: int) -> None:
+    """Raise :class:`DistributedSetupError` if ``plan`` cannot train on ``world`` ranks."""
+    n_parts = len(plan.partitions)
+    if world > n_parts:
+        raise DistributedSetupError(f"{world} workers for {n_parts} partitions: every worker needs at least one; "
+                                    f"use --workers {n_parts} or fewer")
+    if plan.schedule == "sequential":
+        raise DistributedSetupError("the sequential schedule trains one module at a time; run it in one process")
+
+
+def _device(opts: TrainOptions, plan) -> str:
+    """This rank's device: ``--device``, else its local GPU when the plan is on CUDA, else the CPU."""
+    if opts.device:
+        return opts.device
+    if torch.cuda.is_available() and any(d.startswith("cuda") for d in plan.devices):
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+    return "cpu"
+
+
+class _RecordPrinter:
+    """Rank 0's console: notes, one line per log window (the mean loss of rank 0's partitions; the
+    last, partial window too) and one per evaluated epoch."""
+
+    def __init__(self) -> None:
+        self.window: list[dict] = []
+
+    def __call__(self, rec: dict) -> None:
+        if rec["kind"] == "note":
+            print(rec["text"], flush=True)
+        elif rec["kind"] == "train":
+            if self.window and self.window[-1]["step"] != rec["step"]:
+                self.finish()
+            self.window.append(rec)
+        elif rec["kind"] == "eval":
+            self.finish()
+            print(f"epoch {rec['epoch'] + 1}: test {100 * rec['test_acc']:.2f}% · ensemble "
+                  f"{100 * rec['ensemble_acc']:.2f}% · {rec['wall_s']:.0f}s", flush=True)
+
+    def finish(self) -> None:
+        """Print the window not printed yet."""
+        if not self.window:
+            return
+        r, n = self.window[0], len(self.window)
+        loss = sum(x["loss"] for x in self.window) / n
+        print(f"epoch {r['epoch'] + 1} step {r['step']}: loss {loss:.3f} (rank 0's {n} partitions) · "
+              f"{r['images_per_s']:.0f} img/s · lr {r['lr']:.3g}", flush=True)
+        self.window = []
 
 
 def _wants_cuda(args: argparse.Namespace) -> bool:
@@ -134,6 +173,51 @@ def _wants_cuda(args: argparse.Namespace) -> bool:
     return torch.cuda.is_available() and any(str(d).startswith("cuda") for d in devices)
 
 
+def preflight(args: argparse.Namespace, world: int) -> None:
+    """What every rank would refuse, checked before it joins the others (``runtime/preflight.py``): the
+    artifact (or the run to resume and no other artifact), ``--run-dir``, the data set, ``--data-root``
+    and ``--device``. A bad one then ends every rank at once with the same message, never in a rendezvous.
+
+    Raises:
+        GndglError: what is wrong and what to do (exit status 2).
+    """
+    from .artifact import find_artifact, read_json, read_manifest, read_plan
+    from .runtime.config import new_run_config
+    from .runtime.preflight import check_config, check_new_run_dir, check_resume_source
+    from .runtime.run_dir import reopen_run
+
+    opts = from_args(TrainOptions, args)
+    if opts.resume:
+        given = None if args.artifact == "compiled" else args.artifact  # the default: not typed
+        check_resume_source(given, opts.resume, own=Path(opts.resume) / "artifact")
+        config = reopen_run(opts.resume, opts, world=world, verify=False)[1]
+        art_dir = Path(opts.resume) / "artifact"
+    else:
+        check_new_run_dir(opts.run_dir)
+        art_dir = find_artifact(args.artifact)
+        read_manifest(art_dir, verify=False)
+        config = new_run_config(read_json(art_dir, "spec.json")["train"], opts)
+    _check_world(read_plan(art_dir), world)
+    check_config(config, opts.device)
+
+
+def _report(rank: int, err: GndglError, shown: bool = True) -> None:
+    """Print a rank's error (``shown``) and leave it where torchrun reads a failed rank's message (its
+    ``TORCHELASTIC_ERROR_FILE``), so torchrun's failure report repeats it instead of a link to its docs."""
+    from . import fsio
+
+    text = f"rank {rank}: {'error: ' if err.is_error else ''}{err}"
+    if shown:
+        print(text, file=sys.stderr, flush=True)
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        try:
+            fsio.atomic_write_json(Path(path), {"message": {"message": text, "extraInfo": {  # torchrun's layout
+                "py_callstack": text, "timestamp": str(int(time.time()))}}})
+        except GndglError:  # the report is a courtesy: the exit status and the line above say it all
+            pass
+
+
 def main(argv: list[str] | None = None, transport=None) -> int:
     """Entry point of one rank; returns the exit code. ``transport`` wraps the rank's PeerComm
     (``transport(comm) -> Transport``): a module that calls ``main(transport=...)`` and is run as
@@ -143,6 +227,11 @@ def main(argv: list[str] | None = None, transport=None) -> int:
     args = _parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     try:
+        preflight(args, int(os.environ.get("WORLD_SIZE", "1")))
+    except GndglError as err:  # the same on every rank of a node: one of them says it
+        _report(rank, err, shown=os.environ.get("LOCAL_RANK", "0") == "0")
+        return err.exit_code
+    try:
         rank, world = init_process_group(from_args(LaunchOptions, args).timeout, use_cuda=_wants_cuda(args))
         summary = run_worker(args, rank, world, transport)
         if rank == 0:
@@ -150,7 +239,7 @@ def main(argv: list[str] | None = None, transport=None) -> int:
                   else format_summary(summary), flush=True)
         code = 0
     except GndglError as err:
-        print(f"rank {rank}: error: {err}", file=sys.stderr, flush=True)
+        _report(rank, err)
         code = err.exit_code
     except KeyboardInterrupt:
         code = 130

@@ -59,7 +59,8 @@ MEM_HEADROOM = 3 << 30  # bytes of address space a compile may add to the warm w
 
 WORKER = r'''
 import json, os, resource, signal, sys, tempfile, time, traceback
-import gndgl_cli.main as climain  # the warm import: torch, pydantic, typer, rich
+import gndgl_cli.main as climain  # the warm import: pydantic, typer, rich
+import gndgl_compiler.api, gndgl_compiler.spec  # torch too (the CLI imports it lazily), before RLIMIT_AS is set
 
 def status(key):
     with open("/proc/self/status") as f:

@@ -90,6 +90,7 @@ def test_corpus_is_large_and_well_formed():
 FORK_RUNNER = r'''
 import json, os, runpy, sys, traceback
 import gndgl_compiler, gndgl_cli.common, gndgl_cli.compile_cmd, gndgl_cli.train_cmd, gndgl_cli.viz_cmd  # warm up
+import gndgl_compiler.api, gndgl_compiler.spec  # torch too: the CLI imports it lazily
 assert "gndgl_cli.main" not in sys.modules
 jobs = json.load(sys.stdin)
 codes = []

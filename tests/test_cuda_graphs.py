@@ -4,7 +4,8 @@ with a GPU runs ``benchmarks/gpu_check_correctness.py``):
 * a capturable step (tensor LR, per-partition dropout generators, fused siblings) performs no
   host-synchronising op — ``_local_scalar_dense`` (``.item()``, ``bool(t)``), ``nonzero``,
   ``is_nonzero``, ``equal``, ... — with the LR changing between steps, and trains like the
-  float-LR step (to float32 rounding);
+  float-LR step (in float64, to 1e-10 of each partition's update: float32 at batch 4 amplifies rounding
+  ~10x per step through BatchNorm, so a float32 comparison would measure the CPU's kernels, not the step);
 * ``train.cuda_graphs``: ``auto`` resolves to off on the CPU, ``on`` exits 2 with the reason.
 """
 
@@ -22,6 +23,7 @@ from gndgl_compiler.errors import RunError
 from gndgl_compiler.runtime.cuda_graphs import not_capturable, resolve
 from gndgl_compiler.runtime.executor import Executor
 from gndgl_compiler.runtime.train import TrainOptions, train_artifact
+from float_compare import module_error, rel
 from tiny_spec import tiny_spec
 
 SPECS = Path(__file__).resolve().parents[1] / "specs"
@@ -43,9 +45,10 @@ class _NoHostSync(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _batch(art, seed):
+def _batch(art, seed, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(4, *art.plan.input_shape, generator=g), torch.randint(0, art.plan.num_classes, (4,), generator=g)
+    x = torch.randn(4, *art.plan.input_shape, generator=g)
+    return x.to(dtype), torch.randint(0, art.plan.num_classes, (4,), generator=g)
 
 
 @pytest.mark.parametrize("spec,overrides", [
@@ -55,12 +58,14 @@ def _batch(art, seed):
 def test_capturable_step_makes_no_host_sync_and_follows_the_lr(spec, overrides):
     art = compile_spec(SPECS / f"{spec}.yaml", overrides=overrides)
     devices = {p.id: CPU for p in art.plan.partitions}
-    cap = Executor(art.plan, copy.deepcopy(art.modules), SGD, devices, capturable=True)
-    ref = Executor(art.plan, copy.deepcopy(art.modules), SGD, devices)
+    start = {pid: m.double() for pid, m in copy.deepcopy(art.modules).items()}
+    before = {pid: {k: v.clone() for k, v in m.state_dict().items()} for pid, m in start.items()}
+    cap = Executor(art.plan, copy.deepcopy(start), SGD, devices, capturable=True)
+    ref = Executor(art.plan, copy.deepcopy(start), SGD, devices)
     assert any(r["fused"] for r in cap.fusion)
     lrs = [0.1, 0.05, 0.02, 0.2]
     for step, lr in enumerate(lrs):
-        x, y = _batch(art, step)
+        x, y = _batch(art, step, torch.float64)
         if step == 0:  # the first step makes the momentum buffers (a capture comes after warm-up steps)
             out = cap.train_step(x, y, lr, seed=(0, step))
         else:
@@ -69,13 +74,12 @@ def test_capturable_step_makes_no_host_sync_and_follows_the_lr(spec, overrides):
                 out = cap.run_step(x, y, lr, seed=(0, step))
         want = ref.train_step(x, y, lr, seed=(0, step))
         for pid in want:
-            assert torch.allclose(out[pid][0], want[pid][0], rtol=1e-4, atol=1e-6), (step, pid)
+            assert rel(out[pid][0], want[pid][0]) <= 1e-10, (step, pid)
     assert all(float(g["lr"]) == pytest.approx(lrs[-1]) for o in cap.optimizers.values() for g in o.param_groups)
-    worst = max(float((a - b).norm() / b.norm().clamp_min(1e-12))
-                for pid in ref.modules for a, b in zip(cap.modules[pid].state_dict().values(),
-                                                        ref.modules[pid].state_dict().values())
-                if b.is_floating_point())
-    assert worst < 1e-4, worst
+    # the four steps' updates, each tensor against its partition's whole update (a BatchNorm bias four steps
+    # from its zero init is mostly rounding: its own relative error is noise)
+    worst = module_error(cap.modules, ref.modules, before)
+    assert worst[0] <= 1e-10, worst
     # the checkpoint format is unchanged: the LRs come out as floats and go back in as the device tensors
     state = cap.updater.state_dict()
     assert all(isinstance(g["lr"], float) for s in state.values() for g in s["param_groups"])

@@ -315,6 +315,10 @@ def test_unknown_name_and_missing_files(tmp_path, monkeypatch):
         load_dataset(str(tmp_path / "nope.tar.gz"))
     monkeypatch.setenv("GNDGL_DATA", str(tmp_path / "data"))
     monkeypatch.delenv("GNDGL_CIFAR10_JPEG", raising=False)
+    (tmp_path / "cifar").mkdir()
+    (tmp_path / "m").mkdir()
+    with pytest.raises(DataError, match="--data-root .* does not exist"):  # not silently looked for elsewhere
+        load_dataset("mnist", root=str(tmp_path / "nope"), cache_dir=str(tmp_path / "c"))
     with pytest.raises(DataError) as e:
         load_dataset("cifar10", root=str(tmp_path / "cifar"), cache_dir=str(tmp_path / "c"))
     msg = str(e.value)
@@ -331,8 +335,11 @@ def test_cifar10_env_fallback_uses_image_folder(tmp_path, monkeypatch):
         tf.add(folder / "train", arcname="train")
         tf.add(folder / "test", arcname="test")
     monkeypatch.setenv("GNDGL_CIFAR10_JPEG", str(tar_path))
-    b = load_dataset("cifar10", root=str(tmp_path / "none"), cache_dir=str(tmp_path / "c"))
+    (tmp_path / "none").mkdir()  # a --data-root without CIFAR-10: the copy used instead is named
+    with pytest.warns(UserWarning, match=f"not in --data-root .*using the JPEG copy .*{tar_path.name}"):
+        b = load_dataset("cifar10", root=str(tmp_path / "none"), cache_dir=str(tmp_path / "c"))
     assert b.name == "cifar10" and b.classes == ["a", "b"] and b.mean == (0.4914, 0.4822, 0.4465)
+    assert load_dataset("cifar10", cache_dir=str(tmp_path / "c")).classes == ["a", "b"]  # no --data-root: no word
 
 
 # ───────────── the real JPEG CIFAR-10 archive (opt-in) ─────────────

@@ -24,7 +24,7 @@ from gndgl_compiler import compile_spec
 from gndgl_compiler.partition.plan import IMAGE
 from gndgl_compiler.runtime.distributed import PeerComm
 from gndgl_compiler.runtime.executor import Executor
-from gndgl_compiler.runtime.fused import SiblingFusedRunner
+from gndgl_compiler.runtime.fusion import SiblingFusedRunner
 from gndgl_compiler.runtime.stage_runner import PartitionRunner
 from gndgl_compiler.runtime.transport import LocalTransport, Transport
 from tiny_spec import tiny_spec

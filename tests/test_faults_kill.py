@@ -96,7 +96,8 @@ def test_ctrl_c_checkpoints_exits_130_and_resumes_exactly(setup):
     assert res.exit == 130, res.describe()
     assert "Traceback" not in out + err, res.describe()
     assert f"gndgl train --resume {run}" in res.flat_err, res.describe()
-    step = int(res.flat_err.split("interrupted at step ")[1].split(";")[0])
+    assert "error:" not in res.err, res.describe()  # a stop the user asked for is not an error
+    step = int(res.flat_err.split("stopped at step ")[1].split(";")[0])
     assert 3 <= step < TOTAL_STEPS
     assert (run / "checkpoints" / f"ckpt-{step:09d}.json").is_file(), "no checkpoint at the interrupted step"
     assert not (run / "weights.safetensors").exists()

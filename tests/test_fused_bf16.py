@@ -6,10 +6,10 @@ momentum / decay: the update is minus the gradient), from the same weights and b
 
 * every per-partition loss of the fused bf16 step is within ``LOSS_RTOL`` of the per-partition bf16
   step's, and the correct-prediction counts are the same to one sample;
-* the fused and per-partition bf16 updates differ by at most ``UPDATE_RTOL`` (relative norm, per
-  tensor), and their median difference is no larger than twice the median difference between the
-  per-partition bf16 update and the float32 one: fusing adds no more error than bf16 itself has
-  (measured: resnet32_k2g2 0.9 % vs 31 %, vgg6a_g2 0.4 % vs 1.1 %, vit_tiny_fmnist_k2g2 0.4 % vs 0.5 %);
+* the fused and per-partition bf16 updates differ by at most ``UPDATE_RTOL`` (relative norm of each
+  partition's whole update; each tensor's error against that norm too), and their median difference
+  over partitions is no larger than twice the median difference between the per-partition bf16
+  update and the float32 one: fusing adds no more error than bf16 itself has;
 * autocast really ran (the bf16 and float32 steps differ), on every module of the spec fused.
 
 The same executor code runs under CUDA autocast on a GPU (``benchmarks/gpu_check_correctness.py``).
@@ -26,13 +26,14 @@ import torch
 
 from gndgl_compiler import compile_spec
 from gndgl_compiler.runtime.executor import Executor
+from float_compare import rel, scaled_error
 
 SPECS = Path(__file__).resolve().parents[1] / "specs"
 CPU = torch.device("cpu")
 PLAIN = {"kind": "sgd", "lr": 1.0, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0, "betas": (0.9, 0.999)}
 LOSS_RTOL = 0.02
 UPDATE_RTOL = 0.05
-"""bf16: fused vs per-partition, per tensor (measured at most 2.5 % on resnet32_k2g2, batch 8)."""
+"""bf16: fused vs per-partition, relative to each partition's whole update."""
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,8 +49,18 @@ def one_step(art, siblings: bool, amp: bool, x, y):
     return stats, {k: after[k] - before[k] for k in after}, fused
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+def by_partition(updates: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in updates.items():
+        out.setdefault(k.split(".", 1)[0], {})[k] = v
+    return out
+
+
+def partition_errors(got: dict, want: dict) -> dict[str, float]:
+    """``{pid: ‖got − want‖ / ‖want‖}`` over each partition's whole update (not per tensor: a bias that a
+    BatchNorm follows has a zero gradient, so its own relative error is noise over noise)."""
+    return {pid: rel(torch.cat([got[k].reshape(-1) for k in w]), torch.cat([v.reshape(-1) for v in w.values()]))
+            for pid, w in by_partition(want).items()}
 
 
 @pytest.mark.parametrize("name", ["resnet32_k2g2", "vgg6a_g2", "vit_tiny_fmnist_k2g2"])
@@ -66,9 +77,10 @@ def test_fused_bf16_step_is_a_bf16_version_of_the_same_step(name):
         assert rel(s_fused[pid][0].float(), loss.float()) <= LOSS_RTOL, (pid, s_fused[pid][0], loss)
         if correct is not None:
             assert abs(int(s_fused[pid][1]) - int(correct)) <= 1, pid
-    diffs = {k: rel(u_fused[k], u_ref[k]) for k in u_ref}
-    worst = max(diffs, key=diffs.get)
-    assert diffs[worst] <= UPDATE_RTOL, (worst, diffs[worst])
-    bf16_err = statistics.median(rel(u_ref[k], u_f32[k]) for k in u_ref)
+    worst = max(scaled_error(u_fused, p) for p in by_partition(u_ref).values())  # per tensor, partition scale
+    assert worst[0] <= UPDATE_RTOL, worst
+    diffs = partition_errors(u_fused, u_ref)
+    assert max(diffs.values()) <= UPDATE_RTOL, diffs
+    bf16_err = statistics.median(partition_errors(u_ref, u_f32).values())
     assert bf16_err > 1e-4, "autocast did not run (the bf16 and float32 steps agree)"
     assert statistics.median(diffs.values()) <= 2 * bf16_err, (statistics.median(diffs.values()), bf16_err)

@@ -11,7 +11,7 @@ that the stages themselves do not switch on op-kind names.
 from __future__ import annotations
 
 import ast
-import importlib
+import copy
 from pathlib import Path
 from typing import Literal
 
@@ -26,6 +26,9 @@ from gndgl_compiler.graph.ops import OPS, OpDef, extra_ops, get_op, registry
 from gndgl_compiler.partition.partitioner import build_plan
 from gndgl_compiler.partition.validate import validate_plan
 from gndgl_compiler.runtime import executor
+from gndgl_compiler.runtime.executor import Executor
+from gndgl_compiler.runtime.fusion import FUSED_OPS, FusedOpDef, extra_fused_ops, fused_registry
+from gndgl_compiler.runtime.fusion.pointwise import function
 from gndgl_compiler.spec.load import load_spec
 from gndgl_compiler.spec.models import LAYER_OPS
 from gndgl_compiler.spec.templates import expand_model
@@ -183,21 +186,15 @@ def test_every_kind_a_stage_mentions_is_declared():
     known = set(OPS) | {"input"}  # 'input' marks IR placeholders, not an op
     missing = [f"{p.relative_to(ROOT)}:{line} {how} '{k}'"
                for p in _sources("gndgl_compiler", "cli")
-               for line, how, k in _mentions(p, ("kind",) if p.name.startswith("fused") else ())
+               for line, how, k in _mentions(p, ("kind",) if p.parent.name == "fusion" else ())
                if how != "keys" and k not in known]
     assert not missing, missing
     built = [k for p in _sources("gndgl_compiler") for _, how, k in _mentions(p) if how == "builds"]
     assert {"conv", "cat", "slice", "add", "layernorm"} <= set(built)  # the scan sees the builders
     # every spec unit is an op of the registry or a several-op unit with a builder
     assert [u for u in LAYER_OPS if u not in OPS and u not in UNIT_BUILDERS] == []
-    # the executor's fused path names kinds too (its layout rules belong to it); they must exist
-    tables: set[str] = set()
-    for name in ("fused", "fused_ops"):
-        try:
-            mod = importlib.import_module(f"gndgl_compiler.runtime.{name}")
-        except ImportError:
-            continue
-        tables |= set(getattr(mod, "_ELEMENTWISE", {})) | set(getattr(mod, "_POOLS", ()))
+    # the executor's fused path names kinds too (its fused-op table); they must exist
+    tables = set(FUSED_OPS)
     assert tables and tables <= set(OPS)
 
 
@@ -210,3 +207,63 @@ def test_stages_do_not_switch_on_op_kind_names():
                 for line, how, k in _mentions(p, ("kind",)) if k in OPS
                 and (how == "compares" or (how == "keys" and p.parent.name != "graph"))]
     assert not switches, switches
+
+
+# --- sibling fusion: one table entry per fused op kind ------------------------------------------------------
+
+UNFUSED: set[str] = {"gconv"}
+"""Op kinds without an exact sibling-fused form (their modules run per partition): ``gconv``, the bottleneck's
+grouped 3×3 conv (issue 21), until its fused entry lands; every other kind fuses."""
+
+
+def test_fused_op_table_covers_exactly_the_kinds_fusion_runs():
+    """The fused-op table names registry kinds, each under its own name, and every op kind but the ones
+    in :data:`UNFUSED`; a kind without an entry is not fused, whatever the rest of fusion knows."""
+    assert all(k == d.kind for k, d in FUSED_OPS.items())
+    assert fused_registry() == FUSED_OPS and set(FUSED_OPS) <= set(OPS)
+    assert set(OPS) - set(FUSED_OPS) == UNFUSED
+    with extra_ops(SCALE):
+        _, plan, parts = _compile(2.0)
+        ex = Executor(plan, parts, None, {pid: torch.device("cpu") for pid in parts}, siblings=True)
+        refused = [r["reason"] for r in ex.fusion if not r["fused"] and len(r["partitions"]) > 1]
+        assert refused and all(r.startswith("op 'scale'") for r in refused), ex.fusion
+
+
+def test_new_fused_op_kind_is_one_entry():
+    """A new op kind (registered for one block) fuses with one :class:`FusedOpDef`: the scaled network's
+    fused step equals the per-partition one in float64 (losses and gradients)."""
+    plain = {"kind": "sgd", "lr": 1.0, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0, "betas": (0.9, 0.999)}
+    with extra_ops(SCALE), extra_fused_ops(FusedOpDef("scale", function())):
+        _, plan, parts = _compile(2.0)
+        runs = []
+        for siblings in (True, False):
+            mods = {pid: copy.deepcopy(m).double() for pid, m in parts.items()}
+            ex = Executor(plan, mods, plain, {pid: torch.device("cpu") for pid in mods}, fused=True, siblings=siblings)
+            g = torch.Generator().manual_seed(0)
+            x, y = torch.randn(4, 3, 16, 16, generator=g, dtype=torch.float64), torch.randint(0, 10, (4,), generator=g)
+            runs.append((ex, ex.train_step(x, y, 1.0, seed=(0, 0))))
+        (fused, sf), (_, sr) = runs
+        assert [r["fused"] for r in fused.fusion if len(r["partitions"]) > 1] == [True, True]
+        assert all(torch.allclose(sf[p][0], sr[p][0], rtol=1e-12, atol=0) for p in sr)
+        for pid, m in runs[1][0].modules.items():
+            got = fused.modules[pid].state_dict()
+            assert all(torch.allclose(got[k], v, rtol=1e-10, atol=1e-12) for k, v in m.state_dict().items()), pid
+    assert "scale" not in fused_registry()
+    with pytest.raises(ValueError, match="already registered"):
+        with extra_fused_ops(FusedOpDef("conv", function())):
+            pass
+
+
+def test_fusion_does_not_switch_on_op_kind_names():
+    """Fusion code asks its table: it compares no op kind, keeps no table keyed by op kinds outside
+    ``fusion/table.py``, and dispatches on no name built from a kind (``getattr(self, f"_{kind}")``)."""
+    fusion = _sources("gndgl_compiler/runtime/fusion")
+    assert fusion
+    switches = [f"{p.relative_to(ROOT)}:{line} {how} '{k}'" for p in fusion
+                for line, how, k in _mentions(p, ("kind",)) if k in OPS
+                and (how == "compares" or (how == "keys" and p.name != "table.py"))]
+    dynamic = [f"{p.relative_to(ROOT)}:{node.lineno} getattr by a built name" for p in fusion
+               for node in ast.walk(ast.parse(p.read_text()))
+               if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr"
+               and len(node.args) > 1 and not isinstance(node.args[1], ast.Constant)]
+    assert not switches and not dynamic, switches + dynamic

@@ -36,7 +36,17 @@ ERROR_CASES = {
     "unknown-dataset": (["train", "{spec}", "--dataset", "no-such-data", "--run-dir", "r", *SMALL],
                         ["unknown data set 'no-such-data'", "synthetic"]),
     "workers-unknown-dataset": (["train", "{spec}", "--dataset", "no-such-data", "--workers", "2", "--run-dir", "r",
-                                 *SMALL], ["unknown data set 'no-such-data'", "stopped on the error above"]),
+                                 *SMALL], ["unknown data set 'no-such-data'"]),  # refused before a worker starts
+    "run-dir-is-a-file": (["train", "{art}", "--run-dir", "{afile}", *SMALL], ["'{afile}' is a file", "--run-dir"]),
+    "workers-run-dir-is-a-file": (["train", "{art}", "--workers", "2", "--run-dir", "{afile}", *SMALL],
+                                  ["'{afile}' is a file"]),
+    "data-root-missing": (["train", "{spec}", "--dataset", "fashion-mnist", "--data-root", "{missing}", "--run-dir",
+                           "r", *SMALL], ["--data-root '{missing}' does not exist", "leave --data-root out"]),
+    "workers-data-root-missing": (["train", "{art}", "--dataset", "mnist", "--data-root", "{missing}", "--workers",
+                                   "2", "--run-dir", "r", *SMALL], ["--data-root '{missing}' does not exist"]),
+    "workers-device-tpu": (["train", "{art}", "--workers", "2", "--device", "tpu", "--run-dir", "r", *SMALL],
+                           ["unknown device 'tpu'"]),
+    "resume-with-source": (["train", "{art}", "--resume", "{plain}"], ["would be ignored", "--resume {plain}"]),
     "device-cuda3": (["train", "{spec}", "--dataset", "synthetic", "--device", "cuda:3", "--run-dir", "r", *SMALL],
                      ["cuda:3", "--device"]),
     "device-tpu": (["train", "{spec}", "--dataset", "synthetic", "--device", "tpu", "--run-dir", "r", *SMALL],
@@ -71,13 +81,17 @@ def cli_runs(tmp_path_factory):
     (tmp / "plain" / "notes.txt").write_text("not a run\n")
     (tmp / "nonempty").mkdir()
     (tmp / "nonempty" / "keep.txt").write_text("x\n")
+    (tmp / "afile").write_text("a file, not a run directory\n")
+    subprocess.run(cli("compile", str(tmp / "tiny.yaml"), "-o", str(tmp / "art")), env=env(), check=True,
+                   capture_output=True)
     for split in ("train", "test"):  # a 2-class image folder
         for cls in ("cat", "dog"):
             (tmp / "folder" / split / cls).mkdir(parents=True)
             for i in range(2):
                 Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(tmp / "folder" / split / cls / f"{i}.png")
     subst = {"{spec}": str(tmp / "tiny.yaml"), "{spec100}": str(tmp / "tiny100.yaml"), "{folder}": str(tmp / "folder"),
-             "{plain}": str(tmp / "plain"), "{nonempty}": str(tmp / "nonempty")}
+             "{plain}": str(tmp / "plain"), "{nonempty}": str(tmp / "nonempty"), "{afile}": str(tmp / "afile"),
+             "{art}": str(tmp / "art"), "{missing}": str(tmp / "missing")}
     cmds = {k: [subst.get(a, a) for a in argv] for k, (argv, _) in ERROR_CASES.items()}
     cmds["train-ok"] = ["train", str(REPO / "specs" / "resnet32_k2g2.yaml"), "--dataset", "synthetic",
                         "--epochs", "1", "--limit-train", "64", "--limit-test", "32", "--batch-size", "16",
@@ -88,8 +102,8 @@ def cli_runs(tmp_path_factory):
         cwd.mkdir()
         procs[key] = (subprocess.Popen(cli(*argv), cwd=cwd, env=env(GNDGL_CACHE=str(tmp / "cache")), stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE, text=True), cwd)
-    out = {}
-    deadline = time.monotonic() + 150
+    out = {"_subst": subst}
+    deadline = time.monotonic() + 300
     for key, (p, cwd) in procs.items():
         try:
             so, se = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
@@ -109,6 +123,8 @@ def test_bad_input_gives_a_clean_message(cli_runs, case):
     assert "error:" in se, se
     flat = " ".join(se.split())  # rich may wrap the message
     for needle in ERROR_CASES[case][1]:
+        for key, value in cli_runs["_subst"].items():
+            needle = needle.replace(key, value)
         assert needle in flat, f"{needle!r} not in {flat!r}"
 
 
@@ -122,10 +138,20 @@ def test_bad_input_exits_with_status_2(cli_runs, case):
     assert code == 2, f"exit {code}:\n{so + se}"
 
 
-@pytest.mark.parametrize("case", ["unknown-dataset", "workers-unknown-dataset", "device-tpu"])
+@pytest.mark.parametrize("case", ["unknown-dataset", "workers-unknown-dataset", "device-tpu", "data-root-missing",
+                                  "workers-data-root-missing", "workers-device-tpu", "num-classes-mismatch"])
 def test_a_start_that_fails_on_bad_input_leaves_no_run_directory(cli_runs, case):
     _, so, se, cwd = cli_runs[case]
     assert not (cwd / "r").exists() and not (cwd / "runs").exists(), so + se
+    # nor a compiled artifact (that a later bare `gndgl train` would take as the newest one)
+    assert not (cwd / "compiled").exists() or not any((cwd / "compiled").iterdir()), so + se
+
+
+@pytest.mark.parametrize("case", [k for k in ERROR_CASES if k.startswith("workers-")])
+def test_workers_bad_input_is_refused_before_any_worker_starts(cli_runs, case):
+    """The launcher checks what every rank would refuse, so no rank (nor torchrun's report) is reached."""
+    _, so, se, _ = cli_runs[case]
+    assert "launching" not in so and "rank " not in se, so + se
 
 
 def test_train_writes_a_complete_run(cli_runs):

@@ -28,6 +28,7 @@ from gndgl_compiler.partition.plan import IMAGE
 from gndgl_compiler.runtime.executor import HEAD_KEYS
 from gndgl_compiler.spec.templates import VIT_DEFAULTS
 from gndgl_compiler.viz.dot import plan_to_dot
+from float_compare import scaled_error
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = ROOT / "specs"
@@ -168,9 +169,14 @@ def test_no_gradient_crosses_a_partition(k2g2):
     assert all(g is not None and g.abs().sum() > 0 for g in base)
     for scaled in (0, 3, art.plan.final.id):
         grads = torch.autograd.grad(_losses(art, x, y, {scaled: 5.0}), [q for *_, q in params])
+        got: dict = {}
+        want: dict = {}
         for (pid, name, _), g0, g in zip(params, base, grads):
-            want = 5.0 * g0 if pid == scaled else g0
-            torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-7, msg=f"{pid}.{name} (scaled {scaled})")
+            got.setdefault(pid, {})[name] = g
+            want.setdefault(pid, {})[name] = 5.0 * g0 if pid == scaled else g0
+        for pid in want:  # float32: each gradient against the norm of its partition's whole gradient
+            worst = scaled_error(got[pid], want[pid])
+            assert worst[0] <= 1e-5, (pid, worst, f"scaled {scaled}")
 
 
 # ----------------------------------------------------------------------------- 3. connectivity by shapes

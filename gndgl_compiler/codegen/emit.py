@@ -48,7 +48,7 @@ def emit_ir(nodes: list[IRNode], outputs: str | dict[str, str], class_name: str,
             root.add_module(n.name, op.module(n.attrs, ins, tuple(n.shape)))
             node = graph.create_node("call_module", n.name, tuple(args), {}, name=n.name)
         else:
-            node = graph.create_node("call_function", op.function, (args,) if op.variadic else tuple(args),
+            node = graph.create_node("call_function", op.target(), (args,) if op.variadic else tuple(args),
                                      op.kwargs(n.attrs, ins), name=n.name)
         env[n.name] = node
     graph.output(env[outputs] if isinstance(outputs, str) else {k: env[v] for k, v in outputs.items()})

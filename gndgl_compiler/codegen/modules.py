@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..graph.transformer_ops import PosEmbed
+from ..graph.transformer_modules import PosEmbed
 from ..partition.plan import IMAGE, Partition, PartitionPlan
 from .emit import emit_ir, emit_loss
 

@@ -14,25 +14,29 @@ Each entry says, for an op with attributes ``attrs`` and per-sample input shapes
 The token (transformer) ops live in :mod:`.transformer_ops`. Adding an op kind is adding
 one entry here (or, scoped to a ``with`` block, :func:`extra_ops`); no stage switches
 on kind names.
+
+torch is imported only when a module is built or a function resolved (:meth:`OpDef.target`),
+so shapes and costs (``gndgl units``, a spec's errors) answer without it.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import math
 import operator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Iterator, Mapping
-
-import torch
-import torch.nn.functional as F
-from torch import nn
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from ..errors import GraphError
 from .transformer_ops import transformer_op_defs
-from .random_ops import SeededDropout
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 Shape = tuple[int, ...]
 Attrs = dict[str, Any]
@@ -51,7 +55,8 @@ class OpDef:
     macs: Callable[[Attrs, list[Shape], Shape], int] = lambda a, i, o: 0
     params: Callable[[Attrs, list[Shape], Shape], int] = lambda a, i, o: 0
     module: Callable[[Attrs, list[Shape], Shape], nn.Module] | None = None
-    function: Callable[..., Any] | None = None
+    function: Callable[..., Any] | str | None = None
+    """The function of a module-less op, or ``"module:name"`` of one (imported by :meth:`target`)."""
     kwargs: Callable[[Attrs, list[Shape]], dict] = lambda a, i: {}
     split: str = "follow"
     """How a width cut splits the op (``partition/groups.py``):
@@ -98,10 +103,23 @@ class OpDef:
         if self.draw not in ("layer", "op"):
             raise ValueError(f"op '{self.kind}': draw must be 'layer' or 'op', not {self.draw!r}")
 
+    def target(self) -> Callable[..., Any]:
+        """The function codegen calls (``function``, imported first when given as ``"module:name"``)."""
+        if isinstance(self.function, str):
+            return _resolve(self.function)
+        assert self.function is not None, f"op '{self.kind}' has a module, not a function"
+        return self.function
+
     @property
     def parametric(self) -> bool:
         """True for ops whose weights map channels to channels (``split == 'weights'``)."""
         return self.split == "weights"
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve(ref: str) -> Callable[..., Any]:
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _need_map(kind: str, ins: list[Shape]) -> tuple[int, int, int]:
@@ -144,6 +162,8 @@ def _conv_params(a: Attrs, ins: list[Shape], out: Shape) -> int:
 
 
 def _conv_module(a: Attrs, ins: list[Shape], out: Shape) -> nn.Module:
+    from torch import nn
+
     return nn.Conv2d(a["in"], a["out"], a["kernel"], a["stride"], a["padding"], bias=a["bias"], groups=a.get("groups", 1))
 
 
@@ -164,6 +184,8 @@ def _linear_shape(a: Attrs, ins: list[Shape]) -> Shape:
 # --- bn -------------------------------------------------------------------------------------
 
 def _bn_module(a: Attrs, ins: list[Shape], out: Shape) -> nn.Module:
+    from torch import nn
+
     return nn.BatchNorm2d(ins[0][0]) if len(ins[0]) == 3 else nn.BatchNorm1d(ins[0][0])
 
 
@@ -230,6 +252,18 @@ def _slice_shape(a: Attrs, ins: list[Shape]) -> Shape:
     return (a["length"],) + tuple(ins[0][1:])
 
 
+def _linear_module(a: Attrs, ins: list[Shape], out: Shape) -> nn.Module:
+    from torch import nn
+
+    return nn.Linear(a["in"], a["out"], bias=a["bias"])
+
+
+def _seeded_dropout(p: float) -> nn.Module:
+    from .random_ops import SeededDropout
+
+    return SeededDropout(p)
+
+
 def _channel_slice(x: torch.Tensor, start: int, length: int) -> torch.Tensor:
     """Channels ``start .. start+length`` of ``x`` (dim 1)."""
     return x.narrow(1, start, length)
@@ -252,25 +286,28 @@ OPS: dict[str, OpDef] = {
     "linear": OpDef(
         "linear", _linear_shape, lambda a, i, o: a["in"] * a["out"],
         lambda a, i, o: a["in"] * a["out"] + (a["out"] if a["bias"] else 0),
-        lambda a, i, o: nn.Linear(a["in"], a["out"], bias=a["bias"]), split="weights"),
+        _linear_module, split="weights"),
     "bn": OpDef("bn", _same, params=lambda a, i, o: 2 * i[0][0], module=_bn_module),
-    "relu": OpDef("relu", _same, function=torch.relu),
-    "dropout": OpDef("dropout", _same, module=lambda a, i, o: SeededDropout(a["p"]), random=True),
-    "maxpool": OpDef("maxpool", _pool_shape("maxpool"), function=F.max_pool2d, kwargs=_pool_kwargs),
-    "avgpool": OpDef("avgpool", _pool_shape("avgpool"), function=F.avg_pool2d, kwargs=_pool_kwargs),
-    "adaptive_avgpool": OpDef("adaptive_avgpool", _adaptive_shape, function=F.adaptive_avg_pool2d,
+    "relu": OpDef("relu", _same, function="torch:relu"),
+    "dropout": OpDef("dropout", _same, module=lambda a, i, o: _seeded_dropout(a["p"]), random=True),
+    "maxpool": OpDef("maxpool", _pool_shape("maxpool"), function="torch.nn.functional:max_pool2d",
+                     kwargs=_pool_kwargs),
+    "avgpool": OpDef("avgpool", _pool_shape("avgpool"), function="torch.nn.functional:avg_pool2d",
+                     kwargs=_pool_kwargs),
+    "adaptive_avgpool": OpDef("adaptive_avgpool", _adaptive_shape,
+                              function="torch.nn.functional:adaptive_avg_pool2d",
                               kwargs=lambda a, i: {"output_size": a["size"]}, leads_in=True),
-    "flatten": OpDef("flatten", lambda a, i: (math.prod(i[0]),), function=torch.flatten,
+    "flatten": OpDef("flatten", lambda a, i: (math.prod(i[0]),), function="torch:flatten",
                      kwargs=lambda a, i: {"start_dim": 1}, leads_in=True),
     "add": OpDef("add", _add_shape, function=operator.add, split="merge"),
-    "cat": OpDef("cat", _cat_shape, function=torch.cat, kwargs=lambda a, i: {"dim": 1}, variadic=True),
+    "cat": OpDef("cat", _cat_shape, function="torch:cat", kwargs=lambda a, i: {"dim": 1}, variadic=True),
     "slice": OpDef("slice", _slice_shape, function=_channel_slice,
                    kwargs=lambda a, i: {"start": a["start"], "length": a["length"]},
                    label=lambda a: f" [{a['start']}:{a['start'] + a['length']}]"),
-    "upsample": OpDef("upsample", _upsample_shape, function=F.interpolate,
+    "upsample": OpDef("upsample", _upsample_shape, function="torch.nn.functional:interpolate",
                       kwargs=lambda a, i: {"size": (a["height"], a["width"]), "mode": "bilinear", "align_corners": False}),
-    "sigmoid": OpDef("sigmoid", _same, function=torch.sigmoid),
-    "l2norm": OpDef("l2norm", _same, function=F.normalize, kwargs=lambda a, i: {"dim": 1}),
+    "sigmoid": OpDef("sigmoid", _same, function="torch:sigmoid"),
+    "l2norm": OpDef("l2norm", _same, function="torch.nn.functional:normalize", kwargs=lambda a, i: {"dim": 1}),
     **transformer_op_defs(OpDef),
 }
 

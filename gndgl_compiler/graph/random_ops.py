@@ -18,7 +18,7 @@ class SeededDropout(nn.Module):
     """Dropout whose mask comes from ``self.generator`` (set by the executor), scaled by ``1/(1-p)``.
 
     ``mask(shape, like)`` is exposed so the sibling-fused runner draws each group's mask from its
-    own partition's generator and concatenates them (``runtime/fused_dropout.py``): the same
+    own partition's generator and concatenates them (``runtime/fusion/dropout.py``): the same
     numbers, in the same order, as the partition's own program.
 
     Args:

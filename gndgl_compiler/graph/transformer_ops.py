@@ -11,16 +11,15 @@ for convolutions; the ops below transpose to ``B × N × D`` internally.
     attention    (D_in, N) -> (D_out, N)  QKV, scaled dot product, output projection
     mlp          (D_in, N) -> (D_out, N)  Linear → GELU → Linear
     token_pool   (D, N)    -> (D,)        mean over tokens, or the CLS token
+
+The torch modules are in :mod:`.transformer_modules`, imported when a module is built, so
+shapes and costs (``gndgl units``, spec errors) need no torch.
 """
 
 from __future__ import annotations
 
 import math
 from typing import Any
-
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 from ..errors import GraphError
 
@@ -46,94 +45,6 @@ def need_tokens(kind: str, ins: list[Shape]) -> tuple[int, int]:
         raise GraphError(f"{kind} needs tokens (D×N) but gets flat features of shape {list(s)}; "
                          "put it before the 'token_pool'")
     return s  # type: ignore[return-value]
-
-
-# --- modules (channel-first: B × D × N) -----------------------------------------------------
-
-
-class PatchEmbed(nn.Module):
-    """Conv p×p with stride p, flattened to tokens: ``B×C×H×W -> B×D×N``."""
-
-    def __init__(self, c_in: int, dim: int, patch: int, bias: bool = True):
-        super().__init__()
-        self.proj = nn.Conv2d(c_in, dim, patch, patch, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return self.proj(x).flatten(2)
-
-
-class PosEmbed(nn.Module):
-    """Learned positional embedding ``(1, D, N)``; with ``cls`` a learned CLS token is prepended first."""
-
-    def __init__(self, dim: int, tokens: int, cls: bool = False):
-        super().__init__()
-        self.cls = nn.Parameter(torch.empty(1, dim, 1)) if cls else None
-        self.pos = nn.Parameter(torch.empty(1, dim, tokens + int(cls)))
-        if not self.pos.is_meta:  # codegen builds on 'meta' and initialises later (init_weights)
-            self.reset_parameters()
-
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Normal(0, 0.02) positions and CLS token."""
-        with torch.no_grad():
-            for p in self.parameters():
-                p.normal_(0.0, 0.02, generator=generator)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        if self.cls is not None:
-            x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=2)
-        return x + self.pos
-
-
-class ChannelLayerNorm(nn.LayerNorm):
-    """LayerNorm over dim 1 of ``B×D×N`` tokens (or over the features of ``B×D``)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        if x.dim() == 2:
-            return super().forward(x)
-        return super().forward(x.transpose(1, 2)).transpose(1, 2)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention on ``B×D_in×N``: QKV → ``F.scaled_dot_product_attention`` → projection.
-
-    Args:
-        d_in: input channels (all of the module input for a dense-in block, else the group's slice).
-        d_out: output channels.
-        heads: number of heads; each has ``head_dim`` channels.
-        head_dim: channels per head.
-        bias: biases of the QKV and output projections.
-    """
-
-    def __init__(self, d_in: int, d_out: int, heads: int, head_dim: int, bias: bool = True):
-        super().__init__()
-        self.heads, self.head_dim = heads, head_dim
-        self.qkv = nn.Linear(d_in, 3 * heads * head_dim, bias=bias)
-        self.proj = nn.Linear(heads * head_dim, d_out, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        b, _, n = x.shape
-        qkv = self.qkv(x.transpose(1, 2)).view(b, n, 3, self.heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B × heads × N × head_dim
-        o = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(o.transpose(1, 2).reshape(b, n, self.heads * self.head_dim)).transpose(1, 2)
-
-
-class MLP(nn.Module):
-    """Linear(D_in→hidden) → GELU (or SiLU) → Linear(hidden→D_out) on ``B×D×N`` tokens."""
-
-    def __init__(self, d_in: int, hidden: int, d_out: int, act: str = "gelu"):
-        super().__init__()
-        self.fc1 = nn.Linear(d_in, hidden)
-        self.act = nn.GELU() if act == "gelu" else nn.SiLU()
-        self.fc2 = nn.Linear(hidden, d_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return self.fc2(self.act(self.fc1(x.transpose(1, 2)))).transpose(1, 2)
-
-
-def token_pool(x: torch.Tensor, cls: bool = False) -> torch.Tensor:
-    """``B×D×N`` → ``B×D``: the mean over tokens, or the first (CLS) token when ``cls``."""
-    return x[:, :, 0] if cls else x.mean(dim=2)
 
 
 # --- shape / MAC / parameter rules -----------------------------------------------------------
@@ -206,6 +117,13 @@ def _pool_shape(a: Attrs, ins: list[Shape]) -> Shape:
     return (d,)
 
 
+def _modules() -> Any:
+    """:mod:`.transformer_modules` (imports torch), when a module is first built."""
+    from . import transformer_modules
+
+    return transformer_modules
+
+
 def transformer_op_defs(op_def: Any) -> dict[str, Any]:
     """The registry entries of the token ops.
 
@@ -219,23 +137,23 @@ def transformer_op_defs(op_def: Any) -> dict[str, Any]:
     return {
         "patch_embed": op_def(
             "patch_embed", _patch_shape, _patch_macs, _patch_params,
-            lambda a, i, o: PatchEmbed(a["in"], a["out"], a["patch"], a["bias"]), split="weights",
+            lambda a, i, o: _modules().PatchEmbed(a["in"], a["out"], a["patch"], a["bias"]), split="weights",
             label=lambda a: f" {a.get('patch')}×{a.get('patch')}"),
         "pos_embed": op_def("pos_embed", _pos_shape, params=lambda a, i, o: o[0] * o[1] + (o[0] if a["cls"] else 0),
-                            module=lambda a, i, o: PosEmbed(i[0][0], i[0][1], a["cls"])),
+                            module=lambda a, i, o: _modules().PosEmbed(i[0][0], i[0][1], a["cls"])),
         "layernorm": op_def("layernorm", _ln_shape, params=lambda a, i, o: 2 * i[0][0],
-                            module=lambda a, i, o: ChannelLayerNorm(i[0][0], eps=1e-6), leads_in=True),
-        "gelu": op_def("gelu", same, function=F.gelu),
-        "silu": op_def("silu", same, function=F.silu),
+                            module=lambda a, i, o: _modules().ChannelLayerNorm(i[0][0], eps=1e-6), leads_in=True),
+        "gelu": op_def("gelu", same, function="torch.nn.functional:gelu"),
+        "silu": op_def("silu", same, function="torch.nn.functional:silu"),
         "attention": op_def(
             "attention", _attn_shape, _attn_macs, _attn_params,
-            lambda a, i, o: Attention(a["in"], a["out"], a["heads"], a["head_dim"], a["bias"]),
+            lambda a, i, o: _modules().Attention(a["in"], a["out"], a["heads"], a["head_dim"], a["bias"]),
             split="weights", split_keys=("out", "heads"), label=lambda a: f" {a.get('heads')}h"),
         "mlp": op_def(
             "mlp", _mlp_shape, lambda a, i, o: o[1] * (a["in"] * a["hidden"] + a["hidden"] * a["out"]),
             lambda a, i, o: a["in"] * a["hidden"] + a["hidden"] + a["hidden"] * a["out"] + a["out"],
-            lambda a, i, o: MLP(a["in"], a["hidden"], a["out"], a.get("act", "gelu")),
+            lambda a, i, o: _modules().MLP(a["in"], a["hidden"], a["out"], a.get("act", "gelu")),
             split="weights", split_keys=("out", "hidden"), label=lambda a: f" {a.get('hidden')}"),
-        "token_pool": op_def("token_pool", _pool_shape, function=token_pool, kwargs=lambda a, i: {"cls": a["cls"]},
-                             leads_in=True),
+        "token_pool": op_def("token_pool", _pool_shape, function=f"{__package__}.transformer_modules:token_pool",
+                             kwargs=lambda a, i: {"cls": a["cls"]}, leads_in=True),
     }

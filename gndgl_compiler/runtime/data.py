@@ -15,6 +15,7 @@ import gzip
 import math
 import os
 import struct
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -64,26 +65,58 @@ def load_dataset(name: str, *, root: str | None = None, cache_dir: str | None = 
     Raises:
         DataError: unknown name, files missing or unreadable, impossible shape adaptation.
     """
-    key = str(name).strip()
-    low = key.lower().replace("_", "-")
-    low = {"fashionmnist": "fashion-mnist"}.get(low, low)
+    key, low = check_source(name, root=root, download=download)
     cache = Path(os.path.expanduser(cache_dir or os.environ.get("GNDGL_CACHE") or "~/.cache/gndgl"))
     if low == "synthetic":
         bundle = _synthetic(synthetic or {})
     elif low in ("cifar10", "cifar100"):
-        bundle = _load_cifar(low, _data_root(root), download, cache)
+        bundle = _load_cifar(low, _data_root(root), download, cache, explicit_root=bool(root))
     elif low in IDX_CLASSES:
         bundle = _load_idx(low, root, cache)
-    elif key.startswith("imagefolder:") or os.path.exists(os.path.expanduser(key)):
-        bundle = load_image_folder(key.removeprefix("imagefolder:"), cache, progress=progress)
-    elif "/" in key or low.endswith((".tar.gz", ".tgz", ".tar")):
-        raise DataError(f"data set path '{key}' does not exist; give a folder or .tar.gz with "
-                        "train/<class>/* and test/<class>/*")
     else:
-        raise DataError(f"unknown data set '{name}'; valid names are {', '.join(NAMES)}, or a path to an "
-                        "image folder / .tar.gz (train/<class>/*, test/<class>/*), also as imagefolder:<path>")
+        bundle = load_image_folder(key.removeprefix("imagefolder:"), cache, progress=progress)
     bundle = _limit(bundle, limit_train, limit_test)
     return adapt_shape(bundle, input_shape) if input_shape is not None else bundle
+
+
+def check_source(name: str, *, root: str | None = None, download: bool = False) -> tuple[str, str]:
+    """Check what can be checked of a data set without reading it (before compiling or starting
+    workers): a known name or an existing path, and ``root`` (``--data-root``) an existing folder
+    (unless ``--download`` is to fill it); warn when ``root`` is not used by this data set.
+
+    Returns:
+        ``(key, low)``: the name as given (stripped) and its canonical lower-case form.
+
+    Raises:
+        DataError: an unknown name, a path that does not exist, or a ``root`` that is not a folder.
+    """
+    key = str(name).strip()
+    low = key.lower().replace("_", "-")
+    low = {"fashionmnist": "fashion-mnist"}.get(low, low)
+    if low not in NAMES and not (key.startswith("imagefolder:") or os.path.exists(os.path.expanduser(key))):
+        if "/" in key or low.endswith((".tar.gz", ".tgz", ".tar")):
+            raise DataError(f"data set path '{key}' does not exist; give a folder or .tar.gz with "
+                            "train/<class>/* and test/<class>/*")
+        raise DataError(f"unknown data set '{name}'; valid names are {', '.join(NAMES)}, or a path to an "
+                        "image folder / .tar.gz (train/<class>/*, test/<class>/*), also as imagefolder:<path>")
+    if not root:
+        return key, low
+    path = Path(os.path.expanduser(root))
+    cifar = low in ("cifar10", "cifar100")
+    unused = f"data set '{key}' is " + ("generated" if low == "synthetic" else "read from its own path")
+    if not cifar and low not in IDX_CLASSES:
+        if not path.is_dir():
+            raise DataError(f"--data-root '{root}' is not a folder, and it is not used: {unused}; leave --data-root out")
+        warnings.warn(f"--data-root {root} is not used: {unused}")
+        return key, low
+    if not path.is_dir() and (path.exists() or not (cifar and download)):
+        what = "is not a folder" if path.exists() else "does not exist"
+        raise DataError(f"--data-root '{root}' {what}; give the folder that holds the {key} files, or leave "
+                        f"--data-root out to look in the default places ($GNDGL_DATA or ~/.cache/gndgl/data"
+                        f"{', /usr/share/datasets/fashion-mnist' if low == 'fashion-mnist' else ''})"
+                        + (" or pass --download where there is internet to fetch it there; an image folder / "
+                           ".tar.gz works too (--dataset /path/cifar10-jpeg.tar.gz)" if cifar else ""))
+    return key, low
 
 
 def _data_root(root: str | None) -> Path:
@@ -136,7 +169,7 @@ def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def _load_cifar(name: str, root: Path, download: bool, cache: Path) -> DataBundle:
+def _load_cifar(name: str, root: Path, download: bool, cache: Path, explicit_root: bool = False) -> DataBundle:
     import torchvision.datasets as tvd
     cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
     base = root / cls.base_folder
@@ -150,6 +183,9 @@ def _load_cifar(name: str, root: Path, download: bool, cache: Path) -> DataBundl
     if not base.is_dir():
         jpeg = os.environ.get("GNDGL_CIFAR10_JPEG")
         if name == "cifar10" and jpeg and os.path.isfile(jpeg):
+            if explicit_root:
+                warnings.warn(f"CIFAR10 is not in --data-root {root} (looked for {base}); using the JPEG copy "
+                              f"$GNDGL_CIFAR10_JPEG={jpeg} instead")
             b = load_image_folder(jpeg, cache)
             return dataclasses.replace(b, name="cifar10", mean=STATS["cifar10"][0], std=STATS["cifar10"][1])
         raise DataError(f"{name.upper()} was not found in {root} (looked for {base}){reason}. Pass --download where "
@@ -207,6 +243,9 @@ def _load_idx(name: str, root: str | None, cache: Path) -> DataBundle:
     for d in dirs:
         found = [next((d / (f + ext) for ext in ("", ".gz") if (d / (f + ext)).is_file()), None) for f in wanted]
         if all(found):
+            if root and d not in dirs[:3]:
+                warnings.warn(f"{name} is not in --data-root {root} (looked in {', '.join(str(x) for x in dirs[:3])}"
+                              f"); using the copy in {d}")
             break
     else:
         hint = "Run 'apt-get install dataset-fashion-mnist', or p" if name == "fashion-mnist" else "P"

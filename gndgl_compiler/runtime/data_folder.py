@@ -52,8 +52,25 @@ def _iter_files(path: Path) -> Iterator[tuple[str, bytes]]:
                 if m.isfile():
                     yield m.name, tf.extractfile(m).read()
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise DataError(f"cannot read archive {path} ({e}); give a .tar.gz or folder with train/<class>/* "
-                        "and test/<class>/*") from None
+        reason = (str(e).splitlines() or [type(e).__name__])[0].rstrip(":") or type(e).__name__
+        raise DataError(f"cannot read archive {path}: it is damaged or cut short ({reason}); {_ACCEPTS}") from None
+
+
+_ACCEPTS = ("a data set path is a folder, .tar.gz or .tar holding train/<class>/* and test/<class>/* "
+            "(one image file per sample)")
+
+
+def _check_archive(p: Path, given: str) -> None:
+    """Refuse a file that is not a tar archive in one line (a single image, a zip, a damaged file)."""
+    if p.suffix.lower() in IMAGE_EXTS:
+        raise DataError(f"'{given}' is a single image, not a data set: a data set is a name (cifar10, cifar100, "
+                        f"mnist, fashion-mnist, synthetic) or a path; {_ACCEPTS}")
+    try:
+        ok = tarfile.is_tarfile(p)
+    except OSError as e:
+        raise DataError(f"cannot read '{given}' ({e.strerror or e}); {_ACCEPTS}") from None
+    if not ok:
+        raise DataError(f"'{given}' is not a tar archive (.tar.gz, .tgz or .tar) or it is damaged; {_ACCEPTS}")
 
 
 def load_image_folder(path: str | os.PathLike, cache_dir: str | os.PathLike,
@@ -72,6 +89,8 @@ def load_image_folder(path: str | os.PathLike, cache_dir: str | os.PathLike,
     p = Path(os.path.expanduser(str(path))).resolve()
     if not p.exists():
         raise DataError(f"image folder '{path}' does not exist")
+    if not p.is_dir():
+        _check_archive(p, str(path))
     stats = _file_stats(sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p])
     name = p.name.removesuffix(".gz").removesuffix(".tgz").removesuffix(".tar")
     return _cached(Path(cache_dir), "imagefolder", name, stats, lambda: _decode_folder(p, name, progress))

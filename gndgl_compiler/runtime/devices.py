@@ -15,24 +15,28 @@ def resolve_devices(art: Artifact, device: str | None) -> dict[int, torch.device
     Raises:
         DeviceError: a device that does not exist, naming ``--device`` as the fix.
     """
-    out = {}
-    for p in art.plan.partitions:
-        name = device or p.device
-        try:
-            dev = torch.device(name)
-        except RuntimeError:
-            raise DeviceError(f"unknown device '{name}'; use cpu, cuda or cuda:N") from None
-        if dev.type == "cuda":
-            n = torch.cuda.device_count()
-            idx = dev.index or 0
-            if idx >= n:
-                fix = "--device cpu" if n == 0 else f"--device cpu or --device cuda:{n - 1 if n > 1 else 0}"
-                raise DeviceError(f"partition {p.name} is placed on {name} but this machine has "
-                                  f"{n} CUDA device(s); remap with {fix}")
-        elif dev.type not in ("cpu", "mps"):
-            raise DeviceError(f"unsupported device '{name}'")
-        out[p.id] = dev
-    return out
+    return {p.id: check_device(device or p.device, f"partition {p.name} is placed on") for p in art.plan.partitions}
+
+
+def check_device(name: str, who: str = "--device asks for") -> torch.device:
+    """``name`` as a device this machine has (``who`` starts the message: ``"--device asks for"`` or ``"partition
+    m1.g0 is placed on"``).
+
+    Raises:
+        DeviceError: an unknown or unsupported device, or a CUDA index this machine does not have.
+    """
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"unknown device '{name}'; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count()
+        if (dev.index or 0) >= n:
+            fix = "--device cpu" if n == 0 else f"--device cpu or --device cuda:{n - 1 if n > 1 else 0}"
+            raise DeviceError(f"{who} {name} but this machine has {n} CUDA device(s); remap with {fix}")
+    elif dev.type not in ("cpu", "mps"):
+        raise DeviceError(f"unsupported device '{name}'")
+    return dev
 
 
 def _synthetic_like(plan, batch_size: int | None = None) -> dict:

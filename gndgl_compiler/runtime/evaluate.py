@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,12 @@ def evaluate_run(run_dir: str | Path, device: str | None = None, limit_test: int
     tensors, source = run_weights(run_dir, saved)
     load_state_tensors(art.modules, art.plan, tensors, str(run_dir))
     devices = resolve_devices(art, device or "cpu")
-    data = load_dataset(config.recipe.dataset, root=config.execution.data_root, input_shape=tuple(art.plan.input_shape),
+    root = config.execution.data_root
+    if root and not Path(root).expanduser().is_dir():
+        warnings.warn(f"the run's data root {root} (run.json) is no longer a folder; looking for "
+                      f"'{config.recipe.dataset}' in the default places")
+        root = None
+    data = load_dataset(config.recipe.dataset, root=root, input_shape=tuple(art.plan.input_shape),
                         limit_train=1, limit_test=limit_test or config.recipe.limit_test,
                         synthetic=_synthetic_like(art.plan, config.recipe.batch_size))
     first = devices[art.plan.partitions[0].id]

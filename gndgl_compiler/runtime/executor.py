@@ -25,7 +25,7 @@ from ..codegen.modules import PartitionModule
 from .. import losses as L
 from ..graph.ops import RANDOM_KINDS
 from ..partition.plan import IMAGE, PartitionPlan
-from .fused import FusedStage, NotFusable, SiblingFusedRunner
+from .fusion import FusedStage, NotFusable, SiblingFusedRunner
 from .stage_outputs import StageOutputs
 from .stage_runner import HEAD_KEYS, PartitionRunner, StageEnv, StageRunner, StepState, step_stats
 from .step_plan import StepPlan
@@ -53,7 +53,7 @@ class Executor:
         channels_last: channels_last memory format for 4-d tensors.
         denorm: ``(mean, std)`` to turn the normalised image back into [0, 1] (InfoPro).
         siblings: with ``fused``, run each module whose sibling partitions are all here, on one
-            device, as one fused program (same losses and gradients; see ``runtime/fused.py``);
+            device, as one fused program (same losses and gradients; see ``runtime/fusion/``);
             or the module indices that may fuse (the others run per partition).
         transport: how tensors reach partitions in other processes (default :class:`LocalTransport`).
         capturable: build a step that reads nothing on the host, for CUDA-graph capture

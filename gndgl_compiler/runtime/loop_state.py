@@ -34,11 +34,20 @@ class TrainState:
     """Stopped by ``--max-steps`` or a signal before the end of the run."""
     interrupted: bool = False
     """Stopped by a signal (SIGINT/SIGTERM)."""
+    wall_before: float = 0.0
+    """Seconds the run trained before this attempt (up to the checkpoint it resumed from)."""
+    t_start: float = field(default_factory=time.time)
+    """When this attempt started training."""
 
     def restore(self, saved: dict[str, Any]) -> None:
         """Continue from a checkpoint's state."""
         self.epoch, self.step_in_epoch = saved["epoch"], saved["step_in_epoch"]
         self.step, self.history = saved["step"], saved["history"]
+        self.wall_before = float(saved.get("wall_s", 0.0))  # checkpoints written before it was recorded: 0
+
+    def wall_s(self) -> float:
+        """Seconds the run has trained, over every attempt (resumes and extensions add up)."""
+        return self.wall_before + time.time() - self.t_start
 
     def advance(self, step_in_epoch: int, images: int, lr: float) -> None:
         """Count one trained step (``step_in_epoch``: its 0-based index in the epoch)."""

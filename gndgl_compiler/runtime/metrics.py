@@ -226,7 +226,8 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
 
 
 def truncate_metrics(run_dir: str | os.PathLike, step: int) -> int:
-    """Drop records whose ``"step"`` is after ``step`` (on resume, so none repeat).
+    """Drop records whose ``"step"`` is after ``step`` (on resume, so none repeat), and the ``partial``
+    records of the last window before a stop (the resumed run continues that window and logs it whole).
 
     Records without a numeric step are kept. The file is rewritten atomically; call
     this before opening a :class:`MetricsLogger` on the same run directory.
@@ -251,7 +252,7 @@ def truncate_metrics(run_dir: str | os.PathLike, step: int) -> int:
         s = r.get("step")
         return isinstance(s, (int, float)) and not isinstance(s, bool) and not math.isnan(s) and s > step
 
-    kept = [r for r in records if not after(r)]
+    kept = [r for r in records if not after(r) and not r.get("partial")]
     fsio.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
     return len(records) - len(kept)
 

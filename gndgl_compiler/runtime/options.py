@@ -32,7 +32,7 @@ class Option:
     min: float | None = None
     max: float | None = None
     part: str = "execution"
-    """``recipe``, ``execution``, ``run`` or ``launch``."""
+    """``recipe``, ``execution``, ``run``, ``launch`` or ``display``."""
     cli: bool = True
     """A ``gndgl train`` flag."""
     worker: bool = True
@@ -45,13 +45,42 @@ class Option:
 
 
 def option(default: Any, flags: str, help: str, **kw: Any) -> Any:
-    """A dataclass field with its :class:`Option` in the metadata."""
+    """A dataclass field with its :class:`Option` in the metadata (its ``help`` is the field's description)."""
     return field(default=default, metadata={"option": Option(flags, help, **kw)})
 
 
+def api_field(default: Any, doc: str, *, repr: bool = True) -> Any:
+    """A dataclass field of the Python API only (no flag), with its one-line description."""
+    return field(default=default, repr=repr, metadata={"doc": doc})
+
+
+def describe(cls: type) -> str:
+    """One line per field of ``cls``: name, type, default and description (for ``help(cls)``)."""
+    hints = typing.get_type_hints(cls)
+    lines = []
+    for f in fields(cls):
+        opt = f.metadata.get("option")
+        doc = opt.help if opt is not None else f.metadata.get("doc", "")
+        flag = f" [{opt.flags}]" if opt is not None and opt.cli else ""
+        typ = getattr(hints[f.name], "__name__", None) if not typing.get_args(hints[f.name]) else None
+        typ = typ or str(hints[f.name]).replace("typing.", "")
+        lines.append(f"        {f.name} ({typ}, default {f.default!r}){flag}: {doc}")
+    return "\n".join(lines)
+
+
+def _documented(cls: type) -> type:
+    """Append the fields' descriptions to the docstring of the dataclass ``cls`` (``help(cls)`` shows them)."""
+    cls.__doc__ = f"{(cls.__doc__ or '').rstrip()}\n\n    Fields:\n{describe(cls)}\n"
+    return cls
+
+
+@_documented
 @dataclass
 class TrainOptions:
-    """Overrides of the spec's ``train`` section and run settings (None = keep the spec's)."""
+    """Overrides of the spec's ``train`` section and run settings (None = keep the spec's).
+
+    ``train_artifact(source, TrainOptions(...))`` takes these; ``gndgl train`` has one flag per field
+    shown with ``[--flag]``, the others are for the Python API. See docs/api.md."""
 
     epochs: int | None = option(None, "--epochs", "Override train.epochs (the warm-up and LR milestones scale with it).",
                                 metavar="N", min=1, part="recipe")
@@ -70,14 +99,14 @@ class TrainOptions:
     fuse_siblings: bool | None = option(None, "--fuse-siblings/--no-fuse-siblings", "Run each module's sibling "
                                         "partitions on one device as one program (default from the spec).")
     """Sibling fusion (see ``Train.fuse_siblings``); a checkpoint of either setting resumes with the other."""
-    amp: str | None = None
+    amp: str | None = api_field(None, "Override train.amp: auto, bf16 or off (bf16 autocast; API only).")
     compile: str | None = option(None, "--compile", "torch.compile each sibling-fused module's program: off or "
                                  "regional (default from the spec, train.compile).", metavar="off|regional")
     """``train.compile`` (``runtime/regional_compile.py``); a resumed run may change it."""
     cuda_graphs: str | None = option(None, "--cuda-graphs", "Capture each step as one CUDA graph: auto, on or off "
                                      "(default from the spec, train.cuda_graphs).", metavar="auto|on|off")
     """``train.cuda_graphs`` (``runtime/cuda_graphs.py``); a resumed run may change it."""
-    channels_last: str | None = None
+    channels_last: str | None = api_field(None, "Override train.channels_last: auto, on or off (API only).")
     run_dir: str | None = option(None, "--run-dir", "Run directory (default runs/<name>-<time>).", metavar="DIR",
                                  part="run")
     resume: str | None = option(None, "--resume", "Continue an interrupted run directory.", metavar="RUN_DIR",
@@ -99,14 +128,17 @@ class TrainOptions:
     """``"train.a.b=VALUE"`` changes of the artifact's ``train`` section (``--set``), validated like a spec."""
     threads: int | None = option(None, "--threads", "Intra-op threads of this process.", metavar="N", min=1,
                                  cli=False)
-    eval_every_epoch: bool = True
-    keep_checkpoints: int = 2
-    on_log: Callable[[dict], None] | None = field(default=None, repr=False)
+    eval_every_epoch: bool = api_field(True, "Evaluate on the test set at the end of every epoch.")
+    keep_checkpoints: int = api_field(2, "How many step checkpoints to keep (older ones are pruned).")
+    on_log: Callable[[dict], None] | None = api_field(None, "Called with every record: kinds setup, note, train, "
+                                                      "eval (schemas in docs/api.md).", repr=False)
     """Called with every metrics record (and, flagged ``partial``, the last window before a stop)."""
-    on_progress: ProgressFn | None = field(default=None, repr=False)
+    on_progress: ProgressFn | None = api_field(None, "Called with a ProgressEvent per training step, test batch "
+                                               "and decoded chunk (docs/api.md).", repr=False)
     """Called with a :class:`ProgressEvent` per step, test batch and decoded chunk (host data only)."""
 
 
+@_documented
 @dataclass
 class LaunchOptions:
     """How ``gndgl train`` starts distributed ranks (not training settings)."""
@@ -117,6 +149,22 @@ class LaunchOptions:
                             min=1.0, part="launch")
     port: int | None = option(None, "--port", "Distributed: rendezvous port (default: a free one).", metavar="PORT",
                               min=1, max=65535, part="launch", worker=False)
+
+
+PROGRESS_EVERY_S = 30.0
+"""Default seconds between progress lines in a pipe or log file: often enough that a log shows the run is
+alive and how fast it goes (a CI job or ``tail -f`` sees a line every half minute, however long a step or a
+log window takes), rare enough that an hour-long run logs ~120 lines."""
+
+
+@_documented
+@dataclass
+class DisplayOptions:
+    """How ``gndgl train`` / ``gndgl sweep`` show progress on the console (not training settings)."""
+
+    progress_every: float = option(PROGRESS_EVERY_S, "--progress-every", "In a pipe or log file, print a progress "
+                                   "line (step, s/step, ETA) after this many seconds without one.",
+                                   metavar="SECONDS", min=0.0, part="display", worker=False)
 
 
 def _without_none(hint: Any) -> Any:
@@ -190,5 +238,6 @@ def worker_argv(*options: Any) -> list[str]:
     return argv
 
 
-__all__ = ["LaunchOptions", "Option", "TrainOptions", "declared", "from_args", "option", "worker_argv",
+__all__ = ["DisplayOptions", "LaunchOptions", "Option", "PROGRESS_EVERY_S", "TrainOptions", "api_field", "declared",
+           "describe", "from_args", "option", "worker_argv",
            "worker_parser"]

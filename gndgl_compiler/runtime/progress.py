@@ -30,7 +30,7 @@ class ProgressEvent:
     step: int = 0
     """Global step after this one (train)."""
     steps: int = 0
-    """Global steps of the whole run (train)."""
+    """Global step the run stops at (train): the end of its schedule, or ``max_steps`` when that comes first."""
     images: int = 0
     """Images in this step (train) or batch (eval)."""
 

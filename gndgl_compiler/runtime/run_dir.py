@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..api import Artifact, load_artifact
-from ..errors import RunError
+from ..errors import GndglError, RunError
 from .. import fsio
 from .checkpoint_dir import latest_valid_checkpoint
 from .config import RunConfig
@@ -34,12 +34,13 @@ def new_run_dir(name: str, requested: str | None) -> Path:
     ``runs/<name>-<time>`` (a unique one).
 
     Raises:
-        RunError: ``requested`` is not empty, or the directory cannot be created.
+        RunError: ``requested`` is a file or not empty, or the directory cannot be created.
     """
     if requested:
+        from .preflight import check_new_run_dir
+
+        check_new_run_dir(requested)
         d = Path(requested)
-        if d.exists() and any(d.iterdir()):
-            raise RunError(f"run directory '{d}' is not empty; resume it with --resume {d} or choose another")
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         d = Path("runs") / f"{name}-{stamp}"
@@ -112,28 +113,57 @@ def record_changes(run_dir: str | Path, saved: dict) -> None:
     write_run_record(run_dir, saved)
 
 
-def latest_run(root: str | Path = "runs") -> Path:
-    """The most recently started run under ``root`` (what ``gndgl eval`` / ``plot`` use by default).
+def latest_run(root: str | Path = "runs", need: str = "weights") -> Path:
+    """The newest run under ``root`` that has what ``need`` asks for (see :func:`newest_run`)."""
+    return newest_run(root, need)[0]
 
-    A directory whose start failed before its first step (only ``run.json`` and the artifact in it:
-    e.g. a torchrun start on a missing data set) is passed over for an older run that trained.
+
+def newest_run(root: str | Path = "runs", need: str = "weights") -> tuple[Path, list[str]]:
+    """The most recently started run under ``root`` with something to show (``gndgl eval`` / ``plot`` /
+    ``export`` and ``load_run`` without a run).
+
+    Args:
+        root: the folder of runs.
+        need: ``"weights"`` (final weights or a checkpoint: eval, export, load_run) or ``"metrics"``
+            (a ``train`` or ``eval`` record in ``metrics.jsonl``: plot).
+
+    Returns:
+        ``(run, skipped)``: the run, and one line per newer run passed over, saying why (e.g. a start that
+        failed on bad input, or a run stopped before its first checkpoint).
 
     Raises:
-        RunError: ``root`` holds no run directory.
+        RunError: ``root`` holds no run directory, or none has what ``need`` asks for.
     """
     root = Path(root)
     runs = [d for d in root.iterdir() if (d / "run.json").is_file()] if root.is_dir() else []
     if not runs:
         raise RunError(f"no run directory in '{root}/'; pass one (gndgl train writes runs/NAME-TIME/)")
-    started = [d for d in runs if _started(d)]
-    return max(started or runs, key=lambda d: (d / "run.json").stat().st_mtime)
+    skipped = []
+    for d in sorted(runs, key=lambda d: (d / "run.json").stat().st_mtime, reverse=True):
+        missing = _missing(d, need)
+        if missing is None:
+            return d, skipped
+        skipped.append(f"{d} ({missing})")
+    what = "weights or checkpoints" if need == "weights" else "metrics records"
+    raise RunError(f"no run in '{root}/' has {what} yet: {'; '.join(skipped[:3])}"
+                   f"{f'; and {len(skipped) - 3} more' if len(skipped) > 3 else ''}. Train one first "
+                   "(gndgl train), or pass a run directory")
 
 
-def _started(run_dir: Path) -> bool:
-    """Whether a run got as far as its first step (metrics, a checkpoint or weights)."""
+def _missing(run_dir: Path, need: str) -> str | None:
+    """Why ``run_dir`` has nothing to show for ``need`` (None: it has)."""
     ckpt = run_dir / "checkpoints"
-    return (run_dir / "metrics.jsonl").is_file() or (run_dir / "weights.safetensors").is_file() \
-        or (ckpt.is_dir() and any(ckpt.iterdir()))
+    if need == "weights":
+        has = (run_dir / "weights.safetensors").is_file() or (ckpt.is_dir() and (
+            any(ckpt.glob("ckpt-*.json")) or any(ckpt.glob("commit-*.json"))))  # one process | committed ranks
+        return None if has else "no weights or checkpoints yet"
+    from .metrics import read_metrics
+
+    try:
+        records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+    except GndglError as exc:
+        return f"metrics.jsonl unreadable: {exc}"
+    return None if any(r.get("kind") in ("train", "eval") for r in records) else "no metrics records yet"
 
 
 def write_run_record(run_dir: str | Path, record: dict) -> Path:
@@ -281,7 +311,9 @@ def run_weights(run_dir: str | Path, saved: dict) -> tuple[dict[str, torch.Tenso
         saved: its ``run.json`` record (:func:`read_run_record`).
 
     Returns:
-        ``(tensors named '<partition>.<name>', where they came from)``, e.g. ``"final weights"``.
+        ``(tensors named '<partition>.<name>', where they came from)``: ``"final weights"`` only for a
+        run whose ``summary.json`` says it is complete; a run stopped before the end of its schedule
+        says the step (``"weights of step 490, not final: ..."``).
 
     Raises:
         RunError: damaged final weights, or no weights or checkpoints yet.
@@ -289,19 +321,42 @@ def run_weights(run_dir: str | Path, saved: dict) -> tuple[dict[str, torch.Tenso
     from safetensors.torch import load_file
     run_dir = Path(run_dir)
     ckpts = run_dir / "checkpoints"
-    if (run_dir / "weights.safetensors").exists():
+    world = int(saved.get("world", 1))
+    label = _weights_label(run_dir, world)
+    if label is not None:
         try:
-            return load_file(str(run_dir / "weights.safetensors")), "final weights"
+            return load_file(str(run_dir / "weights.safetensors")), label
         except Exception as exc:  # noqa: BLE001 - safetensors raises several types on damaged files
             raise RunError(f"'{run_dir / 'weights.safetensors'}' is damaged ({exc}); delete it to use the "
                            "last checkpoint instead") from None
-    if int(saved.get("world", 1)) > 1:
+    if world > 1:
         step = latest_commit(ckpts)
         if step is None:
             raise RunError(f"'{run_dir}' has no weights or committed checkpoints yet; train it first "
                            f"(gndgl train --resume {run_dir})")
-        return gather_tensors(ckpts, step, int(saved["world"])), f"committed checkpoint ckpt-{step:09d}"
+        return gather_tensors(ckpts, step, world), f"committed checkpoint ckpt-{step:09d}"
     loaded = _usable_checkpoint(ckpts)
     if loaded is None:
         raise RunError(f"'{run_dir}' has no weights or checkpoints yet; train it first (gndgl train --resume {run_dir})")
     return loaded.tensors, f"checkpoint {loaded.name}"
+
+
+def _weights_label(run_dir: Path, world: int) -> str | None:
+    """What ``weights.safetensors`` holds, from ``summary.json`` (None: no such file, or a checkpoint
+    newer than it, e.g. of an extension that was killed, which is then the newest weights)."""
+    if not (run_dir / "weights.safetensors").exists():
+        return None
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        steps = summary["steps"] if isinstance(summary.get("steps"), int) else None
+    except (OSError, ValueError, TypeError, KeyError):
+        return "weights.safetensors, final or not unknown: summary.json is missing or unreadable"
+    ckpts = run_dir / "checkpoints"
+    newest = latest_commit(ckpts) if world > 1 else max(
+        (int(p.stem.split("-")[1]) for p in ckpts.glob("ckpt-*.json") if p.stem.split("-")[1].isdigit()), default=None)
+    if steps is not None and newest is not None and newest > steps:
+        return None
+    if summary.get("complete") is True:
+        return "final weights"
+    return (f"weights of step {steps}, not final: the run stopped at {summary.get('epochs_done')}/"
+            f"{summary.get('epochs_total')} epochs, summary.json says complete: false")

@@ -13,6 +13,7 @@ class Interrupted(GndglError):
     """Training was stopped by Ctrl-C / SIGTERM after writing a checkpoint."""
 
     exit_code = 130
+    is_error = False
 
 
 class StopFlag:

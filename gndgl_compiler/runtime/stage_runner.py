@@ -10,7 +10,7 @@ for a batch:
     backward: through the Updater (which also steps, or defers to the end of the step)
 
 :class:`PartitionRunner` runs every partition as its own program and calls the transport's
-hooks; the sibling-fused runner (``runtime/fused.py``) runs a whole module as one program and
+hooks; the sibling-fused runner (``runtime/fusion/``) runs a whole module as one program and
 can replace it for a stage (:meth:`StageRunner.takes` says when).
 """
 

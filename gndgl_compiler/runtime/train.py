@@ -16,6 +16,7 @@ epoch, step), and RNG, optimizer and BN states are checkpointed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -103,7 +104,7 @@ class Checkpointer:
         tensors = state_tensors(self.art.modules, self.art.plan)
         state = {"step": st.step, "epoch": st.epoch, "step_in_epoch": st.step_in_epoch, "fused": self.fused,
                  "optim": self.ex.updater.state_dict(), "rng": rng_state(),
-                 "history": st.history, "window": window.state()}
+                 "history": st.history, "window": window.state(), "wall_s": st.wall_s()}
         save_checkpoint(self.dir, f"ckpt-{st.step:09d}", tensors=tensors, state=state)
         self.ctx.commit(self.root, st.step)
         prune_checkpoints(self.dir, keep=self.keep)
@@ -244,7 +245,7 @@ class Trainer:
         """Train to the end of the run, ``max_steps`` or a stop signal; write the final weights and summary."""
         st, window, exe = self.state, self.window, self.execution
         self._resume()
-        self.t_start = time.time()
+        st.t_start = time.time()
         stop = self.ctx.stop_flag()
         with MetricsLogger(self.ctx.metrics_dir(self.run_dir),
                            tensorboard=exe.tensorboard if self.ctx.is_main else False) as logger:
@@ -272,12 +273,15 @@ class Trainer:
                     st.next_epoch()
                     self._end_epoch(report)
             except KeyboardInterrupt:
-                raise Interrupted(f"interrupted; the last checkpoint is in {self.checkpointer.dir}. Continue with: "
-                                  f"gndgl train --resume {self.run_dir}") from None
+                with contextlib.suppress(GndglError):  # best effort: the interruption is what to report
+                    self._flush_window(report)
+                raise Interrupted(f"stopped at once, without a checkpoint at this step; the last checkpoint is in "
+                                  f"{self.checkpointer.dir}. Continue with: gndgl train --resume "
+                                  f"{self.run_dir}") from None
             finally:
                 stop.restore()
         if st.interrupted:
-            raise Interrupted(f"interrupted at step {st.step}; a checkpoint was written. Continue with: "
+            raise Interrupted(f"stopped at step {st.step}; a checkpoint was written. Continue with: "
                               f"gndgl train --resume {self.run_dir}")
         return self._finish()
 
@@ -323,19 +327,29 @@ class Trainer:
         self.window.add(stats)
         st.advance(step, y.numel(), lr)
         report.progress(ProgressEvent("train", st.step_in_epoch, self.spe, epoch=st.epoch, epochs=self.total_epochs,
-                                      step=st.step, steps=self.total_epochs * self.spe, images=y.numel()))
+                                      step=st.step, steps=self._end_step(), images=y.numel()))
+
+    def _end_step(self) -> int:
+        """The global step this attempt stops at: the end of the schedule or ``--max-steps``, the earlier."""
+        total, cap = self.total_epochs * self.spe, self.execution.max_steps
+        return total if cap is None else min(total, cap)
 
     def _checkpoint(self) -> None:
         self.window.check_finite(self.state.step)
         self.checkpointer.save(self.state, self.window)
 
     def _stop_mid_epoch(self, report: Reporter) -> None:
-        """Show the steps since the last record (not logged: a resumed run logs them) and checkpoint."""
+        """Record the steps since the last record and checkpoint (the window too: a resumed run drops
+        the ``partial`` records and logs the whole window, as an uninterrupted run does)."""
+        self._flush_window(report)
+        self._checkpoint()
+
+    def _flush_window(self, report: Reporter) -> None:
+        """Log and show the last, partial window (``"partial": true``) of a run that stops here."""
         st = self.state
         if self.window.n:
             for rec in self.window.records(st.epoch, st.step, st.lr):
-                report.show({**rec, "partial": True})
-        self._checkpoint()
+                report.record({**rec, "partial": True})
 
     def _end_epoch(self, report: Reporter) -> None:
         """Evaluate and checkpoint the epoch just trained (distributed: checkpoint first, for rank 0's
@@ -347,7 +361,7 @@ class Trainer:
             ev = self.validate(st)
             report.record({"kind": "eval", "epoch": st.epoch - 1, "step": st.step, "test_acc": ev["test_acc"],
                            "ensemble_acc": ev["ensemble_acc"], "partition_acc": ev["partition_acc"],
-                           "wall_s": time.time() - self.t_start})
+                           "wall_s": st.wall_s()})
             st.history.append({"epoch": st.epoch - 1, "test_acc": ev["test_acc"], "ensemble_acc": ev["ensemble_acc"]})
         if not self.ctx.evaluates_checkpoints:
             self.checkpointer.save(st, self.window)
@@ -360,13 +374,13 @@ class Trainer:
         if final is None:
             return self.ctx.rank_record(st.step)
         fsio.atomic_write_via(run_dir / "weights.safetensors", lambda tmp: save_file(final, str(tmp)))
-        wall = time.time() - self.t_start
+        wall, attempt = st.wall_s(), time.time() - st.t_start
         last = st.history[-1] if st.history else {}
         summary = {"name": plan.name, "run_dir": str(run_dir), "epochs_done": st.epoch,
                    "epochs_total": self.total_epochs, "steps": st.step,
                    "test_acc": last.get("test_acc"), "ensemble_acc": last.get("ensemble_acc"),
                    "best_test_acc": max((h["test_acc"] for h in st.history), default=None), "history": st.history,
-                   "wall_s": wall, "images_per_s": st.images / max(wall, 1e-9), "device": str(self.device),
+                   "wall_s": wall, "images_per_s": st.images / max(attempt, 1e-9), "device": str(self.device),
                    "fused": self.execution.fused, "amp": self.amp, "dataset": self.recipe.dataset,
                    "complete": st.epoch >= self.total_epochs}
         fsio.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))

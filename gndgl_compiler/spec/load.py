@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..errors import SpecError, SpecErrors
-from .models import LAYER_OPS, Spec
+from .models import LAYER_OPS, NAME_PATTERN, Spec
 from .overrides import apply_overrides, relabel
 from .templates import expand_model
 from .yaml_loader import LineMap, load_yaml
@@ -107,6 +107,37 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+TUPLE_ITEMS = {"input_shape": (3, "C, H, W"), "recon_weight": (2, "at the first and the last local module"),
+               "task_weight": (2, "at the first and the last local module"), "betas": (2, "beta1, beta2")}
+"""What the entries of each fixed-length list field of the spec are (for messages)."""
+
+
+def _tuple_length(err: dict, data: Any, path: tuple) -> str | None:
+    """'needs 3 values C, H, W; got 2' for a fixed-length list field given too few or too many entries."""
+    kind, loc = err.get("type", ""), tuple(err.get("loc", ()))
+    if kind == "missing" and loc and isinstance(loc[-1], int):
+        field = loc[-2] if len(loc) > 1 else None
+    elif kind == "too_long":
+        field = loc[-1] if loc else None
+    else:
+        return None
+    items = TUPLE_ITEMS.get(field) if isinstance(field, str) else None
+    got = _lookup(data, path)
+    if items is None or not isinstance(got, list):
+        return None
+    return f"needs {items[0]} values {items[1]}; got {len(got)} (found {_show(got)})"
+
+
+def _lookup(data: Any, path: tuple) -> Any:
+    node = data
+    for part in path:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return node
+
+
 def _describe(err: dict, data: Any, path: tuple) -> str:
     kind = err.get("type", "")
     found = err.get("input")
@@ -115,8 +146,14 @@ def _describe(err: dict, data: Any, path: tuple) -> str:
     if kind == "extra_forbidden":
         allowed = _allowed_keys(data, path)
         return f"unknown key '{key}'" + (f"; allowed keys here: {', '.join(allowed)}" if allowed else "")
+    tuple_msg = _tuple_length(err, data, path)
+    if tuple_msg:
+        return tuple_msg
     if kind == "missing":
         return "this required field is missing"
+    if kind == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") == NAME_PATTERN:
+        return (f"a name is 1 to 64 characters: letters, digits, '_', '.' and '-', starting with a letter or a "
+                f"digit (no spaces or other signs) (found {found_s})")
     if kind == "union_tag_invalid":
         return f"unknown op {found_s if not isinstance(found, dict) else _show(found.get('op'))}; allowed ops: {', '.join(LAYER_OPS)}"
     if kind == "union_tag_not_found":

@@ -1,12 +1,29 @@
 """Pictures of compiled plans: partition graphs (DOT/SVG/PNG), a terminal tree,
 sweep tables with a Figure-3 bubble chart, and training curves.
 
-Matplotlib and rich are imported inside the functions that need them, so importing
-this package is cheap.
+Matplotlib and rich are imported inside the functions that need them, and the names below
+on first use (PEP 562), so importing this package (or :mod:`.style`) is cheap: no torch.
 """
 
-from .dot import choose_level, plan_to_dot
-from .render import RenderError, output_format, render_dot
-from .source import load_plan
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {"choose_level": ".dot", "plan_to_dot": ".dot", "RenderError": ".render", "output_format": ".render",
+         "render_dot": ".render", "load_plan": ".source"}
+"""Public name → the module that defines it, imported when the name is first used."""
 
 __all__ = ["RenderError", "choose_level", "load_plan", "output_format", "plan_to_dot", "render_dot"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -44,6 +44,14 @@ def _fmt(v: float | None, paper: float | None = None, digits: int = 2) -> str:
     return f"{v:.{digits}f}" + (f" ({paper:g})" if paper is not None else "")
 
 
+def _accuracy(r: SweepRow, paper: float | None) -> str:
+    """Test accuracy in %: ``mean ± std`` over seeds (sample std, n − 1), or the one run's."""
+    if r.test_acc is None:
+        return "—"
+    std = f" ± {100 * r.test_acc_std:.2f}" if r.test_acc_std is not None else ""
+    return f"{100 * r.test_acc:.2f}{std}" + (f" ({paper:g})" if paper is not None else "")
+
+
 def _by_cell(rows: list[SweepRow]) -> tuple[list[int], list[int], dict[tuple[int, int], SweepRow]]:
     cells = {(r.K * r.G, r.G): r for r in rows}
     return sorted({r.K * r.G for r in rows}), sorted({r.G for r in rows}), cells
@@ -75,8 +83,9 @@ def markdown_table(rows: list[SweepRow], *, title: str = "", paper: bool = False
              ("Partitions", lambda r, K, G: str(r.partitions) if r.ok else "—"),
              ("Parameters (training, with aux heads)", lambda r, K, G: f"{r.params:,}" if r.ok else "—")]
     if trained:
-        specs.insert(0, ("Test accuracy %", lambda r, K, G: _fmt(None if r.test_acc is None else 100 * r.test_acc,
-                                                             ref(PAPER_TEST_ACC, K, G))))
+        seeds = next((r.seeds for r in rows if r.seeds), "")
+        name = f"Test accuracy %, mean ± std over seeds {seeds}" if seeds else "Test accuracy %"
+        specs.insert(0, (name, lambda r, K, G: _accuracy(r, ref(PAPER_TEST_ACC, K, G))))
     for name, cell in specs:
         heads = [f"G={G}" + (" (DGL)" if G == 1 else "") for G in gs]
         out += [f"## {name}", "", "| K·G | " + " | ".join(heads) + " |", "|---:|" + "---:|" * len(gs)]

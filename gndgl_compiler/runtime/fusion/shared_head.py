@@ -1,4 +1,7 @@
-"""The aux heads' first conv over ``cat(own slice live, siblings detached)``, for all G heads at once.
+"""The aux heads' first layer over ``cat(own slice live, siblings detached)``, for all G heads at once.
+
+:class:`SharedHeadConv` (a conv, or a linear layer as a 1-d conv) and :class:`SharedHeadLayerNorm`
+(a token head's LayerNorm, share ratio 1) keep each head's input gradient on its own channels.
 
 Head g's first layer reads the whole module output h (C = G·c channels) but only its own slice
 carries gradient. Its forward value is simply conv(h, W_g); so for all heads together:
@@ -68,3 +71,44 @@ class SharedHeadConv(torch.autograd.Function):
                 gout, hd, wi, None, stride, padding, ones, False, zeros, gi, [True, False, False])[0]
         return (None if gin is None else gin.to(h.dtype), None if gw is None else gw.to(w.dtype),
                 None if gb is None else gb.to(w.dtype), None, None, None, None)
+
+
+class SharedHeadLayerNorm(torch.autograd.Function):
+    """The G aux heads' LayerNorms over ``cat(own live, siblings detached)`` when each reads all of h in
+    group order (share_ratio 1): ``apply(h, w, b, G, eps)`` with h (B, G·c, N), w and b (G·D,) → (G, B, N, D).
+
+    The normalised value is the same for every head, so it is computed once; head g's input gradient is
+    the LayerNorm backward of its own affine output, kept on its own channels (the siblings' are constants):
+
+        dz_g = gout_g · w_g      dx[own g] = rstd · (dz_g − mean(dz_g) − z · mean(dz_g · z))[own g]
+    """
+
+    @staticmethod
+    def forward(ctx, h, w, b, G, eps):  # noqa: ANN001 - autograd.Function signature
+        x = h.transpose(1, 2)
+        if x.dtype in (torch.float16, torch.bfloat16):  # as F.layer_norm under autocast: in float32
+            x = x.float()
+        D = x.shape[2]
+        z, _, rstd = torch.native_layer_norm(x, (D,), None, None, eps)
+        w4, b4 = w.to(z.dtype).view(G, 1, 1, D), b.to(z.dtype).view(G, 1, 1, D)
+        ctx.save_for_backward(z, rstd, w4)
+        ctx.conf = (G, h.dtype, w.dtype)
+        return torch.addcmul(b4, z.unsqueeze(0), w4)
+
+    @staticmethod
+    def backward(ctx, gout):  # noqa: ANN001 - autograd.Function signature
+        z, rstd, w4 = ctx.saved_tensors
+        G, hdt, wdt = ctx.conf
+        B, N, D = z.shape
+        c = D // G
+        gw = (gout * z).sum((1, 2)).reshape(-1).to(wdt) if ctx.needs_input_grad[1] else None
+        gb = gout.sum((1, 2)).reshape(-1).to(wdt) if ctx.needs_input_grad[2] else None
+        gh = None
+        if ctx.needs_input_grad[0]:
+            dz = gout * w4  # (G, B, N, D)
+            m1 = dz.mean(3, keepdim=True).permute(1, 2, 0, 3)  # (B, N, G, 1)
+            m2 = (dz * z).mean(3, keepdim=True).permute(1, 2, 0, 3)
+            own = dz.view(G, B, N, G, c).diagonal(0, 0, 3).movedim(-1, 2)  # (B, N, G, c): head g, channels of g
+            zg = z.view(B, N, G, c)
+            gh = (rstd.unsqueeze(3) * (own - m1 - zg * m2)).reshape(B, N, D).transpose(1, 2).to(hdt)
+        return gh, gw, gb, None, None

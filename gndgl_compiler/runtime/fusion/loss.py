@@ -9,8 +9,8 @@ For logits ``Z`` of shape (B, G, classes) — head g's logits in ``Z[:, g]`` —
     L_g     = task_g + w · pen_g
 
 where task_g is ce_g, or predsim's β·MSE(S(sim_g), S(onehot y)) + (1−β)·ce_g (the G similarity matrices
-as one bmm), or InfoPro's λ_recon·BCE(recon_g, image) + λ_task·ce_g (softmax variant; the G BCEs are G float32 calls), or λ_recon·BCE + λ_task·SupCon(proj_g) (contrast
-variant: G float32 calls).
+as one bmm), or InfoPro's λ_recon·BCE(recon_g, image) + λ_task·ce_g (softmax variant; the G BCEs are
+G float32 calls), or λ_recon·BCE + λ_task·SupCon(proj_g) (contrast variant: G float32 calls).
 
 Partition g's loss depends on its own logits live and on its siblings' only through the
 detached p̂ — the same stop-gradient as the per-partition losses (``losses.py``).
@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import losses as L
-from ..partition.plan import Partition
-from .fused_ops import NotFusable
+from ... import losses as L
+from ...partition.plan import Partition
+from .layouts import NotFusable
 
 _EPS = 1e-12
 _COS_EPS = 1e-8
@@ -88,7 +88,8 @@ class FusedLoss:
             return ce
         z = logits.double() if logits.dtype == torch.float64 else logits.float()
         p = torch.softmax(z / self.temperature, dim=2)
-        p = p.masked_fill((y.unsqueeze(1) == self._classes_of(p.shape[2], p.device)).unsqueeze(1), 0.0)  # no host sync (F.one_hot has one)
+        own = (y.unsqueeze(1) == self._classes_of(p.shape[2], p.device)).unsqueeze(1)  # no host sync (unlike F.one_hot)
+        p = p.masked_fill(own, 0.0)
         p = p / p.sum(dim=2, keepdim=True).clamp_min(_EPS)
         p = F.normalize(p, p=2, dim=2, eps=_EPS)
         pn = p / torch.linalg.vector_norm(p, dim=2, keepdim=True).clamp_min(_COS_EPS)

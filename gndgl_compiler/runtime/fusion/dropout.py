@@ -4,22 +4,26 @@ Group g's partition draws its mask from its own stream (``runtime/streams.py``) 
 its own shape; the fused step draws the same G masks, in the same order, from the same G
 generators and joins them in the fused layout — concatenated along channels for a ``stack``
 tensor ``(B, G·c, ...)``, stacked for a ``gstack`` tensor ``(G, B, D)`` — so the fused module
-computes exactly what the G partition programs compute (``tests/test_fused.py``).
+computes exactly what the G partition programs compute (``tests/test_fused.py``). It has no
+parameters; over a padded value each group's mask is drawn for its real width, padded with zeros.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-from ..graph.random_ops import SeededDropout
-from .fused_ops import NotFusable
-
-Step = Callable[[dict], None]
+from ...graph.random_ops import SeededDropout
+from .layouts import FusionBuild, NodeGroup, NotFusable, Step
 
 
-def fused_dropout(name: str, arg: str, subs: list[torch.nn.Module], lay: str, real: list[int] | None = None) -> Step:
+def dropout(b: FusionBuild, grp: NodeGroup) -> tuple[Step, str]:
+    """The fused dropout of ``grp`` (each group's mask from its own partition's generator); output in its
+    input's layout."""
+    real = b.padding(grp.arg)
+    return dropout_step(grp.name, grp.arg, grp.modules(), grp.layout, real), grp.layout
+
+
+def dropout_step(name: str, arg: str, subs: list[torch.nn.Module], lay: str, real: list[int] | None = None) -> Step:
     """The fused step of dropout node ``name`` reading ``arg`` in layout ``lay``.
 
     Args:
@@ -57,7 +61,7 @@ def fused_dropout(name: str, arg: str, subs: list[torch.nn.Module], lay: str, re
 
 
 def _padded(name: str, arg: str, subs: list[torch.nn.Module], lay: str, real: list[int]) -> Step:
-    """The step of :func:`fused_dropout` over a padded value: group g's mask drawn for its c_g real
+    """The step of :func:`dropout_step` over a padded value: group g's mask drawn for its c_g real
     channels (features), as its partition draws it, then padded with zeros to the padded width."""
     dim = 1  # stack (B, G·w, ...): channels; gstack (G, B, w): features of each group's (B, w)
 
