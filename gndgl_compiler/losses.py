@@ -155,7 +155,7 @@ def supcon_loss(z: Tensor, y: Tensor, temperature: float = 0.07) -> Tensor:
         raise ValueError(f"supcon temperature must be > 0, got {temperature}")
     if z.dim() != 2:
         raise ValueError(f"supcon_loss needs B×D projections, got shape {tuple(z.shape)}")
-    zf = F.normalize(z.float(), p=2, dim=1, eps=_EPS)
+    zf = F.normalize(_at_least_float32(z), p=2, dim=1, eps=_EPS)
     n = zf.shape[0]
     self_mask = torch.eye(n, dtype=torch.bool, device=zf.device)
     logits = (zf @ zf.t()) / temperature
@@ -174,8 +174,8 @@ def supcon_loss(z: Tensor, y: Tensor, temperature: float = 0.07) -> Tensor:
 def recon_bce(recon: Tensor, target01: Tensor) -> Tensor:
     """Binary cross-entropy of a sigmoid reconstruction against an image in [0, 1].
 
-    Both inputs are cast to float32 and clamped to [0, 1], and autocast is disabled
-    for the call, so it is safe inside an autocast region.
+    Both inputs are cast to float32 (float64 for a float64 ``recon``) and clamped to [0, 1], and
+    autocast is disabled for the call, so it is safe inside an autocast region.
 
     Args:
         recon: B×3×H×W sigmoid output of the InfoPro decoder.
@@ -185,7 +185,13 @@ def recon_bce(recon: Tensor, target01: Tensor) -> Tensor:
         0-dim tensor, mean over all elements.
     """
     with torch.autocast(device_type=recon.device.type, enabled=False):
-        return F.binary_cross_entropy(recon.float().clamp(0.0, 1.0), target01.float().clamp(0.0, 1.0))
+        r = _at_least_float32(recon)
+        return F.binary_cross_entropy(r.clamp(0.0, 1.0), target01.to(r.dtype).clamp(0.0, 1.0))
+
+
+def _at_least_float32(t: Tensor) -> Tensor:
+    """``t`` in float32, or float64 if it is float64 (a float64 program keeps float64 precision throughout)."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 def ensemble_weights(K: int) -> list[float]:

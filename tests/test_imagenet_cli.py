@@ -62,7 +62,7 @@ def test_train_resnet50_k4g2_on_synthetic_64px(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["dataset"] == "synthetic"
     text = " ".join((out.stdout + out.stderr).split())
-    assert "per partition (op 'gconv'" in text  # bottleneck modules: unfused, and the reason
+    assert "sibling-fused modules: 1, 2, 3, 4" in text  # bottleneck modules run fused
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r.get("kind") == "train"]
     assert len(losses) == 2 * 9 and all(l == l and l < 1e3 for l in losses)  # 4×2 partitions + the head

@@ -211,7 +211,7 @@ def test_stages_do_not_switch_on_op_kind_names():
 
 # --- sibling fusion: one table entry per fused op kind ------------------------------------------------------
 
-UNFUSED: set[str] = {"gconv"}
+UNFUSED: set[str] = set()
 """Op kinds without an exact sibling-fused form (their modules run per partition): ``gconv``, the bottleneck's
 grouped 3×3 conv (issue 21), until its fused entry lands; every other kind fuses."""
 

@@ -76,7 +76,7 @@ class FusedLoss:
             (G,) tensor: partition g's local loss at index g.
         """
         G, spec = self.G, self.spec
-        if logits is None:  # InfoPro contrast: G supervised contrastive losses (float32, as losses.supcon_loss)
+        if logits is None:  # InfoPro contrast: G supervised contrastive losses (as losses.supcon_loss)
             task = torch.stack([L.supcon_loss(proj[g], y, spec.temperature) for g in range(G)])
             return spec.recon_weight * self._recon(recon, image01) + spec.task_weight * task
         ce = F.cross_entropy(logits.transpose(1, 2), y.unsqueeze(1).expand(-1, G), reduction="none").mean(0)
@@ -140,7 +140,7 @@ class FusedLoss:
         return F.normalize(torch.where(mask, z - mean, 0.0), p=2, dim=2, eps=_EPS).transpose(0, 1)
 
     def _recon(self, recon: torch.Tensor, image01: torch.Tensor) -> torch.Tensor:
-        """(G,) ``losses.recon_bce`` of each group's reconstruction: G float32 BCE calls, as per partition
+        """(G,) ``losses.recon_bce`` of each group's reconstruction: G BCE calls, as per partition
         (one batched BCE rounds its float32 gradient differently, ~1e-7, since the mean's 1/N is applied apart)."""
         c = recon.shape[1] // self.G
         return torch.stack([L.recon_bce(recon[:, g * c:(g + 1) * c], image01) for g in range(self.G)])

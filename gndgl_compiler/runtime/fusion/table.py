@@ -49,6 +49,7 @@ class FusedOpDef:
 
 FUSED_OPS: dict[str, FusedOpDef] = {
     "conv": FusedOpDef("conv", conv.conv, padded=ungrouped),
+    "gconv": FusedOpDef("gconv", conv.conv, padded=ungrouped),  # each group's groups/G conv groups: G·(c/G) fused
     "linear": FusedOpDef("linear", conv.linear),
     "bn": FusedOpDef("bn", pointwise.batch_norm),
     "relu": FusedOpDef("relu", pointwise.function()),
