@@ -265,8 +265,10 @@ def main() -> None:
               f"{r['pred']:>8.2f}x {ceiling:>8} {r['bytes']:>9.0f} {r['pred_bytes']:>9.0f} "
               f"{r['summary'][0]:>11.1f}, {r['summary'][1]:<9.1f}")
     print(f"speed-up = {n}w / 1w images/s; predicted = total train MACs / busiest worker's; ceiling = {n} concurrent "
-          f"1-worker runs / one alone; B/sample = bytes sent by all ranks per timed sample, predicted = cross_worker_bytes(plan) "
-          f"(each tensor once per destination worker); summary img/s = rank 0's images_per_s (start-up excluded, final checkpoint included)")
+          f"1-worker runs / one alone; B/sample = bytes sent by all ranks per timed sample, "
+          f"predicted = cross_worker_bytes(plan) "
+          f"(each tensor once per destination worker); summary img/s = rank 0's images_per_s "
+          f"(start-up excluded, final checkpoint included)")
     print("\nper rank over the timed window (s): compute = train_step minus blocking receives")
     for r in rows:
         ranks = " · ".join(f"rank {x['rank']}: compute {x['compute']:.2f} recv-wait {x['recv']:.2f} "

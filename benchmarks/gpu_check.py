@@ -145,10 +145,12 @@ def markdown(results: dict) -> str:
         lines += [f"## 2. Speed and memory — {p['status']} ({_fmt(p.get('seconds'), '.0f')} s)", "",
                   *([p["reason"], ""] if p.get("reason") else []),
                   f"CUDA graphs: {p.get('cuda_graphs')}. Settings: {p.get('settings')}.", "",
-                  "| config | batch | hand img/s | gndgl img/s | gndgl ÷ hand | no-aug img/s | hand peak MiB | gndgl peak MiB |",
+                  "| config | batch | hand img/s | gndgl img/s | gndgl ÷ hand | no-aug img/s | hand peak MiB "
+                  "| gndgl peak MiB |",
                   "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['config']} | {r['batch']} | {_fmt(r['hand_img_s'], '.0f')} | {_fmt(r['gndgl_img_s'], '.0f')} | "
-                  f"{_fmt(r['ratio'], '.2f')}× | {_fmt(r['noaug_img_s'], '.0f')} | {_fmt(r['hand_peak_mib'], '.0f')} | "
+        lines += [f"| {r['config']} | {r['batch']} | {_fmt(r['hand_img_s'], '.0f')} | "
+                  f"{_fmt(r['gndgl_img_s'], '.0f')} | {_fmt(r['ratio'], '.2f')}× | {_fmt(r['noaug_img_s'], '.0f')} | "
+                  f"{_fmt(r['hand_peak_mib'], '.0f')} | "
                   f"{_fmt(r['gndgl_peak_mib'], '.0f')} |" for r in p["rows"]]
         lines += [f"\n{c['spec']} {c['name']}: {c['status']}: {c['message']}" for c in p["checks"]
                   if c["status"] != "pass"]
@@ -163,7 +165,8 @@ def markdown(results: dict) -> str:
                       "| config | epochs | test acc | ensemble acc | wall s | images/s (incl. eval) | train images/s |",
                       "|---|---|---|---|---|---|---|"]
             lines += [f"| {r['config']} | {r['epochs_done']}/{r['epochs']} | {_fmt(r['test_acc'], '.4f')} | "
-                      f"{_fmt(r['ensemble_acc'], '.4f')} | {_fmt(r['wall_s'], '.0f')} | {_fmt(r['images_per_s'], '.0f')} | "
+                      f"{_fmt(r['ensemble_acc'], '.4f')} | {_fmt(r['wall_s'], '.0f')} | "
+                      f"{_fmt(r['images_per_s'], '.0f')} | "
                       f"{_fmt(r['train_images_per_s_median'], '.0f')} |" for r in p["runs"]]
             lines += [f"\n{c['spec']}: {c['status']}: {c['message']}" for c in p["checks"] if c["status"] != "pass"]
         lines.append("")
@@ -176,7 +179,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "gpu_check_out", help="results folder (default gpu_check_out/)")
     ap.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default cuda; cpu with --smoke and no CUDA)")
-    ap.add_argument("--cifar", default=None, help="CIFAR-10 JPEG tarball for phase 3, e.g. .gpu_data/cifar10-jpeg.tar.gz")
+    ap.add_argument("--cifar", default=None,
+                    help="CIFAR-10 JPEG tarball for phase 3, e.g. .gpu_data/cifar10-jpeg.tar.gz")
     ap.add_argument("--smoke", action="store_true", help="tiny run (2 specs, 2 steps, batch 8, no CIFAR unless given)")
     ap.add_argument("--total-s", type=float, default=480.0, help="whole-run target in seconds (default 480)")
     ap.add_argument("--budget-s", type=float, default=None,
@@ -184,7 +188,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--phase1-s", type=float, default=150.0, help="phase 1 budget; later checks are skipped past it")
     ap.add_argument("--phase2-s", type=float, default=170.0, help="phase 2 budget; later configs are skipped past it")
     ap.add_argument("--specs", nargs="*", default=None, help="phase 1 specs by name (default: all of specs/)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["correctness", "speed", "accuracy"], help="phases to skip")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["correctness", "speed", "accuracy"],
+                    help="phases to skip")
     ap.add_argument("--keep-work", action="store_true", help="keep the scratch folder of runs and artifacts")
     ap.add_argument("--runner", choices=["auto", "cli", "child"], default="auto",
                     help="training subprocesses: gndgl train (cli), this script's --child-train mode (child), or "

@@ -47,7 +47,8 @@ def phase_accuracy(rec: Recorder, args, device: torch.device, work: Path, t_star
     phase = {"status": "running", "checks": [], "runs": []}
     rec.results["phases"]["accuracy"] = phase
     if not args.cifar:
-        phase.update(status="skipped", reason="no --cifar given (e.g. --cifar .gpu_data/cifar10-jpeg.tar.gz)", seconds=0.0)
+        phase.update(status="skipped", reason="no --cifar given (e.g. --cifar .gpu_data/cifar10-jpeg.tar.gz)",
+                     seconds=0.0)
         return phase
     cifar = Path(args.cifar)
     if not cifar.exists():
@@ -101,8 +102,8 @@ def phase_accuracy(rec: Recorder, args, device: torch.device, work: Path, t_star
                    "process_wall_s": wall, "images_per_s": summ.get("images_per_s"),
                    "train_images_per_s_median": trains[len(trains) // 2] if trains else None,
                    "estimated_s": est, "rc": rc, "runner": runner,
-                   "history": summ.get("history") or [{k: m.get(k) for k in ("epoch", "test_acc", "ensemble_acc", "wall_s")}
-                                                      for m in evals]}
+                   "history": summ.get("history") or [
+                       {k: m.get(k) for k in ("epoch", "test_acc", "ensemble_acc", "wall_s")} for m in evals]}
             phase["runs"].append(row)
             if rc is None:  # not a correctness failure: the recipe did not fit the budget
                 return {"status": "warn", "message": f"timed out after {wall:.0f} s (budget) at epoch {len(evals)}; "

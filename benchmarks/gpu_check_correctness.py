@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from gpu_check import Recorder
 
 PLAIN = {"kind": "sgd", "lr": 1.0, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0, "betas": (0.9, 0.999)}
-"""Optimizer of the fused-vs-per-partition check: lr 1, no momentum / decay, so a step's update is minus the gradient."""
+"""Optimizer of the fused-vs-per-partition check: lr 1, no momentum / decay, so a step's update is minus the
+gradient."""
 BF16_LOSS_RTOL = 1e-2
 BF16_GRAD_RTOL = 5e-2
 """Fused vs per-partition, one step under bf16 autocast: each partition's loss within 1e-2 relative and
@@ -44,7 +45,8 @@ GPU_SPECS_MAIN = ["resnet32_e2e", "resnet32_k8g1", "resnet32_k8g4"]
 
 
 def check_train(name: str, args, device: torch.device, work: Path) -> dict:
-    """Compile ``name`` in memory and train ``args.steps`` steps (one short epoch, then evaluation) on synthetic data."""
+    """Compile ``name`` in memory and train ``args.steps`` steps (one short epoch, then evaluation) on synthetic
+    data."""
     art = compile_spec(spec_path(name))
     bs = args.p1_batch
     summary = train_artifact(art, TrainOptions(
@@ -121,7 +123,8 @@ def check_kill_resume(name: str, args, device: torch.device, work: Path) -> dict
         return {"status": "fail", "message": "resumed and uninterrupted runs have different weight names"}
     floats = [k for k in b if b[k].is_floating_point()]
     ints_equal = all(torch.equal(a[k], b[k]) for k in b if not b[k].is_floating_point())
-    diff = rel(torch.cat([a[k].flatten().double() for k in floats]), torch.cat([b[k].flatten().double() for k in floats]))
+    diff = rel(torch.cat([a[k].flatten().double() for k in floats]),
+               torch.cat([b[k].flatten().double() for k in floats]))
     worst = max((rel(a[k], b[k]), k) for k in floats)
     tol = 0.0 if device.type == "cpu" else RESUME_RTOL_CUDA
     ok = ints_equal and diff <= tol
@@ -159,7 +162,8 @@ def _no_tf32():
 def check_fused(name: str, args, device: torch.device, amp: bool) -> dict:
     """One step of the sibling-fused executor against the per-partition executor (same initial weights and batch)."""
     if amp and device.type != "cuda":
-        return {"status": "skipped", "message": "skipped (no CUDA; the CPU-autocast form of this check is tests/test_fused_bf16.py)"}
+        return {"status": "skipped",
+                "message": "skipped (no CUDA; the CPU-autocast form of this check is tests/test_fused_bf16.py)"}
     art = compile_spec(spec_path(name))
     cl = device.type == "cuda"
     exs = []
@@ -228,7 +232,8 @@ def _sync_error(fn: Callable[[], Any]) -> str | None:
 
 
 def check_no_sync(name: str, args, device: torch.device, siblings: bool = True) -> dict:
-    """One ``Executor.train_step`` (after warm-up, spec's optimizer, bf16, channels_last) under sync-debug mode ``error``."""
+    """One ``Executor.train_step`` (after warm-up, spec's optimizer, bf16, channels_last) under sync-debug mode
+    ``error``."""
     if device.type != "cuda":
         return {"status": "skipped", "message": "skipped (no CUDA)"}
     art = compile_spec(spec_path(name))

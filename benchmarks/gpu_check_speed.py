@@ -55,8 +55,10 @@ def phase_speed(rec: Recorder, args, device: torch.device) -> dict:
                        "noaug_img_s": r["noaug"][0], "hand_peak_mib": r["hand"][1], "gndgl_peak_mib": r["gndgl"][1],
                        "noaug_peak_mib": r["noaug"][1], "cuda_graphs": note}
                 phase["rows"].append(row)
-                return {"status": "pass", "message": f"hand {row['hand_img_s']:.0f} img/s, gndgl {row['gndgl_img_s']:.0f} "
-                                                     f"img/s ({row['ratio']:.2f}x), peak {row['gndgl_peak_mib']:.0f} MiB"}
+                return {"status": "pass", "message": f"hand {row['hand_img_s']:.0f} img/s, "
+                                                     f"gndgl {row['gndgl_img_s']:.0f} "
+                                                     f"img/s ({row['ratio']:.2f}x), "
+                                                     f"peak {row['gndgl_peak_mib']:.0f} MiB"}
 
             rec.check(phase, name, spec, one, device)
         del data

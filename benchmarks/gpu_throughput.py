@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
           f"device {name}; torch {torch.__version__}")
     print(f"{'config':<16} {'hand img/s':>11} {'gndgl img/s':>12} {'ratio':>7} {'no-aug img/s':>13} "
           f"{'hand MiB':>9} {'gndgl MiB':>10}")
-    for spec, label, r in rows:
+    for _spec, label, r in rows:
         print(f"{label:<16} {r['hand'][0]:>11.0f} {r['gndgl'][0]:>12.0f} {r['gndgl'][0] / r['hand'][0]:>6.2f}x "
               f"{r['noaug'][0]:>13.0f} {r['hand'][1]:>9.0f} {r['gndgl'][1]:>10.0f}")
     return 0

@@ -105,7 +105,8 @@ def bench(spec: str, make_hand, args, device: torch.device) -> dict:
     out = {"ops": ops, "ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
            "paired": (q[0], statistics.median(paired), q[2]),
            "parts": len(art.plan.partitions), "params": sizes["hand"],
-           "fused_modules": sum(r["fused"] for r in variants["fused"].ex.fusion), "modules": len(variants["fused"].ex.fusion)}
+           "fused_modules": sum(r["fused"] for r in variants["fused"].ex.fusion),
+           "modules": len(variants["fused"].ex.fusion)}
     if device.type == "cuda":
         out["img_s"], out["peak_mib"] = {}, {}
         for k in names:
@@ -122,7 +123,8 @@ def bench(spec: str, make_hand, args, device: torch.device) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=7, help="timed steps per variant (median)")
     ap.add_argument("--warmup", type=int, default=2)

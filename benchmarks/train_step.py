@@ -280,7 +280,8 @@ def bench_config(spec, make_hand, batches, steps, warmup):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10, help="timed steps per variant (default 10)")
     ap.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per variant (default 2)")
@@ -290,7 +291,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(args.batch, 3, 32, 32, generator=g), torch.randint(0, NUM_CLASSES, (args.batch,), generator=g))
+    batches = [(torch.randn(args.batch, 3, 32, 32, generator=g),
+                torch.randint(0, NUM_CLASSES, (args.batch,), generator=g))
                for _ in range(4)]
     rows = []
     for spec, label, make_hand in CONFIGS:

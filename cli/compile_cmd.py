@@ -44,7 +44,8 @@ def print_summary(art: Artifact, title: str) -> None:
     s, plan = art.summary, art.plan
     devices = sorted({p.device for p in plan.partitions})
     one_device = len(devices) == 1 and plan.workers <= 1
-    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True, header_style="bold",
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True,
+                  header_style="bold",
                   title_justify="left")
     one_type = len(devices) == 1
     place_col = [] if one_device else [("worker" if one_type else "device", "left")]
@@ -59,7 +60,8 @@ def print_summary(art: Artifact, title: str) -> None:
         if len(rows) > 40 and i == 20:
             table.add_row("...", *([] if one_device else [""]), f"({len(rows) - 40} more)", "", "", "", "", "")
         units = (p.units[0] if len(p.units) == 1 else f"{p.units[0]}..{p.units[-1]}") if p.units else p.head_kind
-        dev = [] if one_device else [f"w{p.worker}" if one_type else p.device + (f"/w{p.worker}" if plan.workers > 1 else "")]
+        dev = [] if one_device else [f"w{p.worker}" if one_type
+                                     else p.device + (f"/w{p.worker}" if plan.workers > 1 else "")]
         table.add_row(p.name, *dev, units,
                       fmt_int(p.costs["fwd_macs"]), fmt_int(p.costs["bwd_macs"]), fmt_int(p.costs["params"]),
                       fmt_bytes(p.costs["bytes_in"]), fmt_bytes(p.costs["bytes_out"]))
@@ -133,12 +135,14 @@ def register(app: typer.Typer) -> None:
         else:
             m = art.manifest
             print_summary(art, f"{art.plan.name} ({art.path}, gndgl {m.get('gndgl')}, torch {m.get('torch')})")
-            console.print(f"all {len(m.get('files', {}))} files match the sha256 hashes in manifest.json", highlight=False)
+            console.print(f"all {len(m.get('files', {}))} files match the sha256 hashes in manifest.json",
+                          highlight=False)
 
     @app.command("units")
     def units(
         source: str = typer.Argument(..., metavar="TEMPLATE|SPEC",
-                                     help="A template (resnet20, resnet32, resnet56, resnet110, vgg6a) or a spec file."),
+                                     help="A template (resnet20, resnet32, resnet56, resnet110, vgg6a) or a spec "
+                                          "file."),
         width: float = typer.Option(1.0, "--width", help="Template width multiplier."),
     ) -> None:
         """List the segments of a network: the names and indices to write depth cuts with."""

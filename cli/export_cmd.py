@@ -15,8 +15,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command("export")
     def export(
-        run: Optional[Path] = typer.Argument(None, metavar="[RUN]", help="Run directory made by 'gndgl train'; default: the newest "
-                                                        "in ./runs."),
+        run: Optional[Path] = typer.Argument(None, metavar="[RUN]",
+                                             help="Run directory made by 'gndgl train'; default: the newest "
+                                                  "in ./runs."),
         output: Path = typer.Option(..., "-o", "--output", metavar="FILE",
                                     help="File to write (.pt, .pt2, .onnx or .safetensors)."),
         fmt: Optional[str] = typer.Option(None, "--format", "-f", metavar="FORMAT",

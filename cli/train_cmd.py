@@ -151,7 +151,8 @@ def register(app: typer.Typer) -> None:
         run: Optional[Path] = typer.Argument(None, help="Run directory made by 'gndgl train'; default: the newest "
                                                         "in ./runs."),
         device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="Device to evaluate on."),
-        limit_test: Optional[int] = typer.Option(None, "--limit-test", metavar="N", min=1, help="Use only N test images."),
+        limit_test: Optional[int] = typer.Option(None, "--limit-test", metavar="N", min=1,
+                                                 help="Use only N test images."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
         """Test accuracy (final head, layerwise ensemble, each partition) of a finished or partial run."""
@@ -161,7 +162,8 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print(json.dumps(ev, indent=1))
             return
-        console.print(f"{run} ({ev['source']}, {ev['n']} test images): test accuracy [bold]{100 * ev['test_acc']:.2f}%[/]"
+        console.print(f"{run} ({ev['source']}, {ev['n']} test images): test accuracy "
+                      f"[bold]{100 * ev['test_acc']:.2f}%[/]"
                       f" · layerwise ensemble {100 * ev['ensemble_acc']:.2f}%", highlight=False)
         for name, acc in ev["partition_acc"].items():
             console.print(f"  {name:10s} {100 * acc:6.2f}%", highlight=False)

@@ -107,7 +107,8 @@ class FileSystem:
         """A named event of the code (see :func:`point`); does nothing here."""
 
 
-_CURRENT: contextvars.ContextVar[FileSystem] = contextvars.ContextVar("gndgl_fsio", default=FileSystem())
+_CURRENT: contextvars.ContextVar[FileSystem] = contextvars.ContextVar(
+    "gndgl_fsio", default=FileSystem())  # noqa: B039 - FileSystem holds no state; the default is never mutated
 
 
 def current() -> FileSystem:

@@ -328,7 +328,8 @@ def _disk_full_tmpfs(job: dict) -> int:
     report: dict = {}
 
     def cli_in_child(argv, faults, name):
-        pid = _fork(lambda: _with_faults(faults, lambda: _cli(argv)), str(cwd / f"{name}.out"), str(cwd / f"{name}.err"), 120)
+        pid = _fork(lambda: _with_faults(faults, lambda: _cli(argv)), str(cwd / f"{name}.out"),
+                    str(cwd / f"{name}.err"), 120)
         return _status(os.waitpid(pid, 0)[1])
 
     report["first"] = cli_in_child(["train", job["artifact"], "--run-dir", str(run), *job["settings"]],

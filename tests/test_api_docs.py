@@ -41,7 +41,8 @@ def test_own_network_example_compiles_as_described():
     (lambda d: d["model"]["layers"].insert(3, {"op": "lstm", "out": 32}),
      "field 'model.layers[3]': unknown op \"lstm\"; allowed ops: conv, bn, relu"),
     (lambda d: d["model"]["layers"][0].update(groups=2),
-     "field 'model.layers[0].groups': unknown key 'groups'; allowed keys here: bias, kernel, name, op, out, padding, stride"),
+     "field 'model.layers[0].groups': unknown key 'groups'; "
+     "allowed keys here: bias, kernel, name, op, out, padding, stride"),
     (lambda d: d["model"]["layers"].pop(),
      "field 'model': the network must end in a linear classifier with num_classes=10 outputs; its last unit is "
      "'flatten12' (flatten)"),

@@ -94,6 +94,7 @@ def test_every_import_is_declared_and_extras_are_lazy():
 def test_cli_starts_and_reports_its_version():
     from gndgl_compiler import __version__
 
-    out = subprocess.run([sys.executable, "-m", "gndgl_cli.main", "--version"], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-m", "gndgl_cli.main", "--version"], capture_output=True, text=True,
+                         cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"gndgl {__version__}"

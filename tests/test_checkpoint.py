@@ -49,7 +49,8 @@ def test_flatten_round_trip_keeps_types():
         "tuple": (1, (2.0, [3, {"k": torch.tensor(1)}])),
         "floats": [float("inf"), float("-inf"), float("nan"), -0.0, 1e-300],
         "scalar": torch.tensor(2.5),
-        "dtypes": [torch.arange(3, dtype=dt) for dt in (torch.int64, torch.int8, torch.uint8, torch.float16, torch.bfloat16, torch.float64)],
+        "dtypes": [torch.arange(3, dtype=dt)
+                   for dt in (torch.int64, torch.int8, torch.uint8, torch.float16, torch.bfloat16, torch.float64)],
         "bool": torch.tensor([True, False]),
         "empty": torch.zeros(0, 3),
         "big": 2**62,
@@ -136,7 +137,8 @@ def test_resume_continues_bit_for_bit(tmp_path, kind):
 
 def save_two(tmp_path):
     for step in (1, 2):
-        ck.save_checkpoint(tmp_path, f"step-{step}", tensors={"w": torch.full((64,), float(step))}, state={"step": step})
+        ck.save_checkpoint(tmp_path, f"step-{step}", tensors={"w": torch.full((64,), float(step))},
+                           state={"step": step})
 
 
 def test_tampered_safetensors_detected(tmp_path):

@@ -55,7 +55,8 @@ def test_compile_writes_compiled_name_and_folder_means_newest(work):
     r = gndgl(work, "compile", "specs/tiny2.yaml", "--set", "train.optimizer.weight_decay=0.0005")
     assert r.returncode == 0, r.stderr
     assert (work / "compiled" / "tiny" / "manifest.json").is_file()
-    assert json.loads((work / "compiled" / "tiny2" / "spec.json").read_text())["train"]["optimizer"]["weight_decay"] == 5e-4
+    spec2 = json.loads((work / "compiled" / "tiny2" / "spec.json").read_text())
+    assert spec2["train"]["optimizer"]["weight_decay"] == 5e-4
     r = gndgl(work, "inspect", "compiled/")
     assert r.returncode == 0 and "tiny_ux2" in r.stdout and "match the sha256" in r.stdout
     assert "using compiled/tiny2/ (the newest of 2 artifacts in compiled/)" in r.stderr
@@ -86,7 +87,8 @@ def test_set_errors_name_the_option(work):
     bad(gndgl(work, "compile", "specs/tiny.yaml", "--set", "train.optimizer.lr=abc", "-o", "x"),
         "--set train.optimizer.lr=abc", "valid number")
     bad(gndgl(work, "compile", "specs/tiny.yaml", "--set", "nothing", "-o", "x"), "FIELD.PATH=VALUE")
-    bad(gndgl(work, "train", "compiled/tiny", "--set", "cuts.width=1", *DATA), "only train.*", "gndgl compile SPEC --set")
+    bad(gndgl(work, "train", "compiled/tiny", "--set", "cuts.width=1", *DATA), "only train.*",
+        "gndgl compile SPEC --set")
 
 
 def test_units_version_and_help(work):

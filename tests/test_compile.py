@@ -32,7 +32,7 @@ def rn(K, G=1, local="{}"):
 
 def _last_units(plan: PartitionPlan) -> list[str]:
     out = []
-    for mod, parts in sorted(plan.by_module().items()):
+    for _mod, parts in sorted(plan.by_module().items()):
         if parts[0].kind != "final":
             out.append(parts[0].units[-1])
     return out
@@ -82,7 +82,7 @@ def test_joint_mode_allows_groups_before_the_last_module():
 
 def test_groups_partition_every_channel_once():
     art = rn(4, 4)
-    for mod, parts in art.plan.by_module().items():
+    for _mod, parts in art.plan.by_module().items():
         if parts[0].kind == "final":
             continue
         assert [p.group for p in parts] == list(range(4))

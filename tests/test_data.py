@@ -262,7 +262,8 @@ def test_image_folder_dir_and_tar(tmp_path, monkeypatch):
     first = torch.from_numpy(np.array(Image.open(folder / "train" / "cat" / "000.png"))).permute(2, 0, 1)
     assert torch.equal(b.train_x[0], first)
     f = b.train_x.double() / 255
-    assert np.allclose(b.mean, f.mean((0, 2, 3)).tolist()) and np.allclose(b.std, f.std((0, 2, 3), unbiased=False).tolist())
+    assert np.allclose(b.mean, f.mean((0, 2, 3)).tolist())
+    assert np.allclose(b.std, f.std((0, 2, 3), unbiased=False).tolist())
 
     tar_path = tmp_path / "pets.tar.gz"
     with tarfile.open(tar_path, "w:gz") as tf:

@@ -134,7 +134,7 @@ def test_stop_gradient_isolation_on_the_fused_path():
         _, _, losses, _ = fs.forward(inputs, None, y)
         grads.append(torch.autograd.grad(losses[g], leaves + inputs, allow_unused=True))
     for g, gs in enumerate(grads):
-        for leaf_grad, t in zip(gs, [t for t in fs.tensors if t.grads is not None]):
+        for leaf_grad, _t in zip(gs, [t for t in fs.tensors if t.grads is not None]):
             if leaf_grad is None:
                 continue
             rows = leaf_grad.shape[0] // fs.G

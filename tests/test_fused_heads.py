@@ -1,6 +1,7 @@
 """Sibling fusion of the head and loss variants: share_ratio 0 < r < 1, predsim, InfoPro (softmax and contrast), ViT.
 
-On the tiny GN-DGL spec (K=2 × G=2) and a tiny ViT (K=2 × G=2, token heads, with and without a CLS token), float64, against the per-partition path (``siblings=False``):
+On the tiny GN-DGL spec (K=2 × G=2) and a tiny ViT (K=2 × G=2, token heads, with and without a CLS token), float64,
+against the per-partition path (``siblings=False``):
 
 * one step: per-partition losses and every parameter's gradient (a plain SGD step, lr 1) to 1e-10 relative;
 * 20 steps of SGD-Nesterov: equal weights to 1e-10 relative;

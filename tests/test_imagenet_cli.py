@@ -65,7 +65,7 @@ def test_train_resnet50_k4g2_on_synthetic_64px(tmp_path):
     assert "sibling-fused modules: 1, 2, 3, 4" in text  # bottleneck modules run fused
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r.get("kind") == "train"]
-    assert len(losses) == 2 * 9 and all(l == l and l < 1e3 for l in losses)  # 4×2 partitions + the head
+    assert len(losses) == 2 * 9 and all(x == x and x < 1e3 for x in losses)  # 4×2 partitions + the head
 
 
 @pytest.mark.parametrize("path", sorted(IMAGENET_SPECS.glob("*.yaml")), ids=lambda p: p.stem)

@@ -67,7 +67,7 @@ def test_merged_step_dispatches_fewer_ops(kind):
     counts = {}
     for name, step in (("torch", lambda o: o.step()), ("merged", step_all)):
         opt = make_optimizer(groups(), KINDS[kind], foreach=True)
-        for s in range(2):
+        for _ in range(2):
             set_grads(opt, 0)
             with OpCounter() as c:
                 step(opt)

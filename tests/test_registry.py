@@ -171,7 +171,8 @@ def _mentions(path: Path, names: tuple[str, ...] = ()) -> list[tuple[int, str, s
     out = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "add" \
-                and len(node.args) >= 3 and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str):
+                and len(node.args) >= 3 and isinstance(node.args[1], ast.Constant) \
+                and isinstance(node.args[1].value, str):
             out.append((node.lineno, "builds", node.args[1].value))
         elif isinstance(node, ast.Compare) and _is_op_kind(node.left, names):
             out += [(node.lineno, "compares", k) for c in node.comparators for k in _literals(c)]

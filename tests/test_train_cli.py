@@ -100,8 +100,8 @@ def cli_runs(tmp_path_factory):
     for key, argv in cmds.items():
         cwd = tmp / key
         cwd.mkdir()
-        procs[key] = (subprocess.Popen(cli(*argv), cwd=cwd, env=env(GNDGL_CACHE=str(tmp / "cache")), stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, text=True), cwd)
+        procs[key] = (subprocess.Popen(cli(*argv), cwd=cwd, env=env(GNDGL_CACHE=str(tmp / "cache")),
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), cwd)
     out = {"_subst": subst}
     deadline = time.monotonic() + 300
     for key, (p, cwd) in procs.items():

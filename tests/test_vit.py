@@ -235,7 +235,8 @@ def _counted_flops(fn, *args) -> int:
 def test_cost_model_matches_flop_counter(case, k2g2):
     art = {"e2e": lambda: compile_spec(small_vit(1, depth=1)), "k2g2": lambda: k2g2,
            "k3g4_cls": lambda: compile_spec({**small_vit(4, depth=3), "model": {
-               **small_vit(4)["model"], "vit": {"dim": D, "depth": DEPTH, "heads": HEADS, "patch": PATCH, "cls": True}}})
+               **small_vit(4)["model"],
+               "vit": {"dim": D, "depth": DEPTH, "heads": HEADS, "patch": PATCH, "cls": True}}})
            }[case]()
     B = 2
     h = {IMAGE: torch.randn(B, 1, 28, 28)}

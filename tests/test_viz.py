@@ -92,7 +92,7 @@ def test_every_edge_kind_has_its_own_style(k8g4_w4):
     assert len(set(signature.values())) == len(signature)
     for level in ("ops", "partitions"):
         edges = edges_of(plan_to_dot(k8g4_w4, level=level, bundle=False))
-        def has(**want):
+        def has(edges=edges, **want):
             return any(all(e.get(k) == v for k, v in want.items()) for e in edges)
         if level == "ops":
             assert has(color="black", style="solid")                               # inside a partition

@@ -56,7 +56,8 @@ def emit_ir(nodes: list[IRNode], outputs: str | dict[str, str], class_name: str,
     return fx.GraphModule(root, graph, class_name)
 
 
-def emit_loss(loss: Loss, head_outputs: dict[str, str], num_classes: int, n_siblings: int, class_name: str) -> fx.GraphModule:
+def emit_loss(loss: Loss, head_outputs: dict[str, str], num_classes: int, n_siblings: int,
+              class_name: str) -> fx.GraphModule:
     """Emit the local loss of a partition as a GraphModule.
 
     Placeholders, in order: the head outputs it uses (``logits``, ``sim``, ``recon``,

@@ -164,7 +164,8 @@ def _conv_params(a: Attrs, ins: list[Shape], out: Shape) -> int:
 def _conv_module(a: Attrs, ins: list[Shape], out: Shape) -> nn.Module:
     from torch import nn
 
-    return nn.Conv2d(a["in"], a["out"], a["kernel"], a["stride"], a["padding"], bias=a["bias"], groups=a.get("groups", 1))
+    return nn.Conv2d(a["in"], a["out"], a["kernel"], a["stride"], a["padding"], bias=a["bias"],
+                     groups=a.get("groups", 1))
 
 
 # --- linear ---------------------------------------------------------------------------------
@@ -305,7 +306,8 @@ OPS: dict[str, OpDef] = {
                    kwargs=lambda a, i: {"start": a["start"], "length": a["length"]},
                    label=lambda a: f" [{a['start']}:{a['start'] + a['length']}]"),
     "upsample": OpDef("upsample", _upsample_shape, function="torch.nn.functional:interpolate",
-                      kwargs=lambda a, i: {"size": (a["height"], a["width"]), "mode": "bilinear", "align_corners": False}),
+                      kwargs=lambda a, i: {"size": (a["height"], a["width"]), "mode": "bilinear",
+                                           "align_corners": False}),
     "sigmoid": OpDef("sigmoid", _same, function="torch:sigmoid"),
     "l2norm": OpDef("l2norm", _same, function="torch.nn.functional:normalize", kwargs=lambda a, i: {"dim": 1}),
     **transformer_op_defs(OpDef),

@@ -118,7 +118,8 @@ def build_plan(spec: Spec, og: OpGraph) -> PartitionPlan:
                              f"needs G=1 (it has G={groups[-1]}); use mode 'separate' or G=1 there",
                              field=("local", "final_head", "mode"))
     if joint and k_mod == 1:
-        raise PartitionError("final_head.mode 'joint' with K=1 and G=1 is plain end-to-end; drop the mode or cut deeper",
+        raise PartitionError("final_head.mode 'joint' with K=1 and G=1 is plain end-to-end; "
+                             "drop the mode or cut deeper",
                              field=("local", "final_head", "mode"))
     local_modules = k_mod - 1 if joint else k_mod
     parts: list[Partition] = []
@@ -148,7 +149,7 @@ def build_plan(spec: Spec, og: OpGraph) -> PartitionPlan:
                 x = b.input("image", input_shape)
                 inputs.append(Input(IMAGE, input_shape, "image"))
             try:
-                out = module_body(og, nodes, prev_node, x, G, g, spec.cuts.split, b)
+                module_body(og, nodes, prev_node, x, G, g, spec.cuts.split, b)
             except PartitionError as err:
                 raise PartitionError(f"module {k + 1} (units {units[0]}..{units[-1]}), G={G}: {err}",
                                      field=err.field or ("cuts", "width")) from None

@@ -1,1 +1,2 @@
-"""The runtime: run configuration, data, the executor and its seams, the Trainer, checkpoints, metrics, distributed ranks."""
+"""The runtime: run configuration, data, the executor and its seams, the Trainer, checkpoints, metrics,
+distributed ranks."""

@@ -53,7 +53,8 @@ def augment_params(n: int, *, seed: int, epoch: int, step: int, pad: int = 4,
     return dy, dx, mask
 
 
-def augment(x_uint8: torch.Tensor, *, seed: int, epoch: int, step: int, pad: int = 4, flip: bool = True) -> torch.Tensor:
+def augment(x_uint8: torch.Tensor, *, seed: int, epoch: int, step: int, pad: int = 4,
+            flip: bool = True) -> torch.Tensor:
     """Random crop after zero padding ``pad`` plus random horizontal flip of an N×C×H×W batch, on its device.
 
     The draw (see :func:`augment_params`) depends only on (seed, epoch, step) and is made on the CPU.

@@ -85,7 +85,8 @@ def save_checkpoint(directory: str | os.PathLike, name: str, *, tensors: dict[st
         if json_path.exists():
             fs.unlink(json_path)
     except OSError as exc:
-        raise TrainingError(f"could not prepare checkpoint {json_path}: {exc.strerror or exc}; check the directory is writable") from exc
+        raise TrainingError(f"could not prepare checkpoint {json_path}: {exc.strerror or exc}; "
+                            "check the directory is writable") from exc
     fsio.atomic_write_bytes(st_path, data)
     step = state.get("step")
     record = {
@@ -120,13 +121,16 @@ def read_record(json_path: Path) -> dict:
     try:
         record = json.loads(json_path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
-        raise ArtifactError(f"checkpoint file {json_path} does not exist; check the run directory and the checkpoint name") from exc
+        raise ArtifactError(f"checkpoint file {json_path} does not exist; "
+                            "check the run directory and the checkpoint name") from exc
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ArtifactError(f"checkpoint file {json_path} is unreadable or truncated ({exc}); use an earlier checkpoint") from exc
+        raise ArtifactError(f"checkpoint file {json_path} is unreadable or truncated ({exc}); "
+                            "use an earlier checkpoint") from exc
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise ArtifactError(f"{json_path} is not a gndgl checkpoint (no \"format\": \"{FORMAT}\")")
     if record.get("version") != FORMAT_VERSION:
-        raise ArtifactError(f"{json_path} has checkpoint format version {record.get('version')}; this gndgl reads version {FORMAT_VERSION}")
+        raise ArtifactError(f"{json_path} has checkpoint format version {record.get('version')}; "
+                            f"this gndgl reads version {FORMAT_VERSION}")
     # checkpoints written before the digest existed have none; a present digest must match
     if "digest" in record and record["digest"] != _record_digest(record):
         raise ArtifactError(f"checkpoint file {json_path} was modified after it was written (its digest does not "

@@ -136,7 +136,8 @@ def prune_checkpoints(directory: str | os.PathLike, keep: int = 2) -> list[str]:
             fs.unlink(json_path)
             fs.unlink(st_path)
         except OSError as exc:
-            raise TrainingError(f"could not delete old checkpoint {json_path}: {exc.strerror or exc}; check the directory is writable") from exc
+            raise TrainingError(f"could not delete old checkpoint {json_path}: {exc.strerror or exc}; "
+                                "check the directory is writable") from exc
         deleted.append(name)
     fsio.remove_temp_files(d)
     return deleted

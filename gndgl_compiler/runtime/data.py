@@ -106,8 +106,9 @@ def check_source(name: str, *, root: str | None = None, download: bool = False) 
     unused = f"data set '{key}' is " + ("generated" if low == "synthetic" else "read from its own path")
     if not cifar and low not in IDX_CLASSES:
         if not path.is_dir():
-            raise DataError(f"--data-root '{root}' is not a folder, and it is not used: {unused}; leave --data-root out")
-        warnings.warn(f"--data-root {root} is not used: {unused}")
+            raise DataError(f"--data-root '{root}' is not a folder, and it is not used: {unused}; "
+                            "leave --data-root out")
+        warnings.warn(f"--data-root {root} is not used: {unused}", stacklevel=2)
         return key, low
     if not path.is_dir() and (path.exists() or not (cifar and download)):
         what = "is not a folder" if path.exists() else "does not exist"
@@ -185,7 +186,7 @@ def _load_cifar(name: str, root: Path, download: bool, cache: Path, explicit_roo
         if name == "cifar10" and jpeg and os.path.isfile(jpeg):
             if explicit_root:
                 warnings.warn(f"CIFAR10 is not in --data-root {root} (looked for {base}); using the JPEG copy "
-                              f"$GNDGL_CIFAR10_JPEG={jpeg} instead")
+                              f"$GNDGL_CIFAR10_JPEG={jpeg} instead", stacklevel=2)
             b = load_image_folder(jpeg, cache)
             return dataclasses.replace(b, name="cifar10", mean=STATS["cifar10"][0], std=STATS["cifar10"][1])
         raise DataError(f"{name.upper()} was not found in {root} (looked for {base}){reason}. Pass --download where "
@@ -245,7 +246,7 @@ def _load_idx(name: str, root: str | None, cache: Path) -> DataBundle:
         if all(found):
             if root and d not in dirs[:3]:
                 warnings.warn(f"{name} is not in --data-root {root} (looked in {', '.join(str(x) for x in dirs[:3])}"
-                              f"); using the copy in {d}")
+                              f"); using the copy in {d}", stacklevel=2)
             break
     else:
         hint = "Run 'apt-get install dataset-fashion-mnist', or p" if name == "fashion-mnist" else "P"

@@ -91,7 +91,8 @@ def _write_cache(path: Path, b: DataBundle) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fsio.atomic_write_via(path, write, error=None)
     except (OSError, RuntimeError) as e:
-        warnings.warn(f"could not write the data cache {path} ({e}); the data set will be decoded again next time")
+        warnings.warn(f"could not write the data cache {path} ({e}); the data set will be decoded again next time",
+                      stacklevel=2)
 
 
 def _file_stats(paths) -> list:

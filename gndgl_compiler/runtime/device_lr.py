@@ -50,7 +50,8 @@ class DeviceLR:
 
 def plain_groups(state: dict) -> dict:
     """An optimizer ``state_dict`` with tensor LRs as floats (the checkpoint format; read outside a step)."""
-    groups = [{**g, "lr": float(g["lr"])} if isinstance(g.get("lr"), torch.Tensor) else g for g in state["param_groups"]]
+    groups = [{**g, "lr": float(g["lr"])} if isinstance(g.get("lr"), torch.Tensor) else g
+              for g in state["param_groups"]]
     return {**state, "param_groups": groups}
 
 

@@ -31,7 +31,7 @@ def evaluate_run(run_dir: str | Path, device: str | None = None, limit_test: int
     root = config.execution.data_root
     if root and not Path(root).expanduser().is_dir():
         warnings.warn(f"the run's data root {root} (run.json) is no longer a folder; looking for "
-                      f"'{config.recipe.dataset}' in the default places")
+                      f"'{config.recipe.dataset}' in the default places", stacklevel=2)
         root = None
     data = load_dataset(config.recipe.dataset, root=root, input_shape=tuple(art.plan.input_shape),
                         limit_train=1, limit_test=limit_test or config.recipe.limit_test,

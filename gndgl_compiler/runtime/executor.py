@@ -70,7 +70,8 @@ class Executor:
         self.fused, self.amp, self.channels_last, self.denorm = fused, amp, channels_last, denorm
         self.transport: Transport = transport or LocalTransport()
         self.parts = {p.id: p for p in plan.partitions}
-        self.step_plan = StepPlan.build(plan, modules, devices, random_ops=RANDOM_OPS, fuse=siblings if fused else False)
+        self.step_plan = StepPlan.build(plan, modules, devices, random_ops=RANDOM_OPS,
+                                        fuse=siblings if fused else False)
         self.streams = Streams(self.parts, modules, devices, self.step_plan.random)
         """The random partitions' generators, seeded per (seed, step, partition) (``runtime/streams.py``)."""
         self.env = StageEnv(self.parts, modules, devices, self.transport, self.step_plan.random, amp, denorm,

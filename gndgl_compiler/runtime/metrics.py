@@ -73,7 +73,8 @@ def _parse_lines(text: str, path: Path) -> tuple[list[dict], int]:
             except ValueError as exc:
                 if last:  # unterminated tail of a killed writer
                     break
-                raise ArtifactError(f"{path} line {i + 1} is not a JSON record ({exc}); fix or delete that line") from exc
+                raise ArtifactError(f"{path} line {i + 1} is not a JSON record ({exc}); "
+                                    "fix or delete that line") from exc
             records.append(record)
         pos += len(line) + (0 if last else 1)
     return records, pos
@@ -105,7 +106,8 @@ class MetricsLogger:
         except OSError as exc:
             if self._writer is not None:
                 self._writer.close()
-            raise TrainingError(f"cannot open {self.path} for appending: {exc.strerror or exc}; check the run directory is writable") from exc
+            raise TrainingError(f"cannot open {self.path} for appending: {exc.strerror or exc}; "
+                                "check the run directory is writable") from exc
 
     def _open_tensorboard(self, tensorboard: bool | None):
         if tensorboard is False:
@@ -115,7 +117,8 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:
             if tensorboard:
-                raise GndglError(f"TensorBoard logging was requested but is not available ({exc}); run `pip install tensorboard`") from exc
+                raise GndglError(f"TensorBoard logging was requested but is not available ({exc}); "
+                                 "run `pip install tensorboard`") from exc
             return None
         return SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR))
 
@@ -182,7 +185,8 @@ class MetricsLogger:
             try:
                 f.close()  # closes the descriptor even when the final flush fails
             except OSError as exc:
-                raise TrainingError(f"cannot write to {self.path}: {exc.strerror or exc}; check free disk space") from exc
+                raise TrainingError(f"cannot write to {self.path}: {exc.strerror or exc}; "
+                                    "check free disk space") from exc
 
     def __enter__(self) -> MetricsLogger:
         return self

@@ -82,7 +82,8 @@ class TrainOptions:
     ``train_artifact(source, TrainOptions(...))`` takes these; ``gndgl train`` has one flag per field
     shown with ``[--flag]``, the others are for the Python API. See docs/api.md."""
 
-    epochs: int | None = option(None, "--epochs", "Override train.epochs (the warm-up and LR milestones scale with it).",
+    epochs: int | None = option(None, "--epochs",
+                                "Override train.epochs (the warm-up and LR milestones scale with it).",
                                 metavar="N", min=1, part="recipe")
     dataset: str | None = option(None, "--dataset", "Override train.dataset (cifar10, fashion-mnist, synthetic, a "
                                  "folder/.tar.gz, ...).", metavar="NAME|PATH", part="recipe")

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
-
 MODES = ("off", "regional")
 
 

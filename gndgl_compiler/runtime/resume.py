@@ -3,7 +3,8 @@
 ``gndgl train --resume RUN`` continues with the settings recorded in ``run.json``. Options
 that only change how the run is carried out (``--device``, ``--log-every``,
 ``--checkpoint-every``, ``--data-root``, ``--fuse-siblings`` (the checkpoint layout is the
-same either way), ``--cuda-graphs`` (the same step, captured or not), ``--compile``, ``--max-steps``, ``--tensorboard``) apply and are
+same either way), ``--cuda-graphs`` (the same step, captured or not), ``--compile``, ``--max-steps``,
+``--tensorboard``) apply and are
 recorded; options that would change what is trained (``--dataset``, ``--batch-size``,
 ``--seed``, ``--set``, ...) are refused with a message. ``--epochs`` changes the length of an
 unfinished run (warm-up and milestones scale, as for a new run) or, on a finished one,

@@ -44,12 +44,15 @@ def set_rng_state(state: dict) -> None:
         if "cuda" in state:
             cuda_states = list(state["cuda"])
             if not torch.cuda.is_available():
-                warnings.warn("checkpoint holds CUDA RNG states but CUDA is not available; they are ignored", stacklevel=2)
+                warnings.warn("checkpoint holds CUDA RNG states but CUDA is not available; they are ignored",
+                              stacklevel=2)
             else:
                 n = min(len(cuda_states), torch.cuda.device_count())
                 if n < len(cuda_states):
-                    warnings.warn(f"checkpoint holds {len(cuda_states)} CUDA RNG states, only {n} devices are visible", stacklevel=2)
+                    warnings.warn(f"checkpoint holds {len(cuda_states)} CUDA RNG states, only {n} devices are "
+                                  "visible", stacklevel=2)
                 for i in range(n):
                     torch.cuda.set_rng_state(cuda_states[i], i)
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise ArtifactError(f"checkpoint RNG state is malformed ({exc}); use another checkpoint or start a fresh run") from exc
+        raise ArtifactError(f"checkpoint RNG state is malformed ({exc}); "
+                            "use another checkpoint or start a fresh run") from exc

@@ -337,7 +337,8 @@ def run_weights(run_dir: str | Path, saved: dict) -> tuple[dict[str, torch.Tenso
         return gather_tensors(ckpts, step, world), f"committed checkpoint ckpt-{step:09d}"
     loaded = _usable_checkpoint(ckpts)
     if loaded is None:
-        raise RunError(f"'{run_dir}' has no weights or checkpoints yet; train it first (gndgl train --resume {run_dir})")
+        raise RunError(f"'{run_dir}' has no weights or checkpoints yet; "
+                       f"train it first (gndgl train --resume {run_dir})")
     return loaded.tensors, f"checkpoint {loaded.name}"
 
 

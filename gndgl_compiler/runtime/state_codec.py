@@ -49,7 +49,8 @@ def _encode(obj: Any, path: str, tensors: dict[str, Tensor]) -> Any:
         plain = all(isinstance(k, str) and not k.startswith("$") for k in obj)
         if plain:
             return {k: _encode(v, _child(path, k), tensors) for k, v in obj.items()}
-        return {"$dict": [[_encode(k, _child(path, "$key"), tensors), _encode(v, _child(path, k), tensors)] for k, v in obj.items()]}
+        return {"$dict": [[_encode(k, _child(path, "$key"), tensors), _encode(v, _child(path, k), tensors)]
+                          for k, v in obj.items()]}
     raise ArtifactError(
         f"cannot checkpoint a value of type {type(obj).__name__} at '{path or '/'}': "
         "only dict, list, tuple, int, float, bool, None, str and torch.Tensor are stored; "

@@ -13,7 +13,8 @@ philox offset; nothing is read from the device), so it is done *before* the capt
 captured step registers each generator with ``CUDAGraph.register_generator_state``; at every
 replay the graph reads the generator's current (seed, offset) into its device-side philox state
 and advances the offset by the captured amount (torch's ``CUDAGeneratorState::replay_prologue``),
-so re-seeding before each replay gives the same mask as an uncaptured step (``runtime/cuda_graphs.py``; untested until a session with a GPU runs
+so re-seeding before each replay gives the same mask as an uncaptured step (``runtime/cuda_graphs.py``;
+untested until a session with a GPU runs
 ``benchmarks/gpu_check_correctness.py``).
 
 A registry random op whose module has no ``generator`` attribute (or that is a plain function)

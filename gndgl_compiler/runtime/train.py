@@ -212,7 +212,8 @@ class Trainer:
         """``train.cuda_graphs`` resolved for this process (RunError, exit 2: ``on`` where it cannot capture)."""
         plan, mods = self.art.plan, self.art.modules
         owned = {pid: d for pid, d in devices.items() if pid in mods}
-        random = {p.id for p in plan.partitions if p.id in mods and any(n.kind in RANDOM_KINDS for n in p.body + p.head)}
+        random = {p.id for p in plan.partitions
+                  if p.id in mods and any(n.kind in RANDOM_KINDS for n in p.body + p.head)}
         reason = not_capturable(owned, fused=self.execution.fused, in_process=self.ctx.transport.in_process,
                                 world=self.ctx.world, sequential=plan.schedule != "parallel",
                                 legacy_random=bool(untaken({p.id: p for p in plan.partitions}, mods, random)))

@@ -26,7 +26,8 @@ def _yaml_path(data: Any, loc: tuple) -> tuple:
     node = data
     for i, part in enumerate(loc):
         nxt = loc[i + 1] if i + 1 < len(loc) else None
-        if isinstance(node, dict) and part not in node and (node.get("op") == part or (nxt is not None and nxt in node)):
+        if isinstance(node, dict) and part not in node and (node.get("op") == part
+                                                            or (nxt is not None and nxt in node)):
             continue  # a union/discriminator tag such as 'dropout' in layers[1].dropout.p
         if isinstance(node, dict) and part in node:
             out.append(part)
@@ -155,7 +156,8 @@ def _describe(err: dict, data: Any, path: tuple) -> str:
         return (f"a name is 1 to 64 characters: letters, digits, '_', '.' and '-', starting with a letter or a "
                 f"digit (no spaces or other signs) (found {found_s})")
     if kind == "union_tag_invalid":
-        return f"unknown op {found_s if not isinstance(found, dict) else _show(found.get('op'))}; allowed ops: {', '.join(LAYER_OPS)}"
+        return (f"unknown op {found_s if not isinstance(found, dict) else _show(found.get('op'))}; "
+                f"allowed ops: {', '.join(LAYER_OPS)}")
     if kind == "union_tag_not_found":
         return f"each unit needs an 'op'; allowed ops: {', '.join(LAYER_OPS)}"
     msg = err.get("msg", "invalid value")
@@ -219,7 +221,8 @@ def parse_spec(data: Any, lines: LineMap | None = None, file: str | None = None)
     for i, layer in enumerate(expanded):
         if layer.name in names:
             path = ("model", "layers", i, "name")
-            raise SpecError(f"unit name '{layer.name}' is used twice (also by unit {names[layer.name]}); names must be unique",
+            raise SpecError(f"unit name '{layer.name}' is used twice (also by unit {names[layer.name]}); "
+                            "names must be unique",
                             path=_dotted(path), line=lines.line_of(path), file=file)
         names[layer.name] = i
     return spec

@@ -26,7 +26,8 @@ class _Strict(BaseModel):
 
 
 class _Unit(_Strict):
-    name: str | None = Field(None, pattern=NAME_PATTERN, description="Unit name (cut points may refer to it); default '<op><index>'.")
+    name: str | None = Field(None, pattern=NAME_PATTERN,
+                             description="Unit name (cut points may refer to it); default '<op><index>'.")
 
 
 class Conv(_Unit):
@@ -86,15 +87,18 @@ class Block(_Unit):
 
 
 class Bottleneck(_Unit):
-    op: Literal["bottleneck"] = Field(description="torchvision's bottleneck (v1.5): 1×1, 3×3 (stride, groups = cardinality), 1×1 to 4·planes, + shortcut, relu.")
+    op: Literal["bottleneck"] = Field(description="torchvision's bottleneck (v1.5): 1×1, 3×3 (stride, groups = "
+                                      "cardinality), 1×1 to 4·planes, + shortcut, relu.")
     planes: int = Field(ge=1, le=65536, description="Planes p: the block outputs 4·p channels.")
     stride: int = Field(1, ge=1, le=4, description="Stride of the 3×3 conv (and the shortcut).")
-    cardinality: int = Field(1, ge=1, le=4096, description="Groups c of the 3×3 conv (ResNeXt); a width cut's G must divide it.")
+    cardinality: int = Field(1, ge=1, le=4096,
+                             description="Groups c of the 3×3 conv (ResNeXt); a width cut's G must divide it.")
     base_width: int = Field(64, ge=1, le=65536, description="Base width b: the inner width is floor(p·b/64)·c.")
 
 
 class PatchEmbed(_Unit):
-    op: Literal["patch_embed"] = Field(description="Patch embedding: conv p×p with stride p to D channels, then N tokens.")
+    op: Literal["patch_embed"] = Field(description="Patch embedding: conv p×p with stride p to D channels, then N "
+                                       "tokens.")
     out: int = Field(ge=1, le=65536, description="Embedding size D (channels of the residual stream).")
     patch: int = Field(4, ge=1, le=64, description="Patch size p (must divide the input height and width).")
     bias: bool = Field(True, description="Add a bias term.")
@@ -118,14 +122,16 @@ class SiLU(_Unit):
 
 
 class Attention(_Unit):
-    op: Literal["attention"] = Field(description="Multi-head self-attention (QKV, scaled dot product, projection); no residual.")
+    op: Literal["attention"] = Field(description="Multi-head self-attention (QKV, scaled dot product, projection); no "
+                                     "residual.")
     heads: int = Field(4, ge=1, le=4096, description="Number of heads H (must divide the embedding size).")
     bias: bool = Field(True, description="Biases of the QKV and output projections.")
 
 
 class MLP(_Unit):
     op: Literal["mlp"] = Field(description="Token MLP: Linear(D→ratio·D) → activation → Linear(→D); no residual.")
-    ratio: float = Field(2.0, gt=0, le=64, description="Hidden size as a multiple of the embedding size (ratio·D must be whole).")
+    ratio: float = Field(2.0, gt=0, le=64,
+                         description="Hidden size as a multiple of the embedding size (ratio·D must be whole).")
     act: Literal["gelu", "silu"] = Field("gelu", description="Hidden activation.")
 
 
@@ -142,21 +148,24 @@ class TokenPool(_Unit):
 
 
 Layer = Annotated[
-    Union[Conv, BN, ReLU, MaxPool, AvgPool, AdaptiveAvgPool, Flatten, Linear, Dropout, Block, Bottleneck, PatchEmbed, PosEmbed,
-          LayerNorm, GELU, SiLU, Attention, MLP, TransformerBlock, TokenPool],
+    Union[Conv, BN, ReLU, MaxPool, AvgPool, AdaptiveAvgPool, Flatten, Linear, Dropout, Block, Bottleneck, PatchEmbed,
+          PosEmbed, LayerNorm, GELU, SiLU, Attention, MLP, TransformerBlock, TokenPool],
     Field(discriminator="op"),
 ]
 LAYER_OPS = ("conv", "bn", "relu", "maxpool", "avgpool", "adaptive_avgpool", "flatten", "linear", "dropout", "block",
-             "bottleneck", "patch_embed", "pos_embed", "layernorm", "gelu", "silu", "attention", "mlp", "transformer_block",
-             "token_pool")
+             "bottleneck", "patch_embed", "pos_embed", "layernorm", "gelu", "silu", "attention", "mlp",
+             "transformer_block", "token_pool")
 
 
 class ViT(_Strict):
     """Dimensions of the vit_tiny / vit_cifar templates; each unset field keeps the template's value."""
 
-    dim: int | None = Field(None, ge=1, le=65536, description="Embedding size D before the width multiplier (vit_tiny 64, vit_cifar 256).")
-    depth: int | None = Field(None, ge=1, le=1024, description="Number of transformer blocks L (vit_tiny 4, vit_cifar 8).")
-    heads: int | None = Field(None, ge=1, le=4096, description="Attention heads H; must divide D (vit_tiny 4, vit_cifar 8).")
+    dim: int | None = Field(None, ge=1, le=65536,
+                            description="Embedding size D before the width multiplier (vit_tiny 64, vit_cifar 256).")
+    depth: int | None = Field(None, ge=1, le=1024,
+                              description="Number of transformer blocks L (vit_tiny 4, vit_cifar 8).")
+    heads: int | None = Field(None, ge=1, le=4096,
+                              description="Attention heads H; must divide D (vit_tiny 4, vit_cifar 8).")
     patch: int | None = Field(None, ge=1, le=64, description="Patch size p; must divide the input size (4 for both).")
     mlp_ratio: float | None = Field(None, gt=0, le=64, description="MLP hidden size as a multiple of D (2 for both).")
     cls: bool = Field(False, description="Classify from a CLS token instead of the mean over tokens.")
@@ -172,9 +181,13 @@ class Model(_Strict):
                       "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
                       "wide_resnet50_2"] | None = Field(
         None, description="Built-in network; expands to plain layers. Give either this or 'layers'.")
-    stem: Literal["imagenet", "cifar"] | None = Field(None, description="Stem of the torchvision templates (resnet18 .. wide_resnet50_2): 'imagenet' (7×7/2 conv, BN, ReLU, 3×3/2 max-pool; the default) or 'cifar' (3×3/1 conv, no pool).")
-    width: float = Field(1.0, gt=0, le=16, description="Template width multiplier (2 = '2×ResNet-32'; scales D of a ViT).")
-    vit: ViT | None = Field(None, description="vit_tiny / vit_cifar dimensions (D, depth, heads, patch, MLP ratio, CLS).")
+    stem: Literal["imagenet", "cifar"] | None = Field(None, description="Stem of the torchvision templates (resnet18 "
+                                                      ".. wide_resnet50_2): 'imagenet' (7×7/2 conv, BN, ReLU, 3×3/2 "
+                                                      "max-pool; the default) or 'cifar' (3×3/1 conv, no pool).")
+    width: float = Field(1.0, gt=0, le=16,
+                         description="Template width multiplier (2 = '2×ResNet-32'; scales D of a ViT).")
+    vit: ViT | None = Field(None,
+                            description="vit_tiny / vit_cifar dimensions (D, depth, heads, patch, MLP ratio, CLS).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Template dropout after each hidden layer (vgg6a).")
     layers: list[Layer] | None = Field(None, min_length=1, max_length=4096, description="Explicit list of units.")
     input_shape: tuple[int, int, int] = Field((3, 32, 32), description="Input C, H, W.")
@@ -208,9 +221,11 @@ CutPoint = Union[int, str]
 
 
 class Cuts(_Strict):
-    depth: int | list[CutPoint] = Field(1, description="K modules (int; ResNets use the paper's table) or explicit cut points: cut after these units (name or index).")
+    depth: int | list[CutPoint] = Field(1, description="K modules (int; ResNets use the paper's table) or explicit cut "
+                                        "points: cut after these units (name or index).")
     width: int | list[int] = Field(1, description="Groups per module: one G for all, or one value per module.")
-    split: Literal["equal", "balanced"] = Field("equal", description="'equal' needs G to divide every channel count; 'balanced' allows sizes differing by one.")
+    split: Literal["equal", "balanced"] = Field("equal", description="'equal' needs G to divide every channel count; "
+                                                "'balanced' allows sizes differing by one.")
 
     @field_validator("depth", "width", mode="before")
     @classmethod
@@ -260,12 +275,17 @@ HeadKind = Literal["auto", "1c2f", "linear", "mlp-sr", "predsim", "infopro", "to
 
 
 class Head(_Strict):
-    kind: HeadKind = Field("auto", description="Auxiliary head: 1c2f, linear, mlp-sr, predsim, infopro (maps), token-linear, token-mlp (tokens), or 'auto' (token-linear on tokens, else 1c2f).")
-    hidden: int | None = Field(None, ge=1, le=65536, description="Hidden width F of 1c2f / mlp-sr heads (default 128 × width) and token-mlp heads (default 2 × input channels).")
+    kind: HeadKind = Field("auto", description="Auxiliary head: 1c2f, linear, mlp-sr, predsim, infopro (maps), "
+                           "token-linear, token-mlp (tokens), or 'auto' (token-linear on tokens, else 1c2f).")
+    hidden: int | None = Field(None, ge=1, le=65536, description="Hidden width F of 1c2f / mlp-sr heads (default 128 × "
+                               "width) and token-mlp heads (default 2 × input channels).")
     beta: float = Field(0.99, ge=0, le=1, description="predsim: weight of the similarity-matching term.")
-    variant: Literal["contrast", "softmax"] = Field("contrast", description="infopro: task term, supervised contrastive or softmax.")
-    recon_weight: tuple[Weight, Weight] = Field((5.0, 0.0), description="infopro: λ_recon at the first and last local module.")
-    task_weight: tuple[Weight, Weight] = Field((0.0, 2.0), description="infopro: λ_task at the first and last local module.")
+    variant: Literal["contrast", "softmax"] = Field("contrast", description="infopro: task term, supervised "
+                                                    "contrastive or softmax.")
+    recon_weight: tuple[Weight, Weight] = Field((5.0, 0.0),
+                                                description="infopro: λ_recon at the first and last local module.")
+    task_weight: tuple[Weight, Weight] = Field((0.0, 2.0),
+                                               description="infopro: λ_task at the first and last local module.")
     temperature: float = Field(0.07, gt=0, le=100, description="infopro contrast: temperature of the contrastive loss.")
     projection: int = Field(128, ge=1, le=65536, description="infopro contrast: projection dimension.")
 
@@ -276,25 +296,33 @@ class Diversity(_Strict):
 
 
 class FinalHead(_Strict):
-    kind: Literal["auto", "1c2f", "linear", "model"] = Field("auto", description="Final head: 1c2f-shaped, avgpool+linear, the model's own classifier units, or 'auto' (model when joint or end-to-end, else 1c2f).")
-    mode: Literal["separate", "joint"] = Field("separate", description="'separate': its own partition on the detached last map; 'joint': closes the last module.")
-    hidden: int | None = Field(None, ge=1, le=65536, description="Hidden width of a 1c2f final head; default 128 × width.")
+    kind: Literal["auto", "1c2f", "linear", "model"] = Field("auto", description="Final head: 1c2f-shaped, "
+                                                             "avgpool+linear, the model's own classifier units, or "
+                                                             "'auto' (model when joint or end-to-end, else 1c2f).")
+    mode: Literal["separate", "joint"] = Field("separate", description="'separate': its own partition on the detached "
+                                               "last map; 'joint': closes the last module.")
+    hidden: int | None = Field(None, ge=1, le=65536,
+                               description="Hidden width of a 1c2f final head; default 128 × width.")
 
 
 class Local(_Strict):
     head: Head = Field(default_factory=Head, description="Auxiliary head of every partition.")
-    share_ratio: float = Field(0.0, ge=0, le=1, description="Stop-gradient sharing r: fraction of each sibling's channels its aux head sees.")
+    share_ratio: float = Field(0.0, ge=0, le=1, description="Stop-gradient sharing r: fraction of each sibling's "
+                               "channels its aux head sees.")
     diversity: Diversity = Field(default_factory=Diversity, description="Diversity penalty between sibling groups.")
     final_head: FinalHead = Field(default_factory=FinalHead, description="The classifier at the end of the network.")
-    schedule: Literal["parallel", "sequential"] = Field("parallel", description="'parallel' (DGL) or 'sequential' greedy layerwise training.")
+    schedule: Literal["parallel", "sequential"] = Field("parallel", description="'parallel' (DGL) or 'sequential' "
+                                                        "greedy layerwise training.")
 
 
 # ----------------------------------------------------------------------------- placement
 
 
 class Placement(_Strict):
-    devices: str | list[str] = Field("cpu", description="Devices partitions are balanced over: 'cpu', 'cuda', 'cuda:N' or a list.")
-    workers: int | None = Field(None, ge=1, le=4096, description="Number of distributed workers (ranks) to balance over instead of devices.")
+    devices: str | list[str] = Field("cpu", description="Devices partitions are balanced over: 'cpu', 'cuda', 'cuda:N' "
+                                     "or a list.")
+    workers: int | None = Field(None, ge=1, le=4096,
+                                description="Number of distributed workers (ranks) to balance over instead of devices.")
 
     @field_validator("devices")
     @classmethod
@@ -336,7 +364,8 @@ class Schedule(_Strict):
     warmup_epochs: float = Field(0.0, ge=0, le=10000, description="Linear warm-up length in epochs.")
     warmup_start_lr: float = Field(0.0, ge=0, le=100, description="LR at the start of the warm-up.")
     min_lr: float = Field(0.0, ge=0, le=100, description="cosine: final LR.")
-    milestones: list[Epoch] = Field(default_factory=list, max_length=10000, description="multistep: epochs at which the LR drops.")
+    milestones: list[Epoch] = Field(default_factory=list, max_length=10000,
+                                    description="multistep: epochs at which the LR drops.")
     gamma: float = Field(0.1, gt=0, le=1, description="multistep: factor per milestone (unless 'values' is given).")
     values: list[LR] | None = Field(None, max_length=10000, description="multistep: explicit LR after each milestone.")
 
@@ -355,25 +384,38 @@ class Augment(_Strict):
 
 
 class Train(_Strict):
-    dataset: str = Field("cifar10", min_length=1, max_length=4096, description="cifar10, cifar100, mnist, fashion-mnist, synthetic, or a path to an image folder / .tar.gz.")
-    data_root: str | None = Field(None, max_length=4096, description="Where torchvision / IDX files live (default $GNDGL_DATA).")
+    dataset: str = Field("cifar10", min_length=1, max_length=4096, description="cifar10, cifar100, mnist, "
+                         "fashion-mnist, synthetic, or a path to an image folder / .tar.gz.")
+    data_root: str | None = Field(None, max_length=4096,
+                                  description="Where torchvision / IDX files live (default $GNDGL_DATA).")
     batch_size: int = Field(128, ge=1, le=1_000_000, description="Mini-batch size.")
     epochs: int = Field(1, ge=1, le=100_000, description="Training epochs.")
-    optimizer: Optimizer = Field(default_factory=Optimizer, description="Optimizer settings (one optimizer per partition).")
+    optimizer: Optimizer = Field(default_factory=Optimizer,
+                                 description="Optimizer settings (one optimizer per partition).")
     schedule: Schedule = Field(default_factory=Schedule, description="Learning-rate schedule.")
     augment: Augment | None = Field(default_factory=Augment, description="Data augmentation; null for none.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of weights, batch order and augmentation.")
-    init: str | None = Field(None, min_length=1, max_length=4096, description="Initial weights: a state-dict file (.pt / .pth / .safetensors) with torchvision's names (a torchvision template's) or the op graph's (e.g. 's1.b0.conv1.weight'); each partition takes its slice. Loaded at compile time.")
+    init: str | None = Field(None, min_length=1, max_length=4096, description="Initial weights: a state-dict file (.pt "
+                             "/ .pth / .safetensors) with torchvision's names (a torchvision template's) or the op "
+                             "graph's (e.g. 's1.b0.conv1.weight'); each partition takes its slice. Loaded at compile "
+                             "time.")
     checkpoint_every: int = Field(0, ge=0, description="Also checkpoint every N steps (0 = only each epoch).")
     log_every: int = Field(50, ge=1, description="Log training metrics every N steps.")
     amp: Literal["auto", "bf16", "off"] = Field("auto", description="bf16 autocast: 'auto' = on for CUDA.")
-    channels_last: Literal["auto", "on", "off"] = Field("auto", description="channels_last memory format: 'auto' = on for CUDA.")
-    compile: Literal["off", "regional"] = Field("off", description="torch.compile each sibling-fused module's program ('regional'); off by default (measured: see README).")
-    cuda_graphs: Literal["auto", "on", "off"] = Field("off", description="Capture the whole step as one CUDA graph: 'auto' = when every partition of the process is on CUDA and the step is capturable, 'on' = required (exit 2 if not), 'off' (default until checked on a GPU).")
+    channels_last: Literal["auto", "on", "off"] = Field("auto", description="channels_last memory format: 'auto' = on "
+                                                        "for CUDA.")
+    compile: Literal["off", "regional"] = Field("off", description="torch.compile each sibling-fused module's program "
+                                                "('regional'); off by default (measured: see README).")
+    cuda_graphs: Literal["auto", "on", "off"] = Field("off", description="Capture the whole step as one CUDA graph: "
+                                                      "'auto' = when every partition of the process is on CUDA and the "
+                                                      "step is capturable, 'on' = required (exit 2 if not), 'off' "
+                                                      "(default until checked on a GPU).")
     fused: bool = Field(True, description="Fuse the partitions on one device into one step (same math, fewer kernels).")
-    fuse_siblings: bool = Field(True, description="With fused: run the G partitions of a module that share a device as one "
+    fuse_siblings: bool = Field(True,
+                                description="With fused: run the G partitions of a module that share a device as one "
                                 "program (dense first conv + grouped convs, batched heads and losses; same math up to "
-                                "float rounding). Per-partition parameters, checkpoints and optimizer state are unchanged.")
+                                "float rounding). Per-partition parameters, checkpoints and optimizer state are "
+                                "unchanged.")
 
 
 class Spec(_Strict):
@@ -383,7 +425,8 @@ class Spec(_Strict):
     description: str | None = Field(None, max_length=10000, description="Free text: what the spec reproduces.")
     model: Model = Field(description="The network: a template or explicit layers.")
     cuts: Cuts = Field(default_factory=Cuts, description="Depth cuts K and width cuts G.")
-    local: Local = Field(default_factory=Local, description="Local-learning method: heads, sharing, diversity, final head, schedule.")
+    local: Local = Field(default_factory=Local,
+                         description="Local-learning method: heads, sharing, diversity, final head, schedule.")
     placement: Placement = Field(default_factory=Placement, description="Where partitions run.")
     train: Train = Field(default_factory=Train, description="Training recipe (used by 'gndgl train').")
     _lines: Any = PrivateAttr(None)

@@ -119,7 +119,8 @@ def load_yaml(text: str | bytes, file: str | None = None) -> tuple[Any, LineMap]
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise SpecError(f"the spec is not valid UTF-8 text (byte {exc.start}); save it as UTF-8", file=file) from None
+            raise SpecError(f"the spec is not valid UTF-8 text (byte {exc.start}); save it as UTF-8",
+                            file=file) from None
     if len(text) > MAX_BYTES:
         raise SpecError(f"the spec is larger than {MAX_BYTES // 1000} kB; is this really a spec?", file=file)
     try:

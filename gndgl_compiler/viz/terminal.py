@@ -21,7 +21,6 @@ def plan_tree(plan: PartitionPlan, max_groups: int = 16) -> Any:
     from rich.markup import escape
     from rich.tree import Tree
 
-    s = plan.summary or {}
     gs = sorted(set(plan.groups))
     g = str(gs[0]) if len(gs) == 1 else str(plan.groups)
     root = Tree(f"[bold]{escape(plan.name)}[/] · K={plan.num_modules} · G={g} · {len(plan.partitions)} partitions · "

@@ -139,13 +139,13 @@ def linear(b: FusionBuild, grp: NodeGroup) -> tuple[Step, str]:
     mods = grp.modules()
     w = b.fuse_layer([m.weight for m in mods], b.in_width(grp.node, lay), stacked=True)  # (G, O, I)
     bias = b.fuse_layer([m.bias for m in mods]) if mods[0].bias is not None else None
-    O, I = w.fused.shape[1:]
+    n_out, n_in = w.fused.shape[1:]
 
     if lay == "shared":
         def dense(env: dict) -> None:
             x = env[arg]
-            out = F.linear(x, w.fused.view(G * O, I), None if bias is None else bias.fused)
-            env[name] = out.view(x.shape[0], G, O).transpose(0, 1)
+            out = F.linear(x, w.fused.view(G * n_out, n_in), None if bias is None else bias.fused)
+            env[name] = out.view(x.shape[0], G, n_out).transpose(0, 1)
         return dense, "gstack"
     if lay in ("stack", "gstack"):
         def batched(env: dict) -> None:
@@ -153,16 +153,16 @@ def linear(b: FusionBuild, grp: NodeGroup) -> tuple[Step, str]:
             if lay == "stack":
                 x = x.view(x.shape[0], G, -1).transpose(0, 1)
             wt = w.fused.transpose(1, 2)
-            env[name] = torch.bmm(x, wt) if bias is None else torch.baddbmm(bias.fused.view(G, 1, O), x, wt)
+            env[name] = torch.bmm(x, wt) if bias is None else torch.baddbmm(bias.fused.view(G, 1, n_out), x, wt)
         return batched, "gstack"
 
     spread = spreader(b, arg, w.fused)
-    full = I if spread is None else b.channel_maps[arg][1]
+    full = n_in if spread is None else b.channel_maps[arg][1]
 
     def mixed(env: dict) -> None:
         x = env[arg][0]
         wt = w.fused if spread is None else spread(w.fused)
-        out = SharedHeadConv.apply(x.unsqueeze(-1), wt.reshape(G * O, full, 1),
+        out = SharedHeadConv.apply(x.unsqueeze(-1), wt.reshape(G * n_out, full, 1),
                                    None if bias is None else bias.fused, G, [1], [0])
-        env[name] = out.view(x.shape[0], G, O).transpose(0, 1)
+        env[name] = out.view(x.shape[0], G, n_out).transpose(0, 1)
     return mixed, "gstack"

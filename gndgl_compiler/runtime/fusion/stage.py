@@ -101,7 +101,7 @@ class FusedStage:
         henv = {"h": out}  # padded: the heads read the padded layout, the other stages the real channels
         if self.unpad is not None:
             out = out.index_select(1, self.unpad)
-        for name, step in self.head:
+        for _name, step in self.head:
             step(henv)
         B = out.shape[0]
         logits = None

@@ -122,14 +122,14 @@ def _batched(b: FusionBuild, lins: list[torch.nn.Linear]) -> Callable[[torch.Ten
     """G linear layers over (G, B, N, I) tokens as one batched matmul."""
     w = b.fuse([m.weight for m in lins], linear=True)  # (G, O, I)
     bias = b.fuse([m.bias for m in lins]) if lins[0].bias is not None else None
-    G, O = b.G, lins[0].weight.shape[0]
+    G, n_out = b.G, lins[0].weight.shape[0]
 
     def apply(x: torch.Tensor) -> torch.Tensor:  # (G, B, N, I) -> (G, B, N, O)
         lead = x.shape[:3]
         x2 = x.view(G, -1, x.shape[3])
         wt = w.fused.transpose(1, 2)
-        y = torch.bmm(x2, wt) if bias is None else torch.baddbmm(bias.fused.view(G, 1, O), x2, wt)
-        return y.view(*lead, O)
+        y = torch.bmm(x2, wt) if bias is None else torch.baddbmm(bias.fused.view(G, 1, n_out), x2, wt)
+        return y.view(*lead, n_out)
     return apply
 
 
