@@ -20,6 +20,7 @@ from ..graph.build import INPUT, OpGraph
 from ..graph.ops import get_op
 from ..spec.models import Spec
 from .costs import annotate_costs
+from .memory import annotate_memory
 from .cuts import module_segments
 from .groups import group_offset, module_body
 from .heads import HEADS, check_head_input, head_1c2f, head_linear, resolve_head_kind
@@ -243,6 +244,8 @@ def build_plan(spec: Spec, og: OpGraph) -> PartitionPlan:
         schedule=loc.schedule, devices=spec.placement.device_list(), workers=spec.placement.workers or 1)
     annotate_costs(plan, og)
     place(plan, plan.devices, plan.workers)
+    opt = spec.train.optimizer
+    annotate_memory(plan, opt.kind, opt.momentum, spec.train.batch_size)
     return plan
 
 
