@@ -141,3 +141,36 @@ def test_peak_follows_the_schedule():
             union.update(saved_storages(p, shapes, fused=flag))
         assert len([k for k in union if "cat" in k or k[-1] in ("x", "shared")]) == 2 * expected
     assert device_memory(plan.partitions, shapes, "sgd", 0.0)["optim_bytes"] == 0
+
+
+def test_sweep_has_a_memory_column(tmp_path):
+    """``gndgl sweep`` reports the predicted step peak of every configuration: local learning needs less than
+    end-to-end, and more groups at the same K need more (their heads read the whole module output)."""
+    from gndgl_compiler.sweep import run_sweep
+    from gndgl_compiler.viz.tables import csv_table, markdown_table
+
+    rows = run_sweep(ROOT / "specs/resnet32_k8g4.yaml", [1, 8], [1, 4], out_dir=tmp_path)
+    peak = {(r.K, r.G): r.peak_bytes for r in rows}
+    assert all(v is not None and v > 0 for v in peak.values())
+    assert peak[(8, 1)] < peak[(1, 1)] and peak[(8, 1)] < peak[(8, 4)]
+    assert all(r.act_bytes > 0 for r in rows)
+    assert "## Predicted peak memory of a training step" in markdown_table(rows)
+    assert "peak_bytes" in csv_table(rows).splitlines()[0]
+
+
+def test_balance_by_memory(tmp_path):
+    """``cuts.balance: memory`` cuts an integer K where the largest partition's activations are smallest; with
+    explicit cut points it is refused with the field and its line, and `gndgl compile` exits 2."""
+    import subprocess
+    import sys
+
+    by = {b: plan_spec(ROOT / "specs/resnet32_k4g1.yaml", overrides=[f"cuts.balance={b}"]) for b in ("macs", "memory")}
+    largest = {b: max(p.costs["act_bytes"] for p in plan.partitions) for b, plan in by.items()}
+    assert largest["memory"] < 0.9 * largest["macs"]
+    assert len(by["memory"].partitions) == len(by["macs"].partitions)
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("name: bad\nmodel: {template: resnet32}\ncuts:\n  depth: [s1.b0, s2.b0]\n  balance: memory\n")
+    r = subprocess.run([sys.executable, "-m", "gndgl_cli.main", "compile", str(spec), "-o", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "bad.yaml:5" in r.stderr and "cuts.balance" in r.stderr and "integer" in r.stderr

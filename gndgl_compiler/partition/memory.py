@@ -31,7 +31,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..graph.ops import get_op
+from ..graph.build import OpGraph
+from ..graph.ops import find_op, get_op
 from .plan import IMAGE, IRNode, Partition, PartitionPlan
 
 FLOAT = 4
@@ -266,6 +267,28 @@ def step_peak(mem: dict[str, Any], batch: int, static: bool = True) -> int:
     the part above the resting memory (parameters and optimizer state excluded)."""
     peak = max(batch * act + grads for act, grads in mem["profile"])
     return peak + (mem["param_bytes"] + mem["optim_bytes"] + mem["rest_grad_bytes"] if static else 0)
+
+
+def op_graph_bytes(og: OpGraph, nodes: list[str]) -> int:
+    """Per sample: the storages the op-graph nodes ``nodes`` save for backward, each once (what ``cuts.balance:
+    memory`` balances; a view resolves to the storage it views)."""
+    g = og.graph
+
+    def base(v: str) -> str:
+        while (op := find_op(g.nodes[v]["kind"])) is not None and op.view:
+            v = min(g.in_edges(v, data="pos"), key=lambda e: e[2])[0]
+        return v
+
+    saved: Storages = {}
+    for v in nodes:
+        d = g.nodes[v]
+        args = [u for u, _, _ in sorted(g.in_edges(v, data="pos"), key=lambda e: e[2])]
+        s = get_op(d["kind"]).saves(d["attrs"], [tuple(x) for x in d["in_shapes"]], tuple(d["shape"]))
+        for b in [base(args[i]) for i in s.inputs] + ([base(v)] if s.output else []):
+            saved[(b,)] = _nbytes(g.nodes[b]["shape"])
+        if s.extra or s.index:
+            saved[("x", v)] = s.extra * FLOAT + s.index * INDEX
+    return sum(saved.values())
 
 
 def e2e_activation_bytes(plan: PartitionPlan, shapes: dict[int, list[int]]) -> int:

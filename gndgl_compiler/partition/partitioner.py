@@ -107,7 +107,7 @@ def build_plan(spec: Spec, og: OpGraph) -> PartitionPlan:
     Raises:
         PartitionError: impossible cuts, widths, heads or placements.
     """
-    modules = module_segments(og, spec.cuts.depth, spec.model.template)
+    modules = module_segments(og, spec.cuts.depth, spec.model.template, spec.cuts.balance or "macs")
     k_mod = len(modules)
     groups = _widths(spec, k_mod)
     loc = spec.local
