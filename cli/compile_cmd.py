@@ -51,20 +51,21 @@ def print_summary(art: Artifact, title: str) -> None:
     place_col = [] if one_device else [("worker" if one_type else "device", "left")]
     cols = [("partition", "left")] + place_col  # the name says module and group: m<k>.g<g>
     cols += [("layers", "left"), ("fwd\nMACs", "right"), ("bwd\nMACs", "right"), ("params", "right"),
-             ("in\n/img", "right"), ("out\n/img", "right")]
+             ("in\n/img", "right"), ("out\n/img", "right"), ("act\n/img", "right")]
     for col, just in cols:
         table.add_column(col, justify=just, no_wrap=True, overflow="ellipsis")
     rows = plan.partitions
     shown = rows if len(rows) <= 40 else rows[:20] + rows[-20:]
     for i, p in enumerate(shown):
         if len(rows) > 40 and i == 20:
-            table.add_row("...", *([] if one_device else [""]), f"({len(rows) - 40} more)", "", "", "", "", "")
+            table.add_row("...", *([] if one_device else [""]), f"({len(rows) - 40} more)", "", "", "", "", "", "")
         units = (p.units[0] if len(p.units) == 1 else f"{p.units[0]}..{p.units[-1]}") if p.units else p.head_kind
         dev = [] if one_device else [f"w{p.worker}" if one_type
                                      else p.device + (f"/w{p.worker}" if plan.workers > 1 else "")]
         table.add_row(p.name, *dev, units,
                       fmt_int(p.costs["fwd_macs"]), fmt_int(p.costs["bwd_macs"]), fmt_int(p.costs["params"]),
-                      fmt_bytes(p.costs["bytes_in"]), fmt_bytes(p.costs["bytes_out"]))
+                      fmt_bytes(p.costs["bytes_in"]), fmt_bytes(p.costs["bytes_out"]),
+                      fmt_bytes(p.costs.get("act_bytes", 0)))
     console.print(table)
     g = plan.groups if len(set(plan.groups)) > 1 else plan.groups[0]
     where = f" · all on {devices[0]}" if one_type else ""
@@ -75,6 +76,15 @@ def print_summary(art: Artifact, title: str) -> None:
         f"training speed-up [bold green]{s['training_speedup']:.2f}×[/] · inference speed-up "
         f"[bold green]{s['inference_speedup']:.2f}×[/]\n"
         f"params {fmt_int(s['params'])} (inference {fmt_int(s['inference_params'])})", highlight=False)
+    if "memory" in s:
+        console.print(memory_line(s["memory"]), highlight=False, soft_wrap=True)
+
+
+def memory_line(mem: dict) -> str:
+    """The memory model's footer: activations per image and the predicted step peak per device (DESIGN §4.1)."""
+    peaks = " · ".join(f"{dev} {fmt_bytes(d['peak_bytes'])}" for dev, d in mem["devices"].items())
+    return (f"memory: activations per image: max partition {fmt_bytes(mem['max_act_bytes'])}, end-to-end "
+            f"{fmt_bytes(mem['e2e_act_bytes'])} · predicted step peak at batch {mem['batch_size']}: {peaks}")
 
 
 def print_final_head(art: Artifact, notes: bool = True) -> None:

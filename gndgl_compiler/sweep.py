@@ -43,6 +43,10 @@ class SweepRow:
     max_partition_train_macs: int | None = None
     """Largest partition's forward + backward MACs (Figure 3's x axis)."""
     inference_macs: int | None = None
+    peak_bytes: int | None = None
+    """The memory model's predicted peak of a training step (the fullest device) at the spec's batch size."""
+    act_bytes: int | None = None
+    """The largest partition's activation bytes per sample (memory model)."""
     test_acc: float | None = None
     """Test accuracy (the mean over ``seeds`` when several were trained)."""
     ensemble_acc: float | None = None
@@ -111,7 +115,9 @@ def _row(K: int, G: int, name: str, plan: Any) -> SweepRow:
                     inference_params=s.get("inference_params"), e2e_macs=s["e2e_macs"],
                     max_partition_macs=s["max_partition_macs"],
                     max_partition_train_macs=max(p.costs.get("train_macs", 0) for p in plan.partitions),
-                    inference_macs=s["inference_macs"])
+                    inference_macs=s["inference_macs"],
+                    peak_bytes=max(d["peak_bytes"] for d in s["memory"]["devices"].values()) if "memory" in s else None,
+                    act_bytes=s["memory"]["max_act_bytes"] if "memory" in s else None)
 
 
 def _train(art_dir: Path, run_dir: Path, options: dict[str, Any]) -> dict[str, Any]:

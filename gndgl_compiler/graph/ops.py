@@ -4,6 +4,7 @@ Each entry says, for an op with attributes ``attrs`` and per-sample input shapes
 (``(C, H, W)`` maps, ``(D, N)`` tokens or ``(D,)`` features), everything the stages need:
 
     shape / macs / params    graph building and the cost model
+    saves, view              the memory model (partition/memory.py, DESIGN §4.1)
     split, split_keys        how a width cut splits it (partition/groups.py, validate.py)
     leads_in                 segmentation (graph/build.py)
     module / function,       codegen (codegen/emit.py)
@@ -32,6 +33,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from ..errors import GraphError
+from .saves import NOTHING, Saves
 from .transformer_ops import transformer_op_defs
 
 if TYPE_CHECKING:
@@ -92,6 +94,10 @@ class OpDef:
     """For a ``weights`` op: the attributes of one group's copy beyond :attr:`split_keys`, given the
     module's G (a grouped conv's ``groups``); raises ``ValueError`` with the reason and the valid G
     when G cannot split it."""
+    saves: Callable[[Attrs, list[Shape], Shape], Saves] = lambda a, i, o: NOTHING
+    """What autograd saves of the op in a training forward (:class:`Saves`; the memory model)."""
+    view: bool = False
+    """Its output is a view of its first input's storage (flatten, a channel slice): nothing new."""
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -279,37 +285,43 @@ def _upsample_shape(a: Attrs, ins: list[Shape]) -> Shape:
     return (c, a["height"], a["width"])
 
 
+_IN = lambda a, i, o: Saves((0,))  # noqa: E731  (conv, linear, BN, avgpool: their input)
+_OUT = lambda a, i, o: Saves(output=True)  # noqa: E731  (relu, sigmoid: their output)
+
 OPS: dict[str, OpDef] = {
-    "conv": OpDef("conv", _conv_shape, _conv_macs, _conv_params, _conv_module, split="weights", label=_conv_label),
+    "conv": OpDef("conv", _conv_shape, _conv_macs, _conv_params, _conv_module, split="weights", label=_conv_label,
+                  saves=_IN),
     "gconv": OpDef("gconv", _conv_shape, _conv_macs, _conv_params, _conv_module, split="weights",
                    label=lambda a: _conv_label(a) + (f" g{a['groups']}" if a.get("groups", 1) > 1 else ""),
-                   split_attrs=_gconv_split),
+                   split_attrs=_gconv_split, saves=_IN),
     "linear": OpDef(
         "linear", _linear_shape, lambda a, i, o: a["in"] * a["out"],
         lambda a, i, o: a["in"] * a["out"] + (a["out"] if a["bias"] else 0),
-        _linear_module, split="weights"),
-    "bn": OpDef("bn", _same, params=lambda a, i, o: 2 * i[0][0], module=_bn_module),
-    "relu": OpDef("relu", _same, function="torch:relu"),
-    "dropout": OpDef("dropout", _same, module=lambda a, i, o: _seeded_dropout(a["p"]), random=True),
+        _linear_module, split="weights", saves=_IN),
+    "bn": OpDef("bn", _same, params=lambda a, i, o: 2 * i[0][0], module=_bn_module, saves=_IN),
+    "relu": OpDef("relu", _same, function="torch:relu", saves=_OUT),
+    "dropout": OpDef("dropout", _same, module=lambda a, i, o: _seeded_dropout(a["p"]), random=True,
+                     saves=lambda a, i, o: Saves((0,), extra=math.prod(o))),
     "maxpool": OpDef("maxpool", _pool_shape("maxpool"), function="torch.nn.functional:max_pool2d",
-                     kwargs=_pool_kwargs),
+                     kwargs=_pool_kwargs, saves=lambda a, i, o: Saves((0,), index=math.prod(o))),
     "avgpool": OpDef("avgpool", _pool_shape("avgpool"), function="torch.nn.functional:avg_pool2d",
-                     kwargs=_pool_kwargs),
+                     kwargs=_pool_kwargs, saves=_IN),
     "adaptive_avgpool": OpDef("adaptive_avgpool", _adaptive_shape,
                               function="torch.nn.functional:adaptive_avg_pool2d",
                               kwargs=lambda a, i: {"output_size": a["size"]}, leads_in=True),
     "flatten": OpDef("flatten", lambda a, i: (math.prod(i[0]),), function="torch:flatten",
-                     kwargs=lambda a, i: {"start_dim": 1}, leads_in=True),
+                     kwargs=lambda a, i: {"start_dim": 1}, leads_in=True, view=True),
     "add": OpDef("add", _add_shape, function=operator.add, split="merge"),
     "cat": OpDef("cat", _cat_shape, function="torch:cat", kwargs=lambda a, i: {"dim": 1}, variadic=True),
     "slice": OpDef("slice", _slice_shape, function=_channel_slice,
                    kwargs=lambda a, i: {"start": a["start"], "length": a["length"]},
-                   label=lambda a: f" [{a['start']}:{a['start'] + a['length']}]"),
+                   label=lambda a: f" [{a['start']}:{a['start'] + a['length']}]", view=True),
     "upsample": OpDef("upsample", _upsample_shape, function="torch.nn.functional:interpolate",
                       kwargs=lambda a, i: {"size": (a["height"], a["width"]), "mode": "bilinear",
                                            "align_corners": False}),
-    "sigmoid": OpDef("sigmoid", _same, function="torch:sigmoid"),
-    "l2norm": OpDef("l2norm", _same, function="torch.nn.functional:normalize", kwargs=lambda a, i: {"dim": 1}),
+    "sigmoid": OpDef("sigmoid", _same, function="torch:sigmoid", saves=_OUT),
+    "l2norm": OpDef("l2norm", _same, function="torch.nn.functional:normalize", kwargs=lambda a, i: {"dim": 1},
+                    saves=_IN),
     **transformer_op_defs(OpDef),
 }
 

@@ -22,6 +22,7 @@ import math
 from typing import Any
 
 from ..errors import GraphError
+from .saves import Saves
 
 Shape = tuple[int, ...]
 Attrs = dict[str, Any]
@@ -124,6 +125,19 @@ def _modules() -> Any:
     return transformer_modules
 
 
+def _ln_saves(a: Attrs, i: list[Shape], o: Shape) -> Saves:
+    """LayerNorm saves its input and a mean and rstd per token (per sample when on flat features)."""
+    return Saves((0,), extra=2 * (i[0][1] if len(i[0]) == 2 else 1))
+
+
+def _attn_saves(a: Attrs, i: list[Shape], o: Shape) -> Saves:
+    """Attention saves its input as a token-major matrix (the QKV linear's; the LayerNorm before it leaves it
+    so), the QKV output (q, k, v are views of it), the attention output (the projection reads it as a view)
+    and its log-sum-exp."""
+    inner, n = a["heads"] * a["head_dim"], o[1]
+    return Saves(extra=n * (a["in"] + 3 * inner + inner + a["heads"]))
+
+
 def transformer_op_defs(op_def: Any) -> dict[str, Any]:
     """The registry entries of the token ops.
 
@@ -138,22 +152,26 @@ def transformer_op_defs(op_def: Any) -> dict[str, Any]:
         "patch_embed": op_def(
             "patch_embed", _patch_shape, _patch_macs, _patch_params,
             lambda a, i, o: _modules().PatchEmbed(a["in"], a["out"], a["patch"], a["bias"]), split="weights",
-            label=lambda a: f" {a.get('patch')}×{a.get('patch')}"),
+            label=lambda a: f" {a.get('patch')}×{a.get('patch')}", saves=lambda a, i, o: Saves((0,))),
         "pos_embed": op_def("pos_embed", _pos_shape, params=lambda a, i, o: o[0] * o[1] + (o[0] if a["cls"] else 0),
                             module=lambda a, i, o: _modules().PosEmbed(i[0][0], i[0][1], a["cls"])),
         "layernorm": op_def("layernorm", _ln_shape, params=lambda a, i, o: 2 * i[0][0],
-                            module=lambda a, i, o: _modules().ChannelLayerNorm(i[0][0], eps=1e-6), leads_in=True),
-        "gelu": op_def("gelu", same, function="torch.nn.functional:gelu"),
-        "silu": op_def("silu", same, function="torch.nn.functional:silu"),
+                            module=lambda a, i, o: _modules().ChannelLayerNorm(i[0][0], eps=1e-6), leads_in=True,
+                            saves=_ln_saves),
+        "gelu": op_def("gelu", same, function="torch.nn.functional:gelu", saves=lambda a, i, o: Saves((0,))),
+        "silu": op_def("silu", same, function="torch.nn.functional:silu", saves=lambda a, i, o: Saves((0,))),
         "attention": op_def(
             "attention", _attn_shape, _attn_macs, _attn_params,
             lambda a, i, o: _modules().Attention(a["in"], a["out"], a["heads"], a["head_dim"], a["bias"]),
-            split="weights", split_keys=("out", "heads"), label=lambda a: f" {a.get('heads')}h"),
+            split="weights", split_keys=("out", "heads"), label=lambda a: f" {a.get('heads')}h",
+            saves=_attn_saves),
         "mlp": op_def(
             "mlp", _mlp_shape, lambda a, i, o: o[1] * (a["in"] * a["hidden"] + a["hidden"] * a["out"]),
             lambda a, i, o: a["in"] * a["hidden"] + a["hidden"] + a["hidden"] * a["out"] + a["out"],
             lambda a, i, o: _modules().MLP(a["in"], a["hidden"], a["out"], a.get("act", "gelu")),
-            split="weights", split_keys=("out", "hidden"), label=lambda a: f" {a.get('hidden')}"),
+            split="weights", split_keys=("out", "hidden"), label=lambda a: f" {a.get('hidden')}",
+            # its input as a token-major matrix (fc1's), fc1's output (GELU's input), GELU's output
+            saves=lambda a, i, o: Saves(extra=o[1] * (a["in"] + 2 * a["hidden"]))),
         "token_pool": op_def("token_pool", _pool_shape, function=f"{__package__}.transformer_modules:token_pool",
                              kwargs=lambda a, i: {"cls": a["cls"]}, leads_in=True),
     }

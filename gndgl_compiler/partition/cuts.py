@@ -1,7 +1,8 @@
 """Depth cuts: which body segments each module holds.
 
 ResNet-32 with K in {1, 2, 4, 8, 16} uses the paper's cut table (DESIGN §3);
-any other integer K is balanced by MACs (contiguous, minimising the maximum);
+any other integer K is balanced by MACs (contiguous, minimising the maximum), or with ``cuts.balance: memory``
+any K by the activation bytes the units save (the memory model, DESIGN §4.1);
 an explicit list names the units to cut after.
 """
 
@@ -11,6 +12,7 @@ import re
 
 from ..errors import PartitionError
 from ..graph.build import OpGraph
+from .memory import op_graph_bytes
 
 # cut after block b of stage s; (0, 0) is the stem. The final (3, 4) cut is the head boundary.
 RESNET32_CUTS: dict[int, list[tuple[int, int]]] = {
@@ -89,7 +91,7 @@ def name_ranges(names: list[str], limit: int = 40) -> str:
     return ", ".join(parts[:limit]) + (", ..." if len(parts) > limit else "")
 
 
-def module_segments(og: OpGraph, depth: int | list, template: str | None) -> list[list[int]]:
+def module_segments(og: OpGraph, depth: int | list, template: str | None, balance: str = "macs") -> list[list[int]]:
     """Resolve ``cuts.depth`` into lists of body-segment indices, one list per module.
 
     Args:
@@ -107,7 +109,9 @@ def module_segments(og: OpGraph, depth: int | list, template: str | None) -> lis
         if depth > n:
             raise PartitionError(f"K={depth} is larger than the {n} units that can be cut "
                                  f"({', '.join(s.name for s in body[:6])}{', ...' if n > 6 else ''}); use K ≤ {n}")
-        if template == "resnet32" and depth in RESNET32_CUTS:
+        if balance == "memory":
+            starts = balanced_split([op_graph_bytes(og, s.nodes) for s in body], depth)
+        elif template == "resnet32" and depth in RESNET32_CUTS:
             names = [_unit_name(s, b) for s, b in RESNET32_CUTS[depth]]
             index = {s.name: s.index for s in body}
             ends = [index[nm] for nm in names]

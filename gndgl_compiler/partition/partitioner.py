@@ -20,6 +20,7 @@ from ..graph.build import INPUT, OpGraph
 from ..graph.ops import get_op
 from ..spec.models import Spec
 from .costs import annotate_costs
+from .memory import annotate_memory
 from .cuts import module_segments
 from .groups import group_offset, module_body
 from .heads import HEADS, check_head_input, head_1c2f, head_linear, resolve_head_kind
@@ -106,7 +107,7 @@ def build_plan(spec: Spec, og: OpGraph) -> PartitionPlan:
     Raises:
         PartitionError: impossible cuts, widths, heads or placements.
     """
-    modules = module_segments(og, spec.cuts.depth, spec.model.template)
+    modules = module_segments(og, spec.cuts.depth, spec.model.template, spec.cuts.balance or "macs")
     k_mod = len(modules)
     groups = _widths(spec, k_mod)
     loc = spec.local
@@ -244,6 +245,8 @@ def build_plan(spec: Spec, og: OpGraph) -> PartitionPlan:
         schedule=loc.schedule, devices=spec.placement.device_list(), workers=spec.placement.workers or 1)
     annotate_costs(plan, og)
     place(plan, plan.devices, plan.workers)
+    opt = spec.train.optimizer
+    annotate_memory(plan, opt.kind, opt.momentum, spec.train.batch_size)
     return plan
 
 

@@ -383,7 +383,7 @@ class Trainer:
                    "best_test_acc": max((h["test_acc"] for h in st.history), default=None), "history": st.history,
                    "wall_s": wall, "images_per_s": st.images / max(attempt, 1e-9), "device": str(self.device),
                    "fused": self.execution.fused, "amp": self.amp, "dataset": self.recipe.dataset,
-                   "complete": st.epoch >= self.total_epochs}
+                   "complete": st.epoch >= self.total_epochs, "memory": plan.summary.get("memory")}
         fsio.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
         write_metrics_csv(run_dir)
         return summary

@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Union
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_serializer, model_validator
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 
@@ -226,6 +226,10 @@ class Cuts(_Strict):
     width: int | list[int] = Field(1, description="Groups per module: one G for all, or one value per module.")
     split: Literal["equal", "balanced"] = Field("equal", description="'equal' needs G to divide every channel count; "
                                                 "'balanced' allows sizes differing by one.")
+    balance: Literal["macs", "memory"] | None = Field(
+        None, description="How an integer K cuts: 'macs' (the default: ResNet-32 uses the paper's table, other nets "
+        "contiguous modules minimising the largest forward MACs) or 'memory' (minimising the largest activation bytes "
+        "saved for backward, the memory model). Not with explicit cut points.")
 
     @field_validator("depth", "width", mode="before")
     @classmethod
@@ -255,6 +259,22 @@ class Cuts(_Strict):
                 if c in seen:
                     raise ValueError(f"cut point {c!r} is given twice; list each cut once")
                 seen.add(c)
+        return v
+
+    @model_serializer(mode="wrap")
+    def _unset_balance(self, handler):
+        # an unset balance stays out of the normalised spec (spec.json of a spec without it is unchanged)
+        out = handler(self)
+        if self.balance is None and isinstance(out, dict):
+            out.pop("balance", None)
+        return out
+
+    @field_validator("balance")
+    @classmethod
+    def _balance(cls, v, info):
+        if v is not None and isinstance(info.data.get("depth"), list):
+            raise ValueError(f"balance: {v} balances an integer K (depth: K); depth is a list of cut points, "
+                             "which fixes the cuts: remove balance, or give depth as an integer")
         return v
 
     @field_validator("width")

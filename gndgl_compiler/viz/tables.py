@@ -15,6 +15,7 @@ from pathlib import Path
 from .. import fsio
 from ..errors import GndglError
 from ..sweep import SweepRow
+from .style import fmt_bytes
 
 # Paper (Patel, Eickenberg, Belilovsky), ResNet-32 on CIFAR-10, keyed by (K, G).
 PAPER_TRAIN_SPEEDUP = {(1, 1): 1.0, (2, 1): 1.894, (4, 1): 3.622, (8, 1): 6.456, (16, 1): 11.609, (1, 2): 3.674,
@@ -81,7 +82,9 @@ def markdown_table(rows: list[SweepRow], *, title: str = "", paper: bool = False
              ("Inference speed-up (cf. Table 5)",
               lambda r, K, G: _fmt(r.inference_speedup, ref(PAPER_INFERENCE_SPEEDUP, K, G))),
              ("Partitions", lambda r, K, G: str(r.partitions) if r.ok else "—"),
-             ("Parameters (training, with aux heads)", lambda r, K, G: f"{r.params:,}" if r.ok else "—")]
+             ("Parameters (training, with aux heads)", lambda r, K, G: f"{r.params:,}" if r.ok else "—"),
+             ("Predicted peak memory of a training step (memory model, spec's batch size)",
+              lambda r, K, G: fmt_bytes(r.peak_bytes) if r.ok and r.peak_bytes is not None else "—")]
     if trained:
         seeds = next((r.seeds for r in rows if r.seeds), "")
         name = f"Test accuracy %, mean ± std over seeds {seeds}" if seeds else "Test accuracy %"
