@@ -77,6 +77,49 @@ def read_curves(run_dir: str | os.PathLike) -> dict[str, Any]:
     return {"train": train, "eval": ev}
 
 
+def _train_panels(axes, train: dict, color: dict[str, str]) -> None:
+    """Local loss and local training accuracy per partition against the step (log loss axis when it spans 20×)."""
+    for key, ax, ylabel in (("loss", axes[0], "local loss"), ("acc", axes[1], "local training accuracy (%)")):
+        drawn = False
+        for name, s in train.items():
+            pts = [(x, y * (100 if key == "acc" else 1)) for x, y in zip(s["step"], s[key]) if y is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color[module_of(name)], lw=1.0, alpha=0.75,
+                        marker="." if len(pts) < 30 else None)
+                drawn = True
+        if not drawn:
+            ax.text(0.5, 0.5, f"no '{key}' values logged", ha="center", va="center", transform=ax.transAxes,
+                    color="#888888")
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{ylabel} per partition (colour = module)", fontsize=10)
+        ax.grid(True, alpha=0.3)
+    losses = [v for s in train.values() for v in s["loss"] if v is not None]
+    if losses and min(losses) > 0 and max(losses) / min(losses) > 20:
+        axes[0].set_yscale("log")
+
+
+def _eval_panel(ax, ev: dict, modules: list[str], color: dict[str, str]) -> None:
+    """Test accuracy per epoch: the final head, the layerwise ensemble and each module's local heads."""
+    for key, style, label in (("test_acc", "-", "test (final head)"), ("ensemble_acc", "--", "layerwise ensemble")):
+        pts = [(e, 100 * a) for e, a in zip(ev["epoch"], ev[key]) if a is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color="black", lw=2, marker="o", ms=4, label=label)
+    for m in modules:
+        s = ev["modules"].get(m)
+        if s:
+            ax.plot(s["epoch"], [100 * a for a in s["acc"]], ":", color=color[m], lw=1.2, marker=".",
+                    label=m if m in ("head", "e2e") else f"{m} local (mean of groups)")
+    if ev["epoch"]:
+        ax.legend(fontsize=7, loc="lower right", ncol=2 if len(modules) > 8 else 1)
+    else:
+        ax.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=ax.transAxes, color="#888888")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("test accuracy per epoch (final head, ensemble, local heads)", fontsize=10)
+    ax.grid(True, alpha=0.3)
+
+
 def _module_sort_key(m: str) -> tuple[int, str]:
     g = re.match(r"m(\d+)$", m)
     return (int(g.group(1)), "") if g else (10 ** 6, m)
@@ -117,47 +160,13 @@ def plot_run(run_dir: str | os.PathLike, output: str | os.PathLike | None = None
     fig = Figure(figsize=(15, 4.6), dpi=110)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
-    for key, ax, ylabel in (("loss", axes[0], "local loss"), ("acc", axes[1], "local training accuracy (%)")):
-        drawn = False
-        for name, s in train.items():
-            pts = [(x, y * (100 if key == "acc" else 1)) for x, y in zip(s["step"], s[key]) if y is not None]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color[module_of(name)], lw=1.0, alpha=0.75,
-                        marker="." if len(pts) < 30 else None)
-                drawn = True
-        if not drawn:
-            ax.text(0.5, 0.5, f"no '{key}' values logged", ha="center", va="center", transform=ax.transAxes,
-                    color="#888888")
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"{ylabel} per partition (colour = module)", fontsize=10)
-        ax.grid(True, alpha=0.3)
-    losses = [v for s in train.values() for v in s["loss"] if v is not None]
-    if losses and min(losses) > 0 and max(losses) / min(losses) > 20:
-        axes[0].set_yscale("log")
-    ax = axes[2]
-    for key, style, label in (("test_acc", "-", "test (final head)"), ("ensemble_acc", "--", "layerwise ensemble")):
-        pts = [(e, 100 * a) for e, a in zip(ev["epoch"], ev[key]) if a is not None]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color="black", lw=2, marker="o", ms=4, label=label)
-    for m in modules:
-        s = ev["modules"].get(m)
-        if s:
-            ax.plot(s["epoch"], [100 * a for a in s["acc"]], ":", color=color[m], lw=1.2, marker=".",
-                    label=m if m in ("head", "e2e") else f"{m} local (mean of groups)")
-    if ev["epoch"]:
-        ax.legend(fontsize=7, loc="lower right", ncol=2 if len(modules) > 8 else 1)
-    else:
-        ax.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=ax.transAxes, color="#888888")
-    ax.set_xlabel("epoch")
+    _train_panels(axes[:2], train, color)
+    _eval_panel(axes[2], ev, modules, color)
     from matplotlib.ticker import MaxNLocator
     for a in axes:
         a.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     if ev["epoch"]:
-        ax.set_xlim(min(ev["epoch"]) - 0.5, max(ev["epoch"]) + 0.5)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("test accuracy per epoch (final head, ensemble, local heads)", fontsize=10)
-    ax.grid(True, alpha=0.3)
+        axes[2].set_xlim(min(ev["epoch"]) - 0.5, max(ev["epoch"]) + 0.5)
     handles = [Line2D([], [], color=color[m], lw=2, label=m) for m in modules]
     if handles:
         axes[0].legend(handles=handles, fontsize=7, ncol=2 if len(handles) > 8 else 1, loc="upper right",
