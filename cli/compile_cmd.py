@@ -77,14 +77,14 @@ def print_summary(art: Artifact, title: str) -> None:
         f"[bold green]{s['inference_speedup']:.2f}×[/]\n"
         f"params {fmt_int(s['params'])} (inference {fmt_int(s['inference_params'])})", highlight=False)
     if "memory" in s:
-        console.print(memory_line(s["memory"]), highlight=False, soft_wrap=True)
+        console.print(memory_line(s["memory"]), highlight=False)
 
 
 def memory_line(mem: dict) -> str:
     """The memory model's footer: activations per image and the predicted step peak per device (DESIGN §4.1)."""
     peaks = " · ".join(f"{dev} {fmt_bytes(d['peak_bytes'])}" for dev, d in mem["devices"].items())
     return (f"memory: activations per image: max partition {fmt_bytes(mem['max_act_bytes'])}, end-to-end "
-            f"{fmt_bytes(mem['e2e_act_bytes'])} · predicted step peak at batch {mem['batch_size']}: {peaks}")
+            f"{fmt_bytes(mem['e2e_act_bytes'])}\n        predicted step peak at batch {mem['batch_size']}: {peaks}")
 
 
 def print_final_head(art: Artifact, notes: bool = True) -> None:
