@@ -17,6 +17,8 @@ Token values use the layouts of ``fusion/layouts.py`` with tokens channel-first:
     attention    (gtok / gfull in) QKV, scaled dot product and projection as G-batched matmuls, one attention
                  call over a (G·B) batch; gtok out
     mlp          (gtok / gfull in) two G-batched matmuls around the activation; gtok out
+    token_linear (gtok / gfull in) one G-batched matmul (AugLocal's projection shortcut); gtok out; on an aux
+                 head's mixed input (own live, siblings detached) not fused
     token_pool   mean over tokens (or the CLS token) → gstack (G, B, c)
 
 Parameters: each builder fuses the G layers' tensors (``FusionBuild.fuse``); linear weights as ``[G, O, I]``.
@@ -165,6 +167,19 @@ def mlp(b: FusionBuild, grp: NodeGroup) -> tuple[Step, str]:
 
     def step(env: dict) -> None:
         env[name] = fc2(act(fc1(b.tokens(env[arg], lay))))
+    return step, "gtok"
+
+
+def token_linear(b: FusionBuild, grp: NodeGroup) -> tuple[Step, str]:
+    """G per-token linear maps as one G-batched matmul → gtok."""
+    n, lay = grp.node, grp.layout
+    if lay not in ("stack", "gtok", "gfull"):
+        raise NotFusable(f"token_linear {n.name} on a {lay} tensor")
+    name, arg = n.name, n.args[0]
+    fc = _batched(b, [m.fc for m in grp.modules()])
+
+    def step(env: dict) -> None:
+        env[name] = fc(b.tokens(env[arg], lay))
     return step, "gtok"
 
 
