@@ -24,6 +24,7 @@ from float_compare import module_error, rel, scaled_error
 from gndgl_compiler import compile_spec
 from gndgl_compiler.api import plan_spec
 from gndgl_compiler.partition.auglocal import aux_depth, choose_units
+from gndgl_compiler.viz.dot import plan_to_dot
 from test_fused import PLAIN, SGD, batch, executors
 from test_fused_heads import tiny_vit
 from tiny_spec import tiny_spec
@@ -254,6 +255,8 @@ def test_costs_count_the_aux_net_and_inference_excludes_it():
     assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     plan = art.plan.to_dict()
     assert plan["partitions"][0]["aux_units"] == ["block2", "block3"] and "aux_units" not in plan["partitions"][-1]
+    for level in ("ops", "partitions"):  # gndgl viz names the copied units
+        assert "auglocal ← block2, block3" in plan_to_dot(art.plan, level=level)
 
 
 # ----------------------------------------------------------------------------- shipped specs
