@@ -183,15 +183,15 @@ class HandGNDGL:
         return self.mods + self.heads + [self.final]
 
 
-def auglocal_choice(n_cuts=13, d=2, tau=0.5, last=15):
-    """Per module (cut after unit i, i < n_cuts; unit 0 the stem, unit u ≥ 1 block u-1) the sampled later units,
+def auglocal_choice(ends, d=2, tau=0.5, last=15):
+    """Per module (cut after unit ``ends[i]``; unit 0 the stem, unit u ≥ 1 block u-1) the sampled later units,
     as the official code computes them."""
-    out = []
-    for i in range(n_cuts):
-        x = i * tau / (n_cuts - 1)
+    out, n = [], len(ends)
+    for i, end in enumerate(ends):
+        x = i * tau / (n - 1)
         di = max(1, round(d * (1 - x) + x))
-        out.append(list(range(i + 1, last + 1)) if di >= last - i
-                   else [round(i + m * (last - i) / di) for m in range(1, di + 1)])
+        out.append(list(range(end + 1, last + 1)) if di >= last - end
+                   else [round(end + m * (last - end) / di) for m in range(1, di + 1)])
     return out
 
 
@@ -201,14 +201,16 @@ def unit_size(u):
 
 
 class AugAux(nn.Module):
-    """Fresh blocks shaped like the sampled units (stride 2 when the map shrinks), GAP, [BN1d when d <= 1], fc."""
+    """Fresh blocks shaped like the sampled units (stride 2 when the map shrinks; width / G), GAP, [BN1d when
+    d <= 1], fc."""
 
-    def __init__(self, u, sampled):
+    def __init__(self, u, sampled, G=1):
         super().__init__()
         c, size = unit_size(u)
         blocks = []
         for j in sampled:
             cj, sj = unit_size(j)
+            cj //= G
             blocks.append(Block(c, cj, 2 if size > sj else 1))
             c, size = cj, (size + 1) // 2 if size > sj else size
         self.blocks = nn.Sequential(*blocks)
@@ -224,7 +226,8 @@ class HandAugLocal:
     def __init__(self, n_cuts=13, d=2, tau=0.5):
         units = [stem()] + [Block(*b) for b in BLOCKS]
         self.mods = [units[i] for i in range(n_cuts)] + [nn.Sequential(*units[n_cuts:])]
-        self.heads = [AugAux(i, s) for i, s in enumerate(auglocal_choice(n_cuts, d, tau))] + [PoolFC(64)]
+        self.heads = [AugAux(i, s) for i, s in enumerate(auglocal_choice(list(range(n_cuts)), d, tau))]
+        self.heads.append(PoolFC(64))
         for m in self.mods + self.heads:
             m.train()
         self.opt = sgd([p for m in self.mods + self.heads for p in m.parameters()])
@@ -243,3 +246,36 @@ class HandAugLocal:
 
     def modules(self):
         return self.mods + self.heads
+
+
+class HandGNDGLAugLocal(HandGNDGL):
+    """GN-DGL (K modules × G groups, sharing r = 1, diversity, separate 1c2f final head) with AugLocal aux nets:
+    head g of module k is an ``AugAux`` at width / G over ``cat(own live, siblings detached)``; one backward over
+    all the summed local losses (AugLocal's official style)."""
+
+    def __init__(self, K=8, G=4, d=2, tau=0.5, div_weight=0.5, T=3.0):
+        super().__init__(K, G, div_weight, T)
+        ends = [SPLITS[K][k][-1] + 1 for k in range(K)]  # unit index (0 the stem) that ends module k
+        self.heads = [nn.ModuleList([AugAux(end, s, G) for _ in range(G)]).train()
+                      for end, s in zip(ends, auglocal_choice(ends, d, tau))]
+        self.opt = sgd([p for m in self.mods + self.heads + [self.final] for p in m.parameters()])
+
+    def step(self, x, y):
+        h, stats, total = x, [], 0.0
+        for body, heads in zip(self.mods, self.heads):
+            h = body(h.detach())
+            groups = h.chunk(self.G, dim=1)
+            logits = [head(torch.cat([o if j == g else o.detach() for j, o in enumerate(groups)], dim=1))
+                      for g, head in enumerate(heads)]
+            p_hat = [diversity_probs(lg, y, self.T) for lg in logits]
+            for g, lg in enumerate(logits):
+                cos = [F.cosine_similarity(p_hat[g], p_hat[j].detach(), dim=1).mean() for j in range(self.G) if j != g]
+                head_loss = F.cross_entropy(lg, y) + self.w * torch.stack(cos).mean()
+                total = total + head_loss
+                stats.append((head_loss.detach(), (lg.argmax(1) == y).sum()))
+        out = self.final(h.detach())
+        loss = F.cross_entropy(out, y)
+        (total + loss).backward()
+        stats.append((loss.detach(), (out.argmax(1) == y).sum()))
+        opt_step(self.opt)
+        return stats
