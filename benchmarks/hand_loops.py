@@ -184,14 +184,14 @@ class HandGNDGL:
 
 
 def auglocal_choice(ends, d=2, tau=0.5, last=15):
-    """Per module (cut after unit ``ends[i]``; unit 0 the stem, unit u ≥ 1 block u-1) the sampled later units,
-    as the official code computes them."""
+    """Per module (cut after unit ``ends[i]``; unit 0 the stem, unit u ≥ 1 block u-1) its depth dᵢ and the sampled
+    later units, as the official code computes them."""
     out, n = [], len(ends)
     for i, end in enumerate(ends):
         x = i * tau / (n - 1)
         di = max(1, round(d * (1 - x) + x))
-        out.append(list(range(end + 1, last + 1)) if di >= last - end
-                   else [round(end + m * (last - end) / di) for m in range(1, di + 1)])
+        out.append((di, list(range(end + 1, last + 1)) if di >= last - end
+                       else [round(end + m * (last - end) / di) for m in range(1, di + 1)]))
     return out
 
 
@@ -204,7 +204,7 @@ class AugAux(nn.Module):
     """Fresh blocks shaped like the sampled units (stride 2 when the map shrinks; width / G), GAP, [BN1d when
     d <= 1], fc."""
 
-    def __init__(self, u, sampled, G=1):
+    def __init__(self, u, depth, sampled, G=1):
         super().__init__()
         c, size = unit_size(u)
         blocks = []
@@ -214,7 +214,7 @@ class AugAux(nn.Module):
             blocks.append(Block(c, cj, 2 if size > sj else 1))
             c, size = cj, (size + 1) // 2 if size > sj else size
         self.blocks = nn.Sequential(*blocks)
-        self.bn = nn.BatchNorm1d(c) if len(sampled) <= 1 else None
+        self.bn = nn.BatchNorm1d(c) if depth <= 1 else None
         self.fc = nn.Linear(c, NUM_CLASSES)
 
     def forward(self, h):
@@ -226,7 +226,7 @@ class HandAugLocal:
     def __init__(self, n_cuts=13, d=2, tau=0.5):
         units = [stem()] + [Block(*b) for b in BLOCKS]
         self.mods = [units[i] for i in range(n_cuts)] + [nn.Sequential(*units[n_cuts:])]
-        self.heads = [AugAux(i, s) for i, s in enumerate(auglocal_choice(list(range(n_cuts)), d, tau))]
+        self.heads = [AugAux(i, di, s) for i, (di, s) in enumerate(auglocal_choice(list(range(n_cuts)), d, tau))]
         self.heads.append(PoolFC(64))
         for m in self.mods + self.heads:
             m.train()
@@ -256,8 +256,8 @@ class HandGNDGLAugLocal(HandGNDGL):
     def __init__(self, K=8, G=4, d=2, tau=0.5, div_weight=0.5, T=3.0):
         super().__init__(K, G, div_weight, T)
         ends = [SPLITS[K][k][-1] + 1 for k in range(K)]  # unit index (0 the stem) that ends module k
-        self.heads = [nn.ModuleList([AugAux(end, s, G) for _ in range(G)]).train()
-                      for end, s in zip(ends, auglocal_choice(ends, d, tau))]
+        self.heads = [nn.ModuleList([AugAux(end, di, s, G) for _ in range(G)]).train()
+                      for end, (di, s) in zip(ends, auglocal_choice(ends, d, tau))]
         self.opt = sgd([p for m in self.mods + self.heads + [self.final] for p in m.parameters()])
 
     def step(self, x, y):
