@@ -192,5 +192,12 @@ class AugLocalPlan:
         return cls([sampled_units(e, len(units) - 1, di) for e, di in zip(ends, depths)], depths, units)
 
     def head_args(self, k: int, groups: int) -> dict[str, Any]:
-        """Keyword arguments of :func:`head_auglocal` for module ``k`` (0-based) at ``groups`` groups."""
+        """Keyword arguments of :func:`head_auglocal` for module ``k`` (0-based) at ``groups`` groups; {} when
+        the head is not auglocal."""
+        if not self.depths:
+            return {}
         return {"units": [self.units[j] for j in self.choice[k]], "groups": groups, "depth": self.depths[k]}
+
+    def unit_names(self, k: int) -> list[str]:
+        """Names of the units module ``k``'s aux net copies ([] when the head is not auglocal)."""
+        return [self.units[j].name for j in self.choice[k]] if self.depths else []

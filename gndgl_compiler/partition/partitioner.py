@@ -193,8 +193,7 @@ def build_plan(spec: Spec, og: OpGraph) -> PartitionPlan:
                 extra = {}
                 if head_kind == "infopro":
                     extra = {"image_shape": input_shape, "variant": loc.head.variant, "projection": loc.head.projection}
-                if head_kind == "auglocal":
-                    extra = aug.head_args(k, G)
+                extra.update(aug.head_args(k, G))  # {} unless the head is auglocal
                 try:
                     check_head_input(head_kind, body[-1].shape)
                     outs = HEADS[head_kind](hb, h, og.num_classes, hidden, **extra)
@@ -208,7 +207,7 @@ def build_plan(spec: Spec, og: OpGraph) -> PartitionPlan:
                             diversity_weight=loc.diversity.weight if div_on else 0.0,
                             diversity_temperature=loc.diversity.temperature)
                 pkind, hkind = "local", head_kind
-            aux_units = [u.name for u in extra.get("units", [])] if not (e2e or (joint and is_last)) else []
+            aux_units = aug.unit_names(k) if pkind == "local" and not (joint and is_last) else []
             parts.append(Partition(
                 id=pid, name=name, kind=pkind, module=k + 1, group=g, groups=G, units=units, inputs=inputs,
                 body=body, channels=[start, start + c_out], head_kind=hkind, head=hb.nodes, head_outputs=outs,
