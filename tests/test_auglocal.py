@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import copy
+import statistics
 from pathlib import Path
 
 import pytest
@@ -337,3 +338,25 @@ def test_shipped_specs_compile_and_follow_the_tables(path):
         blocks, table = CHOICE[path.stem]
         names = unit_names(blocks)
         assert [p.aux_units for p in art.plan.partitions] == [[names[j] for j in row] for row in table] + [[]]
+
+
+@pytest.mark.parametrize("key", ["conv-d2-r1", "vit-d1-r1"])
+def test_fused_bf16_step_is_a_bf16_version_of_the_same_step(key):
+    """bf16 autocast (``train.amp: bf16``) on the fused path, as ``test_fused_bf16.py`` checks the other heads:
+    fused and per-partition bf16 updates agree to bf16's own error against float32."""
+    from test_fused_bf16 import LOSS_RTOL, UPDATE_RTOL, one_step, partition_errors
+
+    art = (compile_spec(spec_text(2, diversity=0.5)) if key.startswith("conv")
+           else tiny_vit("{kind: auglocal, depth: 1}", 1.0, 0.5))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, *art.plan.input_shape, generator=g)
+    y = torch.randint(0, art.plan.num_classes, (8,), generator=g)
+    s_fused, u_fused, fused = one_step(art, True, True, x, y)
+    s_ref, u_ref, _ = one_step(art, False, True, x, y)
+    _, u_f32, _ = one_step(art, False, False, x, y)
+    assert fused and all(fused)
+    assert max(rel(s_fused[p][0].float(), s_ref[p][0].float()) for p in s_ref) <= LOSS_RTOL
+    diffs = partition_errors(u_fused, u_ref)
+    bf16_err = statistics.median(partition_errors(u_ref, u_f32).values())
+    assert bf16_err > 1e-4 and max(diffs.values()) <= UPDATE_RTOL, (diffs, bf16_err)
+    assert statistics.median(diffs.values()) <= 2 * bf16_err, (statistics.median(diffs.values()), bf16_err)
