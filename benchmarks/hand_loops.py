@@ -3,6 +3,9 @@
 * ``HandE2E``   — plain end-to-end backprop.
 * ``HandDGL``   — DGL: K modules, each trained by its own 1c2f aux head (the last by avgpool + fc)
                   on the detached output of the previous module.
+* ``HandAugLocal`` — AugLocal (Ma et al., ICLR 2024) in the style of its official code: a module per unit up to
+                  the 13th, each with an aux net of fresh blocks shaped like the later blocks it samples
+                  (depth rule, round half to even), the losses summed and one backward over the sum.
 * ``HandGNDGL`` — GN-DGL in the style of the paper's official code: per module one network with a
                   dense first conv (and 1x1 shortcut) and ``Conv2d(groups=G)`` after it, G 1c2f heads,
                   head g over ``cat(own slice live, siblings detached)``, cross-entropy + diversity
@@ -12,6 +15,7 @@ Each has one SGD-Nesterov optimizer over all its parameters, and ``step(x, y)``,
 training loop logs and gndgl's ``train_step`` returns too: per head the detached loss and the number of
 correct predictions, left on the device (no ``.item()``). The module splits
 are those of the specs ``resnet32_k2g2``, ``resnet32_k4g4``, ``resnet32_k8g4`` / ``resnet32_k8g1``,
+``auglocal/resnet32_auglocal_d2``,
 so the networks have exactly gndgl's parameter counts (the benchmarks check it).
 """
 
@@ -177,3 +181,101 @@ class HandGNDGL:
 
     def modules(self):
         return self.mods + self.heads + [self.final]
+
+
+def auglocal_choice(ends, d=2, tau=0.5, last=15):
+    """Per module (cut after unit ``ends[i]``; unit 0 the stem, unit u ≥ 1 block u-1) its depth dᵢ and the sampled
+    later units, as the official code computes them."""
+    out, n = [], len(ends)
+    for i, end in enumerate(ends):
+        x = i * tau / (n - 1)
+        di = max(1, round(d * (1 - x) + x))
+        out.append((di, list(range(end + 1, last + 1)) if di >= last - end
+                       else [round(end + m * (last - end) / di) for m in range(1, di + 1)]))
+    return out
+
+
+def unit_size(u):
+    """Output width and map size of ResNet-32 unit u (0 the stem) on 32×32 images."""
+    return (16, 32) if u == 0 else (BLOCKS[u - 1][1], 32 // (2 ** ((u - 1) // 5)))
+
+
+class AugAux(nn.Module):
+    """Fresh blocks shaped like the sampled units (stride 2 when the map shrinks; width / G), GAP, [BN1d when
+    d <= 1], fc."""
+
+    def __init__(self, u, depth, sampled, G=1):
+        super().__init__()
+        c, size = unit_size(u)
+        blocks = []
+        for j in sampled:
+            cj, sj = unit_size(j)
+            cj //= G
+            blocks.append(Block(c, cj, 2 if size > sj else 1))
+            c, size = cj, (size + 1) // 2 if size > sj else size
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm1d(c) if depth <= 1 else None
+        self.fc = nn.Linear(c, NUM_CLASSES)
+
+    def forward(self, h):
+        z = torch.flatten(F.adaptive_avg_pool2d(self.blocks(h), 1), 1)
+        return self.fc(z if self.bn is None else self.bn(z))
+
+
+class HandAugLocal:
+    def __init__(self, n_cuts=13, d=2, tau=0.5):
+        units = [stem()] + [Block(*b) for b in BLOCKS]
+        self.mods = [units[i] for i in range(n_cuts)] + [nn.Sequential(*units[n_cuts:])]
+        self.heads = [AugAux(i, di, s) for i, (di, s) in enumerate(auglocal_choice(list(range(n_cuts)), d, tau))]
+        self.heads.append(PoolFC(64))
+        for m in self.mods + self.heads:
+            m.train()
+        self.opt = sgd([p for m in self.mods + self.heads for p in m.parameters()])
+
+    def step(self, x, y):
+        h, total, stats = x, 0.0, []
+        for body, head in zip(self.mods, self.heads):
+            h = body(h.detach())
+            out = head(h)
+            loss = F.cross_entropy(out, y)
+            total = total + loss
+            stats.append((loss.detach(), (out.argmax(1) == y).sum()))
+        total.backward()  # the official code: one backward over the summed local losses
+        opt_step(self.opt)
+        return stats
+
+    def modules(self):
+        return self.mods + self.heads
+
+
+class HandGNDGLAugLocal(HandGNDGL):
+    """GN-DGL (K modules × G groups, sharing r = 1, diversity, separate 1c2f final head) with AugLocal aux nets:
+    head g of module k is an ``AugAux`` at width / G over ``cat(own live, siblings detached)``; one backward over
+    all the summed local losses (AugLocal's official style)."""
+
+    def __init__(self, K=8, G=4, d=2, tau=0.5, div_weight=0.5, T=3.0):
+        super().__init__(K, G, div_weight, T)
+        ends = [SPLITS[K][k][-1] + 1 for k in range(K)]  # unit index (0 the stem) that ends module k
+        self.heads = [nn.ModuleList([AugAux(end, di, s, G) for _ in range(G)]).train()
+                      for end, (di, s) in zip(ends, auglocal_choice(ends, d, tau))]
+        self.opt = sgd([p for m in self.mods + self.heads + [self.final] for p in m.parameters()])
+
+    def step(self, x, y):
+        h, stats, total = x, [], 0.0
+        for body, heads in zip(self.mods, self.heads):
+            h = body(h.detach())
+            groups = h.chunk(self.G, dim=1)
+            logits = [head(torch.cat([o if j == g else o.detach() for j, o in enumerate(groups)], dim=1))
+                      for g, head in enumerate(heads)]
+            p_hat = [diversity_probs(lg, y, self.T) for lg in logits]
+            for g, lg in enumerate(logits):
+                cos = [F.cosine_similarity(p_hat[g], p_hat[j].detach(), dim=1).mean() for j in range(self.G) if j != g]
+                head_loss = F.cross_entropy(lg, y) + self.w * torch.stack(cos).mean()
+                total = total + head_loss
+                stats.append((head_loss.detach(), (lg.argmax(1) == y).sum()))
+        out = self.final(h.detach())
+        loss = F.cross_entropy(out, y)
+        (total + loss).backward()
+        stats.append((loss.detach(), (out.argmax(1) == y).sum()))
+        opt_step(self.opt)
+        return stats

@@ -1,14 +1,16 @@
 """What one training step costs: aten ops, CPU ms, and (on CUDA) images/s and peak memory.
 
-For end-to-end, DGL K=8, GN-DGL K=2 G=2, K=4 G=4 and K=8 G=4 (ResNet-32, the specs in
-``specs/``), three ways to run the same network and recipe:
+For end-to-end, DGL K=8, GN-DGL K=2 G=2, K=4 G=4, K=8 G=4, AugLocal (cut after every unit up to the 13th,
+d = 2, τ = 0.5) and GN-DGL K=8 G=4 with AugLocal aux nets (ResNet-32, the specs in ``specs/``),
+three ways to run the same network and recipe:
 
 * gndgl fused          — ``Executor(fused=True)``: sibling-fused modules, one backward per module
                          and device, one foreach optimizer step per device;
 * gndgl per-partition  — ``Executor(fused=True, siblings=False)``: every partition its own program;
 * hand-written         — ``benchmarks/hand_loops.py``, written as the paper's official code is
                          (dense first conv + ``Conv2d(groups=G)``, G 1c2f heads over
-                         ``cat(own live, siblings detached)``, one optimizer).
+                         ``cat(own live, siblings detached)``, one optimizer; AugLocal as its official
+                         code: one backward over the summed local losses).
 
 aten ops per step are counted with a ``TorchDispatchMode`` (deterministic: the primary metric).
 CPU ms per step is the median over ``--steps`` steps (after warm-up) of the process CPU time a step
@@ -47,6 +49,8 @@ CONFIGS = [
     ("resnet32_k2g2", "GN-DGL K=2 G=2", lambda: hand.HandGNDGL(2, 2)),
     ("resnet32_k4g4", "GN-DGL K=4 G=4", lambda: hand.HandGNDGL(4, 4)),
     ("resnet32_k8g4", "GN-DGL K=8 G=4", lambda: hand.HandGNDGL(8, 4)),
+    ("auglocal/resnet32_auglocal_d2", "AugLocal K=14 d=2", lambda: hand.HandAugLocal()),
+    ("auglocal/resnet32_k8g4_auglocal_d2", "GN-DGL+AugLocal K=8 G=4", lambda: hand.HandGNDGLAugLocal(8, 4)),
 ]
 
 
@@ -130,7 +134,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU; use 1 on a shared machine)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--only", nargs="*", default=None, help="spec names to run (default: all five)")
+    ap.add_argument("--only", nargs="*", default=None, help="spec names to run (default: all seven)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -33,7 +33,8 @@ def summary_json(art: Artifact) -> dict:
         "warnings": art.final_head["warnings"],
         "partitions": [
             {"id": p.id, "name": p.name, "kind": p.kind, "module": p.module, "group": p.group, "device": p.device,
-             "worker": p.worker, "units": p.units, "head": p.head_kind, **p.costs}
+             "worker": p.worker, "units": p.units, "head": p.head_kind, **p.costs,
+             **({"aux_units": p.aux_units} if p.aux_units else {})}
             for p in art.plan.partitions
         ],
     }
@@ -78,6 +79,20 @@ def print_summary(art: Artifact, title: str) -> None:
         f"params {fmt_int(s['params'])} (inference {fmt_int(s['inference_params'])})", highlight=False)
     if "memory" in s:
         console.print(memory_line(s["memory"]), highlight=False)
+    for line in aux_unit_lines(plan):
+        console.print(line, highlight=False, soft_wrap=True)
+
+
+def aux_unit_lines(plan) -> list[str]:
+    """auglocal: which later units each partition's aux net was built from (siblings of a module on one line)."""
+    mods = [ps for ps in plan.by_module().values() if any(p.aux_units for p in ps)]
+    if not mods:
+        return []
+    lines = ["auglocal aux nets (fresh units of the kinds and widths of):"]
+    for ps in mods:
+        name = ps[0].name if len(ps) == 1 else f"{ps[0].name}..g{ps[-1].group}"
+        lines.append(f"  {name} ← {', '.join(ps[0].aux_units)}")
+    return lines
 
 
 def memory_line(mem: dict) -> str:

@@ -386,7 +386,8 @@ def test_cli_compile_table_recompile_and_inspect_json(runs):
     assert data["summary"]["partitions"] == 5
 
 
-@pytest.mark.parametrize("spec", sorted(SPECS.glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("spec", sorted([*SPECS.glob("*.yaml"), *SPECS.glob("auglocal/*.yaml")]),
+                         ids=lambda p: p.stem)
 def test_every_example_spec_compiles(spec):
     art = compile_spec(spec)
     s = art.summary

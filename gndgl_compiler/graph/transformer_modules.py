@@ -92,6 +92,17 @@ class MLP(nn.Module):
         return self.fc2(self.act(self.fc1(x.transpose(1, 2)))).transpose(1, 2)
 
 
+class TokenLinear(nn.Module):
+    """A bias-free linear map of every token's channels, D_in → D_out, on ``B×D×N`` (a projection shortcut)."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.fc(x.transpose(1, 2)).transpose(1, 2)
+
+
 def token_pool(x: torch.Tensor, cls: bool = False) -> torch.Tensor:
     """``B×D×N`` → ``B×D``: the mean over tokens, or the first (CLS) token when ``cls``."""
     return x[:, :, 0] if cls else x.mean(dim=2)

@@ -10,6 +10,7 @@ for convolutions; the ops below transpose to ``B × N × D`` internally.
     layernorm    (D, N) | (D,)            over the channels of its input
     attention    (D_in, N) -> (D_out, N)  QKV, scaled dot product, output projection
     mlp          (D_in, N) -> (D_out, N)  Linear → GELU → Linear
+    token_linear (D_in, N) -> (D_out, N)  bias-free per-token linear (AugLocal's projection shortcut)
     token_pool   (D, N)    -> (D,)        mean over tokens, or the CLS token
 
 The torch modules are in :mod:`.transformer_modules`, imported when a module is built, so
@@ -113,6 +114,13 @@ def _mlp_shape(a: Attrs, ins: list[Shape]) -> Shape:
     return (a["out"], n)
 
 
+def _token_linear_shape(a: Attrs, ins: list[Shape]) -> Shape:
+    d, n = need_tokens("token_linear", ins)
+    if d != a["in"]:
+        raise GraphError(f"token_linear expects {a['in']} input channels, gets {d}")
+    return (a["out"], n)
+
+
 def _pool_shape(a: Attrs, ins: list[Shape]) -> Shape:
     d, _ = need_tokens("token_pool", ins)
     return (d,)
@@ -172,6 +180,10 @@ def transformer_op_defs(op_def: Any) -> dict[str, Any]:
             split="weights", split_keys=("out", "hidden"), label=lambda a: f" {a.get('hidden')}",
             # its input as a token-major matrix (fc1's), fc1's output (GELU's input), GELU's output
             saves=lambda a, i, o: Saves(extra=o[1] * (a["in"] + 2 * a["hidden"]))),
+        "token_linear": op_def(
+            "token_linear", _token_linear_shape, lambda a, i, o: o[1] * a["in"] * a["out"],
+            lambda a, i, o: a["in"] * a["out"], lambda a, i, o: _modules().TokenLinear(a["in"], a["out"]),
+            saves=lambda a, i, o: Saves((0,))),
         "token_pool": op_def("token_pool", _pool_shape, function=f"{__package__}.transformer_modules:token_pool",
                              kwargs=lambda a, i: {"cls": a["cls"]}, leads_in=True),
     }

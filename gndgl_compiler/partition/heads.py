@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..errors import PartitionError
+from .auglocal import head_auglocal
 from .ir import IRBuilder
 
 
@@ -115,6 +116,8 @@ def head_token_mlp(b: IRBuilder, x: str, classes: int, hidden: int) -> dict[str,
 
 TOKEN_HEADS = ("token-linear", "token-mlp")
 """Heads that read token tensors (D×N); the others read feature maps or flat features."""
+ANY_INPUT_HEADS = ("auglocal",)
+"""Heads that read tokens, feature maps and flat features alike (their aux net follows the net's own units)."""
 
 
 def check_head_input(kind: str, shape: list[int]) -> None:
@@ -124,6 +127,8 @@ def check_head_input(kind: str, shape: list[int]) -> None:
         PartitionError: a map head on tokens or a token head on a map, naming the heads that fit.
     """
     tokens = len(shape) == 2
+    if kind in ANY_INPUT_HEADS:
+        return
     if tokens and kind not in TOKEN_HEADS:
         raise PartitionError(f"the {kind} head needs a feature map or flat features, but this partition outputs "
                              f"tokens of shape {shape}; valid heads for tokens: {', '.join(TOKEN_HEADS)} (or auto)")
@@ -147,4 +152,5 @@ HEADS: dict[str, Callable[..., dict[str, str]]] = {
     "infopro": head_infopro,
     "token-linear": head_token_linear,
     "token-mlp": head_token_mlp,
+    "auglocal": head_auglocal,
 }

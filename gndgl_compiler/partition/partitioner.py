@@ -23,6 +23,7 @@ from .costs import annotate_costs
 from .memory import annotate_memory
 from .cuts import module_segments
 from .groups import group_offset, module_body
+from .auglocal import AugLocalPlan
 from .heads import HEADS, check_head_input, head_1c2f, head_linear, resolve_head_kind
 from .ir import IRBuilder
 from .placement import place
@@ -123,6 +124,7 @@ def build_plan(spec: Spec, og: OpGraph) -> PartitionPlan:
                              "drop the mode or cut deeper",
                              field=("local", "final_head", "mode"))
     local_modules = k_mod - 1 if joint else k_mod
+    aug = AugLocalPlan.of(spec, og, modules, local_modules)
     parts: list[Partition] = []
     edges: list[Edge] = []
     prev_ids: list[int] = []  # partitions whose outputs form the current module input
@@ -191,6 +193,7 @@ def build_plan(spec: Spec, og: OpGraph) -> PartitionPlan:
                 extra = {}
                 if head_kind == "infopro":
                     extra = {"image_shape": input_shape, "variant": loc.head.variant, "projection": loc.head.projection}
+                extra.update(aug.head_args(k, G))  # {} unless the head is auglocal
                 try:
                     check_head_input(head_kind, body[-1].shape)
                     outs = HEADS[head_kind](hb, h, og.num_classes, hidden, **extra)
@@ -204,10 +207,11 @@ def build_plan(spec: Spec, og: OpGraph) -> PartitionPlan:
                             diversity_weight=loc.diversity.weight if div_on else 0.0,
                             diversity_temperature=loc.diversity.temperature)
                 pkind, hkind = "local", head_kind
+            aux_units = aug.unit_names(k) if pkind == "local" and not (joint and is_last) else []
             parts.append(Partition(
                 id=pid, name=name, kind=pkind, module=k + 1, group=g, groups=G, units=units, inputs=inputs,
                 body=body, channels=[start, start + c_out], head_kind=hkind, head=hb.nodes, head_outputs=outs,
-                loss=loss, shares=shares, siblings=[m for m in module_ids if m != pid]))
+                loss=loss, shares=shares, siblings=[m for m in module_ids if m != pid], aux_units=aux_units))
             for inp in inputs:
                 edges.append(Edge(inp.source, pid, inp.kind, _numel(inp.shape) * FLOAT_BYTES))
             if loss.kind == "infopro" and not any(i.kind == "image" for i in inputs):

@@ -12,6 +12,8 @@ from typing import Any
 
 IMAGE = -1
 """Source id of the input image (not a partition)."""
+OPTIONAL_FIELDS = ("aux_units",)
+"""Partition fields that plan.json carries only when non-empty."""
 
 
 @dataclass
@@ -97,6 +99,9 @@ class Partition:
     device: str = "cpu"
     worker: int = 0
     costs: dict[str, int] = field(default_factory=dict)
+    aux_units: list[str] = field(default_factory=list)
+    """auglocal: the later units of the net its aux net was built from (fresh copies; left out of plan.json
+    when empty)."""
 
     @property
     def output(self) -> str:
@@ -150,8 +155,14 @@ class PartitionPlan:
         return self.partitions[-1]
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (like ``dataclasses.asdict`` without its deep copies of every leaf)."""
-        return _plain(self)
+        """JSON-ready dict (like ``dataclasses.asdict`` without its deep copies of every leaf); empty
+        :data:`OPTIONAL_FIELDS` of a partition are left out (a plan without them serialises as before)."""
+        out = _plain(self)
+        for p in out["partitions"]:
+            for key in OPTIONAL_FIELDS:
+                if not p[key]:
+                    del p[key]
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PartitionPlan":

@@ -291,7 +291,9 @@ class Cuts(_Strict):
 
 # ----------------------------------------------------------------------------- local learning
 
-HeadKind = Literal["auto", "1c2f", "linear", "mlp-sr", "predsim", "infopro", "token-linear", "token-mlp"]
+HeadKind = Literal["auto", "1c2f", "linear", "mlp-sr", "predsim", "infopro", "token-linear", "token-mlp", "auglocal"]
+AUGLOCAL_FIELDS = ("depth", "pyramid")
+"""Head fields that only ``kind: auglocal`` reads (left out of the normalised spec when unset)."""
 
 
 class Head(_Strict):
@@ -308,6 +310,31 @@ class Head(_Strict):
                                                description="infopro: λ_task at the first and last local module.")
     temperature: float = Field(0.07, gt=0, le=100, description="infopro contrast: temperature of the contrastive loss.")
     projection: int = Field(128, ge=1, le=65536, description="infopro contrast: projection dimension.")
+    depth: int | None = Field(None, ge=1, le=1024, strict=True, description="auglocal: aux-net depth d (the first "
+                              "module's number of sampled later units; needed with kind auglocal).")
+    pyramid: float | None = Field(None, ge=0, le=1, description="auglocal: pyramidal decay τ of the depth over the "
+                                  "modules (0 = every module d units; default 0).")
+
+    @model_serializer(mode="wrap")
+    def _unset_auglocal(self, handler):
+        # unset auglocal fields stay out of the normalised spec (spec.json of other heads is unchanged)
+        out = handler(self)
+        if isinstance(out, dict):
+            for key in AUGLOCAL_FIELDS:
+                if getattr(self, key) is None:
+                    out.pop(key, None)
+        return out
+
+    @model_validator(mode="after")
+    def _auglocal_fields(self):
+        given = [k for k in AUGLOCAL_FIELDS if getattr(self, k) is not None]
+        if self.kind != "auglocal" and given:
+            raise ValueError(f"{', '.join(given)} configure kind: auglocal only (this head is kind: {self.kind}); "
+                             "remove them or set kind: auglocal")
+        if self.kind == "auglocal" and self.depth is None:
+            raise ValueError("kind: auglocal needs depth: d (an integer >= 1, e.g. 2; the CIFAR settings use d = 2 "
+                             "for ResNet-32 and 3 for ResNet-110)")
+        return self
 
 
 class Diversity(_Strict):

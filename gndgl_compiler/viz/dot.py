@@ -27,7 +27,8 @@ from __future__ import annotations
 from ..graph.ops import find_op
 from ..partition.plan import Partition, PartitionPlan
 from .dot_edges import PartitionEdges
-from .style import FINAL_FILL, FONT, IMAGE_FILL, PALETTE, Dot, Html, edge_attrs, esc, fmt_count, fmt_shape, legend
+from .style import (FINAL_FILL, FONT, IMAGE_FILL, PALETTE, Dot, Html, aux_from, edge_attrs, esc, fmt_count, fmt_shape,
+                    legend)
 
 LEVELS = ("auto", "ops", "partitions")
 MAX_AUTO_OPS = 1500
@@ -228,7 +229,7 @@ class _Builder(PartitionEdges):
         """Every op of a head (always for the final head, with ``heads=True`` for aux heads)."""
         d = self.d
         if not final:
-            d.open(f"cluster_aux_{p.name}", label=f"aux head · {p.head_kind}", style="rounded,dashed",
+            d.open(f"cluster_aux_{p.name}", label=f"aux head · {p.head_kind}{aux_from(p)}", style="rounded,dashed",
                    color="#666666", fontsize="8")
         roles: dict[str, int | None] = {}
         shares = iter(p.shares)
@@ -264,7 +265,8 @@ class _Builder(PartitionEdges):
         """One node standing for a partition's aux head and local loss, fed by a dotted edge."""
         nid = self.nid(p, "aux")
         loss = p.loss.kind + (" + div" if p.loss.diversity_weight else "")
-        self.d.node(nid, label=f"aux {p.head_kind}\n{fmt_count(p.costs.get('head_macs', 0))} MACs · {loss}",
+        head = p.head_kind + aux_from(p)
+        self.d.node(nid, label=f"aux {head}\n{fmt_count(p.costs.get('head_macs', 0))} MACs · {loss}",
                     shape="note", fontsize="8", style="filled")
         self.d.edge(self.out[p.id], nid, edge_attrs("aux"))
         self.share_in[p.id] = {s.source: [nid] for s in p.shares}

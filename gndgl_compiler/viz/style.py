@@ -192,3 +192,8 @@ def legend(d: Dot, placements: dict[str, str], has: set[str]) -> None:
         d.node("legend_final", label="final head (classifier)", shape="box", style="rounded,filled,bold",
                fillcolor=FINAL_FILL, penwidth="2", fontsize="9")
     d.close()
+
+
+def aux_from(p: Any) -> str:
+    """`` ← s2.b2, s3.b4``: the later units a partition's auglocal aux net copies ('' for other heads)."""
+    return f" ← {', '.join(p.aux_units)}" if p.aux_units else ""

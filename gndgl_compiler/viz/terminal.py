@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..partition.plan import PartitionPlan
-from .style import fmt_bytes, fmt_count
+from .style import aux_from, fmt_bytes, fmt_count
 
 
 def plan_tree(plan: PartitionPlan, max_groups: int = 16) -> Any:
@@ -32,7 +32,7 @@ def plan_tree(plan: PartitionPlan, max_groups: int = 16) -> Any:
         first = parts[0]
         units = first.units
         span = "" if not units else f" [dim]{escape(units[0])}{' … ' + escape(units[-1]) if len(units) > 1 else ''}[/]"
-        extra = [f"aux {escape(first.head_kind)}"] if first.id != plan.final.id else []
+        extra = [f"aux {escape(first.head_kind + aux_from(first))}"] if first.id != plan.final.id else []
         if first.shares:
             extra.append("[blue]sharing[/]")
         if first.loss.diversity_weight:

@@ -2,7 +2,8 @@
 function ops applied as they are (activations, pools, upsample), flatten and l2norm.
 
     op         shared in   stack / gstack / gtok in                         mixed in
-    bn         —           BN over G·c channels (per channel, the same math); gstack as (B, G·F)
+    bn         —           BN over G·c channels (per channel, the same math); gstack as (B, G·F)   flat: each head's
+                                                                                     input (``unmix.py``) → gstack
     function   as is       as is (pools and upsample: feature maps only)     as is, channel map kept
     flatten    as is       stack (B, G·c, h, w) → gstack (G, B, c·h·w)       channel map spread over positions
     l2norm     —           over each group's features: gstack only
@@ -20,11 +21,15 @@ import torch.nn.functional as F
 
 from ...graph.ops import get_op
 from .layouts import FusionBuild, NodeGroup, NotFusable, Step, same
+from .unmix import unmixer
 
 
 def batch_norm(b: FusionBuild, grp: NodeGroup) -> tuple[Step, str]:
     """BatchNorm of all G groups as one over G·c channels; output in its input's layout."""
     name, arg, lay = grp.name, grp.arg, grp.layout
+    unmix = None
+    if lay == "mixed" and len(grp.node.shape) == 1:  # AugLocal's BatchNorm1d over a pooled head input
+        unmix, lay = unmixer(b, arg, grp.node.shape[0], f"batch norm {name}"), "gstack"
     if lay not in ("stack", "gstack"):
         raise NotFusable(f"batch norm {name} over a {lay} tensor")
     mods = grp.modules()
@@ -39,7 +44,7 @@ def batch_norm(b: FusionBuild, grp: NodeGroup) -> tuple[Step, str]:
     eps, momentum, owner, G = m0.eps, m0.momentum, b.owner, b.G
 
     def bn(env: dict) -> None:
-        x = env[arg]
+        x = env[arg] if unmix is None else unmix(env[arg][0], w.fused.device)
         if lay == "gstack":  # (G, B, F) -> (B, G·F): one channel per (group, feature)
             x = x.transpose(0, 1).reshape(x.shape[1], -1)
         y = F.batch_norm(x, rm.fused, rv.fused, w.fused, bias.fused, owner.training, momentum, eps)

@@ -71,6 +71,7 @@ FUSED_OPS: dict[str, FusedOpDef] = {
     "layernorm": FusedOpDef("layernorm", tokens.layernorm, token=True),
     "attention": FusedOpDef("attention", tokens.attention, token=True),
     "mlp": FusedOpDef("mlp", tokens.mlp, token=True),
+    "token_linear": FusedOpDef("token_linear", tokens.token_linear, token=True),
     "token_pool": FusedOpDef("token_pool", tokens.token_pool, token=True),
 }
 

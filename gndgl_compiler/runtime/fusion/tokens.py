@@ -17,7 +17,9 @@ Token values use the layouts of ``fusion/layouts.py`` with tokens channel-first:
     attention    (gtok / gfull in) QKV, scaled dot product and projection as G-batched matmuls, one attention
                  call over a (G·B) batch; gtok out
     mlp          (gtok / gfull in) two G-batched matmuls around the activation; gtok out
-    token_pool   mean over tokens (or the CLS token) → gstack (G, B, c)
+    token_linear (gtok / gfull in) one G-batched matmul (AugLocal's projection shortcut); gtok out; on an aux
+                 head's mixed input, each head's own-live / siblings-detached channels (``unmix.py``) first
+    token_pool   mean over tokens (or the CLS token) → gstack (G, B, c); on a mixed value per channel, mixed out
 
 Parameters: each builder fuses the G layers' tensors (``FusionBuild.fuse``); linear weights as ``[G, O, I]``.
 Token ops have no padded form: an unequal split is refused (``FusedOpDef.token``).
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 
 from .layouts import FusionBuild, NodeGroup, NotFusable, Step, same
 from .shared_head import SharedHeadLayerNorm
+from .unmix import unmixer
 
 
 def patch_embed(b: FusionBuild, grp: NodeGroup) -> tuple[Step, str]:
@@ -168,10 +171,36 @@ def mlp(b: FusionBuild, grp: NodeGroup) -> tuple[Step, str]:
     return step, "gtok"
 
 
+def token_linear(b: FusionBuild, grp: NodeGroup) -> tuple[Step, str]:
+    """G per-token linear maps as one G-batched matmul → gtok."""
+    n, lay = grp.node, grp.layout
+    if lay not in ("stack", "gtok", "gfull", "mixed"):
+        raise NotFusable(f"token_linear {n.name} on a {lay} tensor")
+    name, arg = n.name, n.args[0]
+    fc = _batched(b, [m.fc for m in grp.modules()])
+    if lay == "mixed":  # on an aux head's input: each head's own-live / siblings-detached channels
+        unmix, device = unmixer(b, arg, n.attrs["in"], f"token_linear {n.name}"), grp.modules()[0].fc.weight.device
+
+        def mixed(env: dict) -> None:
+            env[name] = fc(unmix(env[arg][0], device).transpose(2, 3).contiguous())  # (G, B, N, C_in)
+        return mixed, "gtok"
+
+    def step(env: dict) -> None:
+        env[name] = fc(b.tokens(env[arg], lay))
+    return step, "gtok"
+
+
 def token_pool(b: FusionBuild, grp: NodeGroup) -> tuple[Step, str]:
     """Mean over tokens (or the CLS token) of each group → gstack (G, B, c)."""
     n, lay = grp.node, grp.layout
     name, arg, cls = n.name, n.args[0], n.attrs.get("cls", False)
+    if lay == "mixed":  # an aux head's input (AugLocal pooling it): per channel, the channel map kept
+        b.channel_maps[name] = b.channel_maps.get(arg)
+
+        def mixed(env: dict) -> None:
+            x = env[arg][0]
+            env[name] = (x[:, :, 0] if cls else x.mean(dim=2),)
+        return mixed, "mixed"
     if lay not in ("stack", "gtok", "gfull"):
         raise NotFusable(f"token_pool {n.name} on a {lay} tensor")
     G = b.G
