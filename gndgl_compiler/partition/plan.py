@@ -70,6 +70,28 @@ class Loss:
     diversity_temperature: float = 3.0
 
 
+OMIT_UNSET = {"omit_unset": True}
+"""Field metadata: the field stays out of ``plan.json`` while it holds its default (plans without it are unchanged)."""
+
+
+@dataclass
+class ManLink:
+    """MAN / MAN++ (DESIGN §2.3): the aux net's EMA unit follows U, the first unit of the next module."""
+
+    source: int
+    """Partition whose body holds U (module k+1, group ⌊g·G_{k+1}/G_k⌋): the weight edge's source."""
+    momentum: float
+    """EMA momentum m: θ_EMA ← m·θ_EMA + (1−m)·θ_U after this partition's backward."""
+    mix: str
+    """'sum' (MAN) or 'learned' (MAN++)."""
+    ema: dict[str, str]
+    """Head node of the EMA unit → body node of U in ``source`` (same op, same parameter names)."""
+    lb: list[str]
+    """Head nodes of the trainable copy LB."""
+    mix_node: str
+    """Head node that mixes LB(h) and EMA(h) (the head proper reads it)."""
+
+
 @dataclass
 class Partition:
     """One independently trained piece of the network."""
@@ -97,6 +119,8 @@ class Partition:
     device: str = "cpu"
     worker: int = 0
     costs: dict[str, int] = field(default_factory=dict)
+    man: ManLink | None = field(default=None, metadata=OMIT_UNSET)
+    """MAN / MAN++: the EMA link of this partition's aux net (None: no MAN)."""
 
     @property
     def output(self) -> str:
@@ -116,8 +140,10 @@ class Edge:
     src: int
     dst: int
     kind: str
-    """'activation', 'image', 'share' or 'diversity'."""
+    """'activation', 'image', 'share', 'diversity' or 'weight' (MAN: U's parameters, forward only, no gradient)."""
     bytes_per_sample: int
+    bytes_per_step: int = field(default=0, metadata=OMIT_UNSET)
+    """Bytes sent once per step whatever the batch (a weight edge's parameters)."""
 
 
 @dataclass
@@ -164,6 +190,8 @@ class PartitionPlan:
             p["head"] = [IRNode(**n) for n in p["head"]]
             p["loss"] = Loss(**p["loss"])
             p["shares"] = [Share(**s) for s in p["shares"]]
+            if p.get("man") is not None:
+                p["man"] = ManLink(**p["man"])
             parts.append(Partition(**p))
         rest = {k: v for k, v in d.items() if k not in ("partitions", "edges")}
         return cls(partitions=parts, edges=[Edge(**e) for e in d["edges"]], **rest)
@@ -172,7 +200,8 @@ class PartitionPlan:
 def _plain(obj: Any) -> Any:
     """Dataclasses, lists, tuples and dicts turned into plain dicts and lists; leaves are shared."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not (f.metadata.get("omit_unset") and getattr(obj, f.name) == f.default)}
     if isinstance(obj, (list, tuple)):
         return [_plain(x) for x in obj]
     if isinstance(obj, dict):
