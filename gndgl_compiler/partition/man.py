@@ -23,6 +23,8 @@ from .plan import Edge, IRNode, ManLink, Partition
 
 FLOAT_BYTES = 4
 FIELD = ("local", "man")
+MIX_OPS = {"sum": "add", "learned": "man_mix"}
+"""``local.man.mix`` → the op that mixes LB(h) and EMA(h): MAN's sum, MAN++'s s·LB + (2−s)·EMA."""
 
 
 def check_man(spec: Spec, groups: list[int], joint: bool, e2e: bool) -> None:
@@ -88,8 +90,7 @@ def man_trunk(spec: Spec, og: OpGraph, hb: IRBuilder, h: str, *, k: int, g: int,
     lb = _copy(hb, u_nodes, x, h, "lb_")
     ema = _copy(hb, u_nodes, x, h, "ema_")
     last = u_nodes[-1].name
-    mix = "add" if man.mix == "sum" else "man_mix"
-    y = hb.add("man_mix", mix, {}, [lb[last], ema[last]])
+    y = hb.add("man_mix", MIX_OPS[man.mix], {}, [lb[last], ema[last]])
     link = ManLink(source=source, momentum=man.momentum, mix=man.mix,
                    ema={ema[n.name]: n.name for n in u_nodes if get_op(n.kind).module is not None},
                    lb=[lb[n.name] for n in u_nodes], mix_node=y)
