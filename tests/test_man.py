@@ -313,3 +313,23 @@ def test_resume_equals_uninterrupted_and_export_has_no_aux(tmp_path):
     export_run(str(tmp_path / "full"), tmp_path / "net.safetensors")
     exported = load_file(str(tmp_path / "net.safetensors"))
     assert exported and not any("ema_" in k or "lb_" in k or "man_mix" in k for k in exported)
+
+
+SPEC_K = {"resnet32_dgl_man_k8": 8, "resnet32_infopro_man_k8": 8, "resnet32_dgl_man_k16": 16,
+          "resnet32_infopro_man_k16": 16, "resnet110_dgl_man_k32": 32, "resnet110_infopro_man_k32": 32,
+          "resnet110_dgl_man_k55": 55, "resnet110_infopro_man_k55": 55, "resnet32_gndgl_man_k8g4": 8}
+
+
+@pytest.mark.parametrize("name", sorted(SPEC_K))
+def test_shipped_man_specs(name):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "specs" / "man" / f"{name}.yaml"
+    text = path.read_text()
+    assert text.startswith("# Reproduces:") and "8.42 %" in text.splitlines()[0]
+    assert "epochs: 400" in text and "momentum: 0.995" in text and "lr: 0.8" in text and "nesterov: true" in text
+    plan = plan_spec(path)
+    assert plan.num_modules == SPEC_K[name]
+    local = [p for p in plan.partitions if p.module < plan.num_modules]
+    assert local and all(p.man is not None and p.man.momentum == 0.995 for p in local)
+    assert all(p.man is None for p in plan.partitions if p.module >= plan.num_modules)

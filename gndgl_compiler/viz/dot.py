@@ -135,6 +135,7 @@ class _Builder(PartitionEdges):
         d.edge(self.pred_src, "prediction", edge_attrs("forward", penwidth="1.6"))
         self.activation_edges()
         self.sibling_edges()
+        self.weight_edges()
         legend(d, self.fill, self.has)
         return d.text()
 
@@ -264,7 +265,8 @@ class _Builder(PartitionEdges):
         """One node standing for a partition's aux head and local loss, fed by a dotted edge."""
         nid = self.nid(p, "aux")
         loss = p.loss.kind + (" + div" if p.loss.diversity_weight else "")
-        self.d.node(nid, label=f"aux {p.head_kind}\n{fmt_count(p.costs.get('head_macs', 0))} MACs · {loss}",
+        kind = p.head_kind + (" + MAN" if p.man else "")
+        self.d.node(nid, label=f"aux {kind}\n{fmt_count(p.costs.get('head_macs', 0))} MACs · {loss}",
                     shape="note", fontsize="8", style="filled")
         self.d.edge(self.out[p.id], nid, edge_attrs("aux"))
         self.share_in[p.id] = {s.source: [nid] for s in p.shares}
