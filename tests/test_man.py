@@ -333,3 +333,24 @@ def test_shipped_man_specs(name):
     local = [p for p in plan.partitions if p.module < plan.num_modules]
     assert local and all(p.man is not None and p.man.momentum == 0.995 for p in local)
     assert all(p.man is None for p in plan.partitions if p.module >= plan.num_modules)
+
+
+def test_sequential_schedule_and_bf16():
+    """Only active partitions take their EMA step; under bf16 autocast the EMA stays float32 and moves."""
+    art = compile_spec(spec("learned", width=2))
+    mods = copy.deepcopy(art.modules)
+    ex = Executor(art.plan, mods, SGD, {pid: CPU for pid in mods}, amp=True)
+
+    def ema(pid):
+        link = mods[pid].part.man
+        return torch.cat([mods[pid].aux.get_submodule(e).weight.detach().reshape(-1) for e in link.ema
+                          if "conv" in e]).clone()
+
+    before = {pid: ema(pid) for pid in (0, 1, 2, 3)}
+    x, y = batch()
+    losses = ex.train_step(x.float(), y, SGD["lr"], active={0, 1})
+    assert set(losses) == {0, 1} and all(torch.isfinite(v[0]) for v in losses.values())
+    after = {pid: ema(pid) for pid in before}
+    assert all(after[pid].dtype == torch.float32 for pid in after)
+    assert not torch.equal(after[0], before[0]) and not torch.equal(after[1], before[1])
+    assert torch.equal(after[2], before[2]) and torch.equal(after[3], before[3])  # module 2 is not training
