@@ -13,8 +13,8 @@ of modules 1 and 2 follow block1 and block2 (U). Checked:
 * the per-device updater (one backward per stage, one step at the end) equals the per-partition updater,
   and G = 2 with sibling fusion requested equals the per-partition path (MAN modules fall back, recorded);
 * the plan: the weight edge (no per-sample bytes, bytes per step in the costs), validation, plan.json
-  round trip, workers > 1 refused; a killed and resumed run ends with the uninterrupted weights; export
-  holds no aux net.
+  round trip, refusals; a killed and resumed run ends with the uninterrupted weights; export holds no aux
+  net; the sequential schedule and bf16. Distributed == one process: ``tests/test_man_distributed.py``.
 """
 
 from __future__ import annotations
@@ -274,8 +274,8 @@ def test_refusals():
         plan_spec(spec(width=2).replace("share_ratio: 1.0", "share_ratio: 0.5"))
     assert err.value.path == "local.share_ratio" and "share_ratio 1" in str(err.value)
     with pytest.raises(SpecError) as err:
-        plan_spec(spec(), workers=2)
-    assert err.value.path == "placement.workers" and "one process" in str(err.value)
+        plan_spec(spec().replace("cuts: {depth: [relu0, block1], width: 1}", "cuts: {depth: 1, width: 1}"))
+    assert err.value.path == "local.man" and "one module" in str(err.value)
 
 
 def test_validation_catches_a_wrong_link():

@@ -104,13 +104,16 @@ def _materialize(module: nn.Module) -> None:
                 m._buffers[key] = torch.empty(b.shape, dtype=b.dtype)
 
 
-def build_partitions(plan: PartitionPlan, seed: int = 0, ids: list[int] | None = None) -> dict[int, PartitionModule]:
+def build_partitions(plan: PartitionPlan, seed: int = 0, ids: list[int] | None = None, *,
+                     copy_ema: bool = True) -> dict[int, PartitionModule]:
     """Build (a subset of) the partition modules of a plan, freshly initialised.
 
     Args:
         plan: the partition plan.
         seed: weight-init seed; partition ``p`` uses ``seed * 1_000_003 + p``.
         ids: partitions to build (default: all).
+        copy_ema: start each MAN partition's EMA unit as a copy of U's initial parameters (building U's
+            partition on the side when it is not among ``ids``).
 
     Returns:
         ``{partition id: PartitionModule}``.
@@ -126,9 +129,9 @@ def build_partitions(plan: PartitionPlan, seed: int = 0, ids: list[int] | None =
             losses.setdefault(key, pm.loss)
             init_weights(pm, seed * 1_000_003 + p.id)
             out[p.id] = pm
-    for p in plan.partitions:
+    for p in plan.partitions if copy_ema else ():
         if p.man is not None and p.id in out:
-            src = out.get(p.man.source) or build_partitions(plan, seed, [p.man.source])[p.man.source]
+            src = out.get(p.man.source) or build_partitions(plan, seed, [p.man.source], copy_ema=False)[p.man.source]
             copy_ema_from_u(out[p.id], src)
     return out
 

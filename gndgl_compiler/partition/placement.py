@@ -15,7 +15,6 @@ lower id, and every slot runs its partitions in network order.
 
 from __future__ import annotations
 
-from ..errors import PartitionError
 from .cuts import balanced_split
 from .plan import IMAGE, PartitionPlan
 
@@ -76,11 +75,6 @@ def place(plan: PartitionPlan, devices: list[str], workers: int) -> None:
         devices: devices of a single-process run.
         workers: number of distributed ranks (1 = single process).
     """
-    if workers > 1 and any(p.man is not None for p in plan.partitions):
-        raise PartitionError(f"local.man with {workers} workers: MAN's weight edge (U's parameters to the module "
-                             "before it, once per step) is not sent between distributed ranks yet; train it in one "
-                             "process (placement.workers: 1, no --workers; several devices in one process work)",
-                             field=("placement", "workers"))
     for p, d in zip(plan.partitions, assign(plan, len(devices))):
         p.device = devices[d]
     for p, w in zip(plan.partitions, assign(plan, workers)):

@@ -81,7 +81,7 @@ class Executor:
             m = modules[pid].to(devices[pid])
             if channels_last:
                 m.to(memory_format=torch.channels_last)
-        self.ema = EmaLinks(self.parts, {pid: modules[pid] for pid in self.order})
+        self.ema = EmaLinks(self.parts, {pid: modules[pid] for pid in self.order}, self.transport)
         """MAN's weight edges: the EMA step after each stage's backward (``runtime/man_ema.py``)."""
         self.partition_runners = [PartitionRunner(self.env, stage) for stage in self.stages]
         self.runners: list[StageRunner] = list(self.partition_runners)
@@ -214,6 +214,7 @@ class Executor:
         """The device side of a step (after :meth:`begin_step`): forward, backward, optimizer, stats.
         With ``capturable`` it reads no tensor on the host (``tests/test_cuda_graphs.py``)."""
         st = StepState(x, y, lr, StageOutputs({IMAGE: x}), active, seed)
+        self.ema.send(active)  # MAN: U's pre-update parameters to the ranks that follow it (distributed)
         for i, runner in enumerate(self.runners):
             if not runner.takes(active):
                 runner = self.partition_runners[i]
