@@ -1,6 +1,6 @@
 """What one training step costs: aten ops, CPU ms, and (on CUDA) images/s and peak memory.
 
-For end-to-end, DGL K=8, GN-DGL K=2 G=2, K=4 G=4 and K=8 G=4 (ResNet-32, the specs in
+For end-to-end, DGL K=8, GN-DGL K=2 G=2, K=4 G=4, K=8 G=4 and DGL+MAN K=8 (ResNet-32, the specs in
 ``specs/``), three ways to run the same network and recipe:
 
 * gndgl fused          — ``Executor(fused=True)``: sibling-fused modules, one backward per module
@@ -47,6 +47,7 @@ CONFIGS = [
     ("resnet32_k2g2", "GN-DGL K=2 G=2", lambda: hand.HandGNDGL(2, 2)),
     ("resnet32_k4g4", "GN-DGL K=4 G=4", lambda: hand.HandGNDGL(4, 4)),
     ("resnet32_k8g4", "GN-DGL K=8 G=4", lambda: hand.HandGNDGL(8, 4)),
+    ("man/resnet32_dgl_man_k8", "DGL+MAN K=8", lambda: hand.HandDGLMAN(8)),
 ]
 
 
