@@ -3,7 +3,7 @@
 The tiny MAN net of ``tests/test_man.py`` (K=3, ``mix: learned``; G=1 on 2 worker processes, G=2 on 3, placed
 so that U sits on another rank than the partition that follows it) ends with weights ``torch.equal`` to one
 process — EMA units and s included — so U's parameters arrive exactly as they were before this step's update
-(DESIGN §2.3), whichever rank holds U.
+(DESIGN §2.3), whichever rank holds U; the 3-rank run is stopped after 2 of its 4 steps and resumed.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from dist_helpers import DIST, assert_same_weights, launch_run, run_weights, split_modules, train_single
+from dist_helpers import (DIST, assert_same_weights, launch_run, resume_run, run_weights, split_modules,
+                          train_single)
 from test_man import spec
 
 from gndgl_compiler import load_artifact
@@ -29,7 +30,12 @@ def test_distributed_man_matches_single_process(tmp_path, width, workers):
     remote = [p for p in plan.partitions if p.man is not None and plan.partitions[p.man.source].worker != p.worker]
     assert remote, "the placement must put some U on another rank than the partition that follows it"
     ref = train_single(path, tmp_path / "single", 32, split=split_modules(load_artifact(path).plan, workers))
-    launch_run(path, tmp_path / "dist", workers, 32)
+    if workers == 3:  # stopped after 2 of its 4 steps and resumed: the EMA units resume with the rest
+        launch_run(path, tmp_path / "dist", workers, 32, "--max-steps", "2", "--checkpoint-every", "1")
+        assert json.loads((tmp_path / "dist" / "summary.json").read_text())["steps"] == 2
+        resume_run(tmp_path / "dist", workers)
+    else:
+        launch_run(path, tmp_path / "dist", workers, 32)
     got = run_weights(tmp_path / "dist")
     assert any(".ema_" in k for k in got) and any("man_mix.s" in k for k in got)
     assert_same_weights(got, ref)
