@@ -354,3 +354,16 @@ def test_sequential_schedule_and_bf16():
     assert all(after[pid].dtype == torch.float32 for pid in after)
     assert not torch.equal(after[0], before[0]) and not torch.equal(after[1], before[1])
     assert torch.equal(after[2], before[2]) and torch.equal(after[3], before[3])  # module 2 is not training
+
+
+@pytest.mark.parametrize("level,heads", [("partitions", False), ("ops", False), ("ops", True)])
+def test_viz_draws_the_weight_edges(level, heads):
+    from gndgl_compiler.viz.dot import plan_to_dot
+    from gndgl_compiler.viz.style import EDGE_STYLES
+
+    plan = plan_spec(spec(width=2))
+    dot = plan_to_dot(plan, level=level, heads=heads)
+    color = EDGE_STYLES["weight"]["color"]
+    drawn = [line for line in dot.splitlines() if "->" in line and color in line and "legend" not in line]
+    assert len(drawn) == sum(e.kind == "weight" for e in plan.edges) == 4
+    assert "MAN weight edge" in dot and "/step" in dot
