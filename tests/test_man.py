@@ -367,3 +367,19 @@ def test_viz_draws_the_weight_edges(level, heads):
     drawn = [line for line in dot.splitlines() if "->" in line and color in line and "legend" not in line]
     assert len(drawn) == sum(e.kind == "weight" for e in plan.edges) == 4
     assert "MAN weight edge" in dot and "/step" in dot
+
+
+def test_costs_count_the_aux_net():
+    """Aux-net MACs are in the partition's figures; the EMA unit costs no weight-gradient MACs."""
+    man, plain = plan_spec(spec()), plan_spec(spec().replace("  man: {momentum: 0.9, mix: sum}\n", ""))
+    for p, q in zip(man.partitions, plain.partitions):
+        if p.man is None:
+            assert p.costs["fwd_macs"] == q.costs["fwd_macs"]
+            continue
+        ema = sum(n.macs for n in p.head if n.name in p.man.ema)
+        lb = sum(n.macs for n in p.head if n.name in p.man.lb)
+        u = sum(n.macs for n in man.partitions[p.man.source].body if n.name in p.man.ema.values())
+        assert ema == lb == u > 0
+        assert p.costs["head_macs"] > q.costs["head_macs"] + 2 * u - 1  # LB + EMA (+ a head on U's output)
+        assert p.costs["bwd_macs"] == 2 * p.costs["fwd_macs"] - ema - sum(n.macs for n in p.body if n.dense_in)
+    assert man.summary["training_speedup"] < plain.summary["training_speedup"]

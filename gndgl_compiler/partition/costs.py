@@ -30,6 +30,8 @@ def annotate_costs(plan: PartitionPlan, og: OpGraph) -> None:
         body = sum(n.macs for n in p.body)
         head = sum(n.macs for n in p.head)
         no_input_grad = sum(n.macs for n in p.body if n.dense_in)
+        # MAN's EMA unit: its input gradient is computed, its weight gradient is not
+        no_input_grad += sum(n.macs for n in p.head if p.man is not None and n.name in p.man.ema)
         fwd = body + head
         p.costs = {
             "body_macs": body,
