@@ -6,6 +6,7 @@
 * ``HandAugLocal`` — AugLocal (Ma et al., ICLR 2024) in the style of its official code: a module per unit up to
                   the 13th, each with an aux net of fresh blocks shaped like the later blocks it samples
                   (depth rule, round half to even), the losses summed and one backward over the sum.
+* ``HandDGLMAN`` — DGL + MAN (official-code style: LB + EMA of the next first block, one backward).
 * ``HandGNDGL`` — GN-DGL in the style of the paper's official code: per module one network with a
                   dense first conv (and 1x1 shortcut) and ``Conv2d(groups=G)`` after it, G 1c2f heads,
                   head g over ``cat(own slice live, siblings detached)``, cross-entropy + diversity
@@ -279,3 +280,46 @@ class HandGNDGLAugLocal(HandGNDGL):
         stats.append((loss.detach(), (out.argmax(1) == y).sum()))
         opt_step(self.opt)
         return stats
+
+
+class HandDGLMAN:
+    """DGL + MAN in the style of MAN's official code: the aux net of module k < K is LB + EMA (a trainable
+    block and an EMA copy of the next module's first block, no gradient) and a 1c2f head; one backward over
+    the summed local losses, then θ_EMA ← m·θ_EMA + (1−m)·θ_U, then the optimizer step."""
+
+    def __init__(self, K=8, m=0.995):
+        import copy
+
+        self.m, self.mods, self.lbs, self.emas, self.heads = m, [], [], [], []
+        for k, idx in enumerate(SPLITS[K]):
+            layers = ([stem()] if k == 0 else []) + [Block(*BLOCKS[i]) for i in idx]
+            self.mods.append(nn.Sequential(*layers).train())
+        for k, idx in enumerate(SPLITS[K]):
+            if k == K - 1:
+                self.heads.append(PoolFC(BLOCKS[idx[-1]][1]).train())
+                continue
+            u = self.mods[k + 1][0]
+            self.lbs.append(Block(*BLOCKS[SPLITS[K][k + 1][0]]).train())
+            self.emas.append(copy.deepcopy(u).requires_grad_(False).train())
+            self.heads.append(Head1c2f(BLOCKS[SPLITS[K][k + 1][0]][1]).train())
+        self.opt = sgd([p for m in self.mods + self.lbs + self.heads for p in m.parameters()])
+
+    def step(self, x, y):
+        h, stats, total = x, [], 0.0
+        for k, body in enumerate(self.mods):
+            h = body(h.detach())
+            out = self.heads[k](self.lbs[k](h) + self.emas[k](h)) if k < len(self.lbs) else self.heads[k](h)
+            loss = F.cross_entropy(out, y)
+            total = total + loss
+            stats.append((loss.detach(), (out.argmax(1) == y).sum()))
+        total.backward()
+        with torch.no_grad():
+            for k, ema in enumerate(self.emas):
+                e, u = list(ema.parameters()), list(self.mods[k + 1][0].parameters())
+                torch._foreach_mul_(e, self.m)
+                torch._foreach_add_(e, u, alpha=1 - self.m)
+        opt_step(self.opt)
+        return stats
+
+    def modules(self):
+        return self.mods + self.lbs + self.emas + self.heads

@@ -1,7 +1,7 @@
 """What one training step costs: aten ops, CPU ms, and (on CUDA) images/s and peak memory.
 
 For end-to-end, DGL K=8, GN-DGL K=2 G=2, K=4 G=4, K=8 G=4, AugLocal (cut after every unit up to the 13th,
-d = 2, τ = 0.5) and GN-DGL K=8 G=4 with AugLocal aux nets (ResNet-32, the specs in ``specs/``),
+d = 2, τ = 0.5), GN-DGL K=8 G=4 with AugLocal aux nets and DGL+MAN K=8 (ResNet-32, the specs in ``specs/``),
 three ways to run the same network and recipe:
 
 * gndgl fused          — ``Executor(fused=True)``: sibling-fused modules, one backward per module
@@ -51,6 +51,7 @@ CONFIGS = [
     ("resnet32_k8g4", "GN-DGL K=8 G=4", lambda: hand.HandGNDGL(8, 4)),
     ("auglocal/resnet32_auglocal_d2", "AugLocal K=14 d=2", lambda: hand.HandAugLocal()),
     ("auglocal/resnet32_k8g4_auglocal_d2", "GN-DGL+AugLocal K=8 G=4", lambda: hand.HandGNDGLAugLocal(8, 4)),
+    ("man/resnet32_dgl_man_k8", "DGL+MAN K=8", lambda: hand.HandDGLMAN(8)),
 ]
 
 

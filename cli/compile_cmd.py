@@ -79,6 +79,11 @@ def print_summary(art: Artifact, title: str) -> None:
         f"params {fmt_int(s['params'])} (inference {fmt_int(s['inference_params'])})", highlight=False)
     if "memory" in s:
         console.print(memory_line(s["memory"]), highlight=False)
+    if "weight_bytes_per_step" in s:
+        n = sum(e.kind == "weight" for e in plan.edges)
+        console.print(f"MAN: {n} weight edges (U's parameters → the EMA unit of the module before, no gradient), "
+                      f"{fmt_bytes(s['weight_bytes_per_step'])} per step; aux-net MACs and parameters are in the "
+                      "table", highlight=False, soft_wrap=True)
     for line in aux_unit_lines(plan):
         console.print(line, highlight=False, soft_wrap=True)
 

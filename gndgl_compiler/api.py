@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from .artifact import (RECOMPILE, find_artifact, load_state_tensors, read_json, read_manifest, read_plan,
                        read_weights, write_artifact)
-from .codegen.modules import PartitionModule, build_assembled, build_partitions
+from .codegen.modules import PartitionModule, build_assembled, build_partitions, copy_ema_from_u
 from .errors import GndglError, PartitionError, SpecError
 from .graph.build import OpGraph, build_graph
 from .partition.partitioner import build_plan
@@ -133,6 +133,9 @@ def _load_init(spec: Spec, og: OpGraph, plan: PartitionPlan, modules: dict) -> N
                        modules, og.classifier.nodes)
     except InitError as err:
         raise spec_error(spec, ("train", "init"), str(err)) from None
+    for p in plan.partitions:  # MAN: the EMA units start as copies of the loaded U
+        if p.man is not None:
+            copy_ema_from_u(modules[p.id], modules[p.man.source])
 
 
 def plan_spec(source: str | os.PathLike | dict | Spec, *, workers: int | None = None,
@@ -222,7 +225,7 @@ def load_artifact(path: str | os.PathLike, *, workers: int | None = None, rank: 
     if workers is not None:
         place(plan, plan.devices, workers)
     ids = None if rank is None else [p.id for p in plan.partitions if p.worker == rank]
-    modules = build_partitions(plan, seed=0, ids=ids)
+    modules = build_partitions(plan, seed=0, ids=ids, copy_ema=False)  # every weight (EMA too) comes from the file
     load_state_tensors(modules, plan, read_weights(d, remedy), str(d / "weights.safetensors"))
     return Artifact(spec, plan, modules, d, manifest)
 

@@ -9,6 +9,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..graph.man_modules import LearnedMix
 from ..graph.transformer_modules import PosEmbed
 from ..partition.plan import IMAGE, Partition, PartitionPlan
 from .emit import emit_ir, emit_loss
@@ -34,6 +35,8 @@ class PartitionModule(nn.Module):
         base = _cls(part.name)
         self.body = emit_ir(part.body, part.output, f"{base}Body")
         self.aux = emit_ir(part.head, part.head_outputs, f"{base}Head", live_inputs=("h",))
+        for name in part.man.ema if part.man is not None else ():
+            self.aux.get_submodule(name).requires_grad_(False)  # MAN's EMA unit: moved by the EMA, not by SGD
         self.loss = loss if loss is not None else emit_loss(
             part.loss, part.head_outputs, num_classes, self.n_diversity_inputs(part), f"{base}Loss")
 
@@ -79,6 +82,8 @@ def init_weights(module: nn.Module, seed: int) -> None:
             m.reset_parameters()  # weight 1, bias 0 (BN: running stats reset)
         elif isinstance(m, PosEmbed):
             m.reset_parameters(gen)
+        elif isinstance(m, LearnedMix):
+            m.reset_parameters()
         elif isinstance(m, nn.Linear):
             bound = 1.0 / m.in_features ** 0.5
             with torch.no_grad():
@@ -99,13 +104,16 @@ def _materialize(module: nn.Module) -> None:
                 m._buffers[key] = torch.empty(b.shape, dtype=b.dtype)
 
 
-def build_partitions(plan: PartitionPlan, seed: int = 0, ids: list[int] | None = None) -> dict[int, PartitionModule]:
+def build_partitions(plan: PartitionPlan, seed: int = 0, ids: list[int] | None = None, *,
+                     copy_ema: bool = True) -> dict[int, PartitionModule]:
     """Build (a subset of) the partition modules of a plan, freshly initialised.
 
     Args:
         plan: the partition plan.
         seed: weight-init seed; partition ``p`` uses ``seed * 1_000_003 + p``.
         ids: partitions to build (default: all).
+        copy_ema: start each MAN partition's EMA unit as a copy of U's initial parameters (building U's
+            partition on the side when it is not among ``ids``).
 
     Returns:
         ``{partition id: PartitionModule}``.
@@ -121,6 +129,28 @@ def build_partitions(plan: PartitionPlan, seed: int = 0, ids: list[int] | None =
             losses.setdefault(key, pm.loss)
             init_weights(pm, seed * 1_000_003 + p.id)
             out[p.id] = pm
+    for p in plan.partitions if copy_ema else ():
+        if p.man is not None and p.id in out:
+            src = out.get(p.man.source) or build_partitions(plan, seed, [p.man.source], copy_ema=False)[p.man.source]
+            copy_ema_from_u(out[p.id], src)
+    return out
+
+
+@torch.no_grad()
+def copy_ema_from_u(pm: PartitionModule, src: PartitionModule) -> None:
+    """MAN: θ_EMA ← θ_U (parameters only; DESIGN §2.3: the EMA starts as a copy of U's initial weights)."""
+    for ema, u in ema_pairs(pm, src):
+        ema.copy_(u)
+
+
+def ema_pairs(pm: PartitionModule, src: PartitionModule) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    """``(EMA parameter of pm's aux net, the U parameter of src's body it follows)``, in a fixed order."""
+    assert pm.part.man is not None
+    out = []
+    for ema_name, u_name in pm.part.man.ema.items():
+        u_mod = src.body.get_submodule(u_name)
+        for key, p in pm.aux.get_submodule(ema_name).named_parameters():
+            out.append((p, u_mod.get_parameter(key)))
     return out
 
 

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from ..errors import GraphError
 from .saves import NOTHING, Saves
+from .man_ops import man_op_defs
 from .transformer_ops import transformer_op_defs
 
 if TYPE_CHECKING:
@@ -323,6 +324,7 @@ OPS: dict[str, OpDef] = {
     "l2norm": OpDef("l2norm", _same, function="torch.nn.functional:normalize", kwargs=lambda a, i: {"dim": 1},
                     saves=_IN),
     **transformer_op_defs(OpDef),
+    **man_op_defs(OpDef),
 }
 
 

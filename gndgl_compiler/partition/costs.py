@@ -30,6 +30,8 @@ def annotate_costs(plan: PartitionPlan, og: OpGraph) -> None:
         body = sum(n.macs for n in p.body)
         head = sum(n.macs for n in p.head)
         no_input_grad = sum(n.macs for n in p.body if n.dense_in)
+        # MAN's EMA unit: its input gradient is computed, its weight gradient is not
+        no_input_grad += sum(n.macs for n in p.head if p.man is not None and n.name in p.man.ema)
         fwd = body + head
         p.costs = {
             "body_macs": body,
@@ -42,6 +44,7 @@ def annotate_costs(plan: PartitionPlan, og: OpGraph) -> None:
             "bytes_in": bytes_in[p.id],
             "bytes_out": bytes_out[p.id],
         }
+    _weight_bytes(plan)
     e2e = og.total_macs()
     final = plan.final
     inference = sum(p.costs["body_macs"] for p in plan.partitions) + final.costs["head_macs"]
@@ -59,3 +62,15 @@ def annotate_costs(plan: PartitionPlan, og: OpGraph) -> None:
         "inference_speedup": e2e / inference,
         "bytes_per_sample": sum(e.bytes_per_sample for e in plan.edges if e.src != IMAGE),
     }
+    per_step = sum(e.bytes_per_step for e in plan.edges)
+    if per_step:
+        plan.summary["weight_bytes_per_step"] = per_step
+
+
+def _weight_bytes(plan: PartitionPlan) -> None:
+    """MAN's weight edges: bytes a partition receives / sends once per step (keys only where there are some)."""
+    for e in plan.edges:
+        if e.bytes_per_step:
+            dst, src = plan.partitions[e.dst].costs, plan.partitions[e.src].costs
+            dst["weight_bytes_in_per_step"] = dst.get("weight_bytes_in_per_step", 0) + e.bytes_per_step
+            src["weight_bytes_out_per_step"] = src.get("weight_bytes_out_per_step", 0) + e.bytes_per_step

@@ -253,9 +253,10 @@ def device_memory(parts: list[Partition], shapes: dict[int, list[int]], optimize
         profile += points
     profile.append((0, 2 * profile[-1][1]))  # the optimizer step's copy of the step's gradients
     pb = sum(p.costs["param_bytes"] for p in parts)
+    tb = sum(p.costs.get("grad_bytes", p.costs["param_bytes"]) for p in parts)
     n_state = OPTIM_STATE[optimizer] if optimizer != "sgd" or momentum > 0 else 0
-    return {"profile": profile, "stage_bytes": stage_bytes, "param_bytes": pb, "grad_bytes": pb,
-            "optim_bytes": n_state * pb, "rest_grad_bytes": rest_grads}
+    return {"profile": profile, "stage_bytes": stage_bytes, "param_bytes": pb, "grad_bytes": tb,
+            "optim_bytes": n_state * tb, "rest_grad_bytes": rest_grads}
 
 
 def _whole_module(stage: list[Partition]) -> bool:
@@ -301,14 +302,20 @@ def e2e_activation_bytes(plan: PartitionPlan, shapes: dict[int, list[int]]) -> i
     return sum(union.values())
 
 
+def _frozen_params(p: Partition) -> int:
+    """Parameters of ``p`` that train by no gradient (MAN's EMA unit in its aux net)."""
+    return sum(n.params for n in p.head if p.man is not None and n.name in p.man.ema)
+
+
 def annotate_memory(plan: PartitionPlan, optimizer: str, momentum: float, batch: int) -> None:
     """Add the memory model to ``partition.costs`` and ``plan.summary["memory"]`` (after placement)."""
     shapes = {IMAGE: list(plan.input_shape), **{p.id: p.out_shape for p in plan.partitions}}
     n_state = OPTIM_STATE[optimizer] if optimizer != "sgd" or momentum > 0 else 0
     for p in plan.partitions:
         pb = p.costs["params"] * FLOAT
-        p.costs.update({"act_bytes": sum(saved_storages(p, shapes).values()), "param_bytes": pb, "grad_bytes": pb,
-                        "optim_bytes": n_state * pb})
+        tb = pb - _frozen_params(p) * FLOAT  # MAN's EMA unit: parameters without gradient or optimizer state
+        p.costs.update({"act_bytes": sum(saved_storages(p, shapes).values()), "param_bytes": pb, "grad_bytes": tb,
+                        "optim_bytes": n_state * tb})
     devices: dict[str, Any] = {}
     for dev in dict.fromkeys(p.device for p in plan.partitions):
         mem = device_memory([p for p in plan.partitions if p.device == dev], shapes, optimizer, momentum)

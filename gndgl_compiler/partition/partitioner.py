@@ -26,6 +26,7 @@ from .groups import group_offset, module_body
 from .auglocal import AugLocalPlan
 from .heads import HEADS, check_head_input, head_1c2f, head_linear, resolve_head_kind
 from .ir import IRBuilder
+from .man import check_man, man_trunk, weight_edge
 from .placement import place
 from .plan import IMAGE, Edge, Input, IRNode, Loss, Partition, PartitionPlan, Share
 
@@ -123,6 +124,7 @@ def build_plan(spec: Spec, og: OpGraph) -> PartitionPlan:
         raise PartitionError("final_head.mode 'joint' with K=1 and G=1 is plain end-to-end; "
                              "drop the mode or cut deeper",
                              field=("local", "final_head", "mode"))
+    check_man(spec, groups, joint, e2e)
     local_modules = k_mod - 1 if joint else k_mod
     aug = AugLocalPlan.of(spec, og, modules, local_modules)
     parts: list[Partition] = []
@@ -178,13 +180,20 @@ def build_plan(spec: Spec, og: OpGraph) -> PartitionPlan:
                     pieces.append(hb.input(f"sib{gg}", shp))
                     shares.append(Share(module_ids[gg], n_sib))
                 h = hb.add("shared", "cat", {}, pieces) if len(pieces) > 1 else h
+            man = None
             if e2e or (joint and is_last):
                 fk = _final_head_kind(spec, og, k_mod, groups)
                 outs = _build_final_head(spec, og, hb, h, fk)
                 loss = Loss("ce")
                 pkind, hkind = ("e2e" if e2e else "local"), f"final:{fk}"
             else:
-                head_kind = resolve_head_kind(loc.head.kind, body[-1].shape)
+                head_in = body[-1].shape
+                if loc.man is not None and k < k_mod - 1:  # MAN: LB + EMA copies of module k+1's first unit
+                    h, man = man_trunk(spec, og, hb, h, k=k, g=g, groups=groups, module_out=nodes[-1],
+                                       next_unit=og.body_segments[modules[k + 1][0]].nodes,
+                                       source=module_ids[0] + G + g * groups[k + 1] // G)
+                    head_in = hb.shape(h)
+                head_kind = resolve_head_kind(loc.head.kind, head_in)
                 hidden = _hidden(spec, loc.head.hidden)
                 if head_kind == "token-mlp" and loc.head.hidden is None:
                     hidden = 2 * hb.shape(h)[0]
@@ -195,7 +204,7 @@ def build_plan(spec: Spec, og: OpGraph) -> PartitionPlan:
                     extra = {"image_shape": input_shape, "variant": loc.head.variant, "projection": loc.head.projection}
                 extra.update(aug.head_args(k, G))  # {} unless the head is auglocal
                 try:
-                    check_head_input(head_kind, body[-1].shape)
+                    check_head_input(head_kind, head_in)
                     outs = HEADS[head_kind](hb, h, og.num_classes, hidden, **extra)
                 except PartitionError as err:
                     raise PartitionError(f"partition {name}: {err}", field=("local", "head", "kind")) from None
@@ -211,7 +220,8 @@ def build_plan(spec: Spec, og: OpGraph) -> PartitionPlan:
             parts.append(Partition(
                 id=pid, name=name, kind=pkind, module=k + 1, group=g, groups=G, units=units, inputs=inputs,
                 body=body, channels=[start, start + c_out], head_kind=hkind, head=hb.nodes, head_outputs=outs,
-                loss=loss, shares=shares, siblings=[m for m in module_ids if m != pid], aux_units=aux_units))
+                loss=loss, shares=shares, siblings=[m for m in module_ids if m != pid], aux_units=aux_units,
+                man=man))
             for inp in inputs:
                 edges.append(Edge(inp.source, pid, inp.kind, _numel(inp.shape) * FLOAT_BYTES))
             if loss.kind == "infopro" and not any(i.kind == "image" for i in inputs):
@@ -243,6 +253,7 @@ def build_plan(spec: Spec, og: OpGraph) -> PartitionPlan:
             head_kind=f"final:{fk}", head=hb.nodes, head_outputs=outs, loss=Loss("ce")))
         for inp in inputs:
             edges.append(Edge(inp.source, pid, "activation", _numel(inp.shape) * FLOAT_BYTES))
+    edges += [weight_edge(p, parts) for p in parts if p.man is not None]
     plan = PartitionPlan(
         name=spec.name, partitions=parts, edges=edges, num_modules=k_mod, groups=groups, num_classes=og.num_classes,
         input_shape=input_shape, final_mode="joint" if joint else ("e2e" if e2e else "separate"),

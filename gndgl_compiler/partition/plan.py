@@ -12,8 +12,6 @@ from typing import Any
 
 IMAGE = -1
 """Source id of the input image (not a partition)."""
-OPTIONAL_FIELDS = ("aux_units",)
-"""Partition fields that plan.json carries only when non-empty."""
 
 
 @dataclass
@@ -72,6 +70,28 @@ class Loss:
     diversity_temperature: float = 3.0
 
 
+OMIT_UNSET = {"omit_unset": True}
+"""Field metadata: the field stays out of ``plan.json`` while it holds its default (plans without it are unchanged)."""
+
+
+@dataclass
+class ManLink:
+    """MAN / MAN++ (DESIGN §2.3): the aux net's EMA unit follows U, the first unit of the next module."""
+
+    source: int
+    """Partition whose body holds U (module k+1, group ⌊g·G_{k+1}/G_k⌋): the weight edge's source."""
+    momentum: float
+    """EMA momentum m: θ_EMA ← m·θ_EMA + (1−m)·θ_U after this partition's backward."""
+    mix: str
+    """'sum' (MAN) or 'learned' (MAN++)."""
+    ema: dict[str, str]
+    """Head node of the EMA unit → body node of U in ``source`` (same op, same parameter names)."""
+    lb: list[str]
+    """Head nodes of the trainable copy LB."""
+    mix_node: str
+    """Head node that mixes LB(h) and EMA(h) (the head proper reads it)."""
+
+
 @dataclass
 class Partition:
     """One independently trained piece of the network."""
@@ -99,9 +119,10 @@ class Partition:
     device: str = "cpu"
     worker: int = 0
     costs: dict[str, int] = field(default_factory=dict)
-    aux_units: list[str] = field(default_factory=list)
-    """auglocal: the later units of the net its aux net was built from (fresh copies; left out of plan.json
-    when empty)."""
+    aux_units: list[str] = field(default_factory=list, metadata=OMIT_UNSET)
+    """auglocal: the later units of the net its aux net was built from (fresh copies)."""
+    man: ManLink | None = field(default=None, metadata=OMIT_UNSET)
+    """MAN / MAN++: the EMA link of this partition's aux net (None: no MAN)."""
 
     @property
     def output(self) -> str:
@@ -121,8 +142,10 @@ class Edge:
     src: int
     dst: int
     kind: str
-    """'activation', 'image', 'share' or 'diversity'."""
+    """'activation', 'image', 'share', 'diversity' or 'weight' (MAN: U's parameters, forward only, no gradient)."""
     bytes_per_sample: int
+    bytes_per_step: int = field(default=0, metadata=OMIT_UNSET)
+    """Bytes sent once per step whatever the batch (a weight edge's parameters)."""
 
 
 @dataclass
@@ -155,14 +178,9 @@ class PartitionPlan:
         return self.partitions[-1]
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (like ``dataclasses.asdict`` without its deep copies of every leaf); empty
-        :data:`OPTIONAL_FIELDS` of a partition are left out (a plan without them serialises as before)."""
-        out = _plain(self)
-        for p in out["partitions"]:
-            for key in OPTIONAL_FIELDS:
-                if not p[key]:
-                    del p[key]
-        return out
+        """JSON-ready dict (like ``dataclasses.asdict`` without its deep copies of every leaf); fields marked
+        :data:`OMIT_UNSET` are left out while they hold their default (a plan without them serialises as before)."""
+        return _plain(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PartitionPlan":
@@ -175,15 +193,23 @@ class PartitionPlan:
             p["head"] = [IRNode(**n) for n in p["head"]]
             p["loss"] = Loss(**p["loss"])
             p["shares"] = [Share(**s) for s in p["shares"]]
+            if p.get("man") is not None:
+                p["man"] = ManLink(**p["man"])
             parts.append(Partition(**p))
         rest = {k: v for k, v in d.items() if k not in ("partitions", "edges")}
         return cls(partitions=parts, edges=[Edge(**e) for e in d["edges"]], **rest)
 
 
+def _default(f: dataclasses.Field) -> Any:
+    """A dataclass field's default value (made by its factory where it has one)."""
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
 def _plain(obj: Any) -> Any:
     """Dataclasses, lists, tuples and dicts turned into plain dicts and lists; leaves are shared."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not (f.metadata.get("omit_unset") and getattr(obj, f.name) == _default(f))}
     if isinstance(obj, (list, tuple)):
         return [_plain(x) for x in obj]
     if isinstance(obj, dict):

@@ -7,6 +7,8 @@
 3. Every partition has a loss and a head output to apply it to.
 4. Every weight of the network belongs to exactly one partition: the groups of
    each parametric op (conv, linear, attention, ...) cover its output channels exactly once.
+5. MAN (DESIGN §2.3): each weight edge joins U's partition (k+1, g′) to (k, g), carries no per-sample
+   tensor and no gradient, and each EMA node of the aux net is a copy of U's op that owns no network weight.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import networkx as nx
 from ..errors import PartitionError
 from ..graph.build import OpGraph
 from ..graph.ops import find_op
+from .man import check_links
 from .plan import IMAGE, PartitionPlan
 
 
@@ -36,6 +39,8 @@ def validate_plan(plan: PartitionPlan, og: OpGraph) -> None:
     g.add_nodes_from(p.id for p in plan.partitions)
     module_of = {p.id: p.module for p in plan.partitions}
     for e in plan.edges:
+        if e.kind == "weight":
+            continue  # MAN's weight edge: forward-only parameters, no gradient (check_links below)
         if e.kind in ("share", "diversity"):
             if module_of[e.src] != module_of[e.dst] or e.src == e.dst:
                 raise PartitionError(f"internal: {e.kind} edge {e.src}->{e.dst} does not join two siblings")
@@ -45,6 +50,11 @@ def validate_plan(plan: PartitionPlan, og: OpGraph) -> None:
             g.add_edge(e.src, e.dst)
     if not nx.is_directed_acyclic_graph(g):
         raise PartitionError("internal: the partition graph has a cycle")
+    check_links(plan.partitions)
+    weights = sorted((e.src, e.dst) for e in plan.edges if e.kind == "weight" and not e.bytes_per_sample)
+    if weights != sorted((p.man.source, p.id) for p in plan.partitions if p.man is not None):
+        raise PartitionError("internal: the weight edges do not match the MAN links (one per MAN partition, "
+                             "from U's partition, no per-sample bytes)")
     owned: dict[str, int] = defaultdict(int)
     for p in plan.partitions:
         for part_nodes in (p.body, p.head):

@@ -7,6 +7,7 @@ Each rank owns the partitions placed on it and runs the single-process
     body(p) ──isend h_p──────────────────▶  recv h_p ─▶ body(q)       (activations)
             ──isend h_p[:, :r·C/G]───────▶  recv     ─▶ aux(q)        (sibling sharing)
     aux(p)  ──isend p̂_p─────────────────▶  recv p̂_p ─▶ loss(q)       (diversity)
+    θ_U(q)  ──isend at the step's start──▶  recv after backward(p) ─▶ EMA of p   (MAN's weight edge)
 
 Sends are non-blocking (``isend``), receives are blocking and happen in network
 order, so a rank only ever waits for a partition with a lower id than the one
@@ -27,7 +28,7 @@ import torch.distributed as dist
 from ..errors import DistributedError
 from ..partition.plan import IMAGE, PartitionPlan
 
-KIND_CODE = {"activation": 0, "share": 1, "diversity": 2}
+KIND_CODE = {"activation": 0, "share": 1, "diversity": 2, "weight": 3}
 
 
 def _tag(step: int, src: int, kind: str) -> int:
@@ -74,12 +75,19 @@ class PeerComm:
                 for sib in p.siblings:
                     if self.owner[sib] != self.owner[p.id]:
                         self.div_dst[sib].add(self.owner[p.id])
+        self.weight_dst: dict[int, set[int]] = collections.defaultdict(set)
+        """MAN: U's partition → ranks whose MAN partitions follow it (one flat message per step and rank)."""
+        for p in plan.partitions:
+            if p.man is not None and self.owner[p.man.source] != self.owner[p.id]:
+                self.weight_dst[p.man.source].add(self.owner[p.id])
+        self._weights: dict[int, torch.Tensor] = {}
         self._work: list = []
 
     # -- step bookkeeping -------------------------------------------------------------------
     def begin_step(self, step: int) -> None:
         """Start step ``step``; wait for sends older than ``max_inflight`` steps."""
         self.step = step
+        self._weights = {}
         self._work = []
         self.pending.append(self._work)
         while len(self.pending) > self.max_inflight:
@@ -145,6 +153,26 @@ class PeerComm:
             ch = self.share_dst[s.source][self.rank]
             shape = [ch, *self.parts[s.source].out_shape[1:]]
             h[s.source] = self._recv(shape, src_rank, _tag(self.step, s.source, "share"))
+
+    def send_weights(self, src: int, flat: torch.Tensor) -> None:
+        """MAN: send U's parameters of partition ``src`` (one flat copy, in their own dtype) to the ranks whose
+        MAN partitions follow it, before any optimizer step of this step."""
+        for r in sorted(self.weight_dst.get(src, set())):
+            self.bytes_sent += flat.numel() * flat.element_size()
+            self._work.append((r, dist.isend(flat, r, tag=_tag(self.step, src, "weight"))))
+
+    def recv_weights(self, src: int, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """MAN: this step's flat U parameters of partition ``src`` (received once per step, then reused)."""
+        if src not in self._weights:
+            buf = torch.empty(numel, dtype=dtype, device=self.device)
+            try:
+                dist.recv(buf, self.owner[src], tag=_tag(self.step, src, "weight"))
+            except Exception as exc:  # gloo/NCCL raise RuntimeError subclasses
+                raise DistributedError(f"rank {self.rank}: no weights from {self._peer(self.owner[src])} at step "
+                                       f"{self.step}: it died or stopped responding "
+                                       f"({str(exc).splitlines()[0][-120:]})") from None
+            self._weights[src] = buf
+        return self._weights[src].to(device)
 
     def exchange_diversity(self, p_hat: dict[int, torch.Tensor]) -> None:
         """Send own diversity vectors to sibling ranks, receive the remote siblings'."""

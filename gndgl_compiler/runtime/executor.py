@@ -26,6 +26,7 @@ from .. import losses as L
 from ..graph.ops import RANDOM_KINDS
 from ..partition.plan import IMAGE, PartitionPlan
 from .fusion import FusedStage, NotFusable, SiblingFusedRunner
+from .man_ema import EmaLinks
 from .stage_outputs import StageOutputs
 from .stage_runner import HEAD_KEYS, PartitionRunner, StageEnv, StageRunner, StepState, step_stats
 from .step_plan import StepPlan
@@ -80,6 +81,8 @@ class Executor:
             m = modules[pid].to(devices[pid])
             if channels_last:
                 m.to(memory_format=torch.channels_last)
+        self.ema = EmaLinks(self.parts, {pid: modules[pid] for pid in self.order}, self.transport)
+        """MAN's weight edges: the EMA step after each stage's backward (``runtime/man_ema.py``)."""
         self.partition_runners = [PartitionRunner(self.env, stage) for stage in self.stages]
         self.runners: list[StageRunner] = list(self.partition_runners)
         """Stage index -> its runner (sibling-fused where the module fuses, else per partition)."""
@@ -211,10 +214,12 @@ class Executor:
         """The device side of a step (after :meth:`begin_step`): forward, backward, optimizer, stats.
         With ``capturable`` it reads no tensor on the host (``tests/test_cuda_graphs.py``)."""
         st = StepState(x, y, lr, StageOutputs({IMAGE: x}), active, seed)
+        self.ema.send(active)  # MAN: U's pre-update parameters to the ranks that follow it (distributed)
         for i, runner in enumerate(self.runners):
             if not runner.takes(active):
                 runner = self.partition_runners[i]
             runner.train(st, self.updater)
+            self.ema.update(runner.stage, active)  # before any optimizer step touches U (module i+1)
             for src in self.release.get(i, ()):
                 st.h.pop(src, None)  # no later module reads it
         self.updater.finish(lr)

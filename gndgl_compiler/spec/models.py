@@ -352,6 +352,13 @@ class FinalHead(_Strict):
                                description="Hidden width of a 1c2f final head; default 128 × width.")
 
 
+class Man(_Strict):
+    momentum: float = Field(0.995, ge=0, lt=1, description="MAN: EMA momentum m (θ_EMA ← m·θ_EMA + (1−m)·θ_U), "
+                            "0 ≤ m < 1.")
+    mix: Literal["sum", "learned"] = Field("sum", description="'sum': y = LB(h) + EMA(h) (MAN); 'learned': "
+                                           "y = s·LB(h) + (2−s)·EMA(h), one learnable s per module, init 1 (MAN++).")
+
+
 class Local(_Strict):
     head: Head = Field(default_factory=Head, description="Auxiliary head of every partition.")
     share_ratio: float = Field(0.0, ge=0, le=1, description="Stop-gradient sharing r: fraction of each sibling's "
@@ -360,6 +367,16 @@ class Local(_Strict):
     final_head: FinalHead = Field(default_factory=FinalHead, description="The classifier at the end of the network.")
     schedule: Literal["parallel", "sequential"] = Field("parallel", description="'parallel' (DGL) or 'sequential' "
                                                         "greedy layerwise training.")
+    man: Man | None = Field(None, description="MAN / MAN++ (DESIGN §2.3): the aux net of module k < K follows the "
+                            "first unit of module k+1 (a trainable copy plus its EMA), then the head.")
+
+    @model_serializer(mode="wrap")
+    def _unset_man(self, handler):
+        # an unset man stays out of the normalised spec (spec.json of a spec without it is unchanged)
+        out = handler(self)
+        if self.man is None and isinstance(out, dict):
+            out.pop("man", None)
+        return out
 
 
 # ----------------------------------------------------------------------------- placement

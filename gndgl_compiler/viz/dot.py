@@ -136,6 +136,7 @@ class _Builder(PartitionEdges):
         d.edge(self.pred_src, "prediction", edge_attrs("forward", penwidth="1.6"))
         self.activation_edges()
         self.sibling_edges()
+        self.weight_edges()
         legend(d, self.fill, self.has)
         return d.text()
 
@@ -265,7 +266,7 @@ class _Builder(PartitionEdges):
         """One node standing for a partition's aux head and local loss, fed by a dotted edge."""
         nid = self.nid(p, "aux")
         loss = p.loss.kind + (" + div" if p.loss.diversity_weight else "")
-        head = p.head_kind + aux_from(p)
+        head = p.head_kind + aux_from(p) + (" + MAN" if p.man else "")
         self.d.node(nid, label=f"aux {head}\n{fmt_count(p.costs.get('head_macs', 0))} MACs · {loss}",
                     shape="note", fontsize="8", style="filled")
         self.d.edge(self.out[p.id], nid, edge_attrs("aux"))

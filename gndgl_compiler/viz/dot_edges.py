@@ -1,6 +1,6 @@
 """Edges between partitions in the DOT picture: image inputs, detached activations through
 ``concat`` junctions, sibling sharing and diversity (direct, or through one hub per module),
-and the image as InfoPro's reconstruction target.
+the image as InfoPro's reconstruction target, and MAN's weight edges (U's parameters, no gradient).
 
 :class:`PartitionEdges` is a mixin of :class:`gndgl_compiler.viz.dot._Builder`, which supplies the
 node ids it connects (``out``, ``ins``, ``share_in``, ``aux_in``, ``recon_in``) and the graph ``d``.
@@ -84,6 +84,17 @@ class PartitionEdges:
                 for c in dict.fromkeys(x for k, i in enumerate(self.by_id[t].inputs) if i.source != IMAGE
                                        for x in self.ins[t][k]):
                     d.edge(jid, c, edge_attrs("sg", any(self.moves(s, t) for s in srcs)))
+
+    def weight_edges(self) -> None:
+        """MAN's weight edges: from U's partition to the aux net of the module before (purple, diamond head),
+        labelled with the bytes sent once per step."""
+        for e in self.plan.edges:
+            if e.kind != "weight":
+                continue
+            self.has.add("weight")
+            dst = self.aux_in.get(e.dst, self.out[e.dst])
+            lab = None if self.big else f"θ_U {fmt_bytes(e.bytes_per_step)}/step"
+            self.d.edge(self.out[e.src], dst, edge_attrs("weight", self.moves(e.src, e.dst), xlabel=lab))
 
     def hub_nodes(self, module: int, parts: list[Partition]) -> None:
         """Create the module's sharing / diversity hubs (when bundling) inside its cluster."""

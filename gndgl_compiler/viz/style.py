@@ -26,10 +26,13 @@ EDGE_STYLES: dict[str, dict[str, str]] = {
                   "penwidth": "1.6", "constraint": "false"},
     "image": {"color": "black", "style": "solid", "penwidth": "1.4"},
     "recon": {"color": "#888888", "fontcolor": "#666666", "style": "dashed", "arrowhead": "odot"},
+    "weight": {"color": "#7b3294", "fontcolor": "#7b3294", "style": "dashed", "arrowhead": "diamond",
+               "penwidth": "1.6", "constraint": "false"},
 }
 """Edge attributes by kind: data inside a partition ('forward'), detached boundary
 crossings ('sg'), aux-head edges, sibling sharing, diversity softmax exchange, the
-image input and InfoPro's reconstruction target."""
+image input, InfoPro's reconstruction target and MAN's weight edge (U's parameters to the EMA unit of
+the module before, forward only, once per step)."""
 
 TRANSFER = {"color": "#d62728", "fontcolor": "#d62728", "penwidth": "2.6"}
 """Overrides for an edge that crosses devices or workers (bold red)."""
@@ -173,6 +176,7 @@ def legend(d: Dot, placements: dict[str, str], has: set[str]) -> None:
     d.open("cluster_legend", label="legend", style="rounded,filled", fillcolor="white", color="#999999",
            fontsize="11", fontname=FONT)
     rows = list(LEGEND) + ([("recon", "image as reconstruction target")] if "recon" in has else [])
+    rows += [("weight", "MAN weight edge: U's parameters → EMA unit (no gradient)")] if "weight" in has else []
     for col, make in (("a", lambda i, t: d.node(f"legend_a{i}", label="", shape="point", width="0.06")),
                       ("b", lambda i, t: d.node(f"legend_b{i}", label=t, shape="plaintext", fontsize="10",
                                                 style="", height="0.2"))):

@@ -37,6 +37,9 @@ def plan_tree(plan: PartitionPlan, max_groups: int = 16) -> Any:
             extra.append("[blue]sharing[/]")
         if first.loss.diversity_weight:
             extra.append(f"[dark_orange]diversity w={first.loss.diversity_weight:g}[/]")
+        if first.man is not None:
+            extra.append(f"[magenta]MAN ({first.man.mix}, m={first.man.momentum:g}) ← "
+                         f"{escape(plan.partitions[first.man.source].units[0])}[/]")
         title = ("[bold yellow]final head[/]" if only_final else
                  f"[bold]module {module}[/] · {len(parts)} group{'s' if len(parts) > 1 else ''}{span}")
         branch = root.add(title + "".join(" · " + e for e in extra))
