@@ -60,7 +60,14 @@ class StepSet(torch.utils.data.Dataset):
                 raise DataError(f"{e}; or set train.data.on_bad_image: skip to leave such images out") from None
             return None
 
-    def __getitem__(self, step: int) -> tuple[int, torch.Tensor, torch.Tensor, list[str]]:
+    def __getitem__(self, step: int) -> tuple[int, torch.Tensor | None, torch.Tensor | None, list[str]]:
+        try:
+            return self.batch(step)
+        except DataError as e:  # raised again in the training process: a worker's traceback is no message
+            return step, None, None, [str(e)]
+
+    def batch(self, step: int) -> tuple[int, torch.Tensor, torch.Tensor, list[str]]:
+        """Step ``step``'s uint8 images and labels, and the names of the images left out."""
         rows = self.rows(step)
         with warnings.catch_warnings():  # torchvision >= 0.29 warns on every decode call
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -200,6 +207,8 @@ class StreamBatches:
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         f = self.feed
         for step, x, y, bad in self.loader():
+            if x is None:
+                raise DataError(bad[0])
             for name in bad:
                 f.skipped += 1
                 if f.on_log:

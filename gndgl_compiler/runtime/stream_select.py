@@ -96,7 +96,9 @@ def _auto(index: SourceIndex | None, plan: CropPlan, req: FeedRequest) -> tuple[
     """auto: ("memory" | "stream", why)."""
     if index is None:
         return "memory", ""  # a named data set, decoded once (as ever: no note)
-    sizes = {tuple(_decode(index, index.train, j).shape[1:]) for j in _spread(len(index.train.labels), 8)}
+    sizes = {_size(index, j) for j in _spread(len(index.train.labels), 8)} - {None}
+    if not sizes:
+        return "stream", "train.data.mode: auto; the sampled images cannot be read"
     if len(sizes) > 1:
         return "stream", f"train.data.mode: auto; the images differ in size ({sorted(sizes)[:3]}...), which only " \
                          "the streamed path reads"
@@ -131,6 +133,13 @@ def _spread(n: int, k: int) -> list[int]:
     return sorted({i * (n - 1) // max(k - 1, 1) for i in range(min(n, k))})
 
 
+def _size(index: SourceIndex, j: int) -> tuple[int, int] | None:
+    try:
+        return tuple(_decode(index, index.train, j).shape[1:])
+    except (DataError, OSError):
+        return None
+
+
 def _decode(index: SourceIndex, split: Split, j: int) -> torch.Tensor:
     import warnings
     with warnings.catch_warnings():
@@ -154,7 +163,10 @@ def sample_stats(index: SourceIndex, channels: int) -> tuple[tuple[float, ...], 
     s = s2 = torch.zeros(channels, dtype=torch.int64)
     pixels = 0
     for j in idx:
-        im = fit_channels(_decode(index, index.train, j), channels, index.train.names[j])
+        try:
+            im = fit_channels(_decode(index, index.train, j), channels, index.train.names[j])
+        except (DataError, OSError):  # reported (or skipped) when its batch is read, as on_bad_image says
+            continue
         s = s + im.sum((1, 2), dtype=torch.int64)
         s2 = s2 + im.to(torch.int32).square().sum((1, 2), dtype=torch.int64)
         pixels += im.shape[1] * im.shape[2]
