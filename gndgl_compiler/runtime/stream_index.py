@@ -14,7 +14,6 @@ is the same image on both paths and the batches agree.
 from __future__ import annotations
 
 import os
-import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,7 +70,7 @@ class SourceIndex:
         if self.kind == "folder":
             with open(ref, "rb") as f:
                 return f.read()
-        if self.kind == "targz":
+        if self.kind != "tar" and len(ref) == 2:  # targz, or a .tar.gz shard: held encoded in ``blob``
             return self.blob[ref[0]:ref[0] + ref[1]].tobytes()
         path = str(self.root) if self.kind == "tar" else self.files[ref[0]]
         off, size = ref[-2], ref[-1]
@@ -185,8 +184,8 @@ def _list_targz(p: Path, progress) -> tuple[list[tuple], np.ndarray]:
 def _build(p: Path, kind: str, rows: list[tuple], blob) -> SourceIndex:
     prefixes = {r[0] for r in rows}
     if len(prefixes) > 1:
-        raise DataError(f"{p} holds image folders under several top-level folders {sorted('/'.join(x) for x in prefixes)}"
-                        f"; keep one. {_LAYOUT}")
+        tops = sorted("/".join(x) for x in prefixes)
+        raise DataError(f"{p} holds image folders under several top-level folders {tops}; keep one. {_LAYOUT}")
     train = [r for r in rows if r[1] in TRAIN_NAMES]
     eval_name = next((n for n in EVAL_NAMES if any(r[1] == n for r in rows)), None)
     test = [r for r in rows if r[1] == eval_name]
@@ -216,19 +215,3 @@ def _split(rows: list[tuple], classes: list[str], p: Path, kind: str) -> Split:
     rows = sorted(rows, key=lambda r: (index[r[2]], r[3]))
     names = [r[4] if kind == "folder" else f"{'/'.join(r[0] + (r[1], r[2], r[3]))} in {p}" for r in rows]
     return Split([r[4] for r in rows], torch.tensor([index[r[2]] for r in rows], dtype=torch.int64), names)
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """``a-{000..002}.tar`` → ``[a-000.tar, a-001.tar, a-002.tar]``; ``{x,y}`` lists alternatives."""
-    m = re.search(r"\{([^{}]*)\}", pattern)
-    if m is None:
-        return [pattern]
-    body, head, tail = m.group(1), pattern[:m.start()], pattern[m.end():]
-    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if rng:
-        lo, hi = rng.group(1), rng.group(2)
-        width = len(lo) if lo.startswith("0") else 0
-        items = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
-    else:
-        items = body.split(",")
-    return [x for item in items for x in expand_braces(head + item + tail)]

@@ -21,6 +21,7 @@ from ..errors import DataError
 from ..spec.models import DataFeed
 from .batches import _seed
 from .data import NAMES, STATS, _data_root, check_source, load_dataset
+from .data_downsampled import detect
 from .data_folder import _decode_image
 from .stream_feed import MemoryFeed, StreamFeed, default_workers
 from .stream_index import SourceIndex, Split, index_source
@@ -60,8 +61,12 @@ def load_feed(req: FeedRequest) -> MemoryFeed | StreamFeed:
     plan = crop_plan(req.augment, req.shape)
     key, low = check_source(req.dataset, root=req.root, download=req.download)
     path = _stream_path(key, low, req.root)
+    shards = path is not None and "{" in path
+    if shards and cfg.mode == "memory":
+        raise DataError(f"shards '{path}' are read streamed only; set train.data.mode: stream (or auto)")
     index = index_source(path, req.progress) if path is not None and cfg.mode != "memory" else None
-    mode, why = (cfg.mode, f"train.data.mode: {cfg.mode}") if cfg.mode != "auto" else _auto(index, plan, req)
+    mode, why = (cfg.mode, f"train.data.mode: {cfg.mode}") if cfg.mode != "auto" else \
+        ("stream", "train.data.mode: auto; shards are read streamed") if shards else _auto(index, plan, req)
     workers = default_workers() if cfg.workers is None else cfg.workers
     if mode == "memory":
         bundle = load_dataset(req.dataset, root=req.root, download=req.download,
@@ -85,7 +90,8 @@ def load_feed(req: FeedRequest) -> MemoryFeed | StreamFeed:
 def _stream_path(key: str, low: str, root: str | None) -> str | None:
     """The folder/archive/shards a source streams from (None: a named set read through its decoded tensors)."""
     if low not in NAMES:
-        return key.removeprefix("imagefolder:")
+        path = key.removeprefix("imagefolder:")
+        return None if detect(Path(os.path.expanduser(path))) else path  # downsampled sets stream from tensors
     jpeg = os.environ.get("GNDGL_CIFAR10_JPEG")
     if low == "cifar10" and not (_data_root(root) / "cifar-10-batches-py").is_dir() and jpeg and os.path.isfile(jpeg):
         return jpeg
@@ -94,8 +100,8 @@ def _stream_path(key: str, low: str, root: str | None) -> str | None:
 
 def _auto(index: SourceIndex | None, plan: CropPlan, req: FeedRequest) -> tuple[str, str]:
     """auto: ("memory" | "stream", why)."""
-    if index is None:
-        return "memory", ""  # a named data set, decoded once (as ever: no note)
+    if index is None:  # a named or downsampled data set, decoded once (as ever: no note for named ones)
+        return "memory", "" if req.dataset.strip().lower() in NAMES else "train.data.mode: auto; downsampled sets fit"
     sizes = {_size(index, j) for j in _spread(len(index.train.labels), 8)} - {None}
     if not sizes:
         return "stream", "train.data.mode: auto; the sampled images cannot be read"
@@ -181,8 +187,8 @@ def tensor_index(bundle) -> SourceIndex:
     """A decoded bundle as a streamed source (``--set train.data.mode=stream`` on cifar10, mnist, synthetic)."""
     def split(x, y, what):
         return Split(list(range(len(y))), y, [f"{what} image {i}" for i in range(len(y))], x)
-    return SourceIndex("tensor", Path(bundle.name), list(bundle.classes), split(bundle.train_x, bundle.train_y, "train"),
-                       split(bundle.test_x, bundle.test_y, "test"))
+    return SourceIndex("tensor", Path(bundle.name), list(bundle.classes),
+                       split(bundle.train_x, bundle.train_y, "train"), split(bundle.test_x, bundle.test_y, "test"))
 
 
 def limit_index(index: SourceIndex, limit_train: int | None, limit_test: int | None) -> SourceIndex:
