@@ -26,7 +26,7 @@ from ..errors import DataError
 from .data_folder import IMAGE_EXTS
 from .progress import ProgressEvent
 
-TRAIN_NAMES, EVAL_NAMES = ("train",), ("val", "test")
+TRAIN_NAMES, EVAL_NAMES = ("train",), ("test", "val")  # test/ first, as the in-memory path
 _LAYOUT = ("expected train/<class>/<image> and val/<class>/<image> (or test/), optionally inside one top-level "
            "folder; a .tar/.tar.gz of that; or WebDataset shards 'name-{000..009}.tar' of <key>.jpg + <key>.cls")
 
