@@ -36,6 +36,7 @@ from .config import RunConfig, new_run_config
 from .context import DistContext, LocalContext
 from .batches import steps_per_epoch
 from .stream_feed import MemoryFeed, StreamFeed
+from .stream_ranks import LabelFeed, fed_where_read, ranks_note
 from .stream_select import FeedRequest, load_feed
 from .devices import _synthetic_like, guard_oom, resolve_devices
 from .evaluate import evaluate_run  # noqa: F401  (re-exported)
@@ -227,7 +228,7 @@ class Trainer:
         if self.on_log:
             self.on_log({"kind": "note", "text": text})
 
-    def _load_data(self) -> MemoryFeed | StreamFeed:
+    def _load_data(self) -> MemoryFeed | StreamFeed | LabelFeed:
         plan, r, exe = self.art.plan, self.recipe, self.execution
         data = load_feed(FeedRequest(r.dataset, r.augment, tuple(plan.input_shape), self.device, exe.data,
                                      exe.data_root, exe.download, r.limit_train, r.limit_test,
@@ -235,8 +236,10 @@ class Trainer:
         if data.num_classes != plan.num_classes:
             raise RunError(f"data set '{r.dataset}' has {data.num_classes} classes but the network was compiled for "
                            f"{plan.num_classes}; set model.num_classes: {data.num_classes} and recompile")
-        if data.note:
-            self._note(data.note)
+        for note in (data.note, ranks_note(plan, self.ctx.world, data)):
+            if note:
+                self._note(note)
+        data = fed_where_read(data, plan, self.art.modules, self.ctx.world)
         if self.ctx.is_main:  # what inference needs to feed the trained net (load_run, gndgl export)
             fsio.atomic_write_text(self.run_dir / DATA_RECORD, json.dumps({
                 "dataset": r.dataset, "mean": list(data.mean), "std": list(data.std), "classes": list(data.classes),
