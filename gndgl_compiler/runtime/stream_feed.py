@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
@@ -36,10 +37,13 @@ class StepSet(torch.utils.data.Dataset):
     """Step ``i`` of an epoch as one item: ``(step, uint8 N×C×H×W, labels, skipped names)``."""
 
     def __init__(self, index: SourceIndex, split: Split, order: torch.Tensor | None, *, batch_size: int, steps: int,
-                 plan: CropPlan, train: bool, seed: int, epoch: int, pad: int, flip: bool, skip_bad: bool) -> None:
+                 plan: CropPlan, train: bool, seed: int, epoch: int, pad: int, flip: bool, skip_bad: bool,
+                 finish: Any = None) -> None:
         self.index, self.split, self.order, self.bs, self.steps = index, split, order, batch_size, steps
         self.plan, self.train, self.seed, self.epoch = plan, train, seed, epoch
         self.pad, self.flip, self.skip_bad = pad, flip, skip_bad
+        self.finish = finish
+        """CPU runs: the batches (mean, std, dtype, channels_last) normalised here, in the worker (see ``batch``)."""
 
     def __len__(self) -> int:
         return self.steps
@@ -81,6 +85,10 @@ class StepSet(torch.utils.data.Dataset):
         if bad:
             keep = torch.tensor([im is not None for im in imgs])
             x, y = x[keep].contiguous(), y[keep]
+        if self.finish is not None:
+            # a float batch made here reaches the training process in shared memory: made there, every step's
+            # new multi-MB tensor fragments glibc's heap, which then grows with the epoch (tests/test_data_memory.py)
+            x = _to_model(x, torch.device("cpu"), self.finish)
         return step, x, y, [names[k] for k in bad]
 
 
@@ -141,6 +149,16 @@ class _CropBatches(Batches):
             yield step, _to_model(xb, self.device, self), self.y[idx].to(self.device)
 
 
+@dataclass(frozen=True)
+class Finish:
+    """How a uint8 batch becomes the model's input (``normalize``; channels_last)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    dtype: torch.dtype
+    channels_last: bool
+
+
 def _to_model(xb: torch.Tensor, device: torch.device, b) -> torch.Tensor:
     """Normalise a uint8 batch on ``device`` as ``Batches`` does (dtype, channels_last)."""
     xb = normalize(xb.to(device, non_blocking=True), b.mean, b.std, b.dtype)
@@ -190,7 +208,8 @@ class StreamBatches:
         aug = augment and train
         self.steps = StepSet(feed.index, split, order, batch_size=batch_size, steps=self.total_steps, plan=feed.plan,
                              train=aug, seed=seed, epoch=epoch, pad=pad if aug else 0, flip=flip and aug,
-                             skip_bad=feed.skip_bad)
+                             skip_bad=feed.skip_bad, finish=Finish(self.mean, self.std, dtype, channels_last)
+                             if feed.device.type == "cpu" else None)
 
     def __len__(self) -> int:
         return self.total_steps - self.start_step
@@ -202,7 +221,7 @@ class StreamBatches:
         return torch.utils.data.DataLoader(self.steps, batch_size=None, sampler=range(self.start_step,
                                                                                       self.total_steps),
                                            num_workers=f.workers, pin_memory=f.device.type == "cuda",
-                                           collate_fn=_identity, **extra)
+                                           collate_fn=_identity, worker_init_fn=_worker_init, **extra)
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         f = self.feed
@@ -216,8 +235,24 @@ class StreamBatches:
             if not len(y):
                 raise DataError(f"every image of step {step} is unreadable; check the data set (on_bad_image: skip "
                                 "left nothing to train on)")
-            yield step, _to_model(x, f.device, self), y.to(f.device, non_blocking=True)
+            x = x if self.steps.finish is not None else _to_model(x, f.device, self)  # CUDA: uint8 crosses, 4× less
+            yield step, x, y.to(f.device, non_blocking=True)
 
 
 def _identity(item):
     return item
+
+
+M_MMAP_THRESHOLD = -3
+"""glibc's ``mallopt`` parameter: allocations at least this large are mmapped (and unmapped when freed)."""
+
+
+def _worker_init(_worker_id: int) -> None:
+    """A worker's multi-MB batch tensors are mmapped and returned to the OS when freed: with glibc's default
+    (a threshold that rises after the first such free) they come from the heap, which fragments and grows
+    with the epoch (``tests/test_data_memory.py``). Only this worker process is set; elsewhere nothing."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):  # not glibc: its allocator's own behaviour
+        pass
