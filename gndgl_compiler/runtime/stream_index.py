@@ -23,12 +23,13 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .data_folder import IMAGE_EXTS
+from .data_folder import IMAGE_EXTS, _check_archive
 from .progress import ProgressEvent
 
 TRAIN_NAMES, EVAL_NAMES = ("train",), ("test", "val")  # test/ first, as the in-memory path
-_LAYOUT = ("expected train/<class>/<image> and val/<class>/<image> (or test/), optionally inside one top-level "
-           "folder; a .tar/.tar.gz of that; or WebDataset shards 'name-{000..009}.tar' of <key>.jpg + <key>.cls")
+_LAYOUT = ("a data set path is a folder holding train/<class>/* and val/<class>/* (or test/<class>/*), optionally "
+           "inside one top-level folder; a .tar/.tar.gz of that; or WebDataset shards 'name-{000..009}.tar' of "
+           "<key>.jpg + <key>.cls")
 
 
 @dataclass
@@ -101,6 +102,8 @@ def index_source(path: str | os.PathLike, progress: Callable[[Any], None] | None
     p = Path(os.path.expanduser(given)).resolve()
     if not p.exists():
         raise DataError(f"data set path '{given}' does not exist; {_LAYOUT}")
+    if not p.is_dir():
+        _check_archive(p, given)  # a single image, a zip, a damaged file: one line, as the in-memory path says
     if p.is_dir():
         rows, kind, blob = _list_folder(p, progress), "folder", None
     elif _is_gz(p):
@@ -147,7 +150,7 @@ def _open_tar(p: Path, mode: str) -> tarfile.TarFile:
     try:
         return tarfile.open(p, mode)
     except (tarfile.TarError, OSError) as e:
-        raise DataError(f"cannot read archive {p}: it is not a tar archive or it is damaged ({e}); {_LAYOUT}") from None
+        raise DataError(f"cannot read archive {p}: it is damaged or cut short ({e}); {_LAYOUT}") from None
 
 
 def _list_tar(p: Path, progress) -> list[tuple]:
@@ -160,7 +163,7 @@ def _list_tar(p: Path, progress) -> list[tuple]:
                     rows.append((*got, (m.offset_data, m.size)))
                     _report(progress, len(rows), None)
         except (tarfile.TarError, OSError, EOFError) as e:
-            raise DataError(f"archive {p} is damaged or cut short ({e}); re-create or re-download it") from None
+            raise DataError(f"cannot read archive {p}: it is damaged or cut short ({e}); {_LAYOUT}") from None
     return rows
 
 
@@ -177,7 +180,7 @@ def _list_targz(p: Path, progress) -> tuple[list[tuple], np.ndarray]:
                     off += len(data)
                     _report(progress, len(rows), None)
         except (tarfile.TarError, OSError, EOFError) as e:
-            raise DataError(f"archive {p} is damaged or cut short ({e}); re-create or re-download it") from None
+            raise DataError(f"cannot read archive {p}: it is damaged or cut short ({e}); {_LAYOUT}") from None
     return rows, (np.concatenate(chunks) if chunks else np.zeros(0, np.uint8))
 
 
