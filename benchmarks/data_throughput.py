@@ -9,8 +9,8 @@ training run's throughput with the streamed path against the in-memory path on t
    ``train.data: {mode: stream}`` (decode, crop, resize, flip of a whole step in one worker; uint8
    batches; normalised in the loop's process). Both iterate one whole epoch; the two run interleaved
    ``--rounds`` times and the table shows the median.
-2. CIFAR recipe on 32-px JPEGs (``$GNDGL_CIFAR10_JPEG``'s first ``--cifar`` train images extracted to
-   a temp folder, else generated): pad-4 crop + flip; torchvision ``RandomCrop(32, padding=4)``.
+2. CIFAR recipe on 32-px JPEGs (``$GNDGL_CIFAR10_JPEG``'s first ``--cifar``/10 train images of each class
+   extracted to a temp folder, else generated): pad-4 crop + flip; torchvision ``RandomCrop(32, padding=4)``.
 3. Training: ``gndgl train`` (Python API) of ``specs/resnet32_k2g2.yaml`` for ``--steps`` steps on the
    32-px folder, in memory and streamed: images/s of the run (the loader must not be the bottleneck).
 
@@ -60,17 +60,19 @@ def cifar_folder(root: Path, n: int) -> tuple[Path, str]:
     src = os.environ.get("GNDGL_CIFAR10_JPEG")
     if not src or not os.path.isfile(src):
         return make_folder(root, n, side=32, vary=False), "generated 32-px JPEGs"
-    want = {"train": n, "test": max(10, n // 10)}
+    want = {"train": n // 10, "test": max(1, n // 100)}  # per class: the archive is sorted by class
+    taken: dict[tuple[str, str], int] = {}
     with tarfile.open(src) as tf:
         for m in tf:
             parts = m.name.split("/")
-            if m.isfile() and len(parts) >= 3 and want.get(parts[-3], 0) > 0:
-                want[parts[-3]] -= 1
+            if not (m.isfile() and len(parts) >= 3 and parts[-3] in want):
+                continue
+            key = (parts[-3], parts[-2])
+            if taken.get(key, 0) < want[parts[-3]]:
+                taken[key] = taken.get(key, 0) + 1
                 out = root / "/".join(parts[-3:])
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_bytes(tf.extractfile(m).read())
-            if not any(want.values()):
-                break
     return root, "CIFAR-10 JPEG copy"
 
 

@@ -139,6 +139,7 @@ def test_random_resized_crop_streamed_equals_in_memory_and_reference(folder, tmp
 
 # ───────────── order: workers, resume ─────────────
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
 def test_batches_do_not_depend_on_the_number_of_workers(folder):
     aug = Augment()
     runs = [batches(feed(folder, "stream", aug, workers=w), aug) for w in (0, 1, 2, 4)]

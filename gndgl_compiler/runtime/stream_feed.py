@@ -124,18 +124,17 @@ class MemoryFeed(_Feed):
 
     def batches(self, **kw) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """``Batches`` over the bundle (RandomResizedCrop: per-sample crops, see :class:`_CropBatches`)."""
-        cls = Batches if self.plan.rrc is None else _CropBatches
-        out = cls(self.bundle, **kw)
-        if isinstance(out, _CropBatches):
-            out.plan, out.device = self.plan, self.device
-        return out
+        if self.plan.rrc is None:
+            return Batches(self.bundle, **kw)
+        return _CropBatches(self.bundle, self.plan, self.device, **kw)
 
 
 class _CropBatches(Batches):
     """In-memory batches with RandomResizedCrop / resize + centre crop per sample (CPU), then to the device."""
 
-    plan: CropPlan
-    device: torch.device
+    def __init__(self, bundle: DataBundle, plan: CropPlan, device: torch.device, **kw) -> None:
+        super().__init__(bundle, **kw)
+        self.plan, self.device = plan, device
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         perm = epoch_permutation(len(self.x), self.seed, self.epoch) if self.train else None
