@@ -64,7 +64,8 @@ def load_feed(req: FeedRequest) -> MemoryFeed | StreamFeed:
     shards = path is not None and "{" in path
     if shards and cfg.mode == "memory":
         raise DataError(f"shards '{path}' are read streamed only; set train.data.mode: stream (or auto)")
-    index = index_source(path, req.progress) if path is not None and cfg.mode != "memory" else None
+    listed = path is not None and (cfg.mode == "stream" or cfg.mode == "auto" and low not in NAMES)  # named: fit
+    index = index_source(path, req.progress) if listed else None
     mode, why = (cfg.mode, f"train.data.mode: {cfg.mode}") if cfg.mode != "auto" else \
         ("stream", "train.data.mode: auto; shards are read streamed") if shards else _auto(index, plan, req)
     workers = default_workers() if cfg.workers is None else cfg.workers
