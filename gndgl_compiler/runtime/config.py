@@ -21,13 +21,13 @@ from typing import Any
 import torch
 
 from ..errors import RunError
-from ..spec.models import Augment, Optimizer, Schedule, Train
+from ..spec.models import Augment, DataFeed, Optimizer, Schedule, Train
 from .options import TrainOptions
 
 RECIPE_FIELDS = ("dataset", "batch_size", "epochs", "seed", "optimizer", "schedule", "augment")
 """The spec's ``train`` fields that say what is trained."""
 EXECUTION_FIELDS = ("data_root", "fused", "fuse_siblings", "amp", "channels_last", "cuda_graphs", "compile",
-                    "log_every", "checkpoint_every")
+                    "log_every", "checkpoint_every", "data")
 """The spec's ``train`` fields that say how the run is carried out (recorded in run.json too)."""
 
 
@@ -95,6 +95,8 @@ class Execution:
     keep_checkpoints: int = 2
     eval_every_epoch: bool = True
     threads: int | None = None
+    data: DataFeed | None = None
+    """How the data set is read (``runtime/stream_feed.py``); None = the defaults (mode auto)."""
 
     def amp_on(self, device: torch.device) -> bool:
         """bf16 autocast on ``device`` (``auto`` = on CUDA)."""

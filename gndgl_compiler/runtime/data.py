@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ..errors import DataError
 from .batches import _seed
 from .data_cache import DataBundle, _cached, _channel_stats, _file_stats
+from .data_downsampled import detect, load_downsampled
 from .data_folder import load_image_folder
 
 NAMES = ("cifar10", "cifar100", "mnist", "fashion-mnist", "synthetic")
@@ -74,7 +75,10 @@ def load_dataset(name: str, *, root: str | None = None, cache_dir: str | None = 
     elif low in IDX_CLASSES:
         bundle = _load_idx(low, root, cache)
     else:
-        bundle = load_image_folder(key.removeprefix("imagefolder:"), cache, progress=progress)
+        path = key.removeprefix("imagefolder:")
+        kind = detect(Path(os.path.expanduser(path)))
+        bundle = load_downsampled(Path(os.path.expanduser(path)).resolve(), kind, cache, progress) if kind else \
+            load_image_folder(path, cache, progress=progress)
     bundle = _limit(bundle, limit_train, limit_test)
     return adapt_shape(bundle, input_shape) if input_shape is not None else bundle
 
@@ -93,7 +97,8 @@ def check_source(name: str, *, root: str | None = None, download: bool = False) 
     key = str(name).strip()
     low = key.lower().replace("_", "-")
     low = {"fashionmnist": "fashion-mnist"}.get(low, low)
-    if low not in NAMES and not (key.startswith("imagefolder:") or os.path.exists(os.path.expanduser(key))):
+    shards = "{" in key and "}" in key  # a brace pattern of shards, checked when listed (stream_shards.py)
+    if low not in NAMES and not (key.startswith("imagefolder:") or shards or os.path.exists(os.path.expanduser(key))):
         if "/" in key or low.endswith((".tar.gz", ".tgz", ".tar")):
             raise DataError(f"data set path '{key}' does not exist; give a folder or .tar.gz with "
                             "train/<class>/* and test/<class>/*")

@@ -100,15 +100,16 @@ def _decode_folder(p: Path, name: str, progress: Callable[[Any], None] | None = 
     items, prefixes = [], set()
     for rel, data in _iter_files(p):
         parts = [s for s in rel.split("/") if s not in ("", ".")]
-        if (len(parts) < 3 or len(parts) > 4 or parts[-3] not in ("train", "test")
+        if (len(parts) < 3 or len(parts) > 4 or parts[-3] not in ("train", "test", "val")
                 or any(s.startswith(".") for s in parts) or Path(parts[-1]).suffix.lower() not in IMAGE_EXTS):
             continue
         prefixes.add(tuple(parts[:-3]))
         items.append((parts[-3], parts[-2], parts[-1], data))
-    splits = {s: [i for i in items if i[0] == s] for s in ("train", "test")}
+    eval_name = "test" if any(i[0] == "test" for i in items) else "val"  # torchvision's ImageNet layout: val/
+    splits = {s: [i for i in items if i[0] == (eval_name if s == "test" else s)] for s in ("train", "test")}
     if not splits["train"] or not splits["test"] or len(prefixes) > 1:
         raise DataError(f"{p} holds no usable image folder layout: expected train/<class>/<image> and "
-                        "test/<class>/<image> (optionally inside one top-level folder)")
+                        "test/<class>/<image> or val/<class>/<image> (optionally inside one top-level folder)")
     classes = sorted({i[1] for i in splits["train"]})
     extra = sorted({i[1] for i in splits["test"]} - set(classes))
     if extra:

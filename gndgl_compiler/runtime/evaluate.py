@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from ..artifact import load_state_tensors
-from .batches import Batches
 from .config import RunConfig
-from .data import load_dataset
 from .devices import _synthetic_like, resolve_devices
 from .executor import Executor
 from .run_dir import _load_run_artifact, read_run_record, run_weights
+from .stream_select import FeedRequest, load_feed
 
 
 def evaluate_run(run_dir: str | Path, device: str | None = None, limit_test: int | None = None) -> dict[str, Any]:
@@ -33,12 +32,12 @@ def evaluate_run(run_dir: str | Path, device: str | None = None, limit_test: int
         warnings.warn(f"the run's data root {root} (run.json) is no longer a folder; looking for "
                       f"'{config.recipe.dataset}' in the default places", stacklevel=2)
         root = None
-    data = load_dataset(config.recipe.dataset, root=root, input_shape=tuple(art.plan.input_shape),
-                        limit_train=1, limit_test=limit_test or config.recipe.limit_test,
-                        synthetic=_synthetic_like(art.plan, config.recipe.batch_size))
     first = devices[art.plan.partitions[0].id]
-    data = data.to(first)
+    r = config.recipe
+    data = load_feed(FeedRequest(r.dataset, r.augment, tuple(art.plan.input_shape), first, config.execution.data,
+                                 root, False, 1, limit_test or r.limit_test,
+                                 _synthetic_like(art.plan, r.batch_size)))  # streamed sets evaluate streamed
     ex = Executor(art.plan, art.modules, None, devices, fused=False, denorm=(data.mean, data.std))  # no optimizers
-    ev = ex.evaluate(Batches(data, batch_size=256, seed=0, epoch=0, train=False, augment=False))
+    ev = ex.evaluate(data.batches(batch_size=256, seed=0, epoch=0, train=False, augment=False))
     ev["source"] = source
     return ev

@@ -34,9 +34,10 @@ from .checkpoint_dir import prune_checkpoints
 from .rng import rng_state, set_rng_state
 from .config import RunConfig, new_run_config
 from .context import DistContext, LocalContext
-from .batches import Batches, steps_per_epoch
-from .data import load_dataset
-from .data_cache import DataBundle
+from .batches import steps_per_epoch
+from .stream_feed import MemoryFeed, StreamFeed
+from .stream_ranks import LabelFeed, fed_where_read, ranks_note
+from .stream_select import FeedRequest, load_feed
 from .devices import _synthetic_like, guard_oom, resolve_devices
 from .evaluate import evaluate_run  # noqa: F401  (re-exported)
 from .cuda_graphs import GraphedStep, not_capturable, resolve
@@ -148,8 +149,8 @@ class Validator:
         ex = t.ctx.evaluator(t.ex, t.checkpointer.root, st.step, lambda modules: Executor(
             t.art.plan, modules, None, {pid: t.device for pid in modules}, fused=False,
             denorm=(t.data.mean, t.data.std)))
-        batches = Batches(t.data, batch_size=max(t.recipe.batch_size, 256), seed=t.recipe.seed, epoch=0, train=False,
-                          augment=False, channels_last=ex.channels_last)
+        batches = t.data.batches(batch_size=max(t.recipe.batch_size, 256), seed=t.recipe.seed, epoch=0, train=False,
+                                 augment=False, channels_last=ex.channels_last)
         shown = counted(batches, len(batches), t.on_progress, "eval", epoch=st.epoch - 1, epochs=t.total_epochs)
         fsio.point("train.evaluate", epoch=st.epoch - 1)
         return ex.evaluate(shown)
@@ -227,15 +228,18 @@ class Trainer:
         if self.on_log:
             self.on_log({"kind": "note", "text": text})
 
-    def _load_data(self) -> DataBundle:
-        plan, r = self.art.plan, self.recipe
-        data = load_dataset(r.dataset, root=self.execution.data_root, download=self.execution.download,
-                            input_shape=tuple(plan.input_shape), limit_train=r.limit_train, limit_test=r.limit_test,
-                            synthetic=_synthetic_like(plan, r.batch_size), progress=self.on_progress)
+    def _load_data(self) -> MemoryFeed | StreamFeed | LabelFeed:
+        plan, r, exe = self.art.plan, self.recipe, self.execution
+        data = load_feed(FeedRequest(r.dataset, r.augment, tuple(plan.input_shape), self.device, exe.data,
+                                     exe.data_root, exe.download, r.limit_train, r.limit_test,
+                                     _synthetic_like(plan, r.batch_size), self.on_log, self.on_progress))
         if data.num_classes != plan.num_classes:
             raise RunError(f"data set '{r.dataset}' has {data.num_classes} classes but the network was compiled for "
                            f"{plan.num_classes}; set model.num_classes: {data.num_classes} and recompile")
-        data = data.to(self.device)
+        for note in (data.note, ranks_note(plan, self.ctx.world, data)):
+            if note:
+                self._note(note)
+        data = fed_where_read(data, plan, self.art.modules, self.ctx.world)
         if self.ctx.is_main:  # what inference needs to feed the trained net (load_run, gndgl export)
             fsio.atomic_write_text(self.run_dir / DATA_RECORD, json.dumps({
                 "dataset": r.dataset, "mean": list(data.mean), "std": list(data.std), "classes": list(data.classes),
@@ -300,11 +304,12 @@ class Trainer:
         if self.ctx.is_main:
             fsio.remove_temp_files(self.run_dir)  # of atomic writes (metrics, summary) that a killed attempt left
 
-    def _batches(self) -> Batches:
+    def _batches(self):
         r, st = self.recipe, self.state
-        return Batches(self.data, batch_size=r.batch_size, seed=r.seed, epoch=st.epoch, start_step=st.step_in_epoch,
-                       train=True, augment=bool(r.crop_pad or r.flip), pad=r.crop_pad, flip=r.flip,
-                       channels_last=self.channels_last)
+        return self.data.batches(batch_size=r.batch_size, seed=r.seed, epoch=st.epoch, start_step=st.step_in_epoch,
+                                 train=True, augment=bool(r.crop_pad or r.flip or r.augment and
+                                                          r.augment.random_resized_crop),
+                                 pad=r.crop_pad, flip=r.flip, channels_last=self.channels_last)
 
     def _phase(self) -> int:
         return self.state.epoch // self.recipe.epochs
@@ -383,7 +388,8 @@ class Trainer:
                    "best_test_acc": max((h["test_acc"] for h in st.history), default=None), "history": st.history,
                    "wall_s": wall, "images_per_s": st.images / max(attempt, 1e-9), "device": str(self.device),
                    "fused": self.execution.fused, "amp": self.amp, "dataset": self.recipe.dataset,
-                   "complete": st.epoch >= self.total_epochs, "memory": plan.summary.get("memory")}
+                   "complete": st.epoch >= self.total_epochs, "memory": plan.summary.get("memory"),
+                   **self.data.summary()}
         fsio.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
         write_metrics_csv(run_dir)
         return summary

@@ -85,7 +85,8 @@ def _allowed_keys(data: Any, path: tuple) -> list[str]:
         ann = field.annotation
         cls = None
         for cand in (models.Model, models.Cuts, models.Local, models.Head, models.Diversity, models.FinalHead,
-                     models.Placement, models.Train, models.Optimizer, models.Schedule, models.Augment):
+                     models.Placement, models.Train, models.Optimizer, models.Schedule, models.Augment,
+                     models.RandomResizedCrop, models.DataFeed):
             if ann is cand or cand in getattr(ann, "__args__", ()):
                 cls = cand
         if part == "layers":

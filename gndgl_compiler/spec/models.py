@@ -442,9 +442,63 @@ class Schedule(_Strict):
         return self
 
 
+class RandomResizedCrop(_Strict):
+    size: int = Field(224, ge=1, le=4096, description="Side of the training crop and of the evaluation centre crop.")
+    scale: tuple[float, float] = Field((0.08, 1.0), description="Range of the crop's area, a fraction of the image's.")
+    ratio: tuple[float, float] = Field((0.75, 4 / 3), description="Range of the crop's aspect ratio (width/height).")
+    eval_resize: int | None = Field(None, ge=1, le=8192, description="Evaluation: shorter side resized to this, then "
+                                    "a centre crop of 'size' (default size/0.875: 256 for 224).")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "RandomResizedCrop":
+        lo, hi = self.scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"scale must be [lo, hi] with 0 < lo <= hi <= 1, got {list(self.scale)}")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"ratio must be [lo, hi] with 0 < lo <= hi, got {list(self.ratio)}")
+        if self.eval_resize is not None and self.eval_resize < self.size:
+            raise ValueError(f"eval_resize {self.eval_resize} is smaller than the crop size {self.size}; "
+                             f"give eval_resize >= {self.size} or leave it out")
+        return self
+
+    @property
+    def eval_side(self) -> int:
+        """The shorter side of an evaluation image before its centre crop."""
+        return self.eval_resize or round(self.size / 0.875)
+
+
 class Augment(_Strict):
     crop_pad: int = Field(4, ge=0, le=64, description="Random crop after zero padding by this many pixels (0 = off).")
     flip: bool = Field(True, description="Random horizontal flip.")
+    random_resized_crop: RandomResizedCrop | None = Field(None, description="ImageNet's training crop (replaces "
+                                                          "crop_pad); evaluation resizes and centre-crops.")
+
+    @model_validator(mode="after")
+    def _one_crop(self) -> "Augment":
+        if self.random_resized_crop is not None:
+            if "crop_pad" in self.model_fields_set and self.crop_pad:
+                raise ValueError("crop_pad and random_resized_crop are two crops; keep one (crop_pad: 0, or remove "
+                                 "random_resized_crop)")
+            self.crop_pad = 0
+        return self
+
+    @model_serializer(mode="wrap")
+    def _unset_rrc(self, handler):
+        # an unset random_resized_crop stays out of the normalised spec (spec.json without it is unchanged)
+        out = handler(self)
+        if self.random_resized_crop is None and isinstance(out, dict):
+            out.pop("random_resized_crop", None)
+        return out
+
+
+class DataFeed(_Strict):
+    mode: Literal["auto", "memory", "stream"] = Field("auto", description="memory: decode once into a tensor; stream: "
+                                                      "worker processes decode each batch; auto: memory where it fits.")
+    workers: int | None = Field(None, ge=0, le=256, description="Decoding worker processes (default: CPUs - 1, at most "
+                                "8; 0 = in the training process).")
+    prefetch: int = Field(2, ge=1, le=64, description="Batches each worker prepares ahead (the queue's bound).")
+    on_bad_image: Literal["fail", "skip"] = Field("fail", description="An unreadable image: stop with its path (fail) "
+                                                  "or log it, leave it out of its batch and count it (skip).")
 
 
 class Train(_Strict):
@@ -458,6 +512,7 @@ class Train(_Strict):
                                  description="Optimizer settings (one optimizer per partition).")
     schedule: Schedule = Field(default_factory=Schedule, description="Learning-rate schedule.")
     augment: Augment | None = Field(default_factory=Augment, description="Data augmentation; null for none.")
+    data: DataFeed | None = Field(None, description="How the data set is read: in memory or streamed by workers.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of weights, batch order and augmentation.")
     init: str | None = Field(None, min_length=1, max_length=4096, description="Initial weights: a state-dict file (.pt "
                              "/ .pth / .safetensors) with torchvision's names (a torchvision template's) or the op "
@@ -480,6 +535,15 @@ class Train(_Strict):
                                 "program (dense first conv + grouped convs, batched heads and losses; same math up to "
                                 "float rounding). Per-partition parameters, checkpoints and optimizer state are "
                                 "unchanged.")
+
+
+    @model_serializer(mode="wrap")
+    def _unset_data(self, handler):
+        # an unset data section stays out of the normalised spec (spec.json without it is unchanged)
+        out = handler(self)
+        if self.data is None and isinstance(out, dict):
+            out.pop("data", None)
+        return out
 
 
 class Spec(_Strict):

@@ -1,0 +1,51 @@
+"""Streaming holds O(workers × prefetch × batch) images, not the data set: the peak memory of a
+process streaming an epoch does not grow with the folder, where the in-memory path's does."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SCRIPT = """
+import json, resource, sys, torch
+from gndgl_compiler.runtime.stream_select import FeedRequest, load_feed
+from gndgl_compiler.spec.models import DataFeed
+f = load_feed(FeedRequest(sys.argv[1], None, (3, 192, 192), torch.device("cpu"),
+                          DataFeed(mode=sys.argv[2], workers=1, prefetch=2)))
+n = sum(len(y) for _, _, y in f.batches(batch_size=16, seed=0, epoch=0, augment=False))
+print(json.dumps({"n": n, "self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+"""
+DECODED_KB = 3 * 192 * 192 / 1024
+
+
+def make_folder(root: Path, n: int) -> Path:
+    rng = np.random.default_rng(0)
+    for split, count in (("train", n), ("test", 4)):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(count // 2):
+                px = rng.integers(0, 255, (192, 192, 3), dtype=np.uint8)
+                Image.fromarray(px).save(root / split / c / f"{i:04d}.jpg", quality=60)
+    return root
+
+
+def test_streaming_memory_does_not_grow_with_the_folder(tmp_path):
+    small, large = make_folder(tmp_path / "small", 64), make_folder(tmp_path / "large", 320)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GNDGL_CACHE": str(tmp_path / "cache")}
+    runs = {(folder.name, mode): subprocess.Popen([sys.executable, "-c", SCRIPT, str(folder), mode], env=env,
+                                                  stdout=subprocess.PIPE, text=True)
+            for folder in (small, large) for mode in ("stream", "memory")}
+    got = {k: json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for k, p in runs.items()}
+    assert got[("large", "stream")]["n"] == 320 and got[("small", "stream")]["n"] == 64
+    extra_kb = (320 - 64) * DECODED_KB  # what holding the larger decoded set costs: ~28 MiB
+    grew = {mode: max(got[("large", mode)][k] - got[("small", mode)][k] for k in ("self", "children"))
+            for mode in ("stream", "memory")}
+    assert grew["memory"] > 0.8 * extra_kb, grew  # the check can see a data set held in memory
+    assert grew["stream"] < 0.25 * extra_kb, grew  # streaming holds batches, not the set
