@@ -97,6 +97,8 @@ class Checkpointer:
         self.root = run_dir / "checkpoints"
         self.dir = ctx.checkpoint_dir(self.root)
         self.fused, self.keep = config.execution.fused, config.execution.keep_checkpoints
+        self.replaced_from: int | None = None
+        """Processes that wrote the checkpoint resumed from, when it was re-placed for this run's number."""
 
     def save(self, st: TrainState, window: MetricsWindow) -> None:
         """Checkpoint weights, optimizer and RNG states, where the run stands and the metrics window."""
@@ -122,7 +124,7 @@ class Checkpointer:
         Raises:
             RunError: it was written with the other ``fused`` setting (another optimizer layout).
         """
-        loaded = self.ctx.latest_checkpoint(self.root)
+        loaded = self.ctx.latest_checkpoint(self.root, self.ex)
         if loaded is None:
             return None
         state = loaded.state
@@ -132,6 +134,7 @@ class Checkpointer:
         load_state_tensors(self.art.modules, self.art.plan, loaded.tensors, str(self.dir / loaded.name))
         self.ex.updater.load_state_dict(state["optim"])
         set_rng_state(state["rng"])
+        self.replaced_from = state.get("replaced_from")
         st.restore(state)
         window.restore(state.get("window"))
         return loaded.name
@@ -293,8 +296,11 @@ class Trainer:
         name = self.checkpointer.resume(self.state, self.window)
         if name is not None and self.on_log:
             st = self.state
+            moved = self.checkpointer.replaced_from
+            where = "" if moved is None else (f"; its partitions re-placed from {moved} process(es) onto "
+                                              f"{self.ctx.world}")
             self.on_log({"kind": "note", "text": f"resuming from step {st.step} of {self.total_epochs * self.spe} "
-                                                 f"(epoch {st.epoch + 1} of {self.total_epochs}, {name})"})
+                                                 f"(epoch {st.epoch + 1} of {self.total_epochs}, {name}{where})"})
         # (everything, if the earlier attempt died before its first checkpoint)
         truncate_metrics(self.ctx.metrics_dir(self.run_dir), self.state.step)
         if self.ctx.is_main:
