@@ -4,7 +4,9 @@
 rank 1 SIGKILLed when step 3 begins (``tests/fault_worker.py``; a restart runs without the fault):
 torchrun restarts both ranks with the same arguments, they resume from the committed step 2 without
 ``--resume``, say so, and finish with the weights of an uninterrupted one-process run (bit for bit:
-resnet32_k2g1, one thread per rank). How a restart finds and continues the run is checked on its own.
+resnet32_k2g1, one thread per rank). A restart on fewer ranks (elastic ``--nnodes MIN:MAX``) is the
+launcher's ranks started again with the job's arguments and torchrun's restart count: it re-places the
+partitions. How a restart finds and continues the run is checked on its own.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import subprocess
 
 import pytest
 
-from dist_helpers import DATA, DIST, PY, ROOT, assert_same_weights, run_weights
+from dist_helpers import DATA, DIST, PY, ROOT, assert_same_weights, captured, faulty_workers, run_weights, worker_env
 
 pytestmark = DIST
 
@@ -44,6 +46,28 @@ def test_killed_rank_restarts_and_finishes_like_uninterrupted_run(art, single, t
     summary = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("{")))
     assert summary["complete"] and summary["steps"] == 4
     assert_same_weights(run_weights(run), single("resnet32_k2g1", 32))
+
+
+def test_restart_on_fewer_ranks_replaces_partitions(art, single, tmp_path):
+    from gndgl_compiler.errors import DistributedError
+    from gndgl_compiler.runtime.launch import launch_local
+
+    run = tmp_path / "run"
+    job = [str(art("resnet32_k2g2")), "--run-dir", str(run), *DATA, "--batch-size", "32", "--no-fuse-siblings",
+           "--checkpoint-every", "1", "--timeout", "30"]
+
+    def first() -> None:
+        with faulty_workers("kill:1:2"):
+            launch_local(2, job, threads=1)
+
+    r = captured(first)
+    assert r.returncode == 1 and DistributedError.__name__ in r.out and "exited with code" in r.out, r.out[-3000:]
+    with worker_env(TORCHELASTIC_RESTART_COUNT="1", TORCHELASTIC_MAX_RESTARTS="1"):
+        r = captured(lambda: launch_local(1, job, threads=1))
+    assert r.returncode == 0, r.out[-4000:]
+    assert "elastic restart 1 of 1" in r.out and "re-placed from 2 process(es) onto 1" in r.out, r.out[-3000:]
+    assert json.loads((run / "run.json").read_text())["world"] == 1
+    assert_same_weights(run_weights(run), single("resnet32_k2g2", 32))
 
 
 def _args(**kw) -> argparse.Namespace:
