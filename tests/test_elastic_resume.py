@@ -14,6 +14,7 @@ split and re-layout is also checked on its own against optimizers stepped side b
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -76,6 +77,17 @@ def test_eval_of_changed_world_run(changed):
     r = gndgl("eval", str(run), "--json")
     assert r.returncode == 0, r.out[-2000:]
     assert json.loads(r.out[r.out.index("{"):])["source"] == "final weights"
+
+
+def test_finished_run_resumed_on_more_ranks_keeps_its_weights(changed, tmp_path):
+    """Nothing left to train: the last step is checkpointed again in the new layout (rank0/ of the old
+    layout holds that step with other partitions) and gathered from it."""
+    run = tmp_path / "run"
+    shutil.copytree(changed(1, 2)["run"], run)
+    r = gndgl("train", "--resume", str(run), "--workers", "3")
+    assert r.returncode == 0, r.out[-3000:]
+    assert_same_weights(run_weights(run), run_weights(changed(1, 2)["run"]))
+    assert json.loads((run / "checkpoints" / "commit-000000004.json").read_text())["world"] == 3
 
 
 def _stepped(groups: list[list[torch.nn.Parameter]], tagged: bool) -> list[torch.optim.Optimizer]:

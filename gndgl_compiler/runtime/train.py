@@ -97,8 +97,8 @@ class Checkpointer:
         self.root = run_dir / "checkpoints"
         self.dir = ctx.checkpoint_dir(self.root)
         self.fused, self.keep = config.execution.fused, config.execution.keep_checkpoints
-        self.replaced_from: int | None = None
-        """Processes that wrote the checkpoint resumed from, when it was re-placed for this run's number."""
+        self.replaced_from: int | None = None  # processes that wrote the checkpoint resumed from, if re-placed
+        self.written: set[int] = set()  # steps this attempt checkpointed
 
     def save(self, st: TrainState, window: MetricsWindow) -> None:
         """Checkpoint weights, optimizer and RNG states, where the run stands and the metrics window."""
@@ -108,11 +108,15 @@ class Checkpointer:
                  "optim": self.ex.updater.state_dict(), "rng": rng_state(),
                  "history": st.history, "window": window.state(), "wall_s": st.wall_s()}
         save_checkpoint(self.dir, f"ckpt-{st.step:09d}", tensors=tensors, state=state)
+        self.written.add(st.step)
         self.ctx.commit(self.root, st.step)
         prune_checkpoints(self.dir, keep=self.keep)
 
     def has(self, step: int) -> bool:
-        """This process's checkpoint of ``step`` exists."""
+        """This process's checkpoint of ``step`` exists (after a re-placement: one this attempt wrote, since a
+        file of the old layout in the same directory holds other partitions)."""
+        if self.replaced_from is not None:
+            return step in self.written
         return (self.dir / f"ckpt-{step:09d}.json").exists()
 
     def resume(self, st: TrainState, window: MetricsWindow) -> str | None:
@@ -297,8 +301,7 @@ class Trainer:
         if name is not None and self.on_log:
             st = self.state
             moved = self.checkpointer.replaced_from
-            where = "" if moved is None else (f"; its partitions re-placed from {moved} process(es) onto "
-                                              f"{self.ctx.world}")
+            where = f"; its partitions re-placed from {moved} process(es) onto {self.ctx.world}" if moved else ""
             self.on_log({"kind": "note", "text": f"resuming from step {st.step} of {self.total_epochs * self.spe} "
                                                  f"(epoch {st.epoch + 1} of {self.total_epochs}, {name}{where})"})
         # (everything, if the earlier attempt died before its first checkpoint)
