@@ -3,7 +3,9 @@
 ``gndgl train compiled/ --workers N`` starts N of these itself (same code path).
 Each rank builds only the partitions placed on it (placement re-balanced for the
 world size without recompiling), trains them, and checkpoints them in step with
-the other ranks; rank 0 evaluates and writes the run directory's summary.
+the other ranks; rank 0 evaluates and writes the run directory's summary. Under
+``torchrun --max-restarts K`` a restarted rank continues the run of its ``--run-dir`` by itself
+(``runtime/elastic.py``); a run resumed on another number of ranks is re-placed (``runtime/replace.py``).
 """
 
 from __future__ import annotations
