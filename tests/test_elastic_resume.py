@@ -125,3 +125,14 @@ def test_optimizer_state_relaid_out(tagged):
             old = next(o for o in stepped if p_old in o.state).state[p_old]["momentum_buffer"]
             new = next(o for o in other if p_new in o.state).state[p_new]["momentum_buffer"]
             assert torch.equal(old, new)
+
+
+def test_one_process_never_restarts_a_distributed_run_from_step_0(tmp_path):
+    from gndgl_compiler.errors import RunError
+    from gndgl_compiler.runtime.context import LocalContext
+
+    root = tmp_path / "checkpoints"
+    (root / "rank0").mkdir(parents=True)
+    (root / "commit-000000004.json").write_text(json.dumps({"step": 4, "world": 2}))  # no rank file is there
+    with pytest.raises(RunError, match="no step whose every rank file is usable"):
+        LocalContext().latest_checkpoint(root, None)

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 
 from ..artifact import state_tensors
+from ..errors import RunError
 from .checkpoint_dir import LoadedCheckpoint
 from .dist_checkpoint import (commit_checkpoint, committed_checkpoint, gather_modules, gather_tensors,
                               merge_rank_metrics, metrics_dir)
@@ -73,6 +74,9 @@ class LocalContext:
             ex: this process's executor (its plan, modules and updater say what to load and how).
         """
         src = checkpoint_source(root)
+        if src is None and any(root.glob("commit-*.json")):
+            raise RunError(f"'{root}' has committed steps of a distributed run but no step whose every rank file is "
+                           "usable; restore the damaged files, or move the directory away to train again from step 0")
         if src is None or src.world is None:
             return _usable_checkpoint(root)
         return self._replaced(root, src, ex)
