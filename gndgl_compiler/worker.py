@@ -206,10 +206,10 @@ def preflight(args: argparse.Namespace, world: int) -> None:
 def _elastic(args: argparse.Namespace, rank: int) -> None:
     """Under torchrun: the run directory from the launch arguments, and on a restart the run continued
     from its last committed checkpoint (``runtime/elastic.py``); rank 0 says so."""
-    from .runtime.elastic import RESTART_ENV, elastic_resume
+    from .runtime.elastic import RESTART_ENV, elastic_resume, restart_count
 
-    if RESTART_ENV not in os.environ or args.resume:
-        return
+    if RESTART_ENV not in os.environ or args.resume or (args.run_dir and not restart_count(os.environ)):
+        return  # not under torchrun, or a first attempt with its run directory given: nothing to find
     from .artifact import find_artifact, read_plan
 
     try:
