@@ -3,7 +3,9 @@
 ``gndgl train compiled/ --workers N`` starts N of these itself (same code path).
 Each rank builds only the partitions placed on it (placement re-balanced for the
 world size without recompiling), trains them, and checkpoints them in step with
-the other ranks; rank 0 evaluates and writes the run directory's summary.
+the other ranks; rank 0 evaluates and writes the run directory's summary. Under
+``torchrun --max-restarts K`` a restarted rank continues the run of its ``--run-dir`` by itself
+(``runtime/elastic.py``); a run resumed on another number of ranks is re-placed (``runtime/replace.py``).
 """
 
 from __future__ import annotations
@@ -201,6 +203,24 @@ def preflight(args: argparse.Namespace, world: int) -> None:
     check_config(config, opts.device)
 
 
+def _elastic(args: argparse.Namespace, rank: int) -> None:
+    """Under torchrun: the run directory from the launch arguments, and on a restart the run continued
+    from its last committed checkpoint (``runtime/elastic.py``); rank 0 says so."""
+    from .runtime.elastic import RESTART_ENV, elastic_resume, restart_count
+
+    if RESTART_ENV not in os.environ or args.resume or (args.run_dir and not restart_count(os.environ)):
+        return  # not under torchrun, or a first attempt with its run directory given: nothing to find
+    from .artifact import find_artifact, read_plan
+
+    try:
+        name = read_plan(find_artifact(args.artifact)).name
+    except GndglError:  # preflight reports a bad artifact
+        return
+    note = elastic_resume(args, name)
+    if note and rank == 0:
+        print(note, flush=True)
+
+
 def _report(rank: int, err: GndglError, shown: bool = True) -> None:
     """Print a rank's error (``shown``) and leave it where torchrun reads a failed rank's message (its
     ``TORCHELASTIC_ERROR_FILE``), so torchrun's failure report repeats it instead of a link to its docs."""
@@ -227,6 +247,7 @@ def main(argv: list[str] | None = None, transport=None) -> int:
     args = _parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     try:
+        _elastic(args, rank)
         preflight(args, int(os.environ.get("WORLD_SIZE", "1")))
     except GndglError as err:  # the same on every rank of a node: one of them says it
         _report(rank, err, shown=os.environ.get("LOCAL_RANK", "0") == "0")

@@ -51,6 +51,8 @@ class FaultyTransport:
 def wrap(comm):
     """``transport=`` of the worker's ``main``: this rank's PeerComm, faulty if ``GNDGL_TEST_FAULT`` names it."""
     fault = parse(os.environ.get(ENV, ""), comm.rank)
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":  # a torchrun restart runs without the fault
+        fault = None
     return comm if fault is None else FaultyTransport(comm, *fault)
 
 

@@ -10,6 +10,7 @@ unconditionally. The trainer calls the same methods either way, so its loop has 
     is_main              this process writes the run directory's shared files, evaluates, reports
     checkpoint_dir       checkpoints/            | checkpoints/rank<r>/
     latest_checkpoint    newest usable one       | this rank's part of the newest committed step
+                         (written by another number of processes: re-placed, ``runtime/replace.py``)
     commit               nothing                 | barrier, rank 0 writes commit-<step>.json, barrier
     evaluator            the training executor   | one over every rank's committed weights
     final_weights        this process's modules  | every rank's last checkpoint, on rank 0
@@ -24,9 +25,11 @@ from typing import Any, Callable
 import torch
 
 from ..artifact import state_tensors
+from ..errors import RunError
 from .checkpoint_dir import LoadedCheckpoint
 from .dist_checkpoint import (commit_checkpoint, committed_checkpoint, gather_modules, gather_tensors,
                               merge_rank_metrics, metrics_dir)
+from .replace import Source, checkpoint_source, fold_rank_metrics, replaced_checkpoint
 from .run_dir import _usable_checkpoint
 from .signals import StopFlag
 from .transport import LocalTransport, Transport
@@ -63,9 +66,29 @@ class LocalContext:
         """Where this process writes its checkpoints."""
         return root
 
-    def latest_checkpoint(self, root: Path) -> LoadedCheckpoint | None:
-        """The checkpoint to resume from (None for a fresh run)."""
-        return _usable_checkpoint(root)
+    def latest_checkpoint(self, root: Path, ex: Any) -> LoadedCheckpoint | None:
+        """The checkpoint to resume from (None for a fresh run); one that ranks wrote is re-placed here.
+
+        Args:
+            root: ``checkpoints/``.
+            ex: this process's executor (its plan, modules and updater say what to load and how).
+        """
+        src = checkpoint_source(root)
+        if src is None and any(root.glob("commit-*.json")):
+            raise RunError(f"'{root}' has committed steps of a distributed run but no step whose every rank file is "
+                           "usable; restore the damaged files, or move the directory away to train again from step 0")
+        if src is None or src.world is None:
+            return _usable_checkpoint(root)
+        return self._replaced(root, src, ex)
+
+    def _replaced(self, root: Path, src: Source, ex: Any) -> LoadedCheckpoint:
+        """``src`` (written by another number of processes) re-placed for this process's partitions;
+        the main process folds the old ranks' metric files into the run's."""
+        loaded = replaced_checkpoint(root, src, ex.plan, set(ex.modules), ex.updater.state_dict())
+        loaded.state["replaced_from"] = src.world or 1
+        if self.is_main:
+            fold_rank_metrics(root.parent, src)
+        return loaded
 
     def metrics_dir(self, run_dir: Path) -> Path:
         """Where this process writes ``metrics.jsonl``."""
@@ -130,8 +153,15 @@ class DistContext(LocalContext):
     def checkpoint_dir(self, root: Path) -> Path:
         return root / f"rank{self.rank}"
 
-    def latest_checkpoint(self, root: Path) -> LoadedCheckpoint | None:
-        return committed_checkpoint(root, self.rank)
+    def latest_checkpoint(self, root: Path, ex: Any) -> LoadedCheckpoint | None:
+        src = checkpoint_source(root)
+        if src is None or src.world == self.world:
+            return committed_checkpoint(root, self.rank)
+        from .distributed import barrier
+
+        loaded = self._replaced(root, src, ex)
+        barrier()  # rank 0 has folded the old ranks' metrics before any rank truncates or opens its own
+        return loaded
 
     def stop_flag(self) -> StopFlag:
         """The first signal interrupts at once: the launcher stops every rank together."""

@@ -208,11 +208,29 @@ def init_process_group(timeout_s: float, use_cuda: bool = True) -> tuple[int, in
                                "or torchrun") from None
     backend = os.environ.get("GNDGL_BACKEND") or ("nccl" if use_cuda and torch.cuda.is_available() else "gloo")
     try:
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
+                                store=_restart_store(world, timeout_s))
     except Exception as exc:  # rendezvous errors come in many types
         raise DistributedError(f"rank {rank}: cannot join the process group at "
                                f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} ({exc})") from None
     return rank, world
+
+
+def _restart_store(world: int, timeout_s: float) -> dist.Store | None:
+    """On a torchrun restart: the agent's store under a prefix of this attempt, else None (``env://``).
+
+    torchrun's agent keeps one store over restarts, so the ranks of a restarted attempt would read the
+    addresses the failed attempt's ranks published there (gloo then waits for dead peers until the
+    timeout); a prefix per attempt gives each attempt its own keys.
+    """
+    from .elastic import RESTART_ENV, restart_count
+
+    k = restart_count(os.environ)
+    if not k or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timedelta(seconds=timeout_s))
+    return dist.PrefixStore(f"/gndgl/{RESTART_ENV.lower()}_{k}", store)
 
 
 def barrier() -> None:

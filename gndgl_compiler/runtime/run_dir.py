@@ -23,6 +23,7 @@ from .. import fsio
 from .checkpoint_dir import latest_valid_checkpoint
 from .config import RunConfig
 from .dist_checkpoint import gather_tensors, latest_commit
+from .replace import checkpoint_source
 from .options import TrainOptions
 
 DATA_RECORD = "data.json"
@@ -87,7 +88,8 @@ def reopen_run(run_dir: str | Path, opts: TrainOptions, *, world: int = 1, verif
     Args:
         run_dir: the run directory.
         opts: the options given (see ``runtime/resume.py`` for which may change).
-        world: number of processes the run continues with (must be what it started with).
+        world: number of processes the run continues with (another than before: recorded, and the
+            checkpoint re-placed when it loads).
         verify: check the hashes of the run's artifact (once per run, not once per rank).
 
     Returns:
@@ -96,8 +98,7 @@ def reopen_run(run_dir: str | Path, opts: TrainOptions, *, world: int = 1, verif
         and one line per applied change.
 
     Raises:
-        RunError: not a run directory, a damaged one, another world size, or an option that
-            cannot change.
+        RunError: not a run directory, a damaged one, or an option that cannot change.
     """
     from .resume import resume_config
 
@@ -105,6 +106,11 @@ def reopen_run(run_dir: str | Path, opts: TrainOptions, *, world: int = 1, verif
     saved = check_resume_world(run_dir, world)
     art = _load_run_artifact(run_dir, saved) if verify else load_artifact(run_dir / "artifact", verify=False)
     config, notes = resume_config(run_dir, saved, opts, sequential=art.plan.schedule == "sequential")
+    old = saved.get("world", 1)
+    if old != world:  # the checkpoints are re-placed for the new number on load (runtime/replace.py)
+        notes.append(f"workers: {old} → {world} (partitions re-placed from the per-partition checkpoints)")
+        saved["world"] = world
+        saved.setdefault("changes", []).append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "world": world})
     return art, config, saved, notes
 
 
@@ -248,23 +254,20 @@ def _load_run_artifact(run_dir: Path, saved: dict) -> Artifact:
 
 
 def check_resume_world(run_dir: str | Path, world: int) -> dict:
-    """Check that ``run_dir`` is a run directory trained with ``world`` processes.
+    """Check that ``run_dir`` is a run directory that ``world`` processes can continue.
+
+    Any number can: partitions are re-placed for it from the per-partition checkpoints
+    (``runtime/replace.py``); whether ``world`` ranks fit the plan is checked where they start.
 
     Returns:
         The run's ``run.json`` record (see :func:`read_run_record`).
 
     Raises:
-        RunError: not a run directory, a damaged ``run.json``, or trained with another number
-            of workers (says which to use).
+        RunError: not a run directory, or a damaged ``run.json``.
     """
-    run_dir = Path(run_dir)
-    saved = read_run_record(run_dir)
-    saved_world = saved.get("world", 1)
-    if saved_world != world:
-        how = f"--workers {saved_world}" if saved_world > 1 else "no --workers (one process)"
-        raise RunError(f"'{run_dir}' was trained with {saved_world} worker(s) and its checkpoints hold that "
-                       f"placement; resume it with {how}, or start a new run")
-    return saved
+    if world < 1:
+        raise RunError(f"cannot resume '{run_dir}' on {world} processes; give --workers 1 or more")
+    return read_run_record(Path(run_dir))
 
 
 def discard_unstarted(run_dir: Path, fresh: bool) -> None:
@@ -330,7 +333,10 @@ def run_weights(run_dir: str | Path, saved: dict) -> tuple[dict[str, torch.Tenso
         except Exception as exc:  # noqa: BLE001 - safetensors raises several types on damaged files
             raise RunError(f"'{run_dir / 'weights.safetensors'}' is damaged ({exc}); delete it to use the "
                            "last checkpoint instead") from None
-    if world > 1:
+    src = checkpoint_source(ckpts)
+    if src is not None and src.world is not None:  # the newest checkpoint is ranks' (whatever run.json says now)
+        return gather_tensors(ckpts, src.step, src.world), f"committed checkpoint {src.name}"
+    if world > 1 and src is None:
         step = latest_commit(ckpts)
         if step is None:
             raise RunError(f"'{run_dir}' has no weights or committed checkpoints yet; train it first "
@@ -354,8 +360,8 @@ def _weights_label(run_dir: Path, world: int) -> str | None:
     except (OSError, ValueError, TypeError, KeyError):
         return "weights.safetensors, final or not unknown: summary.json is missing or unreadable"
     ckpts = run_dir / "checkpoints"
-    newest = latest_commit(ckpts) if world > 1 else max(
-        (int(p.stem.split("-")[1]) for p in ckpts.glob("ckpt-*.json") if p.stem.split("-")[1].isdigit()), default=None)
+    local = (int(p.stem.split("-")[1]) for p in ckpts.glob("ckpt-*.json") if p.stem.split("-")[1].isdigit())
+    newest = max((s for s in (latest_commit(ckpts), *local) if s is not None), default=None)
     if steps is not None and newest is not None and newest > steps:
         return None
     if summary.get("complete") is True:

@@ -98,6 +98,8 @@ class Checkpointer:
         self.root = run_dir / "checkpoints"
         self.dir = ctx.checkpoint_dir(self.root)
         self.fused, self.keep = config.execution.fused, config.execution.keep_checkpoints
+        self.replaced_from: int | None = None  # processes that wrote the checkpoint resumed from, if re-placed
+        self.written: set[int] = set()  # steps this attempt checkpointed
 
     def save(self, st: TrainState, window: MetricsWindow) -> None:
         """Checkpoint weights, optimizer and RNG states, where the run stands and the metrics window."""
@@ -107,11 +109,15 @@ class Checkpointer:
                  "optim": self.ex.updater.state_dict(), "rng": rng_state(),
                  "history": st.history, "window": window.state(), "wall_s": st.wall_s()}
         save_checkpoint(self.dir, f"ckpt-{st.step:09d}", tensors=tensors, state=state)
+        self.written.add(st.step)
         self.ctx.commit(self.root, st.step)
         prune_checkpoints(self.dir, keep=self.keep)
 
     def has(self, step: int) -> bool:
-        """This process's checkpoint of ``step`` exists."""
+        """This process's checkpoint of ``step`` exists (after a re-placement: one this attempt wrote, since a
+        file of the old layout in the same directory holds other partitions)."""
+        if self.replaced_from is not None:
+            return step in self.written
         return (self.dir / f"ckpt-{step:09d}.json").exists()
 
     def resume(self, st: TrainState, window: MetricsWindow) -> str | None:
@@ -123,7 +129,7 @@ class Checkpointer:
         Raises:
             RunError: it was written with the other ``fused`` setting (another optimizer layout).
         """
-        loaded = self.ctx.latest_checkpoint(self.root)
+        loaded = self.ctx.latest_checkpoint(self.root, self.ex)
         if loaded is None:
             return None
         state = loaded.state
@@ -133,6 +139,7 @@ class Checkpointer:
         load_state_tensors(self.art.modules, self.art.plan, loaded.tensors, str(self.dir / loaded.name))
         self.ex.updater.load_state_dict(state["optim"])
         set_rng_state(state["rng"])
+        self.replaced_from = state.get("replaced_from")
         st.restore(state)
         window.restore(state.get("window"))
         return loaded.name
@@ -297,8 +304,10 @@ class Trainer:
         name = self.checkpointer.resume(self.state, self.window)
         if name is not None and self.on_log:
             st = self.state
+            moved = self.checkpointer.replaced_from
+            where = f"; its partitions re-placed from {moved} process(es) onto {self.ctx.world}" if moved else ""
             self.on_log({"kind": "note", "text": f"resuming from step {st.step} of {self.total_epochs * self.spe} "
-                                                 f"(epoch {st.epoch + 1} of {self.total_epochs}, {name})"})
+                                                 f"(epoch {st.epoch + 1} of {self.total_epochs}, {name}{where})"})
         # (everything, if the earlier attempt died before its first checkpoint)
         truncate_metrics(self.ctx.metrics_dir(self.run_dir), self.state.step)
         if self.ctx.is_main:
