@@ -1,8 +1,8 @@
 """The fused form of the ops that wire values together: ``slice``, ``cat`` and ``add``.
 
     op     shared in                        stack / gstack in        mixed / gtok in
-    slice  group g's channels: the shared   —                        —
-           value itself when they tile it,
+    slice  group g's channels: the shared   —                        mixed: a head's own channels
+           value itself when they tile it,                           (live) as a stack
            else gathered into a stack
     cat    dense (all shared inputs)        —                        an aux head's input: cat(own live,
                                                                      siblings' shares detached) → mixed
@@ -28,6 +28,8 @@ def channel_slice(b: FusionBuild, grp: NodeGroup) -> tuple[Step, str]:
     """
     ns, lay, G = grp.nodes, grp.layout, b.G
     n = ns[0]
+    if lay == "mixed" and not b.padded:
+        return _own_slice(b, grp), "stack"
     if lay != "shared":
         raise NotFusable(f"slice {n.name} of a {lay} tensor")
     channels = next(m.shape for m in grp.lists[0] if m.name == n.args[0])[0]
@@ -36,6 +38,38 @@ def channel_slice(b: FusionBuild, grp: NodeGroup) -> tuple[Step, str]:
     if lengths == [w] * G and starts == [g * w for g in range(G)] and channels == G * w:
         return alias(n.name, n.args[0]), "stack"
     return shortcut_gather(n.name, n.args[0], starts, lengths, channels, b.device), "stack"
+
+
+def _own_slice(b: FusionBuild, grp: NodeGroup) -> Step:
+    """Each head's slice of its mixed input when it is the head's own group's channels (a residual shortcut
+    in MAN's LB / EMA copy of the next module's first unit): those channels are live, so the slice is the
+    module output itself (identity: each group's slice is its own block in order) or gathered from it.
+
+    Raises:
+        NotFusable: a slice that reads a sibling's (detached) channels.
+    """
+    ns, G, c = grp.nodes, b.G, b.width
+    got = b.channel_maps.get(grp.arg)
+    lengths = {m.attrs["length"] for m in ns}
+    if len(lengths) != 1:
+        raise NotFusable(f"slice {grp.name} of unequal lengths")
+    rows = []
+    for g, m in enumerate(ns):
+        cols = torch.arange(m.attrs["start"], m.attrs["start"] + m.attrs["length"])
+        rows.append(cols if got is None else got[0][g].index_select(0, cols))
+    idx = torch.stack(rows)
+    if not bool((idx // c == torch.arange(G).unsqueeze(1)).all()):
+        raise NotFusable(f"slice {grp.name} of a head input reads a sibling's detached channels")
+    flat = idx.reshape(-1)
+    if torch.equal(flat, torch.arange(G * c)):
+        def own(env: dict) -> None:
+            env[grp.name] = env[grp.arg][0]
+        return own
+    flat = flat.to(b.device)
+
+    def gather(env: dict) -> None:
+        env[grp.name] = env[grp.arg][0].index_select(1, flat)
+    return gather
 
 
 def cat(b: FusionBuild, grp: NodeGroup) -> tuple[Step, str]:
