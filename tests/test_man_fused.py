@@ -6,8 +6,9 @@ Against the per-partition path (an independent program: one GraphModule per part
 
 * every fused module's losses and every parameter's gradient (LB, s, head; none for the EMA unit), for MAN sum
   and MAN++ learned, 1c2f and InfoPro heads, G = 2 and 4;
-* the weights after several training steps, EMA units, s and BatchNorm statistics included, G = 1, 2, 4 (the
-  EMA step of a fused module over whole fused storages where U's module is fused alike, per partition else);
+* the weights after several training steps, EMA units, s and BatchNorm statistics included, G = 1, 2, 4 and
+  an unequal split fused padded (the EMA step of a fused module over whole fused storages where U's module is
+  fused alike, per partition else);
 * isolation on the fused path: group g's loss reaches no other group's rows of any fused parameter (the EMA
   unit's storage gets no gradient at all);
 * a killed and resumed run with fused MAN modules ends with the uninterrupted weights.
@@ -103,6 +104,21 @@ def test_fused_training_equals_per_partition(mix, head, width):
         moved = [k for k in sp if (".ema_" in k or "man_mix.s" in k) and not torch.equal(sp[k], before[pid][k])]
         if m.part.man is not None:
             assert any(".ema_" in k for k in moved) and (mix == "sum" or any("man_mix.s" in k for k in moved))
+
+
+@pytest.mark.parametrize("mix", ["sum", "learned"])
+def test_unequal_split_fuses_padded(mix):
+    """G = 3 over 4 channels (widths 2, 1, 1): LB / EMA units, their own-channel shortcut and s run padded."""
+    text = spec(mix, width=3).replace("width: 3}", "width: 3, split: balanced}")
+    fused, plain = pair(compile_spec(text), SGD)
+    assert [r["fused"] for r in fused.fusion] == [True, True, True, False], fused.fusion
+    assert fused.fused_stages[0].padded
+    for t in range(3):
+        x, y = batch(seed=t)
+        got, want = fused.train_step(x, y, SGD["lr"]), plain.train_step(x, y, SGD["lr"])
+        assert max(rel(got[p][0], want[p][0]) for p in want) <= F64, t
+    for pid, m in plain.modules.items():
+        assert scaled_error(fused.modules[pid].state_dict(), m.state_dict())[0] <= F64, pid
 
 
 def test_fused_path_isolation():

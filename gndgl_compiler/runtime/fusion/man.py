@@ -2,9 +2,11 @@
 
     man_mix   stack (B, G·c, ...) or gtok (G, B, N, c)   y_g = s_g·LB_g + (2 − s_g)·EMA_g
 
-The G scalars s_g become one fused (G,) storage (partition g's ``s`` is its element g); each is broadcast
-over its own group's channels. MAN's plain mix is the table's ``add``. The EMA unit's frozen parameters fuse
-like any other (``storage.fuse`` without a gradient); the EMA step over fused storage is ``runtime/man_ema.py``.
+The G scalars s_g become one fused (G,) storage (partition g's ``s`` is its element g); each is broadcast over
+its own group's channels (in an unequal split, its padded ones too: LB and EMA are exact zeros there, so the
+output stays zero and s_g's gradient gets nothing from them). MAN's plain mix is the table's ``add``. The EMA
+unit's frozen parameters fuse like any other (``storage.fuse`` without a gradient); the EMA step over fused
+storage is ``runtime/man_ema.py``.
 """
 
 from __future__ import annotations
@@ -28,14 +30,8 @@ def man_mix(b: FusionBuild, grp: NodeGroup) -> tuple[Step, str]:
         x, e = env[lb], env[ema]
         if lay == "gtok":  # (G, B, N, c): group-major
             sv = s.fused.view(G, *([1] * (x.dim() - 1)))
-        else:  # (B, G·c, ...): group g's channels g·c .. (g+1)·c
+        else:  # (B, G·c, ...): group g's channels g·c .. (g+1)·c (c the padded width)
             c = x.shape[1] // G
             sv = s.fused.view(G, 1).expand(G, c).reshape(1, G * c, *([1] * (x.dim() - 2)))
         env[name] = sv * x + (2.0 - sv) * e
     return step, lay
-
-
-def unequal(b: FusionBuild, grp: NodeGroup) -> str | None:
-    """The ``padded`` check of ``man_mix``: refused in an unequal split (its s is per group, not per channel)."""
-    return f"man_mix {grp.name}"
-

@@ -73,7 +73,7 @@ FUSED_OPS: dict[str, FusedOpDef] = {
     "mlp": FusedOpDef("mlp", tokens.mlp, token=True),
     "token_linear": FusedOpDef("token_linear", tokens.token_linear, token=True),
     "token_pool": FusedOpDef("token_pool", tokens.token_pool, token=True),
-    "man_mix": FusedOpDef("man_mix", man.man_mix, padded=man.unequal),  # MAN++: s_g·LB + (2 − s_g)·EMA
+    "man_mix": FusedOpDef("man_mix", man.man_mix),  # MAN++: s_g·LB + (2 − s_g)·EMA
 }
 
 

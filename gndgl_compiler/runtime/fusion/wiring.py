@@ -28,7 +28,7 @@ def channel_slice(b: FusionBuild, grp: NodeGroup) -> tuple[Step, str]:
     """
     ns, lay, G = grp.nodes, grp.layout, b.G
     n = ns[0]
-    if lay == "mixed" and not b.padded:
+    if lay == "mixed":
         return _own_slice(b, grp), "stack"
     if lay != "shared":
         raise NotFusable(f"slice {n.name} of a {lay} tensor")
@@ -43,29 +43,26 @@ def channel_slice(b: FusionBuild, grp: NodeGroup) -> tuple[Step, str]:
 def _own_slice(b: FusionBuild, grp: NodeGroup) -> Step:
     """Each head's slice of its mixed input when it is the head's own group's channels (a residual shortcut
     in MAN's LB / EMA copy of the next module's first unit): those channels are live, so the slice is the
-    module output itself (identity: each group's slice is its own block in order) or gathered from it.
+    module output itself when each slice is its group's whole block (padded too: the rest of a padded block is
+    exact zeros), else gathered from it (equal widths).
 
     Raises:
-        NotFusable: a slice that reads a sibling's (detached) channels.
+        NotFusable: a slice that reads a sibling's (detached) channels, or part of a group's block when padded.
     """
-    ns, G, c = grp.nodes, b.G, b.width
+    ns, c = grp.nodes, b.width
     got = b.channel_maps.get(grp.arg)
-    lengths = {m.attrs["length"] for m in ns}
-    if len(lengths) != 1:
-        raise NotFusable(f"slice {grp.name} of unequal lengths")
     rows = []
     for g, m in enumerate(ns):
         cols = torch.arange(m.attrs["start"], m.attrs["start"] + m.attrs["length"])
         rows.append(cols if got is None else got[0][g].index_select(0, cols))
-    idx = torch.stack(rows)
-    if not bool((idx // c == torch.arange(G).unsqueeze(1)).all()):
-        raise NotFusable(f"slice {grp.name} of a head input reads a sibling's detached channels")
-    flat = idx.reshape(-1)
-    if torch.equal(flat, torch.arange(G * c)):
+    if all(torch.equal(r, torch.arange(g * c, g * c + w)) for g, (r, w) in enumerate(zip(rows, b.widths))):
         def own(env: dict) -> None:
             env[grp.name] = env[grp.arg][0]
         return own
-    flat = flat.to(b.device)
+    if b.padded or len({len(r) for r in rows}) != 1 \
+            or not all(bool((r // c == g).all()) for g, r in enumerate(rows)):
+        raise NotFusable(f"slice {grp.name} of a head input that is not each head's own channels")
+    flat = torch.cat(rows).to(b.device)
 
     def gather(env: dict) -> None:
         env[grp.name] = env[grp.arg][0].index_select(1, flat)
