@@ -6,9 +6,9 @@ Against the per-partition path (an independent program: one GraphModule per part
 
 * every fused module's losses and every parameter's gradient (LB, s, head; none for the EMA unit), for MAN sum
   and MAN++ learned, 1c2f and InfoPro heads, G = 2 and 4;
-* the weights after several training steps, EMA units, s and BatchNorm statistics included, G = 1, 2, 4 and
-  an unequal split fused padded (the EMA step of a fused module over whole fused storages where U's module is
-  fused alike, per partition else);
+* the weights after several training steps, EMA units, s and BatchNorm statistics included, G = 1, 2, 4, an
+  unequal split fused padded, G changing between modules (the EMA step of a fused module over whole fused
+  storages where U's module is fused alike, per partition else);
 * isolation on the fused path: group g's loss reaches no other group's rows of any fused parameter (the EMA
   unit's storage gets no gradient at all);
 * a killed and resumed run with fused MAN modules ends with the uninterrupted weights.
@@ -117,6 +117,24 @@ def test_unequal_split_fuses_padded(mix):
         x, y = batch(seed=t)
         got, want = fused.train_step(x, y, SGD["lr"]), plain.train_step(x, y, SGD["lr"])
         assert max(rel(got[p][0], want[p][0]) for p in want) <= F64, t
+    for pid, m in plain.modules.items():
+        assert scaled_error(fused.modules[pid].state_dict(), m.state_dict())[0] <= F64, pid
+
+
+@pytest.mark.parametrize("widths,fused_modules,reason", [
+    ("[2, 4, 4]", [True, True, True, False], ""),
+    ("[4, 2, 2]", [False, True, True, False], "slice lb_block1_add_slice of a head input that is not each head's own"),
+])
+def test_groups_changing_between_modules(widths, fused_modules, reason):
+    """G_k ≠ G_{k+1}: (k, g) follows (k+1, ⌊g·G_{k+1}/G_k⌋). With G_{k+1} > G_k the copied identity shortcut reads
+    part of head g's own channels (gathered); with G_{k+1} < G_k it reads a sibling's, so that module runs per
+    partition and the step plan says why. Either way the weights equal the per-partition run's."""
+    fused, plain = pair(compile_spec(spec("learned", width=2).replace("width: 2}", f"width: {widths}}}")), SGD)
+    assert [r["fused"] for r in fused.fusion] == fused_modules, fused.fusion
+    assert fused.fusion[0]["reason"].startswith(reason)
+    for t in range(3):
+        x, y = batch(seed=t)
+        fused.train_step(x, y, SGD["lr"]), plain.train_step(x, y, SGD["lr"])
     for pid, m in plain.modules.items():
         assert scaled_error(fused.modules[pid].state_dict(), m.state_dict())[0] <= F64, pid
 
