@@ -8,7 +8,7 @@ Against the per-partition path (an independent program: one GraphModule per part
   and MAN++ learned, 1c2f and InfoPro heads, G = 2 and 4;
 * the weights after several training steps, EMA units, s and BatchNorm statistics included, G = 1, 2, 4, an
   unequal split fused padded, G changing between modules (the EMA step of a fused module over whole fused
-  storages where U's module is fused alike, per partition else);
+  storages where U's module is fused alike, per partition else), and on a ViT (U a transformer block);
 * isolation on the fused path: group g's loss reaches no other group's rows of any fused parameter (the EMA
   unit's storage gets no gradient at all);
 * a killed and resumed run with fused MAN modules ends with the uninterrupted weights.
@@ -135,6 +135,35 @@ def test_groups_changing_between_modules(widths, fused_modules, reason):
     for t in range(3):
         x, y = batch(seed=t)
         fused.train_step(x, y, SGD["lr"]), plain.train_step(x, y, SGD["lr"])
+    for pid, m in plain.modules.items():
+        assert scaled_error(fused.modules[pid].state_dict(), m.state_dict())[0] <= F64, pid
+
+
+VIT = """name: tiny_vit_man
+model:
+  template: vit_tiny
+  vit: {dim: 16, depth: 3, heads: 4, patch: 4, mlp_ratio: 2.0, cls: false}
+  input_shape: [1, 16, 16]
+  num_classes: 10
+cuts: {depth: [b0, b1], width: 2}
+local:
+  head: {kind: token-linear}
+  share_ratio: 1.0
+  man: {momentum: 0.9, mix: learned}
+  final_head: {kind: model, mode: separate}
+train: {dataset: synthetic, batch_size: 8}
+"""
+
+
+def test_transformer_blocks_fuse():
+    """U a transformer block (LB / EMA copies over the tokens of both groups, man_mix on group-major tokens)."""
+    fused, plain = pair(compile_spec(VIT), SGD)
+    assert [r["fused"] for r in fused.fusion] == [True, True, True, False], fused.fusion
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x, y = torch.randn(6, 1, 16, 16, generator=g, dtype=torch.float64), torch.randint(0, 10, (6,), generator=g)
+        got, want = fused.train_step(x, y, SGD["lr"]), plain.train_step(x, y, SGD["lr"])
+        assert max(rel(got[p][0], want[p][0]) for p in want) <= F64
     for pid, m in plain.modules.items():
         assert scaled_error(fused.modules[pid].state_dict(), m.state_dict())[0] <= F64, pid
 
