@@ -7,6 +7,8 @@
                   the 13th, each with an aux net of fresh blocks shaped like the later blocks it samples
                   (depth rule, round half to even), the losses summed and one backward over the sum.
 * ``HandDGLMAN`` — DGL + MAN (official-code style: LB + EMA of the next first block, one backward).
+* ``HandGNDGLMAN`` — GN-DGL + MAN: per group an LB unit and an EMA copy of the group's slice of the next
+                  module's first block over ``cat(own live, siblings detached)``, one backward.
 * ``HandGNDGL`` — GN-DGL in the style of the paper's official code: per module one network with a
                   dense first conv (and 1x1 shortcut) and ``Conv2d(groups=G)`` after it, G 1c2f heads,
                   head g over ``cat(own slice live, siblings detached)``, cross-entropy + diversity
@@ -323,3 +325,82 @@ class HandDGLMAN:
 
     def modules(self):
         return self.mods + self.lbs + self.emas + self.heads
+
+
+class GroupUnit(nn.Module):
+    """Group g's slice of a dense-in grouped ``Block`` (cin → cout/G): its conv1 (and 1×1 shortcut) read all cin
+    channels, its identity shortcut is the group's own channels; what MAN's LB and EMA copy in GN-DGL+MAN."""
+
+    def __init__(self, cin, cout, stride, G, g):
+        super().__init__()
+        c = cout // G
+        self.own = slice(g * c, (g + 1) * c)
+        self.conv1 = nn.Conv2d(cin, c, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, c, 1, stride, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(out + (x[:, self.own] if self.shortcut is None else self.shortcut(x)))
+
+
+class HandGNDGLMAN(HandGNDGL):
+    """GN-DGL (K modules × G groups, sharing r = 1, diversity, separate 1c2f final head) + MAN in the style of MAN's
+    official code with groups: aux net g of module k < K is LB_g + EMA_g (a trainable ``GroupUnit`` and an EMA copy
+    of group g's slice of the next module's first block, no gradient) over ``cat(own live, siblings detached)``,
+    then a 1c2f head; one backward over all the summed losses, then per module one EMA step over its G copies
+    (θ_EMA ← m·θ_EMA + (1−m)·θ_U, U's rows of group g), then the optimizer step."""
+
+    def __init__(self, K=8, G=4, m=0.995, div_weight=0.5, T=3.0):
+        import copy
+
+        super().__init__(K, G, div_weight, T)
+        self.m, self.lbs, self.emas = m, [], []
+        for k in range(K - 1):
+            cin, cout, stride = BLOCKS[SPLITS[K][k + 1][0]]
+            self.lbs.append(nn.ModuleList([GroupUnit(cin, cout, stride, G, g) for g in range(G)]).train())
+            emas = nn.ModuleList([GroupUnit(cin, cout, stride, G, g) for g in range(G)]).train()
+            with torch.no_grad():
+                torch._foreach_copy_(list(emas.parameters()), self._u(k, emas))
+            self.emas.append(copy.deepcopy(emas).requires_grad_(False))
+            self.heads[k] = nn.ModuleList([Head1c2f(cout // G) for _ in range(G)]).train()
+        self.opt = sgd([p for m in self.mods + self.lbs + self.heads + [self.final] for p in m.parameters()])
+
+    def _u(self, k, emas):
+        """U's parameters (the next module's first block), group g's rows for EMA copy g, in ``emas`` order."""
+        u = list(self.mods[k + 1][0].parameters())
+        return [p.narrow(0, e.own.start, e.own.stop - e.own.start) for e in emas for p in u]
+
+    def step(self, x, y):
+        h, stats, total = x, [], 0.0
+        for k, (body, heads) in enumerate(zip(self.mods, self.heads)):
+            h = body(h.detach())
+            groups = h.chunk(self.G, dim=1)
+            logits = []
+            for g, head in enumerate(heads):
+                a = torch.cat([o if j == g else o.detach() for j, o in enumerate(groups)], dim=1)
+                logits.append(head(self.lbs[k][g](a) + self.emas[k][g](a) if k < len(self.lbs) else a))
+            p_hat = [diversity_probs(lg, y, self.T) for lg in logits]
+            for g, lg in enumerate(logits):
+                cos = [F.cosine_similarity(p_hat[g], p_hat[j].detach(), dim=1).mean() for j in range(self.G) if j != g]
+                head_loss = F.cross_entropy(lg, y) + self.w * torch.stack(cos).mean()
+                total = total + head_loss
+                stats.append((head_loss.detach(), (lg.argmax(1) == y).sum()))
+        out = self.final(h.detach())
+        loss = F.cross_entropy(out, y)
+        (total + loss).backward()
+        stats.append((loss.detach(), (out.argmax(1) == y).sum()))
+        with torch.no_grad():
+            for k, emas in enumerate(self.emas):
+                e = list(emas.parameters())
+                torch._foreach_mul_(e, self.m)
+                torch._foreach_add_(e, self._u(k, emas), alpha=1 - self.m)
+        opt_step(self.opt)
+        return stats
+
+    def modules(self):
+        return self.mods + self.lbs + self.emas + self.heads + [self.final]

@@ -1,7 +1,8 @@
 """What one training step costs: aten ops, CPU ms, and (on CUDA) images/s and peak memory.
 
 For end-to-end, DGL K=8, GN-DGL K=2 G=2, K=4 G=4, K=8 G=4, AugLocal (cut after every unit up to the 13th,
-d = 2, τ = 0.5), GN-DGL K=8 G=4 with AugLocal aux nets and DGL+MAN K=8 (ResNet-32, the specs in ``specs/``),
+d = 2, τ = 0.5), GN-DGL K=8 G=4 with AugLocal aux nets, DGL+MAN K=8 and GN-DGL+MAN K=8 G=4 (ResNet-32, the specs
+in ``specs/``),
 three ways to run the same network and recipe:
 
 * gndgl fused          — ``Executor(fused=True)``: sibling-fused modules, one backward per module
@@ -52,6 +53,7 @@ CONFIGS = [
     ("auglocal/resnet32_auglocal_d2", "AugLocal K=14 d=2", lambda: hand.HandAugLocal()),
     ("auglocal/resnet32_k8g4_auglocal_d2", "GN-DGL+AugLocal K=8 G=4", lambda: hand.HandGNDGLAugLocal(8, 4)),
     ("man/resnet32_dgl_man_k8", "DGL+MAN K=8", lambda: hand.HandDGLMAN(8)),
+    ("man/resnet32_gndgl_man_k8g4", "GN-DGL+MAN K=8 G=4", lambda: hand.HandGNDGLMAN(8, 4)),
 ]
 
 
@@ -135,7 +137,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU; use 1 on a shared machine)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--only", nargs="*", default=None, help="spec names to run (default: all seven)")
+    ap.add_argument("--only", nargs="*", default=None, help="spec names to run (default: all)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -212,9 +212,8 @@ def test_stages_do_not_switch_on_op_kind_names():
 
 # --- sibling fusion: one table entry per fused op kind ------------------------------------------------------
 
-UNFUSED: set[str] = {"man_mix"}
-"""Op kinds without an exact sibling-fused form (their modules run per partition): MAN++'s ``man_mix``, which only
-MAN aux nets use, and those run per partition (``runtime/step_plan.py``, reason ``MAN``); every other kind fuses."""
+UNFUSED: set[str] = set()
+"""Op kinds without an exact sibling-fused form (their modules run per partition): none, every kind fuses."""
 
 
 def test_fused_op_table_covers_exactly_the_kinds_fusion_runs():

@@ -103,6 +103,8 @@ class Executor:
             self.runners[i] = SiblingFusedRunner(fs, stage, self.parts[stage[0]].module, devices[stage[0]],
                                                  self.env.autocast, self.transport, self.env.image01)
         fused_grads = [g for fs in self.fused_stages.values() for g in fs.fused_grads()]
+        self.ema.fuse_storage([self.stages[i] for i in self.fused_stages],
+                              [t for fs in self.fused_stages.values() for t in fs.tensors])
         if capturable and not fused:
             raise ValueError("a capturable step needs the per-device fused updater (fused=True)")
         self.updater: PartitionUpdater | DeviceUpdater | None = None

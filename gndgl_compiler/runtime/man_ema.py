@@ -11,6 +11,12 @@ In a distributed run where U lives on another rank, that rank sends U's paramete
 their own dtype) at the start of the step, before anything of the step runs (:meth:`EmaLinks.send`), and
 the MAN partition's rank receives them after its backward: the same values, so the same EMA bit for bit.
 The transport must then offer :class:`WeightTransport` (``PeerComm`` does).
+
+Sibling fusion (``runtime/fusion/``) makes the EMA and U parameters views of fused storage, so the update
+above moves the fused storage too. Where a fused module's G EMA layers are exactly one fused tensor and
+the U layers they follow are one fused tensor of the next module's storage, in the same layout (G_k =
+G_{k+1}: partition (k, g) follows (k+1, g)), :meth:`EmaLinks.fuse_storage` makes the step one update per
+layer over the whole storages: the same element-wise arithmetic on the same values.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch
 
 from ..codegen.modules import PartitionModule
 from ..partition.plan import Partition
+from .fusion.storage import FusedTensor
 
 
 @runtime_checkable
@@ -75,8 +82,33 @@ class EmaLinks:
         for p in parts.values():
             if p.man is not None and p.id not in modules and p.man.source in modules:
                 self.sends.setdefault(p.man.source, u_parameters(p.man.ema, modules[p.man.source].body))
+        self.merged: dict[tuple[int, ...], tuple[float, list[torch.Tensor], list[torch.Tensor]]] = {}
+        """Sibling-fused stages (pids) → (m, EMA tensors, U tensors): the stage's EMA step over fused storage."""
         self.followers = {src: [p.id for p in parts.values() if p.man is not None and p.man.source == src
                                 and p.id not in modules] for src in self.sends}
+
+    def fuse_storage(self, stages: list[list[int]], tensors: list[FusedTensor]) -> None:
+        """Run the EMA step of each sibling-fused stage in ``stages`` over fused storage (``tensors``: every
+        fused stage's): layer by layer, one fused EMA tensor and the fused U tensor it follows where both are
+        whole storages of the same layout, else that layer's per-partition tensors."""
+        owner = {id(t): ft for ft in tensors for t in ft.parts}
+        for stage in stages:
+            links = [self.links.get(pid) for pid in stage]
+            if any(link is None or pid not in self.local for pid, link in zip(stage, links)) \
+                    or len({link[0] for link in links}) != 1:
+                continue
+            emas, us = [], []
+            for j in range(len(links[0][2])):
+                es, ys = [link[2][j] for link in links], [self.local[pid][j] for pid in stage]
+                fe, fu = owner.get(id(es[0])), owner.get(id(ys[0]))
+                if _whole(fe, es) and _whole(fu, ys) and fe.fused.shape == fu.fused.shape \
+                        and fe.linear == fu.linear and fe.fused.dtype == fu.fused.dtype:
+                    emas.append(fe.fused)
+                    us.append(fu.fused.detach().to(fe.fused.device))
+                else:
+                    emas += es
+                    us += ys
+            self.merged[tuple(stage)] = (links[0][0], emas, us)
 
     def __bool__(self) -> bool:
         return bool(self.links or self.sends)
@@ -91,6 +123,12 @@ class EmaLinks:
     @torch.no_grad()
     def update(self, stage: list[int], active: set[int] | None) -> None:
         """The EMA step of the (active) MAN partitions of ``stage``, from U's pre-update parameters."""
+        merged = self.merged.get(tuple(stage))
+        if merged is not None and (active is None or all(pid in active for pid in stage)):
+            m, emas, us = merged
+            torch._foreach_mul_(emas, m)
+            torch._foreach_add_(emas, us, alpha=1.0 - m)
+            return
         for pid in stage:
             link = self.links.get(pid)
             if link is None or (active is not None and pid not in active):
@@ -106,3 +144,9 @@ class EmaLinks:
     def _remote(self, src: int, emas: list[torch.Tensor]) -> list[torch.Tensor]:
         flat = self.transport.recv_weights(src, sum(e.numel() for e in emas), emas[0].dtype, emas[0].device)
         return [t.view_as(e) for t, e in zip(flat.split([e.numel() for e in emas]), emas)]
+
+
+def _whole(ft: FusedTensor | None, parts: list[torch.Tensor]) -> bool:
+    """``parts`` are exactly the tensors of fused storage ``ft``, in order, in the equal-width layout."""
+    return ft is not None and ft.index is None and len(ft.parts) == len(parts) \
+        and all(a is b for a, b in zip(ft.parts, parts))

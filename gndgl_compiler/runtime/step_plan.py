@@ -27,9 +27,6 @@ from ..partition.plan import PartitionPlan
 
 SPLIT = "siblings on other ranks"
 """The fusion reason of a module whose siblings this process does not all own (a distributed rank)."""
-MAN = "MAN aux nets (LB + EMA units) run per partition"
-"""The fusion reason of a module whose aux nets are MAN's: the fused-op table has no batched LB / EMA units and
-no EMA step over fused storage yet, so such a module runs per partition (same math; DESIGN §2.3)."""
 
 
 @dataclass
@@ -91,8 +88,6 @@ class StepPlan:
                 rec["reason"] = SPLIT
             elif len({str(devices[pid]) for pid in stage}) > 1:
                 rec["reason"] = "siblings on different devices"
-            elif any(parts[pid].man is not None for pid in stage):
-                rec["reason"] = MAN
             else:
                 sp.candidates.append(i)
             sp.fusion.append(rec)

@@ -10,6 +10,7 @@ fused-op table (``table.py``: :class:`FusedOpDef`, looked up like ``graph/ops.py
     conv.py         conv, linear            pointwise.py  bn, activations, pools, flatten, l2norm
     wiring.py       slice, cat, add         tokens.py     the ViT ops
     dropout.py      dropout, each group's mask from its own partition's generator
+    man.py          MAN++'s learned mix (man_mix): one s per group
     padded.py       unequal group widths: groups padded with exact-zero channels
     shared_head.py  the aux heads' first layer over cat(own live, siblings detached)
     storage.py      per-partition parameters as views of one fused storage per layer

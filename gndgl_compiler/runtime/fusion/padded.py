@@ -10,7 +10,7 @@ zeros**, kept by every fused op:
                     they belong to no parameter, so no optimizer, decay or load ever writes them
     bn              padded γ = β = 0: the output of a padded (all-zero, variance-0) channel is β = 0;
                     padded running mean 0 / variance 1 are never read for a real channel
-    relu, gelu, silu, pools, upsample, flatten, add, dropout (padded mask entries 0): zero stays zero
+    relu, gelu, silu, pools, upsample, flatten, add, dropout (padded mask entries 0), man_mix: zero stays zero
     slice           a residual shortcut's channels of the shared input, gathered into the padded layout
                     (group g's slice at g·w .. g·w + c_g, exact zeros after it: ``shortcut_gather``)
     sigmoid         σ(0) = ½ — refused on a padded value (:class:`NotFusable`), as are token ops

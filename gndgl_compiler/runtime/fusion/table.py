@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Callable, Iterator, Mapping
 
-from . import conv, dropout, pointwise, tokens, wiring
+from . import conv, dropout, man, pointwise, tokens, wiring
 from .layouts import FusionBuild, NodeGroup, Step
 from .padded import nonzero_at_zero, ungrouped
 
@@ -73,6 +73,7 @@ FUSED_OPS: dict[str, FusedOpDef] = {
     "mlp": FusedOpDef("mlp", tokens.mlp, token=True),
     "token_linear": FusedOpDef("token_linear", tokens.token_linear, token=True),
     "token_pool": FusedOpDef("token_pool", tokens.token_pool, token=True),
+    "man_mix": FusedOpDef("man_mix", man.man_mix),  # MAN++: s_g·LB + (2 − s_g)·EMA
 }
 
 

@@ -1,8 +1,8 @@
 """The fused form of the ops that wire values together: ``slice``, ``cat`` and ``add``.
 
     op     shared in                        stack / gstack in        mixed / gtok in
-    slice  group g's channels: the shared   —                        —
-           value itself when they tile it,
+    slice  group g's channels: the shared   —                        mixed: a head's own channels
+           value itself when they tile it,                           (live) as a stack
            else gathered into a stack
     cat    dense (all shared inputs)        —                        an aux head's input: cat(own live,
                                                                      siblings' shares detached) → mixed
@@ -28,6 +28,8 @@ def channel_slice(b: FusionBuild, grp: NodeGroup) -> tuple[Step, str]:
     """
     ns, lay, G = grp.nodes, grp.layout, b.G
     n = ns[0]
+    if lay == "mixed":
+        return _own_slice(b, grp), "stack"
     if lay != "shared":
         raise NotFusable(f"slice {n.name} of a {lay} tensor")
     channels = next(m.shape for m in grp.lists[0] if m.name == n.args[0])[0]
@@ -36,6 +38,35 @@ def channel_slice(b: FusionBuild, grp: NodeGroup) -> tuple[Step, str]:
     if lengths == [w] * G and starts == [g * w for g in range(G)] and channels == G * w:
         return alias(n.name, n.args[0]), "stack"
     return shortcut_gather(n.name, n.args[0], starts, lengths, channels, b.device), "stack"
+
+
+def _own_slice(b: FusionBuild, grp: NodeGroup) -> Step:
+    """Each head's slice of its mixed input when it is the head's own group's channels (a residual shortcut
+    in MAN's LB / EMA copy of the next module's first unit): those channels are live, so the slice is the
+    module output itself when each slice is its group's whole block (padded too: the rest of a padded block is
+    exact zeros), else gathered from it (equal widths).
+
+    Raises:
+        NotFusable: a slice that reads a sibling's (detached) channels, or part of a group's block when padded.
+    """
+    ns, c = grp.nodes, b.width
+    got = b.channel_maps.get(grp.arg)
+    rows = []
+    for g, m in enumerate(ns):
+        cols = torch.arange(m.attrs["start"], m.attrs["start"] + m.attrs["length"])
+        rows.append(cols if got is None else got[0][g].index_select(0, cols))
+    if all(torch.equal(r, torch.arange(g * c, g * c + w)) for g, (r, w) in enumerate(zip(rows, b.widths))):
+        def own(env: dict) -> None:
+            env[grp.name] = env[grp.arg][0]
+        return own
+    if b.padded or len({len(r) for r in rows}) != 1 \
+            or not all(bool((r // c == g).all()) for g, r in enumerate(rows)):
+        raise NotFusable(f"slice {grp.name} of a head input that is not each head's own channels")
+    flat = torch.cat(rows).to(b.device)
+
+    def gather(env: dict) -> None:
+        env[grp.name] = env[grp.arg][0].index_select(1, flat)
+    return gather
 
 
 def cat(b: FusionBuild, grp: NodeGroup) -> tuple[Step, str]:
