@@ -21,7 +21,7 @@ import torch
 
 from gndgl_compiler import compile_spec
 from gndgl_compiler.profiling import count_ops
-from gndgl_compiler.runtime.executor import Executor
+from gndgl_compiler.runtime.step.executor import Executor
 
 SPECS = Path(__file__).resolve().parents[1] / "specs" / "imagenet"
 OPT = {"kind": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-5, "betas": (0.9, 0.999)}

@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gndgl_compiler import compile_spec  # noqa: E402
-from gndgl_compiler.runtime.executor import Executor  # noqa: E402
-from gndgl_compiler.runtime.regional_compile import compile_fused  # noqa: E402
+from gndgl_compiler.runtime.step.executor import Executor  # noqa: E402
+from gndgl_compiler.runtime.step.compile import compile_fused  # noqa: E402
 
 
 def bench(art, mode: str, batch: int, steps: int, warmup: int, device: torch.device) -> tuple[float, float]:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gndgl_compiler.runtime.stream_select import FeedRequest, load_feed
+from gndgl_compiler.runtime.data.select import FeedRequest, load_feed
 from gndgl_compiler.spec.models import Augment, DataFeed, RandomResizedCrop
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

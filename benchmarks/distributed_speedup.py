@@ -76,8 +76,8 @@ def _worker(argv: list[str]) -> int:
     import torch.distributed as dist
 
     from gndgl_compiler import worker as T
-    from gndgl_compiler.runtime import distributed as D
-    from gndgl_compiler.runtime import executor as E
+    from gndgl_compiler.runtime.dist import peer as D
+    from gndgl_compiler.runtime.step import executor as E
 
     acc = {"step": 0.0, "recv": 0.0, "send_wait": 0.0, "cpu": 0.0}
     trace: list[tuple] = []
@@ -126,7 +126,7 @@ def _worker(argv: list[str]) -> int:
 def _start(art: Path, workers: int, max_steps: int, batch: int, run_dir: Path,
            extra: tuple[str, ...] = ()) -> list[subprocess.Popen]:
     """Start the ``workers`` ranks (``--threads 1`` each) of one run."""
-    from gndgl_compiler.runtime.launch import free_port
+    from gndgl_compiler.runtime.dist.launch import free_port
 
     args = [str(art), "--run-dir", str(run_dir), "--dataset", "synthetic", "--limit-train", str(SYNTHETIC_TRAIN),
             "--limit-test", "64", "--batch-size", str(batch), "--epochs", "1", "--max-steps", str(max_steps),

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from gndgl_compiler import compile_spec
-from gndgl_compiler.runtime.executor import Executor
+from gndgl_compiler.runtime.step.executor import Executor
 from gndgl_compiler.runtime.train import TrainOptions, evaluate_run, train_artifact
 from gpu_check_common import (LOG_FILE, ROOT, append_log, child_env, phase_status, rel, short_trace, spec_path, sync,
                               train_command)
@@ -262,7 +262,7 @@ def check_cuda_graphs(name: str, args, device: torch.device, overrides: tuple[st
     channels_last). The graphed path was written without a GPU: this is its first test."""
     if device.type != "cuda":
         return {"status": "skipped", "message": "skipped (no CUDA)"}
-    from gndgl_compiler.runtime.cuda_graphs import GraphedStep
+    from gndgl_compiler.runtime.step.cuda_graphs import GraphedStep
 
     art = compile_spec(spec_path(name), overrides=list(overrides) or None)
     opt = art.spec["train"]["optimizer"]
@@ -307,8 +307,8 @@ def check_pipeline_sync(name: str, args, device: torch.device) -> dict:
     """Informational: does drawing one augmented training batch (``Batches``) synchronise? (``warn`` if so)."""
     if device.type != "cuda":
         return {"status": "skipped", "message": "skipped (no CUDA)"}
-    from gndgl_compiler.runtime.batches import Batches
-    from gndgl_compiler.runtime.data import load_dataset
+    from gndgl_compiler.runtime.data.batches import Batches
+    from gndgl_compiler.runtime.data.sources import load_dataset
 
     art = compile_spec(spec_path(name))
     data = load_dataset("synthetic", synthetic={"n_train": 4 * args.p1_batch, "n_test": 16,

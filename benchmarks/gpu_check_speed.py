@@ -29,7 +29,7 @@ def cuda_graphs_note() -> str:
 def phase_speed(rec: Recorder, args, device: torch.device) -> dict:
     """Phase 2: ``gpu_throughput.bench`` for each config and batch size (hand-written vs gndgl fused)."""
     import gpu_throughput as gt
-    from gndgl_compiler.runtime.data import load_dataset
+    from gndgl_compiler.runtime.data.sources import load_dataset
 
     note = cuda_graphs_note()
     phase = {"status": "running", "checks": [], "rows": [], "cuda_graphs": note}

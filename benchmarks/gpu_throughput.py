@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hand_loops as hand  # noqa: E402  (the hand-written loops)
 
 from gndgl_compiler import compile_spec  # noqa: E402
-from gndgl_compiler.runtime.batches import Batches  # noqa: E402
-from gndgl_compiler.runtime.data import load_dataset  # noqa: E402
-from gndgl_compiler.runtime.executor import Executor  # noqa: E402
+from gndgl_compiler.runtime.data.batches import Batches  # noqa: E402
+from gndgl_compiler.runtime.data.sources import load_dataset  # noqa: E402
+from gndgl_compiler.runtime.step.executor import Executor  # noqa: E402
 
 SPECS = Path(__file__).resolve().parents[1] / "specs"
 CONFIGS = [("resnet32_e2e", "end-to-end", hand.HandE2E), ("resnet32_k8g1", "DGL K=8", lambda: hand.HandDGL(8)),

@@ -41,7 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from gndgl_compiler import compile_spec
 from gndgl_compiler.partition import memory as M
 from gndgl_compiler.partition.plan import IMAGE
-from gndgl_compiler.runtime.executor import Executor
+from gndgl_compiler.runtime.step.executor import Executor
 
 ROOT = Path(__file__).resolve().parents[1]
 OPT = {"kind": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4, "betas": (0.9, 0.999)}

@@ -24,7 +24,7 @@ import hand_loops as hand  # noqa: E402  (the recipe: SGD-Nesterov, lr 0.1)
 
 from gndgl_compiler import compile_spec  # noqa: E402
 from gndgl_compiler.profiling import count_ops  # noqa: E402
-from gndgl_compiler.runtime.executor import Executor  # noqa: E402
+from gndgl_compiler.runtime.step.executor import Executor  # noqa: E402
 
 SPECS = Path(__file__).resolve().parents[1] / "specs"
 CONFIGS = [

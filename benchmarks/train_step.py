@@ -46,7 +46,7 @@ from hand_loops import Head1c2f, PoolFC  # noqa: E402  (the heads step_cost.py's
 
 from gndgl_compiler import compile_spec  # noqa: E402
 from gndgl_compiler.losses import diversity_penalty, diversity_probs  # noqa: E402
-from gndgl_compiler.runtime.executor import Executor  # noqa: E402
+from gndgl_compiler.runtime.step.executor import Executor  # noqa: E402
 
 SPECS = Path(__file__).resolve().parents[1] / "specs"
 LR, MOMENTUM, WD = 0.1, 0.9, 1e-4

@@ -111,7 +111,7 @@ def note_resolved(typed: Any, used: Any) -> None:
 def newest_run_noted(need: str) -> Any:
     """The newest run in ``./runs`` with something to show (``need``: ``"weights"`` or ``"metrics"``),
     saying which newer runs were skipped and why (``runtime/run_dir.newest_run``)."""
-    from gndgl_compiler.runtime.run_dir import newest_run
+    from gndgl_compiler.runtime.run.directory import newest_run
 
     run, skipped = newest_run("runs", need)
     if skipped:

@@ -4,7 +4,7 @@ On a terminal: a bar for the steps of the epoch and one for the run, each with i
 time per step, images/s and learning rate, redrawn 4 times a second by rich's thread (a step only
 sets numbers: no device sync). In a pipe or log file: one line per log record, and a line whenever
 ``progress_every`` seconds (``--progress-every``, default
-:data:`~gndgl_compiler.runtime.options.PROGRESS_EVERY_S`) passed without one. An evaluated epoch
+:data:`~gndgl_compiler.runtime.run.options.PROGRESS_EVERY_S`) passed without one. An evaluated epoch
 prints one line either way. The run's length is where it stops: the end of its schedule or
 ``--max-steps``, the earlier.
 """
@@ -15,8 +15,8 @@ import time
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from gndgl_compiler.runtime.options import PROGRESS_EVERY_S
-from gndgl_compiler.runtime.progress import ProgressEvent
+from gndgl_compiler.runtime.run.options import PROGRESS_EVERY_S
+from gndgl_compiler.runtime.run.progress import ProgressEvent
 
 from .common import console
 

@@ -1,6 +1,6 @@
 """``gndgl sweep``: compile (and train) every K × G variant of a spec; tables and a chart.
 
-Its training options are ``gndgl train``'s, declared once in ``runtime/options.py``
+Its training options are ``gndgl train``'s, declared once in ``runtime/run/options.py``
 (:data:`SWEEP_TRAIN_OPTIONS` names which); ``--seeds 0,1,2`` trains each variant once per seed and
 reports the mean ± sample standard deviation per cell.
 """
@@ -76,7 +76,7 @@ def _sweep(spec: Path, depth: str, width: str, output: Path, train: bool, seeds:
 
 def register(app: typer.Typer) -> None:
     """Add ``sweep`` to ``app``."""
-    from gndgl_compiler.runtime.options import DisplayOptions, TrainOptions
+    from gndgl_compiler.runtime.run.options import DisplayOptions, TrainOptions
 
     def sweep(*args: Any, **kw: Any) -> None:
         return _sweep(*args, **kw)

@@ -11,7 +11,7 @@ from typing import Any, Optional
 import typer
 
 from gndgl_compiler.errors import DistributedSetupError
-from gndgl_compiler.runtime.report import format_summary
+from gndgl_compiler.runtime.run.report import format_summary
 
 from .common import console, newest_run_noted, note_resolved
 from .progress_display import TrainDisplay
@@ -21,18 +21,18 @@ from .train_start import compiled_on_the_fly, is_spec
 def _launch(art, workers: int, opts, launch) -> None:
     """Start ``workers`` local ranks (``python -m gndgl_compiler.worker``) and wait for them."""
     from gndgl_compiler.partition.placement import place
-    from gndgl_compiler.runtime.launch import launch_local, worker_args
+    from gndgl_compiler.runtime.dist.launch import launch_local, worker_args
 
     from gndgl_compiler import load_artifact
 
-    from gndgl_compiler.runtime.preflight import check_config
+    from gndgl_compiler.runtime.run.preflight import check_config
 
     if opts.resume is not None:
-        from gndgl_compiler.runtime.run_dir import reopen_run
+        from gndgl_compiler.runtime.run.directory import reopen_run
         art = load_artifact(Path(opts.resume) / "artifact")
         config = reopen_run(opts.resume, opts, world=workers, verify=False)[1]
     else:
-        from gndgl_compiler.runtime.config import new_run_config
+        from gndgl_compiler.runtime.run.config import new_run_config
         config = new_run_config(art.spec["train"], opts)
     check_config(config, opts.device)  # what every rank would refuse: before any rank starts
     n = len(art.plan.partitions)
@@ -49,22 +49,22 @@ def _launch(art, workers: int, opts, launch) -> None:
                                                                for r, v in owners.items()), highlight=False)
     fresh = False
     if opts.resume is None:  # the run directory is made here, so a start that fails can be undone here
-        from gndgl_compiler.runtime.run_dir import new_run_dir
+        from gndgl_compiler.runtime.run.directory import new_run_dir
         fresh = not (opts.run_dir and Path(opts.run_dir).exists())
         opts.run_dir = str(new_run_dir(art.plan.name, opts.run_dir))
     try:
         launch_local(workers, worker_args(art.path, opts, launch), port=launch.port, partitions_of=owners)
     except DistributedSetupError:  # a rank refused its input: nothing was trained
         if opts.resume is None:
-            from gndgl_compiler.runtime.run_dir import discard_unstarted
+            from gndgl_compiler.runtime.run.directory import discard_unstarted
             discard_unstarted(Path(opts.run_dir), fresh)
         raise
 
 
 def option_parameters(classes: tuple[type, ...], names: tuple[str, ...] | None = None) -> list[inspect.Parameter]:
-    """Typer parameters of the declared options of ``classes`` (``runtime/options.py``): every ``gndgl train``
+    """Typer parameters of the declared options of ``classes`` (``runtime/run/options.py``): every ``gndgl train``
     flag, or only those in ``names``."""
-    from gndgl_compiler.runtime.options import declared
+    from gndgl_compiler.runtime.run.options import declared
 
     params = []
     for cls in classes:
@@ -79,15 +79,15 @@ def option_parameters(classes: tuple[type, ...], names: tuple[str, ...] | None =
 
 
 def _option_parameters() -> list[inspect.Parameter]:
-    """The command's options, one per declared training / launch / display option (``runtime/options.py``)."""
-    from gndgl_compiler.runtime.options import DisplayOptions, LaunchOptions, TrainOptions
+    """The command's options, one per declared training / launch / display option (``runtime/run/options.py``)."""
+    from gndgl_compiler.runtime.run.options import DisplayOptions, LaunchOptions, TrainOptions
 
     return option_parameters((TrainOptions, LaunchOptions, DisplayOptions))
 
 
 def _train(source: Optional[Path] = None, **options: Any) -> None:
     """Train a compiled artifact (or a spec, compiled on the fly); resumable."""
-    from gndgl_compiler.runtime.options import DisplayOptions, LaunchOptions, TrainOptions, from_args
+    from gndgl_compiler.runtime.run.options import DisplayOptions, LaunchOptions, TrainOptions, from_args
 
     opts, launch = from_args(TrainOptions, options), from_args(LaunchOptions, options)
     shown = from_args(DisplayOptions, options)
@@ -97,7 +97,7 @@ def _train(source: Optional[Path] = None, **options: Any) -> None:
             opts.overrides = None  # already in the compiled spec
             _run(art, opts, launch, shown)
         return
-    from gndgl_compiler.runtime.preflight import check_device, check_new_run_dir, check_resume_source
+    from gndgl_compiler.runtime.run.preflight import check_device, check_new_run_dir, check_resume_source
 
     if opts.resume is not None:
         check_resume_source(source, opts.resume)
@@ -156,7 +156,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
         """Test accuracy (final head, layerwise ensemble, each partition) of a finished or partial run."""
-        from gndgl_compiler.runtime.evaluate import evaluate_run
+        from gndgl_compiler.runtime.evaluation.evaluate import evaluate_run
         run = run if run is not None else newest_run_noted("weights")
         ev = evaluate_run(run, device=device, limit_test=limit_test)
         if as_json:

@@ -34,7 +34,7 @@ def compiled_on_the_fly(source: Path, opts: Any) -> Iterator[Any]:
 
     spec = load_spec(source, overrides=opts.overrides)  # a bad spec is reported before torch is imported
     from gndgl_compiler import compile_spec
-    from gndgl_compiler.runtime.preflight import check_spec_run
+    from gndgl_compiler.runtime.run.preflight import check_spec_run
 
     check_spec_run(spec.model_dump(mode="json")["train"], opts)
     out = default_output(source)

@@ -22,8 +22,9 @@ __version__ = "0.1.0"
 from .errors import GndglError, SpecError  # noqa: E402  (no third-party imports)
 
 _LAZY = {"Artifact": ".api", "compile_spec": ".api", "load_artifact": ".api", "load_spec": ".spec",
-         "load_run": ".runtime.inference", "TrainOptions": ".runtime.options", "train_artifact": ".runtime.train",
-         "evaluate_run": ".runtime.evaluate"}
+         "load_run": ".runtime.evaluation.inference", "TrainOptions": ".runtime.run.options",
+         "train_artifact": ".runtime.train",
+         "evaluate_run": ".runtime.evaluation.evaluate"}
 """Public name → the module that defines it, imported when the name is first used."""
 
 __all__ = ["Artifact", "GndglError", "SpecError", "TrainOptions", "__version__", "compile_spec", "evaluate_run",

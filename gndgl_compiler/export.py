@@ -11,7 +11,7 @@ safetensors    ``.safetensors``  the weights with the names of ``Artifact.assemb
 =============  ========  ====================================================================
 
 The program formats take float images N×C×H×W in [0, 1] (any batch size) and normalise them
-inside, as :func:`~gndgl_compiler.runtime.inference.load_run` does; they return logits. The
+inside, as :func:`~gndgl_compiler.runtime.evaluation.inference.load_run` does; they return logits. The
 safetensors file holds weights only: feed ``assembled()`` ``(x - mean) / std``.
 """
 
@@ -27,7 +27,7 @@ from torch import nn
 
 from . import __version__, fsio
 from .errors import GndglError
-from .runtime.inference import TrainedNet, load_run
+from .runtime.evaluation.inference import TrainedNet, load_run
 
 FORMATS = {"torchscript": ".pt", "export": ".pt2", "onnx": ".onnx", "safetensors": ".safetensors"}
 """Export formats and their usual file suffixes (a suffix alone chooses the format)."""

@@ -5,7 +5,8 @@ Each rank builds only the partitions placed on it (placement re-balanced for the
 world size without recompiling), trains them, and checkpoints them in step with
 the other ranks; rank 0 evaluates and writes the run directory's summary. Under
 ``torchrun --max-restarts K`` a restarted rank continues the run of its ``--run-dir`` by itself
-(``runtime/elastic.py``); a run resumed on another number of ranks is re-placed (``runtime/replace.py``).
+(``runtime/dist/elastic.py``); a run resumed on another number of ranks is re-placed
+(``runtime/checkpoint/replace.py``).
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from pathlib import Path
 import torch
 
 from .errors import DataError, DeviceError, DistributedSetupError, GndglError, RunError
-from .runtime.options import LaunchOptions, TrainOptions, from_args, worker_parser
-from .runtime.report import format_summary
+from .runtime.run.options import LaunchOptions, TrainOptions, from_args, worker_parser
+from .runtime.run.report import format_summary
 
 
 def _parser() -> argparse.ArgumentParser:
-    """The worker's flags: the training options of ``gndgl train`` that a rank takes (``runtime/options.py``)."""
+    """The worker's flags: the training options of ``gndgl train`` that a rank takes (``runtime/run/options.py``)."""
     return worker_parser("python -m gndgl_compiler.worker", __doc__.splitlines()[0])
 
 
@@ -63,10 +64,10 @@ def run_worker(args: argparse.Namespace, rank: int, world: int, transport=None) 
     """Train this rank's partitions; returns rank 0's run summary (others: a short record).
     ``transport``, if given, wraps this rank's PeerComm (``transport(comm) -> Transport``; see :func:`main`)."""
     from .api import load_artifact
-    from .runtime.config import new_run_config
-    from .runtime.context import DistContext
-    from .runtime.distributed import PeerComm, barrier
-    from .runtime.run_dir import create_run, discard_unstarted, read_run_config, record_changes, reopen_run
+    from .runtime.run.config import new_run_config
+    from .runtime.dist.context import DistContext
+    from .runtime.dist.peer import PeerComm, barrier
+    from .runtime.run.directory import create_run, discard_unstarted, read_run_config, record_changes, reopen_run
     from .runtime.train import Trainer
 
     opts = from_args(TrainOptions, args)
@@ -176,7 +177,7 @@ def _wants_cuda(args: argparse.Namespace) -> bool:
 
 
 def preflight(args: argparse.Namespace, world: int) -> None:
-    """What every rank would refuse, checked before it joins the others (``runtime/preflight.py``): the
+    """What every rank would refuse, checked before it joins the others (``runtime/run/preflight.py``): the
     artifact (or the run to resume and no other artifact), ``--run-dir``, the data set, ``--data-root``
     and ``--device``. A bad one then ends every rank at once with the same message, never in a rendezvous.
 
@@ -184,9 +185,9 @@ def preflight(args: argparse.Namespace, world: int) -> None:
         GndglError: what is wrong and what to do (exit status 2).
     """
     from .artifact import find_artifact, read_json, read_manifest, read_plan
-    from .runtime.config import new_run_config
-    from .runtime.preflight import check_config, check_new_run_dir, check_resume_source
-    from .runtime.run_dir import reopen_run
+    from .runtime.run.config import new_run_config
+    from .runtime.run.preflight import check_config, check_new_run_dir, check_resume_source
+    from .runtime.run.directory import reopen_run
 
     opts = from_args(TrainOptions, args)
     if opts.resume:
@@ -205,8 +206,8 @@ def preflight(args: argparse.Namespace, world: int) -> None:
 
 def _elastic(args: argparse.Namespace, rank: int) -> None:
     """Under torchrun: the run directory from the launch arguments, and on a restart the run continued
-    from its last committed checkpoint (``runtime/elastic.py``); rank 0 says so."""
-    from .runtime.elastic import RESTART_ENV, elastic_resume, restart_count
+    from its last committed checkpoint (``runtime/dist/elastic.py``); rank 0 says so."""
+    from .runtime.dist.elastic import RESTART_ENV, elastic_resume, restart_count
 
     if RESTART_ENV not in os.environ or args.resume or (args.run_dir and not restart_count(os.environ)):
         return  # not under torchrun, or a first attempt with its run directory given: nothing to find
@@ -241,8 +242,9 @@ def _report(rank: int, err: GndglError, shown: bool = True) -> None:
 def main(argv: list[str] | None = None, transport=None) -> int:
     """Entry point of one rank; returns the exit code. ``transport`` wraps the rank's PeerComm
     (``transport(comm) -> Transport``): a module that calls ``main(transport=...)`` and is run as
-    ``GNDGL_WORKER_MODULE`` (``runtime/launch.py``) injects a transport (tests/fault_worker.py injects faults so)."""
-    from .runtime.distributed import init_process_group
+    ``GNDGL_WORKER_MODULE`` (``runtime/dist/launch.py``) injects a transport (tests/fault_worker.py injects faults
+    so)."""
+    from .runtime.dist.peer import init_process_group
 
     args = _parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))

@@ -128,7 +128,7 @@ def captured(fn, fault: str | None = None) -> Result:
 
 def launch_run(art: Path, run_dir: Path, workers: int, batch: int, *extra: str) -> None:
     """``launch_local(workers, ..., threads=1)`` (workers give up on a silent peer after 60 s)."""
-    from gndgl_compiler.runtime.launch import launch_local
+    from gndgl_compiler.runtime.dist.launch import launch_local
 
     args = [str(art), "--run-dir", str(run_dir), *DATA, "--batch-size", str(batch), "--timeout", "60", *extra]
     with worker_env():
@@ -152,9 +152,9 @@ def train_single(art: Path, run_dir: Path, batch: int, fused: bool | None = None
     (bit-for-bit comparable): with ``split`` (modules whose siblings a distributed run spreads over
     ranks) those run per partition and the others sibling-fused; without, every module per partition."""
     from gndgl_compiler import load_artifact
-    from gndgl_compiler.runtime.config import new_run_config
-    from gndgl_compiler.runtime.context import LocalContext
-    from gndgl_compiler.runtime.run_dir import create_run
+    from gndgl_compiler.runtime.run.config import new_run_config
+    from gndgl_compiler.runtime.dist.context import LocalContext
+    from gndgl_compiler.runtime.run.directory import create_run
     from gndgl_compiler.runtime.train import TrainOptions, Trainer
 
     class FuseAsRanksDo(LocalContext):
@@ -217,7 +217,7 @@ def run_metrics(run_dir: Path) -> list[dict]:
 
 def resume_run(run: Path, workers: int) -> None:
     """``launch_local(workers, --resume RUN, threads=1)``."""
-    from gndgl_compiler.runtime.launch import launch_local
+    from gndgl_compiler.runtime.dist.launch import launch_local
 
     with worker_env():
         launch_local(workers, [str(run / "artifact"), "--resume", str(run), "--timeout", "60"], threads=1)

@@ -316,7 +316,7 @@ def _disk_full_tmpfs(job: dict) -> int:
 
     The tmpfs disappears with this process, so what the test checks is copied out / reported.
     """
-    from gndgl_compiler.runtime.checkpoint_dir import latest_valid_checkpoint
+    from gndgl_compiler.runtime.checkpoint.directory import latest_valid_checkpoint
 
     mount, cwd = Path(job["mount"]), Path(job["cwd"])
     try:

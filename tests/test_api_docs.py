@@ -61,7 +61,7 @@ def test_own_network_errors_are_the_ones_quoted(change, quoted):
 
 def test_api_reference_lists_every_option_and_event_field():
     from gndgl_compiler import TrainOptions
-    from gndgl_compiler.runtime.progress import ProgressEvent
+    from gndgl_compiler.runtime.run.progress import ProgressEvent
 
     for f in fields(TrainOptions):
         assert f"| `{f.name}` |" in API, f.name

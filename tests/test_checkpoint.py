@@ -15,9 +15,10 @@ import torch
 
 from gndgl_compiler.errors import ArtifactError, GndglError, TrainingError
 from gndgl_compiler import fsio
-from gndgl_compiler.runtime import checkpoint as ck
-from gndgl_compiler.runtime import checkpoint_dir as ckd
-from gndgl_compiler.runtime import rng, state_codec
+from gndgl_compiler.runtime.checkpoint import store as ck
+from gndgl_compiler.runtime.checkpoint import directory as ckd
+from gndgl_compiler.runtime.checkpoint import rng
+from gndgl_compiler.runtime.checkpoint import codec as state_codec
 from gndgl_compiler.runtime.metrics import MetricsLogger, read_metrics, truncate_metrics
 
 # ---------------------------------------------------------------- flatten / unflatten

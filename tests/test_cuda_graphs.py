@@ -20,8 +20,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from gndgl_compiler import compile_spec
 from gndgl_compiler.errors import RunError
-from gndgl_compiler.runtime.cuda_graphs import not_capturable, resolve
-from gndgl_compiler.runtime.executor import Executor
+from gndgl_compiler.runtime.step.cuda_graphs import not_capturable, resolve
+from gndgl_compiler.runtime.step.executor import Executor
 from gndgl_compiler.runtime.train import TrainOptions, train_artifact
 from float_compare import module_error, rel
 from tiny_spec import tiny_spec
@@ -119,7 +119,7 @@ def test_cuda_graphs_on_a_cpu_run_exits_2(tmp_path):
 
 
 def test_regional_compile_option_wraps_only_the_fused_programs():
-    from gndgl_compiler.runtime.regional_compile import compile_fused
+    from gndgl_compiler.runtime.step.compile import compile_fused
 
     art = compile_spec(SPECS / "resnet32_k2g2.yaml")
     ex = Executor(art.plan, copy.deepcopy(art.modules), SGD, {p.id: CPU for p in art.plan.partitions})

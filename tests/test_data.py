@@ -1,4 +1,4 @@
-"""Tests of gndgl_compiler.runtime.data, .data_cache, .data_folder and .batches: sources, cache,
+"""Tests of gndgl_compiler.runtime.data.sources, .data_cache, .data_folder and .batches: sources, cache,
 batching and augmentation."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from gndgl_compiler.errors import DataError
-from gndgl_compiler.runtime.batches import (Batches, augment, augment_params, batch_indices, epoch_permutation,
+from gndgl_compiler.runtime.data.batches import (Batches, augment, augment_params, batch_indices, epoch_permutation,
                                             normalize, steps_per_epoch)
-from gndgl_compiler.runtime.data import load_dataset, read_idx
+from gndgl_compiler.runtime.data.sources import load_dataset, read_idx
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -64,7 +64,7 @@ def test_synthetic_fits_any_spec_batch():
     at least two batches of training images, and the same data when training and evaluating."""
     from types import SimpleNamespace
 
-    from gndgl_compiler.runtime.devices import _synthetic_like
+    from gndgl_compiler.runtime.step.devices import _synthetic_like
 
     plan = SimpleNamespace(input_shape=[3, 32, 32], num_classes=10)
     big = load_dataset("synthetic", synthetic=_synthetic_like(plan, 1024))

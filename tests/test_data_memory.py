@@ -14,7 +14,7 @@ from PIL import Image
 
 SCRIPT = """
 import json, resource, sys, torch
-from gndgl_compiler.runtime.stream_select import FeedRequest, load_feed
+from gndgl_compiler.runtime.data.select import FeedRequest, load_feed
 from gndgl_compiler.spec.models import DataFeed
 f = load_feed(FeedRequest(sys.argv[1], None, (3, 192, 192), torch.device("cpu"),
                           DataFeed(mode=sys.argv[2], workers=1, prefetch=2)))

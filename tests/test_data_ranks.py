@@ -1,4 +1,4 @@
-"""Fed only where read (``runtime/stream_ranks.py``): in a distributed run, ranks without a partition
+"""Fed only where read (``runtime/data/ranks.py``): in a distributed run, ranks without a partition
 that reads the image draw labels alone, never open an image, and train the same weights."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 from tiny_spec import tiny_spec
 
 from gndgl_compiler import compile_spec
-from gndgl_compiler.runtime.stream_feed import StreamFeed
-from gndgl_compiler.runtime.stream_ranks import LabelFeed, fed_where_read, image_readers, ranks_note
-from gndgl_compiler.runtime.stream_select import FeedRequest, load_feed
+from gndgl_compiler.runtime.data.feed import StreamFeed
+from gndgl_compiler.runtime.data.ranks import LabelFeed, fed_where_read, image_readers, ranks_note
+from gndgl_compiler.runtime.data.select import FeedRequest, load_feed
 from gndgl_compiler.spec.models import Augment, DataFeed
 
 REPO = Path(__file__).resolve().parents[1]

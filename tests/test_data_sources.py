@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from gndgl_compiler.errors import DataError
-from gndgl_compiler.runtime.batches import _seed
-from gndgl_compiler.runtime.data import load_dataset
-from gndgl_compiler.runtime.stream_select import FeedRequest, load_feed
-from gndgl_compiler.runtime.stream_shards import expand_braces
+from gndgl_compiler.runtime.data.batches import _seed
+from gndgl_compiler.runtime.data.sources import load_dataset
+from gndgl_compiler.runtime.data.select import FeedRequest, load_feed
+from gndgl_compiler.runtime.data.shards import expand_braces
 from gndgl_compiler.spec.models import DataFeed
 
 CPU = torch.device("cpu")

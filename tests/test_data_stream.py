@@ -22,9 +22,9 @@ from PIL import Image
 from tiny_spec import tiny_spec
 
 from gndgl_compiler.errors import DataError
-from gndgl_compiler.runtime.batches import _seed
-from gndgl_compiler.runtime.stream_select import FeedRequest, load_feed
-from gndgl_compiler.runtime.stream_transforms import rrc_box, rrc_draws
+from gndgl_compiler.runtime.data.batches import _seed
+from gndgl_compiler.runtime.data.select import FeedRequest, load_feed
+from gndgl_compiler.runtime.data.transforms import rrc_box, rrc_draws
 from gndgl_compiler.spec.models import Augment, DataFeed, RandomResizedCrop
 
 CPU = torch.device("cpu")

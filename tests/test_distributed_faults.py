@@ -37,7 +37,7 @@ def fault_runs(art, tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["kill", "hang", "raise"])
 def test_fault_stops_all_ranks_and_keeps_committed_checkpoint(fault_runs, kind):
-    from gndgl_compiler.runtime.dist_checkpoint import committed_checkpoint
+    from gndgl_compiler.runtime.checkpoint.ranks import committed_checkpoint
 
     f = fault_runs(kind)
     r, run = f["result"], f["run"]

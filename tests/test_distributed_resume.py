@@ -44,7 +44,7 @@ def test_resume_matches_uninterrupted_run(resumed_run, reference_run):
 
 
 def test_committed_checkpoint_is_loadable(resumed_run):
-    from gndgl_compiler.runtime.dist_checkpoint import committed_checkpoint
+    from gndgl_compiler.runtime.checkpoint.ranks import committed_checkpoint
 
     root = resumed_run["run"] / "checkpoints"
     assert sorted(root.glob("commit-*.json"))

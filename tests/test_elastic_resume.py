@@ -1,5 +1,5 @@
 """Resuming a run on another number of processes (gloo, local worker processes): the partitions are
-re-placed from the per-partition checkpoint files (``runtime/replace.py``).
+re-placed from the per-partition checkpoint files (``runtime/checkpoint/replace.py``).
 
 resnet32_k2g2 (5 partitions), 4 steps of 32, sibling fusion off: stopped after 2 steps, then resumed
 
@@ -106,7 +106,7 @@ def _stepped(groups: list[list[torch.nn.Parameter]], tagged: bool) -> list[torch
 
 @pytest.mark.parametrize("tagged", [True, False])
 def test_optimizer_state_relaid_out(tagged):
-    from gndgl_compiler.runtime.replace import layout_optim, partition_optim
+    from gndgl_compiler.runtime.checkpoint.replace import layout_optim, partition_optim
 
     torch.manual_seed(0)
     shapes = [[(3, 2), (3,)], [(4,)], [(2, 2), (5,), (1,)]]
@@ -129,7 +129,7 @@ def test_optimizer_state_relaid_out(tagged):
 
 def test_one_process_never_restarts_a_distributed_run_from_step_0(tmp_path):
     from gndgl_compiler.errors import RunError
-    from gndgl_compiler.runtime.context import LocalContext
+    from gndgl_compiler.runtime.dist.context import LocalContext
 
     root = tmp_path / "checkpoints"
     (root / "rank0").mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""Elastic restarts under torchrun (``runtime/elastic.py``): a restarted job continues its run by itself.
+"""Elastic restarts under torchrun (``runtime/dist/elastic.py``): a restarted job continues its run by itself.
 
 ``torchrun --standalone --nproc-per-node 2 --max-restarts 1 -m fault_worker ART --run-dir RUN ...`` with
 rank 1 SIGKILLed when step 3 begins (``tests/fault_worker.py``; a restart runs without the fault):
@@ -52,7 +52,7 @@ def test_killed_rank_restarts_and_finishes_like_uninterrupted_run(art, single, t
 
 def test_restart_on_fewer_ranks_replaces_partitions(art, single, tmp_path):
     from gndgl_compiler.errors import DistributedError
-    from gndgl_compiler.runtime.launch import launch_local
+    from gndgl_compiler.runtime.dist.launch import launch_local
 
     run = tmp_path / "run"
     job = [str(art("resnet32_k2g2")), "--run-dir", str(run), *DATA, "--batch-size", "32", "--no-fuse-siblings",
@@ -80,7 +80,7 @@ def _args(**kw) -> argparse.Namespace:
 
 
 def test_restart_continues_the_run_of_its_run_dir(tmp_path):
-    from gndgl_compiler.runtime.elastic import elastic_resume
+    from gndgl_compiler.runtime.dist.elastic import elastic_resume
 
     (tmp_path / "run.json").write_text("{}")
     args = _args(run_dir=str(tmp_path))
@@ -92,7 +92,7 @@ def test_restart_continues_the_run_of_its_run_dir(tmp_path):
 
 
 def test_first_attempt_and_plain_workers_start_as_usual(tmp_path):
-    from gndgl_compiler.runtime.elastic import elastic_resume
+    from gndgl_compiler.runtime.dist.elastic import elastic_resume
 
     args = _args()
     assert elastic_resume(args, "net", {}) is None and args.run_dir is None  # not under torchrun
@@ -102,7 +102,7 @@ def test_first_attempt_and_plain_workers_start_as_usual(tmp_path):
 
 
 def test_restart_without_a_run_to_find(tmp_path):
-    from gndgl_compiler.runtime.elastic import elastic_resume
+    from gndgl_compiler.runtime.dist.elastic import elastic_resume
 
     args = _args()
     note = elastic_resume(args, "net", {"TORCHELASTIC_RESTART_COUNT": "1", "TORCHELASTIC_RUN_ID": "none"})

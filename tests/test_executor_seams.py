@@ -22,11 +22,11 @@ import torch
 from fault_worker import FaultyTransport, parse
 from gndgl_compiler import compile_spec
 from gndgl_compiler.partition.plan import IMAGE
-from gndgl_compiler.runtime.distributed import PeerComm
-from gndgl_compiler.runtime.executor import Executor
+from gndgl_compiler.runtime.dist.peer import PeerComm
+from gndgl_compiler.runtime.step.executor import Executor
 from gndgl_compiler.runtime.fusion import SiblingFusedRunner
-from gndgl_compiler.runtime.stage_runner import PartitionRunner
-from gndgl_compiler.runtime.transport import LocalTransport, Transport
+from gndgl_compiler.runtime.step.runner import PartitionRunner
+from gndgl_compiler.runtime.dist.transport import LocalTransport, Transport
 from tiny_spec import tiny_spec
 
 SPECS = Path(__file__).resolve().parents[1] / "specs"

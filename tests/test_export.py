@@ -26,10 +26,10 @@ from gndgl_cli.main import main
 from gndgl_compiler import compile_spec, load_artifact, load_run
 from gndgl_compiler.artifact import load_state_tensors
 from gndgl_compiler.errors import RunError
-from gndgl_compiler.runtime.batches import Batches
-from gndgl_compiler.runtime.data import STATS, load_dataset
-from gndgl_compiler.runtime.executor import Executor
-from gndgl_compiler.runtime.inference import InputError
+from gndgl_compiler.runtime.data.batches import Batches
+from gndgl_compiler.runtime.data.sources import STATS, load_dataset
+from gndgl_compiler.runtime.step.executor import Executor
+from gndgl_compiler.runtime.evaluation.inference import InputError
 from gndgl_compiler.runtime.train import TrainOptions, read_run_record, train_artifact
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="us
 
 
 def test_read_only_run_directory_gives_a_clear_error_and_keeps_checkpoints(setup):
-    from gndgl_compiler.runtime.checkpoint_dir import latest_valid_checkpoint
+    from gndgl_compiler.runtime.checkpoint.directory import latest_valid_checkpoint
 
     work = setup.workdir("read_only")
     (probe,) = setup.driver.run({"kind": "probe-read-only", "name": "probe", "cwd": str(work)})
@@ -61,7 +61,7 @@ def test_read_only_run_directory_gives_a_clear_error_and_keeps_checkpoints(setup
 
 def test_full_disk_simulated_gives_a_clear_error_and_keeps_checkpoints(setup):
     """Every checkpoint write after the 2nd fails with ENOSPC (fsync), as on a full disk."""
-    from gndgl_compiler.runtime.checkpoint_dir import latest_valid_checkpoint
+    from gndgl_compiler.runtime.checkpoint.directory import latest_valid_checkpoint
 
     work = setup.workdir("enospc")
     run = work / "run"

@@ -24,7 +24,7 @@ import torch.utils._python_dispatch
 from safetensors.torch import load_file
 
 from gndgl_compiler import compile_spec
-from gndgl_compiler.runtime.executor import Executor
+from gndgl_compiler.runtime.step.executor import Executor
 from gndgl_compiler.runtime.train import TrainOptions, train_artifact
 from float_compare import flat_error, module_error, rel, scaled_error
 from tiny_spec import tiny_spec
@@ -279,7 +279,7 @@ def test_train_step_reads_no_device_scalar(name, siblings):
 
 def test_dropout_fuses_exactly_float64_20_steps():
     """Dropout under sibling fusion: each group's mask comes from its own partition's generator
-    (``runtime/streams.py``), so fused and per-partition losses and weights agree over 20 steps."""
+    (``runtime/step/streams.py``), so fused and per-partition losses and weights agree over 20 steps."""
     art = compile_spec(SPECS / "vgg6a_g2.yaml", overrides=["local.head.kind=linear", "model.dropout=0.3",
                                                            "model.width=0.25"])
     fused, ref = executors(art, SGD, torch.float64)

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from gndgl_compiler import compile_spec
-from gndgl_compiler.runtime.executor import Executor
+from gndgl_compiler.runtime.step.executor import Executor
 from float_compare import rel, scaled_error
 
 SPECS = Path(__file__).resolve().parents[1] / "specs"

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from gndgl_compiler import compile_spec
-from gndgl_compiler.runtime.executor import Executor
+from gndgl_compiler.runtime.step.executor import Executor
 from gndgl_compiler.runtime.fusion.padded import shortcut_gather
 from gndgl_compiler.runtime.train import TrainOptions, train_artifact
 from float_compare import flat_error, module_error, rel, scaled_error

@@ -24,7 +24,7 @@ import torchvision
 from gndgl_compiler import compile_spec
 from gndgl_compiler.codegen.pretrained import from_torchvision, full_state, load_full_state, to_torchvision
 from gndgl_compiler.errors import SpecError
-from gndgl_compiler.runtime.executor import Executor
+from gndgl_compiler.runtime.step.executor import Executor
 from float_compare import module_error, rel, scaled_error
 
 CPU = torch.device("cpu")

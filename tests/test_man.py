@@ -34,7 +34,7 @@ from gndgl_compiler.api import plan_spec
 from gndgl_compiler.errors import PartitionError, SpecError
 from gndgl_compiler.export import export_run
 from gndgl_compiler.partition.plan import PartitionPlan
-from gndgl_compiler.runtime.executor import Executor
+from gndgl_compiler.runtime.step.executor import Executor
 from gndgl_compiler.runtime.train import TrainOptions, train_artifact
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from float_compare import rel, scaled_error
 from gndgl_compiler import compile_spec
-from gndgl_compiler.runtime.executor import Executor
+from gndgl_compiler.runtime.step.executor import Executor
 from gndgl_compiler.runtime.train import TrainOptions, train_artifact
 from test_man import INFOPRO, PLAIN, SGD, batch, spec
 

@@ -19,7 +19,7 @@ from gndgl_compiler.api import plan_spec
 from gndgl_compiler.codegen.modules import PartitionModule, build_partitions
 from gndgl_compiler.partition.memory import FLOAT, device_memory, saved_storages, step_peak
 from gndgl_compiler.partition.plan import IMAGE, Partition, PartitionPlan
-from gndgl_compiler.runtime.stage_runner import HEAD_KEYS
+from gndgl_compiler.runtime.step.runner import HEAD_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 8

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from gndgl_compiler.profiling import OpCounter
-from gndgl_compiler.runtime.optim import make_optimizer, step_all
+from gndgl_compiler.runtime.step.optim import make_optimizer, step_all
 
 KINDS = {
     "sgd": {"kind": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},

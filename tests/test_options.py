@@ -1,12 +1,13 @@
-"""The training options are declared once (``runtime/options.py``) and the run config is typed
-(``runtime/config.py``): the worker parses what the launcher passes, and run.json round-trips."""
+"""The training options are declared once (``runtime/run/options.py``) and the run config is typed
+(``runtime/run/config.py``): the worker parses what the launcher passes, and run.json round-trips."""
 
 from __future__ import annotations
 
 import pytest
 
-from gndgl_compiler.runtime.config import RunConfig, new_run_config
-from gndgl_compiler.runtime.options import LaunchOptions, TrainOptions, declared, from_args, worker_argv, worker_parser
+from gndgl_compiler.runtime.run.config import RunConfig, new_run_config
+from gndgl_compiler.runtime.run.options import (LaunchOptions, TrainOptions, declared, from_args, worker_argv,
+                                                worker_parser)
 
 
 def test_worker_parses_what_the_launcher_passes():

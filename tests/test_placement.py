@@ -11,7 +11,7 @@ import torch
 from gndgl_compiler import compile_spec
 from gndgl_compiler.partition.placement import (_busiest, balanced_assignment, cross_worker_bytes,
                                                 groupwise_assignment, place)
-from gndgl_compiler.runtime.distributed import PeerComm
+from gndgl_compiler.runtime.dist.peer import PeerComm
 
 SPECS = Path(__file__).resolve().parents[1] / "specs"
 

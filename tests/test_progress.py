@@ -65,7 +65,7 @@ def test_progress_line_by_time_in_a_pipe(work):
 def test_progress_every_is_a_documented_option(work):
     r = gndgl(work, "train", "--help")
     assert r.returncode == 0 and "--progress-every" in r.stdout
-    from gndgl_compiler.runtime.options import PROGRESS_EVERY_S, DisplayOptions
+    from gndgl_compiler.runtime.run.options import PROGRESS_EVERY_S, DisplayOptions
     assert DisplayOptions().progress_every == PROGRESS_EVERY_S == 30.0
 
 
@@ -99,7 +99,7 @@ def test_sweep_training_options_without_train_are_refused(work):
 
 
 def test_train_options_fields_are_described_in_help():
-    from gndgl_compiler.runtime.options import TrainOptions, declared
+    from gndgl_compiler.runtime.run.options import TrainOptions, declared
 
     text = pydoc.render_doc(TrainOptions, renderer=pydoc.plaintext)
     assert "max_steps (int | None, default None) [--max-steps]: Stop after N steps" in text
@@ -111,7 +111,9 @@ def test_train_options_fields_are_described_in_help():
 
 def test_training_api_is_importable_from_the_package_lazily():
     from gndgl_compiler import TrainOptions, evaluate_run, train_artifact
-    from gndgl_compiler.runtime import evaluate, options, train
+    from gndgl_compiler.runtime.evaluation import evaluate
+    from gndgl_compiler.runtime.run import options
+    from gndgl_compiler.runtime import train
 
     assert (train_artifact, TrainOptions, evaluate_run) == (train.train_artifact, options.TrainOptions,
                                                             evaluate.evaluate_run)

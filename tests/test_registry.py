@@ -25,8 +25,8 @@ from gndgl_compiler.graph.build import UNIT_BUILDERS, build_units
 from gndgl_compiler.graph.ops import OPS, OpDef, extra_ops, get_op, registry
 from gndgl_compiler.partition.partitioner import build_plan
 from gndgl_compiler.partition.validate import validate_plan
-from gndgl_compiler.runtime import executor
-from gndgl_compiler.runtime.executor import Executor
+from gndgl_compiler.runtime.step import executor
+from gndgl_compiler.runtime.step.executor import Executor
 from gndgl_compiler.runtime.fusion import FUSED_OPS, FusedOpDef, extra_fused_ops, fused_registry
 from gndgl_compiler.runtime.fusion.pointwise import function
 from gndgl_compiler.spec.load import load_spec

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gndgl_compiler import compile_spec
-from gndgl_compiler.runtime.executor import Executor
+from gndgl_compiler.runtime.step.executor import Executor
 
 SGD = {"kind": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4, "betas": (0.9, 0.999)}
 ADAM = {"kind": "adam", "lr": 1e-3, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4, "betas": (0.9, 0.999)}

@@ -96,8 +96,8 @@ def test_evaluate_run(trained_run):
 
 def test_sequential_schedule_trains_module_by_module(tmp_path):
     from gndgl_compiler.artifact import read_weights
-    from gndgl_compiler.runtime.checkpoint import load_checkpoint
-    from gndgl_compiler.runtime.checkpoint_dir import list_checkpoints
+    from gndgl_compiler.runtime.checkpoint.store import load_checkpoint
+    from gndgl_compiler.runtime.checkpoint.directory import list_checkpoints
 
     art_dir = tiny_artifact(tmp_path, "sequential")
     init = read_weights(art_dir)
@@ -162,7 +162,7 @@ def test_failed_start_leaves_no_run_directory(tmp_path):
 
 def test_non_finite_loss_stops_naming_partition_and_keeps_good_checkpoint(tmp_path):
     from gndgl_compiler.errors import TrainingError
-    from gndgl_compiler.runtime.checkpoint_dir import latest_valid_checkpoint
+    from gndgl_compiler.runtime.checkpoint.directory import latest_valid_checkpoint
 
     art = tiny_artifact(tmp_path)
     run = tmp_path / "run"
@@ -188,8 +188,8 @@ def test_non_finite_loss_stops_naming_partition_and_keeps_good_checkpoint(tmp_pa
 def test_epochs_override_scales_warmup_and_milestones():
     """--epochs 16 on a 160-epoch recipe with 10 warm-up epochs warms up for 1 epoch (not the whole run);
     multistep milestones move with it; the same length leaves the schedule alone."""
-    from gndgl_compiler.runtime.config import new_run_config
-    from gndgl_compiler.runtime.optim import lr_at
+    from gndgl_compiler.runtime.run.config import new_run_config
+    from gndgl_compiler.runtime.step.optim import lr_at
     from gndgl_compiler.spec.models import Schedule
     cosine = {"epochs": 160, "optimizer": {"lr": 0.8},
               "schedule": {"kind": "cosine", "warmup_epochs": 10, "warmup_start_lr": 0.01}}

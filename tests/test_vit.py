@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from gndgl_compiler import compile_spec
 from gndgl_compiler.losses import diversity_probs
 from gndgl_compiler.partition.plan import IMAGE
-from gndgl_compiler.runtime.executor import HEAD_KEYS
+from gndgl_compiler.runtime.step.executor import HEAD_KEYS
 from gndgl_compiler.spec.templates import VIT_DEFAULTS
 from gndgl_compiler.viz.dot import plan_to_dot
 from float_compare import scaled_error

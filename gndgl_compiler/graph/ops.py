@@ -9,7 +9,7 @@ Each entry says, for an op with attributes ``attrs`` and per-sample input shapes
     leads_in                 segmentation (graph/build.py)
     module / function,       codegen (codegen/emit.py)
       kwargs, variadic
-    random                   the per-partition generators (runtime/streams.py)
+    random                   the per-partition generators (runtime/step/streams.py)
     draw, label              the ops-level picture (viz/dot.py)
 
 The token (transformer) ops live in :mod:`.transformer_ops`. Adding an op kind is adding

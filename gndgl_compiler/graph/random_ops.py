@@ -1,7 +1,7 @@
 """Random ops that draw from an explicit ``torch.Generator`` (never the global RNG).
 
 A registry op with ``random=True`` gets a module with a ``generator`` attribute; the executor
-(``runtime/streams.py``) sets it to its partition's own generator on the partition's device and
+(``runtime/step/streams.py``) sets it to its partition's own generator on the partition's device and
 seeds that generator per step, so a dropout mask is a pure function of (seed, step, partition)
 whatever else runs in the process. Without a generator (a module used outside an executor) it
 draws from the global RNG like ``nn.Dropout``.

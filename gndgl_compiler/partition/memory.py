@@ -8,7 +8,7 @@ is its source's storage). The loss keeps a few tensors the size of each head out
 :data:`DIVERSITY_COPIES`); the recon and proj counts are not checked by the tests. Per-channel statistics
 (BN's mean and inverse std) and parameters are not activations.
 
-The step's peak follows the runtime's schedule (``runtime/executor.py``, ``step_plan.py``): stage by stage
+The step's peak follows the runtime's schedule (``runtime/step/executor.py``, ``step_plan.py``): stage by stage
 (one module's partitions on a device), forward then backward. While stage *i* runs, its saved storages are alive
 with the body outputs kept for later stages (released after their last reader) and a transient of two of the
 largest tensors (a gradient and the next); its backward walks the ops in reverse, freeing each storage at its

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 
 from .metrics import MetricsLogger, check_finite, log_records
-from .progress import ProgressEvent, ProgressFn
+from .run.progress import ProgressEvent, ProgressFn
 
 
 @dataclass

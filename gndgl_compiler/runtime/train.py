@@ -8,7 +8,7 @@ points run.
     ─▶ weights.safetensors + summary.json
 
 The loop calls a :class:`Checkpointer`, a :class:`Validator`, a metrics window and a reporter;
-what differs in a distributed rank sits behind the context (``runtime/context.py``). A run
+what differs in a distributed rank sits behind the context (``runtime/dist/context.py``). A run
 killed at any point resumes from its last checkpoint (``resume=run_dir``) and ends with the same
 weights as an uninterrupted run on CPU: data order and augmentation are functions of (seed,
 epoch, step), and RNG, optimizer and BN states are checkpointed.
@@ -29,30 +29,30 @@ from ..api import Artifact, load_artifact
 from .. import fsio
 from ..artifact import load_state_tensors, state_tensors
 from ..errors import DataError, DeviceError, GndglError, RunError
-from .checkpoint import save_checkpoint
-from .checkpoint_dir import prune_checkpoints
-from .rng import rng_state, set_rng_state
-from .config import RunConfig, new_run_config
-from .context import DistContext, LocalContext
-from .batches import steps_per_epoch
-from .stream_feed import MemoryFeed, StreamFeed
-from .stream_ranks import LabelFeed, fed_where_read, ranks_note
-from .stream_select import FeedRequest, load_feed
-from .devices import _synthetic_like, guard_oom, resolve_devices
-from .evaluate import evaluate_run  # noqa: F401  (re-exported)
-from .cuda_graphs import GraphedStep, not_capturable, resolve
-from .regional_compile import compile_fused
-from .executor import Executor
-from .streams import untaken
+from .checkpoint.store import save_checkpoint
+from .checkpoint.directory import prune_checkpoints
+from .checkpoint.rng import rng_state, set_rng_state
+from .run.config import RunConfig, new_run_config
+from .dist.context import DistContext, LocalContext
+from .data.batches import steps_per_epoch
+from .data.feed import MemoryFeed, StreamFeed
+from .data.ranks import LabelFeed, fed_where_read, ranks_note
+from .data.select import FeedRequest, load_feed
+from .step.devices import _synthetic_like, guard_oom, resolve_devices
+from .evaluation.evaluate import evaluate_run  # noqa: F401  (re-exported)
+from .step.cuda_graphs import GraphedStep, not_capturable, resolve
+from .step.compile import compile_fused
+from .step.executor import Executor
+from .step.streams import untaken
 from ..graph.ops import RANDOM_KINDS
 from .loop_state import MetricsWindow, Reporter, TrainState
 from .metrics import MetricsLogger, truncate_metrics, write_metrics_csv
-from .options import TrainOptions
-from .progress import ProgressEvent, ProgressFn, counted
-from .resume import run_lr
-from .run_dir import (DATA_RECORD, create_run, discard_unstarted, latest_run, read_run_record, record_changes,
+from .run.options import TrainOptions
+from .run.progress import ProgressEvent, ProgressFn, counted
+from .run.resume import run_lr
+from .run.directory import (DATA_RECORD, create_run, discard_unstarted, latest_run, read_run_record, record_changes,
                       reopen_run, run_weights)
-from .signals import Interrupted
+from .run.signals import Interrupted
 
 
 def train_artifact(source: str | Path | Artifact, opts: TrainOptions | None = None) -> dict[str, Any]:
@@ -198,7 +198,7 @@ class Trainer:
                            capturable=graphs)
         compile_fused(self.ex.fused_stages, self.execution.compile, self._note)
         self.step_fn = GraphedStep(self.ex, self._note) if graphs else self.ex.train_step
-        """One training step: the executor's, or its replay from a CUDA graph (``runtime/cuda_graphs.py``)."""
+        """One training step: the executor's, or its replay from a CUDA graph (``runtime/step/cuda_graphs.py``)."""
         if self.on_log:
             self.on_log({"kind": "setup", "fusion": self.ex.fusion, "text": self.ctx.setup_text(self.ex)})
         bs = self.recipe.batch_size

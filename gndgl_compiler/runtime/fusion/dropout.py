@@ -1,6 +1,6 @@
 """The sibling-fused form of dropout: each group's mask from its own partition's generator.
 
-Group g's partition draws its mask from its own stream (``runtime/streams.py``) for a tensor of
+Group g's partition draws its mask from its own stream (``runtime/step/streams.py``) for a tensor of
 its own shape; the fused step draws the same G masks, in the same order, from the same G
 generators and joins them in the fused layout — concatenated along channels for a ``stack``
 tensor ``(B, G·c, ...)``, stacked for a ``gstack`` tensor ``(G, B, D)`` — so the fused module

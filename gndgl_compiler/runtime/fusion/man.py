@@ -6,7 +6,7 @@ The G scalars s_g become one fused (G,) storage (partition g's ``s`` is its elem
 its own group's channels (in an unequal split, its padded ones too: LB and EMA are exact zeros there, so the
 output stays zero and s_g's gradient gets nothing from them). MAN's plain mix is the table's ``add``. The EMA
 unit's frozen parameters fuse like any other (``storage.fuse`` without a gradient); the EMA step over fused
-storage is ``runtime/man_ema.py``.
+storage is ``runtime/step/man_ema.py``.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
-"""The stage runner of a sibling-fused module: :class:`SiblingFusedRunner` (``runtime/stage_runner.py``)."""
+"""The stage runner of a sibling-fused module: :class:`SiblingFusedRunner` (``runtime/step/runner.py``)."""
 
 from __future__ import annotations
 
 import torch
 
-from ..stage_outputs import StageOutputs
-from ..stage_runner import StepState
-from ..transport import Transport
+from ..step.outputs import StageOutputs
+from ..step.runner import StepState
+from ..dist.transport import Transport
 from .stage import FusedStage
 
 

@@ -1,0 +1,1 @@
+"""After training: test accuracy of a run (evaluate_run) and the inference network (load_run)."""

@@ -1,0 +1,208 @@
+"""The typed run configuration: the :class:`Recipe` (what is trained) apart from the
+:class:`Execution` (how the run is carried out), built from the spec's validated ``train:``
+section and the :class:`~.options.TrainOptions`.
+
+    spec train: (pydantic Train) ─┐
+    TrainOptions (CLI, API) ──────┼─▶ RunConfig(recipe, execution) ──▶ optim.py, the Trainer, resume.py
+    run.json "config" (checked) ──┘            │
+                                               └── .record() ──▶ run.json "config" (the same flat format as ever)
+
+The optimizer, schedule and augmentation stay the spec's pydantic models, so their defaults
+are declared once (``spec/models.py``). ``run.json`` keeps its flat ``config`` object: the spec's
+``train`` fields plus ``limit_train``, ``limit_test`` and, for an extended run, ``extensions``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ...errors import RunError
+from ...spec.models import Augment, DataFeed, Optimizer, Schedule, Train
+from .options import TrainOptions
+
+RECIPE_FIELDS = ("dataset", "batch_size", "epochs", "seed", "optimizer", "schedule", "augment")
+"""The spec's ``train`` fields that say what is trained."""
+EXECUTION_FIELDS = ("data_root", "fused", "fuse_siblings", "amp", "channels_last", "cuda_graphs", "compile",
+                    "log_every", "checkpoint_every", "data")
+"""The spec's ``train`` fields that say how the run is carried out (recorded in run.json too)."""
+
+
+@dataclass(frozen=True)
+class Extension:
+    """Epochs added to a finished run: a new schedule over ``epochs - from_epoch`` epochs."""
+
+    from_epoch: int
+    epochs: int
+    lr: float
+    schedule: Schedule
+
+    def record(self) -> dict[str, Any]:
+        """As stored in run.json."""
+        return {"from_epoch": self.from_epoch, "epochs": self.epochs, "lr": self.lr,
+                "schedule": self.schedule.model_dump(mode="json")}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What is trained: the same recipe gives the same weights (bit for bit on CPU), however it is run."""
+
+    dataset: str
+    batch_size: int
+    epochs: int
+    seed: int
+    optimizer: Optimizer
+    schedule: Schedule
+    augment: Augment | None
+    limit_train: int | None = None
+    limit_test: int | None = None
+    extensions: tuple[Extension, ...] = ()
+
+    @property
+    def crop_pad(self) -> int:
+        """Random-crop padding (0 = no crop)."""
+        return self.augment.crop_pad if self.augment else 0
+
+    @property
+    def flip(self) -> bool:
+        """Random horizontal flip."""
+        return bool(self.augment and self.augment.flip)
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How the run is carried out: devices, kernels, logging, checkpoints, when to stop."""
+
+    device: str | None
+    """Every partition on this device (None = the plan's placement)."""
+    data_root: str | None
+    fused: bool
+    fuse_siblings: bool
+    amp: str
+    channels_last: str
+    log_every: int
+    checkpoint_every: int
+    cuda_graphs: str = "off"
+    compile: str = "off"
+    """``off`` or ``regional``: torch.compile the sibling-fused programs (``runtime/step/compile.py``)."""
+    """``auto``, ``on`` or ``off``: capture each step as one CUDA graph (``runtime/step/cuda_graphs.py``)."""
+    download: bool = False
+    tensorboard: bool | None = None
+    max_steps: int | None = None
+    keep_checkpoints: int = 2
+    eval_every_epoch: bool = True
+    threads: int | None = None
+    data: DataFeed | None = None
+    """How the data set is read (``runtime/data/feed.py``); None = the defaults (mode auto)."""
+
+    def amp_on(self, device: torch.device) -> bool:
+        """bf16 autocast on ``device`` (``auto`` = on CUDA)."""
+        return self.amp == "bf16" or (self.amp == "auto" and device.type == "cuda")
+
+    def channels_last_on(self, device: torch.device) -> bool:
+        """channels_last memory format on ``device`` (``auto`` = on CUDA)."""
+        return self.channels_last == "on" or (self.channels_last == "auto" and device.type == "cuda")
+
+
+def _run_only(opts: TrainOptions) -> dict[str, Any]:
+    """The execution settings that are not recorded in run.json (they apply to this attempt only)."""
+    return {"download": opts.download, "tensorboard": opts.tensorboard, "max_steps": opts.max_steps,
+            "keep_checkpoints": opts.keep_checkpoints, "eval_every_epoch": opts.eval_every_epoch,
+            "threads": opts.threads}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A run's settings: ``recipe`` (what) and ``execution`` (how)."""
+
+    recipe: Recipe
+    execution: Execution
+
+    @classmethod
+    def of(cls, train: Train, opts: TrainOptions, *, device: str | None, limit_train: int | None = None,
+           limit_test: int | None = None, extensions: tuple[Extension, ...] = ()) -> "RunConfig":
+        """The config of a checked ``train`` section run with ``opts``' run-only settings."""
+        recipe = Recipe(**{k: getattr(train, k) for k in RECIPE_FIELDS}, limit_train=limit_train,
+                        limit_test=limit_test, extensions=tuple(extensions))
+        execution = Execution(device=device, **{k: getattr(train, k) for k in EXECUTION_FIELDS}, **_run_only(opts))
+        return cls(recipe, execution)
+
+    @classmethod
+    def from_record(cls, cfg: dict[str, Any], opts: TrainOptions | None = None, *,
+                    device: str | None = None) -> "RunConfig":
+        """The config of a checked run.json ``config`` (see :func:`~.run_dir.read_run_record`).
+
+        Raises:
+            ValueError: a field that is not what the spec's ``train`` section allows.
+        """
+        train = Train.model_validate({k: v for k, v in cfg.items() if k in Train.model_fields})
+        try:
+            exts = tuple(Extension(int(e["from_epoch"]), int(e["epochs"]), float(e["lr"]),
+                                   Schedule.model_validate(e["schedule"])) for e in cfg.get("extensions") or [])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"config.extensions: {exc}") from None
+        return cls.of(train, opts or TrainOptions(), device=device, limit_train=cfg.get("limit_train"),
+                      limit_test=cfg.get("limit_test"), extensions=exts)
+
+    def train(self) -> Train:
+        """The spec's ``train`` section this config runs."""
+        r, e = self.recipe, self.execution
+        return Train.model_construct(**{k: getattr(r, k) for k in RECIPE_FIELDS},
+                                     **{k: getattr(e, k) for k in EXECUTION_FIELDS})
+
+    def record(self) -> dict[str, Any]:
+        """run.json's ``config``: the ``train`` fields, ``limit_train``, ``limit_test``, any ``extensions``."""
+        out = self.train().model_dump(mode="json")
+        out["limit_train"], out["limit_test"] = self.recipe.limit_train, self.recipe.limit_test
+        if self.recipe.extensions:
+            out["extensions"] = [e.record() for e in self.recipe.extensions]
+        return out
+
+
+def scale_schedule(sched: Schedule, ratio: float) -> Schedule:
+    """The schedule for a run ``ratio`` times as long: warm-up and milestones scale with it."""
+    update: dict[str, Any] = {}
+    if sched.warmup_epochs:
+        update["warmup_epochs"] = sched.warmup_epochs * ratio
+    if sched.milestones:
+        update["milestones"] = [m * ratio for m in sched.milestones]
+    return sched.model_copy(update=update, deep=True)
+
+
+def new_run_config(spec_train: dict[str, Any], opts: TrainOptions) -> RunConfig:
+    """The config of a new run: the artifact's ``train`` section with the options applied.
+
+    Overriding ``epochs`` keeps the recipe's shape: the warm-up and the multistep milestones
+    scale with the run length (160 epochs with 10 of warm-up run as 16 with 1).
+
+    Raises:
+        SpecError: a bad ``--set``; RunError: an option value the ``train`` section does not allow.
+    """
+    from pydantic import ValidationError
+
+    cfg = copy.deepcopy(spec_train)
+    if opts.overrides:
+        from ...spec.overrides import override_train
+        cfg = override_train(cfg, opts.overrides)
+    train = Train.model_validate(cfg)
+    merged = train.model_dump()
+    if opts.epochs is not None and opts.epochs != train.epochs:
+        merged["schedule"] = scale_schedule(train.schedule, opts.epochs / train.epochs).model_dump()
+    for key in ("epochs", "dataset", "data_root", "batch_size", "seed", "fused", "fuse_siblings", "amp",
+                "channels_last", "cuda_graphs", "compile", "log_every", "checkpoint_every"):
+        if getattr(opts, key) is not None:
+            merged[key] = getattr(opts, key)
+    if opts.lr is not None:
+        merged["optimizer"]["lr"] = opts.lr
+    try:
+        train = Train.model_validate(merged)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise RunError(f"train.{'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
+    return RunConfig.of(train, opts, device=opts.device, limit_train=opts.limit_train, limit_test=opts.limit_test)
+
+
+__all__ = ["Execution", "Extension", "Recipe", "RunConfig", "new_run_config", "scale_schedule"]

@@ -1,0 +1,120 @@
+"""What a resumed run may change, and the learning rate of an extended run.
+
+``gndgl train --resume RUN`` continues with the settings recorded in ``run.json``. Options
+that only change how the run is carried out (``--device``, ``--log-every``,
+``--checkpoint-every``, ``--data-root``, ``--fuse-siblings`` (the checkpoint layout is the
+same either way), ``--cuda-graphs`` (the same step, captured or not), ``--compile``, ``--max-steps``,
+``--tensorboard``) apply and are
+recorded; options that would change what is trained (``--dataset``, ``--batch-size``,
+``--seed``, ``--set``, ...) are refused with a message. ``--epochs`` changes the length of an
+unfinished run (warm-up and milestones scale, as for a new run) or, on a finished one,
+**extends** it: the added epochs run as a new schedule of the recipe's kind (a warm restart
+from the trained weights, peak ``--lr`` or the recipe's), recorded in ``extensions``:
+
+    epochs 0 ──── recipe schedule ────▶ E₀ ── new schedule over E₁−E₀ ──▶ E₁
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ...errors import RunError
+from .config import Extension, RunConfig, scale_schedule
+from ..step.optim import lr_at
+
+APPLIES = ("device", "log_every", "checkpoint_every", "data_root", "fuse_siblings", "cuda_graphs", "compile")
+"""Options a resumed run takes (recorded in run.json); ``max_steps`` and ``tensorboard`` apply too."""
+REFUSED = {"dataset": "--dataset", "batch_size": "--batch-size", "seed": "--seed", "fused": "--fused/--no-fused",
+           "amp": "amp", "channels_last": "channels_last", "limit_train": "--limit-train",
+           "limit_test": "--limit-test", "overrides": "--set", "run_dir": "--run-dir"}
+
+
+def resume_config(run_dir: Path, saved: dict, opts: Any, *, sequential: bool = False) -> tuple[RunConfig, list[str]]:
+    """The run's config with the resume options applied.
+
+    Args:
+        run_dir: the run directory (``summary.json`` tells whether it finished).
+        saved: its checked ``run.json`` record (changed in place: ``config``, ``device``, ``changes``).
+        opts: the :class:`~gndgl_compiler.runtime.run.options.TrainOptions` given.
+        sequential: the run trains module by module (cannot be extended).
+
+    Returns:
+        ``(config, notes)``: the config to train with and one line per applied change.
+
+    Raises:
+        RunError: an option that cannot change on resume, or ``--epochs`` not beyond a
+            finished run's length.
+    """
+    run = RunConfig.from_record(saved["config"], opts, device=saved.get("device"))
+    recipe, execution = run.recipe, run.execution
+    refused = [flag for key, flag in REFUSED.items() if getattr(opts, key, None) not in (None, [], False)]
+    finished = _finished(run_dir)
+    lr_ok = finished and opts.epochs is not None and opts.epochs > recipe.epochs
+    if opts.lr is not None and not lr_ok:
+        refused.append("--lr")
+    if refused:
+        raise RunError(f"{', '.join(refused)} cannot change when resuming: the run continues with the settings it "
+                       f"started with (in {run_dir / 'run.json'}). Start a new run to change them"
+                       + ("; --lr is allowed with --epochs that extends a finished run" if "--lr" in refused else ""))
+    notes: list[str] = []
+    changes: dict[str, Any] = {}
+    for key in APPLIES:
+        val, old = getattr(opts, key, None), getattr(execution, key)
+        if val is not None and old != val:
+            notes.append(f"{key.replace('_', '-')}: {old} → {val}")
+            changes[key] = val
+    execution = replace(execution, **changes)
+    if opts.epochs is not None and opts.epochs != recipe.epochs:
+        old = recipe.epochs
+        if finished:
+            if opts.epochs < old:
+                raise RunError(f"the run already finished its {old} epochs; --epochs {opts.epochs} would shorten it. "
+                               f"Give --epochs N with N > {old} to extend it")
+            if sequential:
+                raise RunError("a run with the sequential schedule cannot be extended; start a new run")
+            ext = Extension(from_epoch=old, epochs=opts.epochs,
+                            lr=opts.lr if opts.lr is not None else recipe.optimizer.lr,
+                            schedule=scale_schedule(recipe.schedule, (opts.epochs - old) / old))
+            recipe = replace(recipe, extensions=(*recipe.extensions, ext))
+            notes.append(f"extended from {old} to {opts.epochs} epochs: a new {recipe.schedule.kind} schedule "
+                         f"over the {opts.epochs - old} added epochs (peak lr {ext.lr:g})")
+        else:
+            recipe = replace(recipe, schedule=scale_schedule(recipe.schedule, opts.epochs / old))
+            notes.append(f"epochs: {old} → {opts.epochs} (warm-up and milestones scaled)")
+        recipe = replace(recipe, epochs=opts.epochs)
+        changes["epochs"] = opts.epochs
+    run = RunConfig(recipe, execution)
+    if changes:
+        saved["config"], saved["device"] = run.record(), execution.device
+        saved.setdefault("changes", []).append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **changes})
+    return run, notes
+
+
+def _finished(run_dir: Path) -> bool:
+    try:
+        return bool(json.loads((run_dir / "summary.json").read_text()).get("complete"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def run_lr(recipe: Any, step: int, spe: int, epochs: int) -> float:
+    """Learning rate at ``step`` of a phase of ``epochs`` epochs, following any extension.
+
+    Args:
+        recipe: the run's :class:`~.config.Recipe` (``optimizer.lr``, ``schedule``, ``extensions``).
+        step: 0-based step within the phase.
+        spe: steps per epoch.
+        epochs: epochs of the phase.
+
+    Returns:
+        The learning rate (a pure function of its arguments).
+    """
+    for ext in reversed(recipe.extensions):
+        start = ext.from_epoch * spe
+        if step >= start:
+            return lr_at(step - start, spe, ext.lr, ext.schedule, ext.epochs - ext.from_epoch)
+    return lr_at(step, spe, recipe.optimizer.lr, recipe.schedule, epochs)
