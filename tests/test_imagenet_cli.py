@@ -57,7 +57,8 @@ def test_train_resnet50_k4g2_on_synthetic_64px(tmp_path):
     spec = IMAGENET_SPECS / "resnet50_k4g2.yaml"
     out = gndgl("train", str(spec), "--dataset", "synthetic", "--max-steps", "2", "--run-dir", "run",
                 "--no-tensorboard", "--log-every", "1", "--set", "model.input_shape=[3, 64, 64]",
-                "--set", "model.num_classes=10", "--set", "train.batch_size=8", cwd=tmp_path)
+                "--set", "model.num_classes=10", "--set", "train.batch_size=8",
+                "--set", "train.augment.random_resized_crop.size=64", cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["dataset"] == "synthetic"
