@@ -155,6 +155,37 @@ def test_siblings_on_other_ranks_run_per_partition(k2g2):
     assert isinstance(local.transport, LocalTransport) and not local.runners[0].remote  # ... and skips its hooks
 
 
+class RecordingUpdater:
+    """Wraps an updater and records which partitions' losses each ``backward`` call carried."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def backward(self, losses, lr):
+        self.calls.append(sorted(losses))
+        self.inner.backward(losses, lr)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_sibling_fused_runner_goes_through_the_updater(k2g2):
+    """Every stage's losses, sibling-fused or not, reach the optimizers through ``updater.backward``
+    (the fused runner does not call backward itself): one call per stage, with the stage's partitions."""
+    devices = {p.id: CPU for p in k2g2.plan.partitions}
+    ex = Executor(k2g2.plan, copy.deepcopy(k2g2.modules), SGD, devices)
+    ref = Executor(k2g2.plan, copy.deepcopy(k2g2.modules), SGD, devices)
+    assert any(isinstance(r, SiblingFusedRunner) for r in ex.runners)
+    ex.updater = RecordingUpdater(ex.updater)
+    x, y = batch(k2g2)
+    got, want = ex.train_step(x, y, 0.1), ref.train_step(x, y, 0.1)
+    assert ex.updater.calls == [sorted(stage) for stage in ex.stages]
+    assert all(torch.equal(got[pid][0], want[pid][0]) for pid in want)
+    for pid in ex.order:
+        for a, b in zip(ex.modules[pid].parameters(), ref.modules[pid].parameters()):
+            assert torch.equal(a, b)
+
+
 def test_siblings_may_name_the_modules_that_fuse(k2g2):
     """``siblings={2}``: module 2 fuses, module 1 runs per partition (what a one-process run that
     reproduces a distributed run's numerics passes, tests/dist_helpers.py ``train_single``)."""

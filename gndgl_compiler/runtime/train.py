@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,13 +44,13 @@ from .evaluation.evaluate import evaluate_run  # noqa: F401  (re-exported)
 from .step.cuda_graphs import GraphedStep, not_capturable, resolve
 from .step.compile import compile_fused
 from .step.executor import Executor
+from .step.optim import run_lr
 from .step.streams import untaken
 from ..graph.ops import RANDOM_KINDS
 from .loop_state import MetricsWindow, Reporter, TrainState
 from .metrics import MetricsLogger, truncate_metrics, write_metrics_csv
 from .run.options import TrainOptions
 from .run.progress import ProgressEvent, ProgressFn, counted
-from .run.resume import run_lr
 from .run.directory import (DATA_RECORD, create_run, discard_unstarted, latest_run, read_run_record, record_changes,
                       reopen_run, run_weights)
 from .run.signals import Interrupted
@@ -145,20 +146,39 @@ class Checkpointer:
         return loaded.name
 
 
+@dataclass
 class Validator:
-    """Test accuracy of the network as trained so far: final head, layerwise ensemble, each partition."""
+    """Test accuracy of the network as trained so far: final head, layerwise ensemble, each partition.
 
-    def __init__(self, trainer: "Trainer") -> None:
-        self.t = trainer
+    Everything it reads is given here (the Trainer builds it), none of it read back from the Trainer.
+    """
+
+    ctx: LocalContext
+    """This process's place in the run (a distributed rank evaluates the weights all ranks committed)."""
+    executor: Executor
+    """The training executor (evaluated as is in one process)."""
+    checkpoints: Path
+    """The run's checkpoint directory (where a rank finds the others' weights)."""
+    device: torch.device
+    """Where an evaluation executor over every partition runs."""
+    data: Any
+    """The data feed (``batches(train=False)``, ``mean``, ``std``)."""
+    batch_size: int
+    """The run's batch size (evaluation uses at least 256)."""
+    seed: int
+    """The run's seed."""
+    total_epochs: int
+    """Epochs of the whole run (for the progress events)."""
+    on_progress: ProgressFn | None = None
+    """Called with a :class:`ProgressEvent` per test batch."""
 
     def __call__(self, st: TrainState) -> dict[str, Any]:
-        t = self.t
-        ex = t.ctx.evaluator(t.ex, t.checkpointer.root, st.step, lambda modules: Executor(
-            t.art.plan, modules, None, {pid: t.device for pid in modules}, fused=False,
-            denorm=(t.data.mean, t.data.std)))
-        batches = t.data.batches(batch_size=max(t.recipe.batch_size, 256), seed=t.recipe.seed, epoch=0, train=False,
-                                 augment=False, channels_last=ex.channels_last)
-        shown = counted(batches, len(batches), t.on_progress, "eval", epoch=st.epoch - 1, epochs=t.total_epochs)
+        plan, denorm = self.executor.plan, (self.data.mean, self.data.std)
+        ex = self.ctx.evaluator(self.executor, self.checkpoints, st.step, lambda modules: Executor(
+            plan, modules, None, {pid: self.device for pid in modules}, fused=False, denorm=denorm))
+        batches = self.data.batches(batch_size=max(self.batch_size, 256), seed=self.seed, epoch=0, train=False,
+                                    augment=False, channels_last=ex.channels_last)
+        shown = counted(batches, len(batches), self.on_progress, "eval", epoch=st.epoch - 1, epochs=self.total_epochs)
         fsio.point("train.evaluate", epoch=st.epoch - 1)
         return ex.evaluate(shown)
 
@@ -212,7 +232,8 @@ class Trainer:
         """Partitions trained in each phase (sequential schedule: one module per phase; None = all)."""
         self.total_epochs = self.recipe.epochs * len(self.phases)
         self.checkpointer = Checkpointer(art, self.ex, self.ctx, run_dir, config)
-        self.validate = Validator(self)
+        self.validate = Validator(self.ctx, self.ex, self.checkpointer.root, self.device, self.data, bs,
+                                  self.recipe.seed, self.total_epochs, on_progress)
         self.window = MetricsWindow({p.id: p.name for p in plan.partitions}, bs)
         self.state = TrainState()
 

@@ -69,19 +69,19 @@ class Executor:
                  capturable: bool = False):
         self.plan, self.modules, self.devices = plan, modules, devices
         self.fused, self.amp, self.channels_last, self.denorm = fused, amp, channels_last, denorm
-        self.transport: Transport = transport or LocalTransport()
         self.parts = {p.id: p for p in plan.partitions}
         self.step_plan = StepPlan.build(plan, modules, devices, random_ops=RANDOM_OPS,
                                         fuse=siblings if fused else False)
         self.streams = Streams(self.parts, modules, devices, self.step_plan.random)
         """The random partitions' generators, seeded per (seed, step, partition) (``runtime/step/streams.py``)."""
-        self.env = StageEnv(self.parts, modules, devices, self.transport, self.step_plan.random, amp, denorm,
-                            streams=self.streams, autocast_cache=not capturable)
+        self.env = StageEnv(self.parts, modules, devices, transport or LocalTransport(), self.step_plan.random, amp,
+                            denorm, streams=self.streams, autocast_cache=not capturable)
+        """What every runner shares; the one holder of the transport."""
         for pid in self.order:
             m = modules[pid].to(devices[pid])
             if channels_last:
                 m.to(memory_format=torch.channels_last)
-        self.ema = EmaLinks(self.parts, {pid: modules[pid] for pid in self.order}, self.transport)
+        self.ema = EmaLinks(self.parts, {pid: modules[pid] for pid in self.order}, self.env.transport)
         """MAN's weight edges: the EMA step after each stage's backward (``runtime/step/man_ema.py``)."""
         self.partition_runners = [PartitionRunner(self.env, stage) for stage in self.stages]
         self.runners: list[StageRunner] = list(self.partition_runners)
@@ -100,8 +100,7 @@ class Executor:
                 continue
             self.step_plan.decide(i, True)
             self.fused_stages[i] = fs
-            self.runners[i] = SiblingFusedRunner(fs, stage, self.parts[stage[0]].module, devices[stage[0]],
-                                                 self.env.autocast, self.transport, self.env.image01)
+            self.runners[i] = SiblingFusedRunner(fs, stage, self.parts[stage[0]].module, self.env)
         fused_grads = [g for fs in self.fused_stages.values() for g in fs.fused_grads()]
         self.ema.fuse_storage([self.stages[i] for i in self.fused_stages],
                               [t for fs in self.fused_stages.values() for t in fs.tensors])
@@ -140,9 +139,9 @@ class Executor:
         return self.step_plan.fusion
 
     @property
-    def comm(self) -> Transport:
-        """The transport (read-only: pass ``transport=`` to the constructor)."""
-        return self.transport
+    def transport(self) -> Transport:
+        """The transport, held once by :attr:`env` (read-only: pass ``transport=`` to the constructor)."""
+        return self.env.transport
 
     @property
     def optimizers(self) -> dict[Any, torch.optim.Optimizer]:
@@ -216,12 +215,12 @@ class Executor:
         """The device side of a step (after :meth:`begin_step`): forward, backward, optimizer, stats.
         With ``capturable`` it reads no tensor on the host (``tests/test_cuda_graphs.py``)."""
         st = StepState(x, y, lr, StageOutputs({IMAGE: x}), active, seed)
-        self.ema.send(active)  # MAN: U's pre-update parameters to the ranks that follow it (distributed)
+        self.ema.send(active, self.transport)  # MAN: U's pre-update parameters to the ranks that follow it
         for i, runner in enumerate(self.runners):
             if not runner.takes(active):
                 runner = self.partition_runners[i]
             runner.train(st, self.updater)
-            self.ema.update(runner.stage, active)  # before any optimizer step touches U (module i+1)
+            self.ema.update(runner.stage, active, self.transport)  # before any optimizer step touches U (module i+1)
             for src in self.release.get(i, ()):
                 st.h.pop(src, None)  # no later module reads it
         self.updater.finish(lr)
