@@ -39,7 +39,7 @@ from .data.batches import steps_per_epoch
 from .data.feed import MemoryFeed, StreamFeed
 from .data.ranks import LabelFeed, fed_where_read, ranks_note
 from .data.select import FeedRequest, load_feed
-from .step.devices import _synthetic_like, guard_oom, resolve_devices
+from .step.devices import synthetic_like, guard_oom, resolve_devices
 from .evaluation.evaluate import evaluate_run  # noqa: F401  (re-exported)
 from .step.cuda_graphs import GraphedStep, not_capturable, resolve
 from .step.compile import compile_fused
@@ -260,7 +260,7 @@ class Trainer:
         plan, r, exe = self.art.plan, self.recipe, self.execution
         data = load_feed(FeedRequest(r.dataset, r.augment, tuple(plan.input_shape), self.device, exe.data,
                                      exe.data_root, exe.download, r.limit_train, r.limit_test,
-                                     _synthetic_like(plan, r.batch_size), self.on_log, self.on_progress))
+                                     synthetic_like(plan, r.batch_size), self.on_log, self.on_progress))
         if data.num_classes != plan.num_classes:
             raise RunError(f"data set '{r.dataset}' has {data.num_classes} classes but the network was compiled for "
                            f"{plan.num_classes}; set model.num_classes: {data.num_classes} and recompile")
