@@ -106,14 +106,14 @@ def test_transports_implement_the_protocol(k2g2):
 def test_custom_transport_equals_default_bit_for_bit(k2g2, fused, siblings):
     plan = k2g2.plan
     devices = {p.id: CPU for p in plan.partitions}
-    ref = Executor(plan, copy.deepcopy(k2g2.modules), SGD, devices, fused=fused, siblings=siblings)
+    ref = Executor(plan, copy.deepcopy(k2g2.modules), SGD, devices, per_device_optim=fused, siblings=siblings)
     mods = copy.deepcopy(k2g2.modules)
     first = {p.id for p in plan.partitions if p.module == 1}
     box: dict = {}
     ranks = []
     for owned in (first, set(mods) - first):
         t = MailboxTransport(plan, owned, box)
-        ranks.append((t, Executor(plan, {pid: mods[pid] for pid in owned}, SGD, devices, fused=fused,
+        ranks.append((t, Executor(plan, {pid: mods[pid] for pid in owned}, SGD, devices, per_device_optim=fused,
                                   siblings=siblings, transport=t)))
     # each module's siblings sit whole on one "rank": they fuse there as in one process (module 1 sends
     # its partitions' slices, module 2 receives them), and the weights stay bitwise those of one process
@@ -239,7 +239,7 @@ def test_step_plan_is_plain_data(k2g2):
 def test_updater_state_is_the_checkpoint_entry_and_resumes_exactly(k2g2, fused):
     plan = k2g2.plan
     devices = {p.id: CPU for p in plan.partitions}
-    a = Executor(plan, copy.deepcopy(k2g2.modules), SGD, devices, fused=fused)
+    a = Executor(plan, copy.deepcopy(k2g2.modules), SGD, devices, per_device_optim=fused)
     for step in range(2):
         a.train_step(*batch(k2g2, seed=step), 0.1)
     state = a.updater.state_dict()
@@ -247,7 +247,7 @@ def test_updater_state_is_the_checkpoint_entry_and_resumes_exactly(k2g2, fused):
     assert state == {str(k): o.state_dict() for k, o in a.optimizers.items()}  # the checkpoint's "optim"
     groups = a.updater.partition_groups()
     assert sorted(groups) == sorted(devices) and all(g["lr"] == 0.1 for g in groups.values())
-    b = Executor(plan, copy.deepcopy(a.modules), SGD, devices, fused=fused)
+    b = Executor(plan, copy.deepcopy(a.modules), SGD, devices, per_device_optim=fused)
     b.updater.load_state_dict(copy.deepcopy(state))
     x, y = batch(k2g2, seed=5)
     sa, sb = a.train_step(x, y, 0.05), b.train_step(x, y, 0.05)

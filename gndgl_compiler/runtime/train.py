@@ -98,7 +98,7 @@ class Checkpointer:
         self.art, self.ex, self.ctx = art, ex, ctx
         self.root = run_dir / "checkpoints"
         self.dir = ctx.checkpoint_dir(self.root)
-        self.fused, self.keep = config.execution.fused, config.execution.keep_checkpoints
+        self.per_device_optim, self.keep = config.execution.fused, config.execution.keep_checkpoints
         self.replaced_from: int | None = None  # processes that wrote the checkpoint resumed from, if re-placed
         self.written: set[int] = set()  # steps this attempt checkpointed
 
@@ -106,7 +106,7 @@ class Checkpointer:
         """Checkpoint weights, optimizer and RNG states, where the run stands and the metrics window."""
         self.ctx.drain()
         tensors = state_tensors(self.art.modules, self.art.plan)
-        state = {"step": st.step, "epoch": st.epoch, "step_in_epoch": st.step_in_epoch, "fused": self.fused,
+        state = {"step": st.step, "epoch": st.epoch, "step_in_epoch": st.step_in_epoch, "fused": self.per_device_optim,
                  "optim": self.ex.updater.state_dict(), "rng": rng_state(),
                  "history": st.history, "window": window.state(), "wall_s": st.wall_s()}
         save_checkpoint(self.dir, f"ckpt-{st.step:09d}", tensors=tensors, state=state)
@@ -134,7 +134,7 @@ class Checkpointer:
         if loaded is None:
             return None
         state = loaded.state
-        if state.get("fused") != self.fused:
+        if state.get("fused") != self.per_device_optim:
             raise RunError("this run was checkpointed with fused="
                            f"{state.get('fused')}; resume with the same --fused/--no-fused setting")
         load_state_tensors(self.art.modules, self.art.plan, loaded.tensors, str(self.dir / loaded.name))
@@ -175,7 +175,7 @@ class Validator:
     def __call__(self, st: TrainState) -> dict[str, Any]:
         plan, denorm = self.executor.plan, (self.data.mean, self.data.std)
         ex = self.ctx.evaluator(self.executor, self.checkpoints, st.step, lambda modules: Executor(
-            plan, modules, None, {pid: self.device for pid in modules}, fused=False, denorm=denorm))
+            plan, modules, None, {pid: self.device for pid in modules}, per_device_optim=False, denorm=denorm))
         batches = self.data.batches(batch_size=max(self.batch_size, 256), seed=self.seed, epoch=0, train=False,
                                     augment=False, channels_last=ex.channels_last)
         shown = counted(batches, len(batches), self.on_progress, "eval", epoch=st.epoch - 1, epochs=self.total_epochs)
@@ -212,7 +212,8 @@ class Trainer:
         self.data = self._load_data()
         torch.manual_seed(self.recipe.seed)
         graphs = self._cuda_graphs(devices)
-        self.ex = Executor(plan, art.modules, self.recipe.optimizer, devices, fused=self.execution.fused, amp=self.amp,
+        self.ex = Executor(plan, art.modules, self.recipe.optimizer, devices,
+                           per_device_optim=self.execution.fused, amp=self.amp,
                            channels_last=self.channels_last, denorm=(self.data.mean, self.data.std),
                            siblings=self.ctx.fuse_siblings(self.execution.fuse_siblings), transport=self.ctx.transport,
                            capturable=graphs)
@@ -243,7 +244,7 @@ class Trainer:
         owned = {pid: d for pid, d in devices.items() if pid in mods}
         random = {p.id for p in plan.partitions
                   if p.id in mods and any(n.kind in RANDOM_KINDS for n in p.body + p.head)}
-        reason = not_capturable(owned, fused=self.execution.fused, in_process=self.ctx.transport.in_process,
+        reason = not_capturable(owned, per_device_optim=self.execution.fused, in_process=self.ctx.transport.in_process,
                                 world=self.ctx.world, sequential=plan.schedule != "parallel",
                                 legacy_random=bool(untaken({p.id: p for p in plan.partitions}, mods, random)))
         on = resolve(self.execution.cuda_graphs, reason)

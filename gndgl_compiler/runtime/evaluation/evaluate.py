@@ -37,7 +37,8 @@ def evaluate_run(run_dir: str | Path, device: str | None = None, limit_test: int
     data = load_feed(FeedRequest(r.dataset, r.augment, tuple(art.plan.input_shape), first, config.execution.data,
                                  root, False, 1, limit_test or r.limit_test,
                                  synthetic_like(art.plan, r.batch_size)))  # streamed sets evaluate streamed
-    ex = Executor(art.plan, art.modules, None, devices, fused=False, denorm=(data.mean, data.std))  # no optimizers
+    ex = Executor(art.plan, art.modules, None, devices, per_device_optim=False,  # no optimizers
+                  denorm=(data.mean, data.std))
     ev = ex.evaluate(data.batches(batch_size=256, seed=0, epoch=0, train=False, augment=False))
     ev["source"] = source
     return ev

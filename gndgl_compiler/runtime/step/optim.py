@@ -99,6 +99,8 @@ def step_all(opt: torch.optim.Optimizer) -> None:
     Args:
         opt: the optimizer.
     """
+    # ``fused`` here is torch's fused-kernel flag (never set by make_optimizer), not sibling fusion nor
+    # one optimizer per device (docs/architecture.md "Three things once called fused")
     if any(not g.get("foreach") or g.get("fused") or g.get("differentiable") for g in opt.param_groups):
         opt.step()
     elif type(opt) is torch.optim.SGD:
