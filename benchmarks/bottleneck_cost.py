@@ -36,7 +36,7 @@ def bench(spec: str, overrides: list[str], args) -> dict:
     art = compile_spec(SPECS / spec, overrides=[f"model.input_shape=[3, {args.size}, {args.size}]", *overrides])
     cpu = torch.device("cpu")
     ex = {name: Executor(art.plan, copy.deepcopy(art.modules), OPT, {p.id: cpu for p in art.plan.partitions},
-                         fused=True, siblings=siblings)
+                         per_device_optim=True, siblings=siblings)
           for name, siblings in (("fused", True), ("per-partition", False))}
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, *art.plan.input_shape, generator=g)

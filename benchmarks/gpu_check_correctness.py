@@ -169,7 +169,8 @@ def check_fused(name: str, args, device: torch.device, amp: bool) -> dict:
     exs = []
     for siblings in (True, False):
         mods = copy.deepcopy(art.modules)
-        exs.append(Executor(art.plan, mods, PLAIN, {pid: device for pid in mods}, fused=True, siblings=siblings,
+        exs.append(Executor(art.plan, mods, PLAIN, {pid: device for pid in mods}, per_device_optim=True,
+                            siblings=siblings,
                             amp=amp, channels_last=cl))
     fused, ref = exs
     n_fused = sum(r["fused"] for r in fused.fusion)
@@ -238,7 +239,7 @@ def check_no_sync(name: str, args, device: torch.device, siblings: bool = True) 
         return {"status": "skipped", "message": "skipped (no CUDA)"}
     art = compile_spec(spec_path(name))
     mods = art.modules
-    ex = Executor(art.plan, mods, art.spec["train"]["optimizer"], {pid: device for pid in mods}, fused=True,
+    ex = Executor(art.plan, mods, art.spec["train"]["optimizer"], {pid: device for pid in mods}, per_device_optim=True,
                   siblings=siblings, amp=True, channels_last=True)
     x, y = _batch(art, args.p1_batch, device, True)
     for i in range(args.sync_warmup):

@@ -7,7 +7,7 @@ device through gndgl's ``Batches``), it times
 * hand-written — the loops of ``benchmarks/hand_loops.py`` (the ones ``step_cost.py`` counts: GN-DGL
   as the paper's official code writes it, dense first conv + ``Conv2d(groups=G)``, one optimizer),
   under the same bf16 autocast and channels_last;
-* gndgl fused   — ``Executor(fused=True)``: sibling-fused modules, one backward per module, one foreach
+* gndgl fused   — ``Executor(per_device_optim=True)``: sibling-fused modules, one backward per module, one foreach
   step per device;
 * gndgl fused without augmentation — the input pipeline's share of the step.
 
@@ -92,7 +92,7 @@ def bench(spec: str, make_hand, data, args, device: torch.device, amp: bool) -> 
             h.step(x, y)
 
     ex = Executor(art.plan, copy.deepcopy(art.modules), hand.OPT, {p.id: device for p in art.plan.partitions},
-                  fused=True, amp=amp, channels_last=args.channels_last)
+                  per_device_optim=True, amp=amp, channels_last=args.channels_last)
     n = len(data.train_y) // args.batch
     if args.warmup + args.steps > n:
         raise SystemExit(f"--warmup + --steps must be at most {n} batches of {args.batch}")

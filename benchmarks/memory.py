@@ -112,9 +112,9 @@ def _steps(art, device: torch.device) -> dict:
     """``{name: step(x, y)}``: the executor sibling-fused and per partition, and the official loop, each on its own
     copy of the modules."""
     devices = {p.id: device for p in art.plan.partitions}
-    fused = Executor(art.plan, copy.deepcopy(art.modules), OPT, devices, fused=True)
-    per_part = Executor(art.plan, copy.deepcopy(art.modules), OPT, devices, fused=True, siblings=False)
-    off = Executor(art.plan, copy.deepcopy(art.modules), None, devices, fused=False, siblings=False)
+    fused = Executor(art.plan, copy.deepcopy(art.modules), OPT, devices, per_device_optim=True)
+    per_part = Executor(art.plan, copy.deepcopy(art.modules), OPT, devices, per_device_optim=True, siblings=False)
+    off = Executor(art.plan, copy.deepcopy(art.modules), None, devices, per_device_optim=False, siblings=False)
     params = [q for m in off.modules.values() for q in m.parameters()]
     opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4, foreach=True)
 

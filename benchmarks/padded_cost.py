@@ -40,7 +40,7 @@ def bench(spec: str, overrides: list[str], args, device: torch.device) -> dict:
     x = torch.randn(args.batch, *art.plan.input_shape, generator=g).to(device)
     y = torch.randint(0, art.plan.num_classes, (args.batch,), generator=g).to(device)
     ex = {name: Executor(art.plan, copy.deepcopy(art.modules), hand.OPT, {p.id: device for p in art.plan.partitions},
-                         fused=True, siblings=siblings)
+                         per_device_optim=True, siblings=siblings)
           for name, siblings in (("fused", True), ("per-partition", False))}
     for e in ex.values():
         for _ in range(args.warmup):

@@ -5,9 +5,9 @@ d = 2, τ = 0.5), GN-DGL K=8 G=4 with AugLocal aux nets, DGL+MAN K=8 and GN-DGL+
 in ``specs/``),
 three ways to run the same network and recipe:
 
-* gndgl fused          — ``Executor(fused=True)``: sibling-fused modules, one backward per module
+* gndgl fused          — ``Executor(per_device_optim=True)``: sibling-fused modules, one backward per module
                          and device, one foreach optimizer step per device;
-* gndgl per-partition  — ``Executor(fused=True, siblings=False)``: every partition its own program;
+* gndgl per-partition  — ``Executor(per_device_optim=True, siblings=False)``: every partition its own program;
 * hand-written         — ``benchmarks/hand_loops.py``, written as the paper's official code is
                          (dense first conv + ``Conv2d(groups=G)``, G 1c2f heads over
                          ``cat(own live, siblings detached)``, one optimizer; AugLocal as its official
@@ -62,7 +62,8 @@ class Gndgl:
 
     def __init__(self, art, siblings: bool, device: torch.device):
         mods = copy.deepcopy(art.modules)
-        self.ex = Executor(art.plan, mods, hand.OPT, {pid: device for pid in mods}, fused=True, siblings=siblings)
+        self.ex = Executor(art.plan, mods, hand.OPT, {pid: device for pid in mods}, per_device_optim=True,
+                           siblings=siblings)
 
     def step(self, x, y):
         self.ex.train_step(x, y, hand.LR)

@@ -3,9 +3,9 @@
 For ResNet-32 end-to-end, DGL K=8 and GN-DGL K=8 G=4 (the specs in ``specs/``), this
 times one optimisation step of
 
-* gndgl, fused   — ``Executor(fused=True)``: sibling-fused modules (``runtime/fusion/``), one backward
+* gndgl, fused   — ``Executor(per_device_optim=True)``: sibling-fused modules (``runtime/fusion/``), one backward
                    per module and one foreach SGD step per device;
-* gndgl, unfused — ``Executor(fused=False)``: per-partition backward and SGD step;
+* gndgl, unfused — ``Executor(per_device_optim=False)``: per-partition backward and SGD step;
 * hand-written   — the same network and local-learning recipe written plainly in PyTorch
                    (nn.Module / nn.Sequential, ``.detach()`` between modules, one optimizer
                    per module, ``F.cross_entropy``, ``loss.backward()``, ``opt.step()``),
@@ -230,7 +230,7 @@ class HandGNDGL:
 class Gndgl:
     def __init__(self, art, fused):
         mods = copy.deepcopy(art.modules)
-        self.ex = Executor(art.plan, mods, OPT, {pid: torch.device("cpu") for pid in mods}, fused=fused)
+        self.ex = Executor(art.plan, mods, OPT, {pid: torch.device("cpu") for pid in mods}, per_device_optim=fused)
 
     def step(self, x, y):
         self.ex.train_step(x, y, LR)

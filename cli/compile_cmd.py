@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich import box
@@ -121,89 +121,98 @@ def default_output(spec: Path) -> Path:
     return Path("compiled") / spec.stem
 
 
+def compile_command(
+    spec: Path = typer.Argument(..., help="Spec file (YAML)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", metavar="DIR",
+                                          help="Artifact directory (default: compiled/<spec file name>)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Balance over N distributed workers."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    sets: Optional[list[str]] = typer.Option(None, "--set", metavar="FIELD=VALUE",
+                                             help="Set any spec field (repeatable), e.g. --set cuts.width=2."),
+) -> None:
+    """Compile a spec into partitions, fx modules and an artifact directory."""
+    from gndgl_compiler.spec import load_spec
+
+    loaded = load_spec(spec, overrides=sets or None)  # a bad spec is reported before torch is imported
+    from gndgl_compiler import compile_spec
+
+    with contextlib.nullcontext() if as_json else console.status(f"compiling {spec}"):
+        art = compile_spec(loaded, output if output is not None else default_output(spec), workers=workers)
+    if as_json:
+        print(json.dumps(summary_json(art), indent=1))
+        print_final_head(art, notes=False)
+    else:
+        print_summary(art, f"{art.plan.name} → {art.path}")
+        print_final_head(art)
+        console.print(f"wrote [bold]{art.path}/[/] (train it: gndgl train {art.path})", highlight=False)
+
+
+def inspect_command(
+    artifact: Path = typer.Argument(Path("compiled"), help="Artifact directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Summarise an existing compiled artifact (verifies its hashes)."""
+    from gndgl_compiler import load_artifact
+
+    art = load_artifact(artifact)
+    note_resolved(artifact, art.path)
+    if as_json:
+        print(json.dumps(summary_json(art), indent=1))
+    else:
+        m = art.manifest
+        print_summary(art, f"{art.plan.name} ({art.path}, gndgl {m.get('gndgl')}, torch {m.get('torch')})")
+        console.print(f"all {len(m.get('files', {}))} files match the sha256 hashes in manifest.json",
+                      highlight=False)
+
+
+def units_command(
+    source: str = typer.Argument(..., metavar="TEMPLATE|SPEC",
+                                 help="A template (resnet20, resnet32, resnet56, resnet110, vgg6a) or a spec "
+                                      "file."),
+    width: float = typer.Option(1.0, "--width", help="Template width multiplier."),
+) -> None:
+    """List the segments of a network: the names and indices to write depth cuts with."""
+    from gndgl_compiler import load_spec
+    from gndgl_compiler.graph.build import build_graph
+    from gndgl_compiler.spec.models import Model
+
+    templates = Model.model_fields["template"].annotation.__args__[0].__args__
+    if source in templates:
+        spec = load_spec({"name": source, "model": {"template": source, "width": width}})
+    elif Path(source).suffix in (".yaml", ".yml") or Path(source).exists():
+        spec = load_spec(source)
+    else:
+        raise GndglError(f"'{source}' is neither a template ({', '.join(templates)}) nor a spec file")
+    console.print(segments_table(spec.name, build_graph(spec)))
+
+
+def schema_command() -> None:
+    """Print the JSON Schema of the spec format (for editors)."""
+    from gndgl_compiler.spec.models import Spec
+
+    print(json.dumps(Spec.model_json_schema(), indent=1))
+
+
+def segments_table(name: str, og: Any) -> Table:
+    """The segments of network ``name`` (its op graph ``og``) as a table: index, name, units, output shape, MACs,
+    parameters."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True, header_style="bold",
+                  title=f"{name}: {len(og.segments)} segments; cut before any but the first, by name or "
+                        "index: cuts: {depth: [NAME, INDEX, ...]}", title_justify="left")
+    for col, just in (("index", "right"), ("name", "left"), ("units", "left"), ("output", "left"),
+                      ("MACs", "right"), ("params", "right")):
+        table.add_column(col, justify=just, no_wrap=True, overflow="ellipsis")
+    for seg in og.segments:
+        nodes = [og.graph.nodes[n] for n in seg.nodes]
+        shape = "×".join(map(str, og.graph.nodes[seg.output]["shape"]))
+        table.add_row(str(seg.index), seg.name, " ".join(seg.units), shape,
+                      fmt_int(sum(d["macs"] for d in nodes)), fmt_int(sum(d["params"] for d in nodes)))
+    return table
+
+
 def register(app: typer.Typer) -> None:
     """Add the compile-side commands to ``app``."""
-
-    @app.command("compile")
-    def compile_(
-        spec: Path = typer.Argument(..., help="Spec file (YAML)."),
-        output: Optional[Path] = typer.Option(None, "-o", "--output", metavar="DIR",
-                                              help="Artifact directory (default: compiled/<spec file name>)."),
-        workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Balance over N distributed workers."),
-        as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
-        sets: Optional[list[str]] = typer.Option(None, "--set", metavar="FIELD=VALUE",
-                                                 help="Set any spec field (repeatable), e.g. --set cuts.width=2."),
-    ) -> None:
-        """Compile a spec into partitions, fx modules and an artifact directory."""
-        from gndgl_compiler.spec import load_spec
-
-        loaded = load_spec(spec, overrides=sets or None)  # a bad spec is reported before torch is imported
-        from gndgl_compiler import compile_spec
-
-        with contextlib.nullcontext() if as_json else console.status(f"compiling {spec}"):
-            art = compile_spec(loaded, output if output is not None else default_output(spec), workers=workers)
-        if as_json:
-            print(json.dumps(summary_json(art), indent=1))
-            print_final_head(art, notes=False)
-        else:
-            print_summary(art, f"{art.plan.name} → {art.path}")
-            print_final_head(art)
-            console.print(f"wrote [bold]{art.path}/[/] (train it: gndgl train {art.path})", highlight=False)
-
-    @app.command("inspect")
-    def inspect(
-        artifact: Path = typer.Argument(Path("compiled"), help="Artifact directory."),
-        as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
-    ) -> None:
-        """Summarise an existing compiled artifact (verifies its hashes)."""
-        from gndgl_compiler import load_artifact
-
-        art = load_artifact(artifact)
-        note_resolved(artifact, art.path)
-        if as_json:
-            print(json.dumps(summary_json(art), indent=1))
-        else:
-            m = art.manifest
-            print_summary(art, f"{art.plan.name} ({art.path}, gndgl {m.get('gndgl')}, torch {m.get('torch')})")
-            console.print(f"all {len(m.get('files', {}))} files match the sha256 hashes in manifest.json",
-                          highlight=False)
-
-    @app.command("units")
-    def units(
-        source: str = typer.Argument(..., metavar="TEMPLATE|SPEC",
-                                     help="A template (resnet20, resnet32, resnet56, resnet110, vgg6a) or a spec "
-                                          "file."),
-        width: float = typer.Option(1.0, "--width", help="Template width multiplier."),
-    ) -> None:
-        """List the segments of a network: the names and indices to write depth cuts with."""
-        from gndgl_compiler import load_spec
-        from gndgl_compiler.graph.build import build_graph
-        from gndgl_compiler.spec.models import Model
-
-        templates = Model.model_fields["template"].annotation.__args__[0].__args__
-        if source in templates:
-            spec = load_spec({"name": source, "model": {"template": source, "width": width}})
-        elif Path(source).suffix in (".yaml", ".yml") or Path(source).exists():
-            spec = load_spec(source)
-        else:
-            raise GndglError(f"'{source}' is neither a template ({', '.join(templates)}) nor a spec file")
-        og = build_graph(spec)
-        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True, header_style="bold",
-                      title=f"{spec.name}: {len(og.segments)} segments; cut before any but the first, by name or "
-                            "index: cuts: {depth: [NAME, INDEX, ...]}", title_justify="left")
-        for col, just in (("index", "right"), ("name", "left"), ("units", "left"), ("output", "left"),
-                          ("MACs", "right"), ("params", "right")):
-            table.add_column(col, justify=just, no_wrap=True, overflow="ellipsis")
-        for seg in og.segments:
-            nodes = [og.graph.nodes[n] for n in seg.nodes]
-            shape = "×".join(map(str, og.graph.nodes[seg.output]["shape"]))
-            table.add_row(str(seg.index), seg.name, " ".join(seg.units), shape,
-                          fmt_int(sum(d["macs"] for d in nodes)), fmt_int(sum(d["params"] for d in nodes)))
-        console.print(table)
-
-    @app.command("schema")
-    def schema() -> None:
-        """Print the JSON Schema of the spec format (for editors)."""
-        from gndgl_compiler.spec.models import Spec
-
-        print(json.dumps(Spec.model_json_schema(), indent=1))
+    app.command("compile")(compile_command)
+    app.command("inspect")(inspect_command)
+    app.command("units")(units_command)
+    app.command("schema")(schema_command)

@@ -89,7 +89,7 @@ def test_capturable_step_makes_no_host_sync_and_follows_the_lr(spec, overrides):
 
 def test_resolve_and_reasons():
     assert resolve("off", None) is False and resolve("auto", None) is True and resolve("on", None) is True
-    reason = not_capturable({0: CPU, 1: CPU}, fused=True, in_process=True)
+    reason = not_capturable({0: CPU, 1: CPU}, per_device_optim=True, in_process=True)
     assert reason and "cpu" in reason
     assert resolve("auto", reason) is False
     with pytest.raises(RunError, match="cannot be captured: partitions on cpu") as exc:
@@ -99,11 +99,11 @@ def test_resolve_and_reasons():
         resolve("sometimes", None)
     cuda = {0: torch.device("cuda", 0)}
     if torch.cuda.is_available():
-        assert "distributed" in not_capturable(cuda, fused=True, in_process=False, world=2)
-        assert "fused" in not_capturable(cuda, fused=False, in_process=True)
-        assert not_capturable(cuda, fused=True, in_process=True) is None
+        assert "distributed" in not_capturable(cuda, per_device_optim=True, in_process=False, world=2)
+        assert "fused" in not_capturable(cuda, per_device_optim=False, in_process=True)
+        assert not_capturable(cuda, per_device_optim=True, in_process=True) is None
     else:
-        assert "not available" in not_capturable(cuda, fused=True, in_process=True)
+        assert "not available" in not_capturable(cuda, per_device_optim=True, in_process=True)
 
 
 def test_cuda_graphs_on_a_cpu_run_exits_2(tmp_path):

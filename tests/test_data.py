@@ -64,14 +64,14 @@ def test_synthetic_fits_any_spec_batch():
     at least two batches of training images, and the same data when training and evaluating."""
     from types import SimpleNamespace
 
-    from gndgl_compiler.runtime.step.devices import _synthetic_like
+    from gndgl_compiler.runtime.step.devices import synthetic_like
 
     plan = SimpleNamespace(input_shape=[3, 32, 32], num_classes=10)
-    big = load_dataset("synthetic", synthetic=_synthetic_like(plan, 1024))
+    big = load_dataset("synthetic", synthetic=synthetic_like(plan, 1024))
     assert len(big.train_y) == 2048 and steps_per_epoch(len(big.train_y), 1024) == 2
-    again = load_dataset("synthetic", synthetic=_synthetic_like(plan, 1024), limit_train=1)
+    again = load_dataset("synthetic", synthetic=synthetic_like(plan, 1024), limit_train=1)
     assert torch.equal(again.test_x, big.test_x) and again.mean == big.mean
-    assert len(load_dataset("synthetic", synthetic=_synthetic_like(plan, 64)).train_y) == 512
+    assert len(load_dataset("synthetic", synthetic=synthetic_like(plan, 64)).train_y) == 512
 
 
 def test_bundle_to_and_limits(syn):

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from gndgl_compiler.errors import DataError
-from gndgl_compiler.runtime.data.batches import _seed
+from gndgl_compiler.runtime.data.batches import stable_seed
 from gndgl_compiler.runtime.data.sources import load_dataset
 from gndgl_compiler.runtime.data.select import FeedRequest, load_feed
 from gndgl_compiler.runtime.data.shards import expand_braces
@@ -78,7 +78,7 @@ def test_shards_stream_each_sample_by_index(tmp_path, gz):
     a, b = list(f1.batches(**kw)), list(f2.batches(**kw))
     assert len(a) == 5 and all(torch.equal(x, u) and torch.equal(y, v) for (_, x, y), (_, u, v) in zip(a, b))
     # step 1 by hand: the epoch's permutation of the samples in shard order, decoded with PIL
-    perm = torch.randperm(21, generator=torch.Generator().manual_seed(_seed("perm", 5, 2)))[4:8].tolist()
+    perm = torch.randperm(21, generator=torch.Generator().manual_seed(stable_seed("perm", 5, 2)))[4:8].tolist()
     mean, std = torch.tensor(f1.mean).view(3, 1, 1), torch.tensor(f1.std).view(3, 1, 1)
     for k, j in enumerate(perm):
         data, label = samples[j]

@@ -106,14 +106,14 @@ def test_transports_implement_the_protocol(k2g2):
 def test_custom_transport_equals_default_bit_for_bit(k2g2, fused, siblings):
     plan = k2g2.plan
     devices = {p.id: CPU for p in plan.partitions}
-    ref = Executor(plan, copy.deepcopy(k2g2.modules), SGD, devices, fused=fused, siblings=siblings)
+    ref = Executor(plan, copy.deepcopy(k2g2.modules), SGD, devices, per_device_optim=fused, siblings=siblings)
     mods = copy.deepcopy(k2g2.modules)
     first = {p.id for p in plan.partitions if p.module == 1}
     box: dict = {}
     ranks = []
     for owned in (first, set(mods) - first):
         t = MailboxTransport(plan, owned, box)
-        ranks.append((t, Executor(plan, {pid: mods[pid] for pid in owned}, SGD, devices, fused=fused,
+        ranks.append((t, Executor(plan, {pid: mods[pid] for pid in owned}, SGD, devices, per_device_optim=fused,
                                   siblings=siblings, transport=t)))
     # each module's siblings sit whole on one "rank": they fuse there as in one process (module 1 sends
     # its partitions' slices, module 2 receives them), and the weights stay bitwise those of one process
@@ -153,6 +153,37 @@ def test_siblings_on_other_ranks_run_per_partition(k2g2):
     local = Executor(plan, copy.deepcopy(k2g2.modules), SGD, devices)
     assert local.runners[0].transport is local.transport  # every runner holds the executor's transport ...
     assert isinstance(local.transport, LocalTransport) and not local.runners[0].remote  # ... and skips its hooks
+
+
+class RecordingUpdater:
+    """Wraps an updater and records which partitions' losses each ``backward`` call carried."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def backward(self, losses, lr):
+        self.calls.append(sorted(losses))
+        self.inner.backward(losses, lr)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_sibling_fused_runner_goes_through_the_updater(k2g2):
+    """Every stage's losses, sibling-fused or not, reach the optimizers through ``updater.backward``
+    (the fused runner does not call backward itself): one call per stage, with the stage's partitions."""
+    devices = {p.id: CPU for p in k2g2.plan.partitions}
+    ex = Executor(k2g2.plan, copy.deepcopy(k2g2.modules), SGD, devices)
+    ref = Executor(k2g2.plan, copy.deepcopy(k2g2.modules), SGD, devices)
+    assert any(isinstance(r, SiblingFusedRunner) for r in ex.runners)
+    ex.updater = RecordingUpdater(ex.updater)
+    x, y = batch(k2g2)
+    got, want = ex.train_step(x, y, 0.1), ref.train_step(x, y, 0.1)
+    assert ex.updater.calls == [sorted(stage) for stage in ex.stages]
+    assert all(torch.equal(got[pid][0], want[pid][0]) for pid in want)
+    for pid in ex.order:
+        for a, b in zip(ex.modules[pid].parameters(), ref.modules[pid].parameters()):
+            assert torch.equal(a, b)
 
 
 def test_siblings_may_name_the_modules_that_fuse(k2g2):
@@ -208,7 +239,7 @@ def test_step_plan_is_plain_data(k2g2):
 def test_updater_state_is_the_checkpoint_entry_and_resumes_exactly(k2g2, fused):
     plan = k2g2.plan
     devices = {p.id: CPU for p in plan.partitions}
-    a = Executor(plan, copy.deepcopy(k2g2.modules), SGD, devices, fused=fused)
+    a = Executor(plan, copy.deepcopy(k2g2.modules), SGD, devices, per_device_optim=fused)
     for step in range(2):
         a.train_step(*batch(k2g2, seed=step), 0.1)
     state = a.updater.state_dict()
@@ -216,7 +247,7 @@ def test_updater_state_is_the_checkpoint_entry_and_resumes_exactly(k2g2, fused):
     assert state == {str(k): o.state_dict() for k, o in a.optimizers.items()}  # the checkpoint's "optim"
     groups = a.updater.partition_groups()
     assert sorted(groups) == sorted(devices) and all(g["lr"] == 0.1 for g in groups.values())
-    b = Executor(plan, copy.deepcopy(a.modules), SGD, devices, fused=fused)
+    b = Executor(plan, copy.deepcopy(a.modules), SGD, devices, per_device_optim=fused)
     b.updater.load_state_dict(copy.deepcopy(state))
     x, y = batch(k2g2, seed=5)
     sa, sb = a.train_step(x, y, 0.05), b.train_step(x, y, 0.05)

@@ -102,7 +102,7 @@ def test_partition_logits_equal_the_executors(trained):
     load_state_tensors(art.modules, art.plan, load_file(str(run / "weights.safetensors")), "weights")
     optimizer = read_run_record(run)["config"]["optimizer"]
     ex = Executor(art.plan, art.modules, optimizer, {p.id: torch.device("cpu") for p in art.plan.partitions},
-                  fused=False)
+                  per_device_optim=False)
     for m in art.modules.values():
         m.eval()
     _, x, y = next(iter(Batches(data, batch_size=N_TEST, seed=0, epoch=0, train=False, augment=False)))

@@ -50,7 +50,8 @@ def executors(art, optimizer, dtype=torch.float32):
         mods = copy.deepcopy(art.modules)
         for m in mods.values():
             m.to(dtype)
-        out.append(Executor(art.plan, mods, optimizer, {pid: CPU for pid in mods}, fused=True, siblings=siblings))
+        out.append(Executor(art.plan, mods, optimizer, {pid: CPU for pid in mods}, per_device_optim=True,
+                            siblings=siblings))
     return out
 
 
@@ -168,7 +169,7 @@ def test_parameters_stay_per_partition():
     names = {pid: [n for n, _ in m.named_parameters()] for pid, m in mods.items()}
     objects = {pid: [id(p) for p in m.parameters()] for pid, m in mods.items()}
     values = {pid: {k: v.clone() for k, v in m.state_dict().items()} for pid, m in mods.items()}
-    ex = Executor(art.plan, mods, SGD, {pid: CPU for pid in mods}, fused=True)
+    ex = Executor(art.plan, mods, SGD, {pid: CPU for pid in mods}, per_device_optim=True)
     assert "sibling-fused modules: 1, 2" in ex.fusion_summary()
     for pid, m in mods.items():
         assert [n for n, _ in m.named_parameters()] == names[pid]
@@ -188,7 +189,7 @@ def test_unfusable_modules_are_reported():
     # no padded form (a layer norm's statistics would read the padded channels)
     art = compile_spec(SPECS / "vit_tiny_fmnist_k2g2.yaml", overrides=["cuts.width=3", "cuts.split=balanced"])
     mods = copy.deepcopy(art.modules)
-    ex = Executor(art.plan, mods, SGD, {pid: CPU for pid in mods}, fused=True)
+    ex = Executor(art.plan, mods, SGD, {pid: CPU for pid in mods}, per_device_optim=True)
     multi = [r for r in ex.fusion if len(r["partitions"]) > 1]
     assert multi and not any(r["fused"] for r in multi)
     assert all(r["reason"] for r in multi)
@@ -269,7 +270,7 @@ def test_train_step_reads_no_device_scalar(name, siblings):
     tensor value on the host."""
     art = compile_spec(SPECS / f"{name}.yaml")
     mods = copy.deepcopy(art.modules)
-    ex = Executor(art.plan, mods, SGD, {pid: CPU for pid in mods}, fused=True, siblings=siblings)
+    ex = Executor(art.plan, mods, SGD, {pid: CPU for pid in mods}, per_device_optim=True, siblings=siblings)
     x, y = batch(art)
     ex.train_step(x, y, 0.1)
     with _ScalarReads() as reads:

@@ -42,7 +42,7 @@ def one_step(art, siblings: bool, amp: bool, x, y):
     """Losses, counts, and ``{name: update}`` of one plain SGD step (lr 1) from the artifact's weights."""
     mods = copy.deepcopy(art.modules)
     before = {f"{pid}.{k}": v.detach().clone() for pid, m in mods.items() for k, v in m.named_parameters()}
-    ex = Executor(art.plan, mods, PLAIN, {pid: CPU for pid in mods}, fused=True, siblings=siblings, amp=amp)
+    ex = Executor(art.plan, mods, PLAIN, {pid: CPU for pid in mods}, per_device_optim=True, siblings=siblings, amp=amp)
     stats = ex.train_step(x, y, 1.0, seed=(0, 0))
     after = {f"{pid}.{k}": v.detach() for pid, m in mods.items() for k, v in m.named_parameters()}
     fused = [r["fused"] for r in ex.fusion if len(r["partitions"]) > 1]

@@ -174,7 +174,7 @@ def test_padded_state_stays_per_partition():
     art = compile_spec(unequal())
     mods = copy.deepcopy(art.modules)
     shapes = {pid: {k: v.shape for k, v in m.state_dict().items()} for pid, m in mods.items()}
-    ex = Executor(art.plan, mods, SGD, {pid: CPU for pid in mods}, fused=True)
+    ex = Executor(art.plan, mods, SGD, {pid: CPU for pid in mods}, per_device_optim=True)
     assert "sibling-fused modules: 1, 2" in ex.fusion_summary()
     assert {pid: {k: v.shape for k, v in m.state_dict().items()} for pid, m in mods.items()} == shapes
     ex.train_step(*batch(art), 0.1)

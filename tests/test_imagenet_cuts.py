@@ -136,7 +136,8 @@ def test_every_head_trains_on_bottleneck_modules_fused_as_per_partition(local):
     runs = {}
     for siblings in (True, False):
         mods = {pid: m.double() for pid, m in copy.deepcopy(art.modules).items()}
-        runs[siblings] = Executor(art.plan, mods, PLAIN, {pid: CPU for pid in mods}, fused=True, siblings=siblings)
+        runs[siblings] = Executor(art.plan, mods, PLAIN, {pid: CPU for pid in mods}, per_device_optim=True,
+                                  siblings=siblings)
     ex, ref = runs[True], runs[False]
     grouped = [r for r in ex.fusion if len(r["partitions"]) > 1]
     assert grouped and all(r["fused"] for r in grouped), ex.fusion
@@ -167,7 +168,7 @@ def test_k1g1_sgd_step_equals_torchvision():
     art = compile_spec(spec(name, width=1.0).replace("width: 1.0,", "num_classes: 1000,"))
     mods = {pid: m.double() for pid, m in art.modules.items()}
     load_full_state(art.plan, mods, from_torchvision(name, tv.state_dict()))
-    ex = Executor(art.plan, mods, PLAIN, {pid: CPU for pid in mods}, fused=True, siblings=False)
+    ex = Executor(art.plan, mods, PLAIN, {pid: CPU for pid in mods}, per_device_optim=True, siblings=False)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4, 3, 32, 32, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 1000, (4,), generator=gen)

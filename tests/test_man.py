@@ -239,8 +239,8 @@ def _train(ex, steps):
 @pytest.mark.parametrize("width", [1, 2])
 def test_updaters_and_fusion_request_agree(width):
     art = compile_spec(spec("learned", width=width))
-    a = executor(art, SGD, fused=True, siblings=True)
-    b = executor(art, SGD, fused=False)
+    a = executor(art, SGD, per_device_optim=True, siblings=True)
+    b = executor(art, SGD, per_device_optim=False)
     if width == 2:  # MAN modules fuse like the others (tests/test_man_fused.py)
         assert [r["fused"] for r in a.fusion] == [True, True, True, False], a.fusion
     sa, sb = _train(a, 5), _train(b, 5)

@@ -41,8 +41,8 @@ def pair(art, optimizer):
     for m in mods.values():
         m.double()
     ref = copy.deepcopy(mods)
-    fused = Executor(art.plan, mods, optimizer, {pid: CPU for pid in mods}, fused=True, siblings=True)
-    plain = Executor(art.plan, ref, optimizer, {pid: CPU for pid in ref}, fused=False)
+    fused = Executor(art.plan, mods, optimizer, {pid: CPU for pid in mods}, per_device_optim=True, siblings=True)
+    plain = Executor(art.plan, ref, optimizer, {pid: CPU for pid in ref}, per_device_optim=False)
     return fused, plain
 
 

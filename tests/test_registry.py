@@ -22,10 +22,9 @@ from pydantic import BaseModel
 from gndgl_compiler.codegen.modules import build_assembled, build_partitions
 from gndgl_compiler.errors import GraphError, PartitionError
 from gndgl_compiler.graph.build import UNIT_BUILDERS, build_units
-from gndgl_compiler.graph.ops import OPS, OpDef, extra_ops, get_op, registry
+from gndgl_compiler.graph.ops import OPS, RANDOM_KINDS, OpDef, extra_ops, get_op, registry
 from gndgl_compiler.partition.partitioner import build_plan
 from gndgl_compiler.partition.validate import validate_plan
-from gndgl_compiler.runtime.step import executor
 from gndgl_compiler.runtime.step.executor import Executor
 from gndgl_compiler.runtime.fusion import FUSED_OPS, FusedOpDef, extra_fused_ops, fused_registry
 from gndgl_compiler.runtime.fusion.pointwise import function
@@ -136,12 +135,13 @@ def test_extra_ops_is_scoped_and_refuses_a_known_kind():
 
 
 def test_random_ops_come_from_the_registry():
-    assert "dropout" in executor.RANDOM_OPS and "relu" not in executor.RANDOM_OPS
-    assert "noisy" not in executor.RANDOM_OPS
+    """What the executor reads as its random op kinds (``random_ops=RANDOM_KINDS``) is a view of the registry."""
+    assert "dropout" in RANDOM_KINDS and "relu" not in RANDOM_KINDS
+    assert "noisy" not in RANDOM_KINDS
     with extra_ops(NOISY):
-        assert "noisy" in executor.RANDOM_OPS
-        assert set(executor.RANDOM_OPS) == {"dropout", "noisy"}
-    assert "noisy" not in executor.RANDOM_OPS
+        assert "noisy" in RANDOM_KINDS
+        assert set(RANDOM_KINDS) == {"dropout", "noisy"}
+    assert "noisy" not in RANDOM_KINDS
 
 
 # --- every kind a stage mentions is declared ---------------------------------------------------------------
@@ -238,7 +238,8 @@ def test_new_fused_op_kind_is_one_entry():
         runs = []
         for siblings in (True, False):
             mods = {pid: copy.deepcopy(m).double() for pid, m in parts.items()}
-            ex = Executor(plan, mods, plain, {pid: torch.device("cpu") for pid in mods}, fused=True, siblings=siblings)
+            ex = Executor(plan, mods, plain, {pid: torch.device("cpu") for pid in mods}, per_device_optim=True,
+                          siblings=siblings)
             g = torch.Generator().manual_seed(0)
             x, y = torch.randn(4, 3, 16, 16, generator=g, dtype=torch.float64), torch.randint(0, 10, (4,), generator=g)
             runs.append((ex, ex.train_step(x, y, 1.0, seed=(0, 0))))

@@ -186,7 +186,7 @@ def test_e2e_matches_handwritten_resnet32_bit_for_bit():
 
     x, y = batch(8)
     lr = 0.05
-    ex = Executor(art.plan, art.modules, SGD, {0: CPU}, fused=False)
+    ex = Executor(art.plan, art.modules, SGD, {0: CPU}, per_device_optim=False)
     stats = ex.train_step(x, y, lr)
 
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-4)
@@ -246,7 +246,7 @@ def test_dgl_k2_matches_handwritten_bit_for_bit():
 
     x, y = batch(8, seed=1)
     lr = 0.05
-    ex = Executor(art.plan, art.modules, SGD, {0: CPU, 1: CPU}, fused=False)
+    ex = Executor(art.plan, art.modules, SGD, {0: CPU, 1: CPU}, per_device_optim=False)
     stats = ex.train_step(x, y, lr)
 
     # the researcher's DGL loop: every module trains on the detached output of the previous one
@@ -291,10 +291,10 @@ def test_fused_equals_unfused(k2g2, optimizer):
     mods_u = copy.deepcopy(k2g2.modules)
     mods_f = copy.deepcopy(k2g2.modules)
     devices = {p.id: CPU for p in k2g2.plan.partitions}
-    ex_u = Executor(k2g2.plan, mods_u, optimizer, devices, fused=False)
+    ex_u = Executor(k2g2.plan, mods_u, optimizer, devices, per_device_optim=False)
     # the per-device fused step (one backward, one multi-tensor optimizer step) is bit-for-bit the unfused
     # one; sibling fusion reorders float sums and is checked within rounding in tests/test_fused.py
-    ex_f = Executor(k2g2.plan, mods_f, optimizer, devices, fused=True, siblings=False)
+    ex_f = Executor(k2g2.plan, mods_f, optimizer, devices, per_device_optim=True, siblings=False)
     assert len(ex_f.optimizers) == 1 and len(ex_u.optimizers) == 5
     for step, lr in enumerate((optimizer["lr"], optimizer["lr"] * 0.5, optimizer["lr"] * 0.25)):
         x, y = batch(8, seed=10 + step)

@@ -113,46 +113,51 @@ def module_body(og: OpGraph, nodes: list[str], module_input: str, x: str, groups
     for n in nodes:
         d = og.node(n)
         kind, attrs = d["kind"], dict(d["attrs"])
-        op = get_op(kind)
         preds = sorted(og.graph.predecessors(n), key=lambda p: og.graph.edges[p, n]["pos"])
         args = [ir[p] for p in preds]
         if groups == 1:
-            if op.parametric:
+            if get_op(kind).parametric:
                 attrs["in"] = b.shape(args[0])[0]
             ir[n] = b.add(n, kind, attrs, args, source=n, dense_in=preds[0] == module_input)
             continue
-        if op.parametric:
-            for key in op.split_keys:
-                attrs[key] = group_offset(attrs[key], groups, g, split)[1]
-            if op.split_attrs is not None:
-                try:
-                    attrs = op.split_attrs(attrs, groups)
-                except ValueError as err:
-                    raise PartitionError(f"'{n}': {err}", field=("cuts", "width")) from None
-            attrs["in"] = b.shape(args[0])[0]
-            is_dense = preds[0] in full
-            ir[n] = b.add(n, kind, attrs, args, source=n, dense_in=preds[0] == module_input)
-            dense_done = dense_done or is_dense
-        elif op.split == "merge":
-            fixed = []
-            for p, a in zip(preds, args):
-                if p in full:
-                    c = b.shape(a)[0]
-                    start, size = group_offset(c, groups, g, split)
-                    a = b.add(f"{n}_slice", "slice", {"start": start, "length": size}, [a], source=n)
-                fixed.append(a)
-            ir[n] = b.add(n, kind, attrs, fixed, source=n)
-        elif all(p in full for p in preds) and not dense_done:
-            # ops before the module's first dense layer (e.g. a flatten) see all channels
-            ir[n] = b.add(n, kind, attrs, args, source=n)
-            full.add(n)
-        elif op.split == "whole":
-            raise PartitionError(f"op '{n}' ({kind}) cannot be split into groups, but it follows the module's "
-                                 f"first grouped layer at G={groups}; cut the module before it or use G=1",
-                                 field=("cuts", "width"))
-        elif any(p in full for p in preds):
-            raise PartitionError(f"op '{n}' ({kind}) reads the full module input after grouping started; "
-                                 "cut the module elsewhere", field=("cuts", "depth"))
-        else:
-            ir[n] = b.add(n, kind, attrs, args, source=n)
+        ir[n], dense = _group_node(b, n, kind, attrs, preds, args, full, dense_done, module_input, groups, g, split)
+        dense_done = dense_done or dense
     return ir[nodes[-1]]
+
+
+def _group_node(b: IRBuilder, n: str, kind: str, attrs: dict, preds: list[str], args: list[str], full: set[str],
+                dense_done: bool, module_input: str, groups: int, g: int, split: str) -> tuple[str, bool]:
+    """Append op-graph node ``n`` of group ``g`` (G > 1) to ``b``: a parametric op at its group's width, a
+    merge of full inputs sliced to the group, an op before the first dense layer on all channels (``n``
+    joins ``full``). Returns its IR name and whether it is a dense layer reading all channels."""
+    op = get_op(kind)
+    if op.parametric:
+        for key in op.split_keys:
+            attrs[key] = group_offset(attrs[key], groups, g, split)[1]
+        if op.split_attrs is not None:
+            try:
+                attrs = op.split_attrs(attrs, groups)
+            except ValueError as err:
+                raise PartitionError(f"'{n}': {err}", field=("cuts", "width")) from None
+        attrs["in"] = b.shape(args[0])[0]
+        return b.add(n, kind, attrs, args, source=n, dense_in=preds[0] == module_input), preds[0] in full
+    if op.split == "merge":
+        fixed = []
+        for p, a in zip(preds, args):
+            if p in full:
+                start, size = group_offset(b.shape(a)[0], groups, g, split)
+                a = b.add(f"{n}_slice", "slice", {"start": start, "length": size}, [a], source=n)
+            fixed.append(a)
+        return b.add(n, kind, attrs, fixed, source=n), False
+    if all(p in full for p in preds) and not dense_done:
+        # ops before the module's first dense layer (e.g. a flatten) see all channels
+        full.add(n)
+        return b.add(n, kind, attrs, args, source=n), False
+    if op.split == "whole":
+        raise PartitionError(f"op '{n}' ({kind}) cannot be split into groups, but it follows the module's "
+                             f"first grouped layer at G={groups}; cut the module before it or use G=1",
+                             field=("cuts", "width"))
+    if any(p in full for p in preds):
+        raise PartitionError(f"op '{n}' ({kind}) reads the full module input after grouping started; "
+                             "cut the module elsewhere", field=("cuts", "depth"))
+    return b.add(n, kind, attrs, args, source=n), False

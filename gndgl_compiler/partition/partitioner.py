@@ -15,6 +15,9 @@ the final head is its own partition unless ``final_head.mode`` is 'joint'.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from ..errors import PartitionError
 from ..graph.build import INPUT, OpGraph
 from ..graph.ops import get_op
@@ -96,19 +99,39 @@ def _build_final_head(spec: Spec, og: OpGraph, b: IRBuilder, x: str, head: str) 
     return head_1c2f(b, x, classes, _hidden(spec, spec.local.final_head.hidden))
 
 
-def build_plan(spec: Spec, og: OpGraph) -> PartitionPlan:
-    """Cut, group and place the network of ``spec``.
+@dataclass
+class _Layout:
+    """What every partition of a plan is built from: the modules' segments and widths, the final-head mode."""
 
-    Args:
-        spec: the validated spec.
-        og: its op graph.
+    spec: Spec
+    og: OpGraph
+    modules: list[list[int]]
+    """Body segments of each module."""
+    groups: list[int]
+    """G of each module."""
+    e2e: bool
+    """One module, one group: plain end-to-end training."""
+    joint: bool
+    """The last module closes with the final head (``final_head.mode: joint``)."""
+    aug: AugLocalPlan
+    input_shape: list[int]
 
-    Returns:
-        The :class:`PartitionPlan`, with costs and placement filled in.
+    @property
+    def k_mod(self) -> int:
+        return len(self.modules)
 
-    Raises:
-        PartitionError: impossible cuts, widths, heads or placements.
-    """
+    @property
+    def local_modules(self) -> int:
+        """Modules with a local head (the joint last module has the final head)."""
+        return self.k_mod - 1 if self.joint else self.k_mod
+
+    def closes(self, k: int) -> bool:
+        """Module ``k`` (0-based) ends with the final head."""
+        return self.e2e or (self.joint and k == self.k_mod - 1)
+
+
+def _layout(spec: Spec, og: OpGraph) -> _Layout:
+    """Cut the network into modules, take their widths and check the final-head mode against them."""
     modules = module_segments(og, spec.cuts.depth, spec.model.template, spec.cuts.balance or "macs")
     k_mod = len(modules)
     groups = _widths(spec, k_mod)
@@ -125,144 +148,200 @@ def build_plan(spec: Spec, og: OpGraph) -> PartitionPlan:
                              "drop the mode or cut deeper",
                              field=("local", "final_head", "mode"))
     check_man(spec, groups, joint, e2e)
-    local_modules = k_mod - 1 if joint else k_mod
-    aug = AugLocalPlan.of(spec, og, modules, local_modules)
+    aug = AugLocalPlan.of(spec, og, modules, k_mod - 1 if joint else k_mod)
+    return _Layout(spec, og, modules, groups, e2e, joint, aug, list(og.input_shape))
+
+
+def build_plan(spec: Spec, og: OpGraph) -> PartitionPlan:
+    """Cut, group and place the network of ``spec``.
+
+    Args:
+        spec: the validated spec.
+        og: its op graph.
+
+    Returns:
+        The :class:`PartitionPlan`, with costs and placement filled in.
+
+    Raises:
+        PartitionError: impossible cuts, widths, heads or placements.
+    """
+    lay = _layout(spec, og)
     parts: list[Partition] = []
     edges: list[Edge] = []
     prev_ids: list[int] = []  # partitions whose outputs form the current module input
     prev_node = INPUT
-    input_shape = list(og.input_shape)
-    for k, segs in enumerate(modules):
-        G = groups[k]
-        nodes = [n for s in segs for n in og.body_segments[s].nodes]
-        units = [u for s in segs for u in og.body_segments[s].units]
-        module_ids = list(range(len(parts), len(parts) + G))
-        is_last = k == k_mod - 1
-        for g in range(G):
-            pid = len(parts)
-            name = "e2e" if e2e else f"m{k + 1}.g{g}"
-            b = IRBuilder()
-            inputs: list[Input] = []
-            if prev_ids:
-                names = []
-                for j, src in enumerate(prev_ids):
-                    shp = parts[src].out_shape
-                    names.append(b.input(f"in{j}", shp))
-                    inputs.append(Input(src, list(shp)))
-                x = names[0] if len(names) == 1 else b.add("x", "cat", {}, names)
-            else:
-                x = b.input("image", input_shape)
-                inputs.append(Input(IMAGE, input_shape, "image"))
-            try:
-                module_body(og, nodes, prev_node, x, G, g, spec.cuts.split, b)
-            except PartitionError as err:
-                raise PartitionError(f"module {k + 1} (units {units[0]}..{units[-1]}), G={G}: {err}",
-                                     field=err.field or ("cuts", "width")) from None
-            body = b.nodes
-            c_out = body[-1].shape[0]
-            full_c = og.node(nodes[-1])["shape"][0]
-            start = group_offset(full_c, G, g, spec.cuts.split)[0] if G > 1 else 0
-            # ---- head input: own output, plus detached sibling slices (stop-gradient sharing)
-            hb = IRBuilder()
-            h = hb.input("h", body[-1].shape)
-            shares: list[Share] = []
-            if G > 1 and loc.share_ratio > 0 and not (joint and is_last):
-                pieces = []
-                for gg in range(G):
-                    if gg == g:
-                        pieces.append(h)
-                        continue
-                    c_sib = group_offset(full_c, G, gg, spec.cuts.split)[1]
-                    n_sib = int(loc.share_ratio * c_sib)
-                    if n_sib <= 0:
-                        continue
-                    shp = [n_sib] + list(body[-1].shape[1:])
-                    pieces.append(hb.input(f"sib{gg}", shp))
-                    shares.append(Share(module_ids[gg], n_sib))
-                h = hb.add("shared", "cat", {}, pieces) if len(pieces) > 1 else h
-            man = None
-            if e2e or (joint and is_last):
-                fk = _final_head_kind(spec, og, k_mod, groups)
-                outs = _build_final_head(spec, og, hb, h, fk)
-                loss = Loss("ce")
-                pkind, hkind = ("e2e" if e2e else "local"), f"final:{fk}"
-            else:
-                head_in = body[-1].shape
-                if loc.man is not None and k < k_mod - 1:  # MAN: LB + EMA copies of module k+1's first unit
-                    h, man = man_trunk(spec, og, hb, h, k=k, g=g, groups=groups, module_out=nodes[-1],
-                                       next_unit=og.body_segments[modules[k + 1][0]].nodes,
-                                       source=module_ids[0] + G + g * groups[k + 1] // G)
-                    head_in = hb.shape(h)
-                head_kind = resolve_head_kind(loc.head.kind, head_in)
-                hidden = _hidden(spec, loc.head.hidden)
-                if head_kind == "token-mlp" and loc.head.hidden is None:
-                    hidden = 2 * hb.shape(h)[0]
-                elif G > 1 and loc.share_ratio == 0:
-                    hidden = max(1, hidden // G)
-                extra = {}
-                if head_kind == "infopro":
-                    extra = {"image_shape": input_shape, "variant": loc.head.variant, "projection": loc.head.projection}
-                extra.update(aug.head_args(k, G))  # {} unless the head is auglocal
-                try:
-                    check_head_input(head_kind, head_in)
-                    outs = HEADS[head_kind](hb, h, og.num_classes, hidden, **extra)
-                except PartitionError as err:
-                    raise PartitionError(f"partition {name}: {err}", field=("local", "head", "kind")) from None
-                lr, lt = _infopro_lambdas(loc.head.recon_weight, loc.head.task_weight, k, local_modules)
-                div_on = G > 1 and loc.diversity.weight > 0
-                loss = Loss({"predsim": "predsim", "infopro": "infopro"}.get(head_kind, "ce"), beta=loc.head.beta,
-                            variant=loc.head.variant if head_kind == "infopro" else "",
-                            recon_weight=lr, task_weight=lt, temperature=loc.head.temperature,
-                            diversity_weight=loc.diversity.weight if div_on else 0.0,
-                            diversity_temperature=loc.diversity.temperature)
-                pkind, hkind = "local", head_kind
-            aux_units = aug.unit_names(k) if pkind == "local" and not (joint and is_last) else []
-            parts.append(Partition(
-                id=pid, name=name, kind=pkind, module=k + 1, group=g, groups=G, units=units, inputs=inputs,
-                body=body, channels=[start, start + c_out], head_kind=hkind, head=hb.nodes, head_outputs=outs,
-                loss=loss, shares=shares, siblings=[m for m in module_ids if m != pid], aux_units=aux_units,
-                man=man))
-            for inp in inputs:
-                edges.append(Edge(inp.source, pid, inp.kind, _numel(inp.shape) * FLOAT_BYTES))
-            if loss.kind == "infopro" and not any(i.kind == "image" for i in inputs):
-                # the reconstruction target: the loss reads the (de-normalised) image
-                edges.append(Edge(IMAGE, pid, "image", _numel(input_shape) * FLOAT_BYTES))
-            for sh in shares:
-                edges.append(Edge(sh.source, pid, "share", sh.channels * _numel(body[-1].shape[1:]) * FLOAT_BYTES))
-            if loss.diversity_weight > 0:
-                for sib in module_ids:
-                    if sib != pid:
-                        edges.append(Edge(sib, pid, "diversity", og.num_classes * FLOAT_BYTES))
+    for k in range(lay.k_mod):
+        module_ids = list(range(len(parts), len(parts) + lay.groups[k]))
+        nodes = [n for s in lay.modules[k] for n in og.body_segments[s].nodes]
+        for g in range(lay.groups[k]):
+            part = _partition(lay, parts, prev_ids, prev_node, k, g, module_ids)
+            parts.append(part)
+            edges += _edges(part, module_ids, lay.input_shape, og.num_classes)
         prev_ids, prev_node = module_ids, nodes[-1]
-    if not e2e and not joint:
-        pid = len(parts)
-        b = IRBuilder()
-        names = []
-        inputs = []
-        for j, src in enumerate(prev_ids):
-            names.append(b.input(f"in{j}", parts[src].out_shape))
-            inputs.append(Input(src, list(parts[src].out_shape)))
-        x = names[0] if len(names) == 1 else b.add("x", "cat", {}, names)
-        hb = IRBuilder()
-        h = hb.input("h", b.shape(x))
-        fk = _final_head_kind(spec, og, k_mod, groups)
-        outs = _build_final_head(spec, og, hb, h, fk)
-        parts.append(Partition(
-            id=pid, name="head", kind="final", module=k_mod + 1, group=0, groups=1, units=list(og.classifier.units)
-            if fk == "model" else [], inputs=inputs, body=b.nodes, channels=[0, b.shape(x)[0]],
-            head_kind=f"final:{fk}", head=hb.nodes, head_outputs=outs, loss=Loss("ce")))
-        for inp in inputs:
-            edges.append(Edge(inp.source, pid, "activation", _numel(inp.shape) * FLOAT_BYTES))
+    if not lay.e2e and not lay.joint:
+        head = _final_partition(lay, parts, prev_ids)
+        parts.append(head)
+        edges += [Edge(i.source, head.id, "activation", _numel(i.shape) * FLOAT_BYTES) for i in head.inputs]
     edges += [weight_edge(p, parts) for p in parts if p.man is not None]
+    final_mode = "joint" if lay.joint else ("e2e" if lay.e2e else "separate")
     plan = PartitionPlan(
-        name=spec.name, partitions=parts, edges=edges, num_modules=k_mod, groups=groups, num_classes=og.num_classes,
-        input_shape=input_shape, final_mode="joint" if joint else ("e2e" if e2e else "separate"),
-        schedule=loc.schedule, devices=spec.placement.device_list(), workers=spec.placement.workers or 1)
+        name=spec.name, partitions=parts, edges=edges, num_modules=lay.k_mod, groups=lay.groups,
+        num_classes=og.num_classes, input_shape=lay.input_shape, final_mode=final_mode,
+        schedule=spec.local.schedule, devices=spec.placement.device_list(), workers=spec.placement.workers or 1)
     annotate_costs(plan, og)
     place(plan, plan.devices, plan.workers)
     opt = spec.train.optimizer
     annotate_memory(plan, opt.kind, opt.momentum, spec.train.batch_size)
     return plan
+
+
+def _module_input(b: IRBuilder, parts: list[Partition], prev_ids: list[int], input_shape: list[int]
+                  ) -> tuple[str, list[Input]]:
+    """The body's input in ``b``: the previous module's outputs (concatenated), or the image."""
+    inputs: list[Input] = []
+    if not prev_ids:
+        inputs.append(Input(IMAGE, input_shape, "image"))
+        return b.input("image", input_shape), inputs
+    names = []
+    for j, src in enumerate(prev_ids):
+        shp = parts[src].out_shape
+        names.append(b.input(f"in{j}", shp))
+        inputs.append(Input(src, list(shp)))
+    return (names[0] if len(names) == 1 else b.add("x", "cat", {}, names)), inputs
+
+
+def _partition(lay: _Layout, parts: list[Partition], prev_ids: list[int], prev_node: str, k: int, g: int,
+               module_ids: list[int]) -> Partition:
+    """Partition ``g`` of module ``k``: its body (group rewriting), head input, head and loss."""
+    spec, og, G = lay.spec, lay.og, lay.groups[k]
+    nodes = [n for s in lay.modules[k] for n in og.body_segments[s].nodes]
+    units = [u for s in lay.modules[k] for u in og.body_segments[s].units]
+    pid, name = len(parts), "e2e" if lay.e2e else f"m{k + 1}.g{g}"
+    b = IRBuilder()
+    x, inputs = _module_input(b, parts, prev_ids, lay.input_shape)
+    try:
+        module_body(og, nodes, prev_node, x, G, g, spec.cuts.split, b)
+    except PartitionError as err:
+        raise PartitionError(f"module {k + 1} (units {units[0]}..{units[-1]}), G={G}: {err}",
+                             field=err.field or ("cuts", "width")) from None
+    body = b.nodes
+    c_out = body[-1].shape[0]
+    full_c = og.node(nodes[-1])["shape"][0]
+    start = group_offset(full_c, G, g, spec.cuts.split)[0] if G > 1 else 0
+    hb = IRBuilder()
+    h, shares = _head_input(lay, hb, body[-1].shape, full_c, k, g, module_ids)
+    man = None
+    if lay.closes(k):
+        fk = _final_head_kind(spec, og, lay.k_mod, lay.groups)
+        outs, loss = _build_final_head(spec, og, hb, h, fk), Loss("ce")
+        pkind, hkind = ("e2e" if lay.e2e else "local"), f"final:{fk}"
+    else:
+        head_in = body[-1].shape
+        if spec.local.man is not None and k < lay.k_mod - 1:  # MAN: LB + EMA copies of module k+1's first unit
+            h, man = _man_trunk(lay, hb, h, k, g, module_ids, nodes[-1])
+            head_in = hb.shape(h)
+        outs, loss, hkind = _local_head(lay, hb, h, head_in, k, name)
+        pkind = "local"
+    aux_units = lay.aug.unit_names(k) if pkind == "local" and not lay.closes(k) else []
+    return Partition(
+        id=pid, name=name, kind=pkind, module=k + 1, group=g, groups=G, units=units, inputs=inputs,
+        body=body, channels=[start, start + c_out], head_kind=hkind, head=hb.nodes, head_outputs=outs,
+        loss=loss, shares=shares, siblings=[m for m in module_ids if m != pid], aux_units=aux_units, man=man)
+
+
+def _head_input(lay: _Layout, hb: IRBuilder, shape: list[int], full_c: int, k: int, g: int, module_ids: list[int]
+                ) -> tuple[str, list[Share]]:
+    """The head's input in ``hb``: the partition's own output, plus detached sibling slices (stop-gradient
+    sharing, ``local.share_ratio``) concatenated in group order."""
+    G, ratio = lay.groups[k], lay.spec.local.share_ratio
+    h = hb.input("h", shape)
+    shares: list[Share] = []
+    if G == 1 or ratio <= 0 or lay.closes(k):
+        return h, shares
+    pieces = []
+    for gg in range(G):
+        if gg == g:
+            pieces.append(h)
+            continue
+        n_sib = int(ratio * group_offset(full_c, G, gg, lay.spec.cuts.split)[1])
+        if n_sib <= 0:
+            continue
+        pieces.append(hb.input(f"sib{gg}", [n_sib] + list(shape[1:])))
+        shares.append(Share(module_ids[gg], n_sib))
+    return (hb.add("shared", "cat", {}, pieces) if len(pieces) > 1 else h), shares
+
+
+def _man_trunk(lay: _Layout, hb: IRBuilder, h: str, k: int, g: int, module_ids: list[int], module_out: str
+               ) -> tuple[str, Any]:
+    """MAN: the LB + EMA copies of module k+1's first unit before the head; returns the head's input and the
+    partition's MAN record."""
+    G, groups = lay.groups[k], lay.groups
+    return man_trunk(lay.spec, lay.og, hb, h, k=k, g=g, groups=groups, module_out=module_out,
+                     next_unit=lay.og.body_segments[lay.modules[k + 1][0]].nodes,
+                     source=module_ids[0] + G + g * groups[k + 1] // G)
+
+
+def _local_head(lay: _Layout, hb: IRBuilder, h: str, head_in: list[int], k: int, name: str
+                ) -> tuple[dict[str, str], Loss, str]:
+    """The local head of a partition of module ``k`` on ``h`` (in ``hb``) and its loss; returns them and the
+    head kind."""
+    spec, loc, G = lay.spec, lay.spec.local, lay.groups[k]
+    head_kind = resolve_head_kind(loc.head.kind, head_in)
+    hidden = _hidden(spec, loc.head.hidden)
+    if head_kind == "token-mlp" and loc.head.hidden is None:
+        hidden = 2 * hb.shape(h)[0]
+    elif G > 1 and loc.share_ratio == 0:
+        hidden = max(1, hidden // G)
+    extra = {}
+    if head_kind == "infopro":
+        extra = {"image_shape": lay.input_shape, "variant": loc.head.variant, "projection": loc.head.projection}
+    extra.update(lay.aug.head_args(k, G))  # {} unless the head is auglocal
+    try:
+        check_head_input(head_kind, head_in)
+        outs = HEADS[head_kind](hb, h, lay.og.num_classes, hidden, **extra)
+    except PartitionError as err:
+        raise PartitionError(f"partition {name}: {err}", field=("local", "head", "kind")) from None
+    lr, lt = _infopro_lambdas(loc.head.recon_weight, loc.head.task_weight, k, lay.local_modules)
+    div_on = G > 1 and loc.diversity.weight > 0
+    loss = Loss({"predsim": "predsim", "infopro": "infopro"}.get(head_kind, "ce"), beta=loc.head.beta,
+                variant=loc.head.variant if head_kind == "infopro" else "",
+                recon_weight=lr, task_weight=lt, temperature=loc.head.temperature,
+                diversity_weight=loc.diversity.weight if div_on else 0.0,
+                diversity_temperature=loc.diversity.temperature)
+    return outs, loss, head_kind
+
+
+def _edges(p: Partition, module_ids: list[int], input_shape: list[int], num_classes: int) -> list[Edge]:
+    """What partition ``p`` reads: its inputs, the image (InfoPro's target), sibling shares and diversity."""
+    edges = [Edge(inp.source, p.id, inp.kind, _numel(inp.shape) * FLOAT_BYTES) for inp in p.inputs]
+    if p.loss.kind == "infopro" and not any(i.kind == "image" for i in p.inputs):
+        # the reconstruction target: the loss reads the (de-normalised) image
+        edges.append(Edge(IMAGE, p.id, "image", _numel(input_shape) * FLOAT_BYTES))
+    for sh in p.shares:
+        edges.append(Edge(sh.source, p.id, "share", sh.channels * _numel(p.body[-1].shape[1:]) * FLOAT_BYTES))
+    if p.loss.diversity_weight > 0:
+        edges += [Edge(sib, p.id, "diversity", num_classes * FLOAT_BYTES) for sib in module_ids if sib != p.id]
+    return edges
+
+
+def _final_partition(lay: _Layout, parts: list[Partition], prev_ids: list[int]) -> Partition:
+    """The separate final head: the last module's outputs concatenated, then the final head."""
+    spec, og = lay.spec, lay.og
+    b = IRBuilder()
+    names = []
+    inputs = []
+    for j, src in enumerate(prev_ids):
+        names.append(b.input(f"in{j}", parts[src].out_shape))
+        inputs.append(Input(src, list(parts[src].out_shape)))
+    x = names[0] if len(names) == 1 else b.add("x", "cat", {}, names)
+    hb = IRBuilder()
+    h = hb.input("h", b.shape(x))
+    fk = _final_head_kind(spec, og, lay.k_mod, lay.groups)
+    outs = _build_final_head(spec, og, hb, h, fk)
+    return Partition(
+        id=len(parts), name="head", kind="final", module=lay.k_mod + 1, group=0, groups=1,
+        units=list(og.classifier.units) if fk == "model" else [], inputs=inputs, body=b.nodes,
+        channels=[0, b.shape(x)[0]], head_kind=f"final:{fk}", head=hb.nodes, head_outputs=outs, loss=Loss("ce"))
 
 
 def _check_size(k_mod: int, groups: list[int], siblings: bool) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,18 +39,18 @@ from .data.batches import steps_per_epoch
 from .data.feed import MemoryFeed, StreamFeed
 from .data.ranks import LabelFeed, fed_where_read, ranks_note
 from .data.select import FeedRequest, load_feed
-from .step.devices import _synthetic_like, guard_oom, resolve_devices
+from .step.devices import synthetic_like, guard_oom, resolve_devices
 from .evaluation.evaluate import evaluate_run  # noqa: F401  (re-exported)
 from .step.cuda_graphs import GraphedStep, not_capturable, resolve
 from .step.compile import compile_fused
 from .step.executor import Executor
+from .step.optim import run_lr
 from .step.streams import untaken
 from ..graph.ops import RANDOM_KINDS
 from .loop_state import MetricsWindow, Reporter, TrainState
 from .metrics import MetricsLogger, truncate_metrics, write_metrics_csv
 from .run.options import TrainOptions
 from .run.progress import ProgressEvent, ProgressFn, counted
-from .run.resume import run_lr
 from .run.directory import (DATA_RECORD, create_run, discard_unstarted, latest_run, read_run_record, record_changes,
                       reopen_run, run_weights)
 from .run.signals import Interrupted
@@ -97,7 +98,7 @@ class Checkpointer:
         self.art, self.ex, self.ctx = art, ex, ctx
         self.root = run_dir / "checkpoints"
         self.dir = ctx.checkpoint_dir(self.root)
-        self.fused, self.keep = config.execution.fused, config.execution.keep_checkpoints
+        self.per_device_optim, self.keep = config.execution.fused, config.execution.keep_checkpoints
         self.replaced_from: int | None = None  # processes that wrote the checkpoint resumed from, if re-placed
         self.written: set[int] = set()  # steps this attempt checkpointed
 
@@ -105,7 +106,7 @@ class Checkpointer:
         """Checkpoint weights, optimizer and RNG states, where the run stands and the metrics window."""
         self.ctx.drain()
         tensors = state_tensors(self.art.modules, self.art.plan)
-        state = {"step": st.step, "epoch": st.epoch, "step_in_epoch": st.step_in_epoch, "fused": self.fused,
+        state = {"step": st.step, "epoch": st.epoch, "step_in_epoch": st.step_in_epoch, "fused": self.per_device_optim,
                  "optim": self.ex.updater.state_dict(), "rng": rng_state(),
                  "history": st.history, "window": window.state(), "wall_s": st.wall_s()}
         save_checkpoint(self.dir, f"ckpt-{st.step:09d}", tensors=tensors, state=state)
@@ -133,7 +134,7 @@ class Checkpointer:
         if loaded is None:
             return None
         state = loaded.state
-        if state.get("fused") != self.fused:
+        if state.get("fused") != self.per_device_optim:
             raise RunError("this run was checkpointed with fused="
                            f"{state.get('fused')}; resume with the same --fused/--no-fused setting")
         load_state_tensors(self.art.modules, self.art.plan, loaded.tensors, str(self.dir / loaded.name))
@@ -145,20 +146,39 @@ class Checkpointer:
         return loaded.name
 
 
+@dataclass
 class Validator:
-    """Test accuracy of the network as trained so far: final head, layerwise ensemble, each partition."""
+    """Test accuracy of the network as trained so far: final head, layerwise ensemble, each partition.
 
-    def __init__(self, trainer: "Trainer") -> None:
-        self.t = trainer
+    Everything it reads is given here (the Trainer builds it), none of it read back from the Trainer.
+    """
+
+    ctx: LocalContext
+    """This process's place in the run (a distributed rank evaluates the weights all ranks committed)."""
+    executor: Executor
+    """The training executor (evaluated as is in one process)."""
+    checkpoints: Path
+    """The run's checkpoint directory (where a rank finds the others' weights)."""
+    device: torch.device
+    """Where an evaluation executor over every partition runs."""
+    data: Any
+    """The data feed (``batches(train=False)``, ``mean``, ``std``)."""
+    batch_size: int
+    """The run's batch size (evaluation uses at least 256)."""
+    seed: int
+    """The run's seed."""
+    total_epochs: int
+    """Epochs of the whole run (for the progress events)."""
+    on_progress: ProgressFn | None = None
+    """Called with a :class:`ProgressEvent` per test batch."""
 
     def __call__(self, st: TrainState) -> dict[str, Any]:
-        t = self.t
-        ex = t.ctx.evaluator(t.ex, t.checkpointer.root, st.step, lambda modules: Executor(
-            t.art.plan, modules, None, {pid: t.device for pid in modules}, fused=False,
-            denorm=(t.data.mean, t.data.std)))
-        batches = t.data.batches(batch_size=max(t.recipe.batch_size, 256), seed=t.recipe.seed, epoch=0, train=False,
-                                 augment=False, channels_last=ex.channels_last)
-        shown = counted(batches, len(batches), t.on_progress, "eval", epoch=st.epoch - 1, epochs=t.total_epochs)
+        plan, denorm = self.executor.plan, (self.data.mean, self.data.std)
+        ex = self.ctx.evaluator(self.executor, self.checkpoints, st.step, lambda modules: Executor(
+            plan, modules, None, {pid: self.device for pid in modules}, per_device_optim=False, denorm=denorm))
+        batches = self.data.batches(batch_size=max(self.batch_size, 256), seed=self.seed, epoch=0, train=False,
+                                    augment=False, channels_last=ex.channels_last)
+        shown = counted(batches, len(batches), self.on_progress, "eval", epoch=st.epoch - 1, epochs=self.total_epochs)
         fsio.point("train.evaluate", epoch=st.epoch - 1)
         return ex.evaluate(shown)
 
@@ -192,7 +212,8 @@ class Trainer:
         self.data = self._load_data()
         torch.manual_seed(self.recipe.seed)
         graphs = self._cuda_graphs(devices)
-        self.ex = Executor(plan, art.modules, self.recipe.optimizer, devices, fused=self.execution.fused, amp=self.amp,
+        self.ex = Executor(plan, art.modules, self.recipe.optimizer, devices,
+                           per_device_optim=self.execution.fused, amp=self.amp,
                            channels_last=self.channels_last, denorm=(self.data.mean, self.data.std),
                            siblings=self.ctx.fuse_siblings(self.execution.fuse_siblings), transport=self.ctx.transport,
                            capturable=graphs)
@@ -212,7 +233,8 @@ class Trainer:
         """Partitions trained in each phase (sequential schedule: one module per phase; None = all)."""
         self.total_epochs = self.recipe.epochs * len(self.phases)
         self.checkpointer = Checkpointer(art, self.ex, self.ctx, run_dir, config)
-        self.validate = Validator(self)
+        self.validate = Validator(self.ctx, self.ex, self.checkpointer.root, self.device, self.data, bs,
+                                  self.recipe.seed, self.total_epochs, on_progress)
         self.window = MetricsWindow({p.id: p.name for p in plan.partitions}, bs)
         self.state = TrainState()
 
@@ -222,7 +244,7 @@ class Trainer:
         owned = {pid: d for pid, d in devices.items() if pid in mods}
         random = {p.id for p in plan.partitions
                   if p.id in mods and any(n.kind in RANDOM_KINDS for n in p.body + p.head)}
-        reason = not_capturable(owned, fused=self.execution.fused, in_process=self.ctx.transport.in_process,
+        reason = not_capturable(owned, per_device_optim=self.execution.fused, in_process=self.ctx.transport.in_process,
                                 world=self.ctx.world, sequential=plan.schedule != "parallel",
                                 legacy_random=bool(untaken({p.id: p for p in plan.partitions}, mods, random)))
         on = resolve(self.execution.cuda_graphs, reason)
@@ -239,7 +261,7 @@ class Trainer:
         plan, r, exe = self.art.plan, self.recipe, self.execution
         data = load_feed(FeedRequest(r.dataset, r.augment, tuple(plan.input_shape), self.device, exe.data,
                                      exe.data_root, exe.download, r.limit_train, r.limit_test,
-                                     _synthetic_like(plan, r.batch_size), self.on_log, self.on_progress))
+                                     synthetic_like(plan, r.batch_size), self.on_log, self.on_progress))
         if data.num_classes != plan.num_classes:
             raise RunError(f"data set '{r.dataset}' has {data.num_classes} classes but the network was compiled for "
                            f"{plan.num_classes}; set model.num_classes: {data.num_classes} and recompile")

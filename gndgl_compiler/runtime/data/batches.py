@@ -20,14 +20,14 @@ from ...errors import DataError
 from .cache import DataBundle
 
 
-def _seed(*parts) -> int:
+def stable_seed(*parts) -> int:
     """A stable 63-bit seed derived from ``parts`` (independent of Python's hash randomisation)."""
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     """Return the shuffled order of ``n`` samples for ``epoch`` (CPU int64, identical on every process)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(_seed("perm", seed, epoch)))
+    return torch.randperm(n, generator=torch.Generator().manual_seed(stable_seed("perm", seed, epoch)))
 
 
 def steps_per_epoch(n: int, batch_size: int, drop_last: bool = True) -> int:
@@ -46,7 +46,7 @@ def batch_indices(n: int, batch_size: int, seed: int, epoch: int, drop_last: boo
 def augment_params(n: int, *, seed: int, epoch: int, step: int, pad: int = 4,
                    flip: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return the CPU crop offsets (dy, dx in [0, 2*pad]) and flip mask that :func:`augment` uses."""
-    g = torch.Generator().manual_seed(_seed("aug", seed, epoch, step))
+    g = torch.Generator().manual_seed(stable_seed("aug", seed, epoch, step))
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=g)
     mask = torch.randint(0, 2, (n,), generator=g).bool() if flip else torch.zeros(n, dtype=torch.bool)

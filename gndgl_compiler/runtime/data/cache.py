@@ -48,7 +48,7 @@ class DataBundle:
         return tuple(self.train_x.shape[1:])
 
 
-def _cached(cache: Path, kind: str, name: str, stats: list, build) -> DataBundle:
+def cached_bundle(cache: Path, kind: str, name: str, stats: list, build) -> DataBundle:
     """Return the cached bundle for (kind, stats) or build, store and return it."""
     digest = hashlib.sha256(json.dumps([CACHE_VERSION, kind, stats]).encode()).hexdigest()[:20]
     path = cache / f"data-{kind}-{digest}.safetensors"
@@ -95,11 +95,12 @@ def _write_cache(path: Path, b: DataBundle) -> None:
                       stacklevel=2)
 
 
-def _file_stats(paths) -> list:
+def file_stats(paths) -> list:
+    """``[resolved path, size, mtime_ns]`` of each file: what a cache entry records to notice a changed source."""
     return [[str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths]
 
 
-def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std (in [0,1] units) of uint8 images N×C×H×W, computed in chunks."""
     s = s2 = torch.zeros(x.shape[1], dtype=torch.int64)
     for chunk in x.split(1024):

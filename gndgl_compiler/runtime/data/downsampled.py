@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from ...errors import DataError
-from .cache import DataBundle, _cached, _channel_stats, _file_stats
-from .folder import _decode_image
+from .cache import DataBundle, cached_bundle, channel_stats, file_stats
+from .folder import decode_image
 from ..run.progress import ProgressEvent
 
 _NUMPY_NAMES = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
@@ -45,9 +45,9 @@ def load_downsampled(p: Path, kind: str, cache: Path, progress: Callable[[Any], 
     """Decode (once; cached) a Tiny-ImageNet folder or an ImageNet32/64 batch folder."""
     if kind == "tiny-imagenet":
         files = sorted(q for q in p.rglob("*") if q.is_file() and "test" not in q.relative_to(p).parts[:1])
-        return _cached(cache, "tiny-imagenet", p.name, _file_stats(files), lambda: _tiny(p, progress))
+        return cached_bundle(cache, "tiny-imagenet", p.name, file_stats(files), lambda: _tiny(p, progress))
     files = _batch_files(p, "train") + _batch_files(p, "val")
-    return _cached(cache, "imagenet-batches", p.name, _file_stats(files), lambda: _batches(p))
+    return cached_bundle(cache, "imagenet-batches", p.name, file_stats(files), lambda: _batches(p))
 
 
 # ───────────── Tiny-ImageNet ─────────────
@@ -74,7 +74,7 @@ def _tiny(p: Path, progress) -> DataBundle:
         for rows in (train, val):
             imgs = []
             for q, _ in rows:
-                im = _decode_image(q.read_bytes(), str(q))
+                im = decode_image(q.read_bytes(), str(q))
                 imgs.append(im.expand(3, -1, -1) if im.shape[0] == 1 else im)  # a few are grayscale
                 if progress is not None and (len(out) * len(train) + len(imgs)) % 1024 == 0:
                     progress(ProgressEvent("data", len(out) * len(train) + len(imgs), total))
@@ -83,7 +83,7 @@ def _tiny(p: Path, progress) -> DataBundle:
                 raise DataError(f"{p}: Tiny-ImageNet images must all be 64x64 RGB, found {sorted(sizes)[:3]}")
             out.append((torch.stack(imgs), torch.tensor([c for _, c in rows], dtype=torch.int64)))
     (trx, trl), (tex, tel) = out
-    return DataBundle(p.name, trx, trl, tex, tel, len(wnids), *_channel_stats(trx), wnids)
+    return DataBundle(p.name, trx, trl, tex, tel, len(wnids), *channel_stats(trx), wnids)
 
 
 # ───────────── ImageNet32 / ImageNet64 numpy batches ─────────────
@@ -126,4 +126,4 @@ def _batches(p: Path) -> DataBundle:
     trx = torch.from_numpy(np.concatenate(xs))
     k = int(max(np.concatenate(ys).max(), tey.max())) + 1
     return DataBundle(p.name, trx, torch.from_numpy(np.concatenate(ys)), torch.from_numpy(np.ascontiguousarray(tex)),
-                      torch.from_numpy(tey), k, *_channel_stats(trx), [str(i) for i in range(k)])
+                      torch.from_numpy(tey), k, *channel_stats(trx), [str(i) for i in range(k)])

@@ -23,7 +23,7 @@ import torch
 from ...errors import DataError
 from .batches import Batches, augment, epoch_permutation, normalize, steps_per_epoch
 from .cache import DataBundle
-from .folder import _decode_image
+from .folder import decode_image
 from .index import SourceIndex, Split
 from .transforms import CropPlan, transform_batch
 
@@ -58,7 +58,7 @@ class StepSet(torch.utils.data.Dataset):
         if self.split.pixels is not None:
             return self.split.pixels[self.split.refs[j]]
         try:
-            return _decode_image(self.index.read(self.split.refs[j]), self.split.names[j])
+            return decode_image(self.index.read(self.split.refs[j]), self.split.names[j])
         except (DataError, OSError) as e:
             if not self.skip_bad:
                 raise DataError(f"{e}; or set train.data.on_bad_image: skip to leave such images out") from None

@@ -15,13 +15,13 @@ import numpy as np
 import torch
 
 from ...errors import DataError
-from .cache import DataBundle, _cached, _channel_stats, _file_stats
+from .cache import DataBundle, cached_bundle, channel_stats, file_stats
 from ..run.progress import ProgressEvent
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff"}
 
 
-def _decode_image(data: bytes, where: str) -> torch.Tensor:
+def decode_image(data: bytes, where: str) -> torch.Tensor:
     """Decode image bytes to uint8 C×H×W (alpha dropped); torchvision first, PIL as fallback."""
     try:
         from torchvision.io import ImageReadMode, decode_image
@@ -60,7 +60,7 @@ _ACCEPTS = ("a data set path is a folder, .tar.gz or .tar holding train/<class>/
             "(one image file per sample)")
 
 
-def _check_archive(p: Path, given: str) -> None:
+def check_archive(p: Path, given: str) -> None:
     """Refuse a file that is not a tar archive in one line (a single image, a zip, a damaged file)."""
     if p.suffix.lower() in IMAGE_EXTS:
         raise DataError(f"'{given}' is a single image, not a data set: a data set is a name (cifar10, cifar100, "
@@ -90,10 +90,10 @@ def load_image_folder(path: str | os.PathLike, cache_dir: str | os.PathLike,
     if not p.exists():
         raise DataError(f"image folder '{path}' does not exist")
     if not p.is_dir():
-        _check_archive(p, str(path))
-    stats = _file_stats(sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p])
+        check_archive(p, str(path))
+    stats = file_stats(sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p])
     name = p.name.removesuffix(".gz").removesuffix(".tgz").removesuffix(".tar")
-    return _cached(Path(cache_dir), "imagefolder", name, stats, lambda: _decode_folder(p, name, progress))
+    return cached_bundle(Path(cache_dir), "imagefolder", name, stats, lambda: _decode_folder(p, name, progress))
 
 
 def _decode_folder(p: Path, name: str, progress: Callable[[Any], None] | None = None) -> DataBundle:
@@ -122,7 +122,7 @@ def _decode_folder(p: Path, name: str, progress: Callable[[Any], None] | None = 
             rows.sort(key=lambda i: (index[i[1]], i[2]))
             imgs = []
             for _, c, f, data in rows:
-                im = _decode_image(data, f"{split}/{c}/{f} in {p}")
+                im = decode_image(data, f"{split}/{c}/{f} in {p}")
                 first = im if first is None else first
                 if im.shape[1:] != first.shape[1:]:
                     raise DataError(f"{p}: images must all have one size, but {split}/{c}/{f} is {im.shape[1]}x"
@@ -134,4 +134,4 @@ def _decode_folder(p: Path, name: str, progress: Callable[[Any], None] | None = 
             out[split] = imgs, torch.tensor([index[r[1]] for r in rows], dtype=torch.int64)
     chans = max(im.shape[0] for imgs, _ in out.values() for im in imgs)  # gray images join RGB ones as RGB
     (trx, try_), (tex, tey) = ((torch.stack([im.expand(chans, -1, -1) for im in imgs]), y) for imgs, y in out.values())
-    return DataBundle(name, trx, try_, tex, tey, len(classes), *_channel_stats(trx), classes)
+    return DataBundle(name, trx, try_, tex, tey, len(classes), *channel_stats(trx), classes)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ...errors import DataError
-from .folder import IMAGE_EXTS, _check_archive
+from .folder import IMAGE_EXTS, check_archive
 from ..run.progress import ProgressEvent
 
 TRAIN_NAMES, EVAL_NAMES = ("train",), ("test", "val")  # test/ first, as the in-memory path
@@ -103,7 +103,7 @@ def index_source(path: str | os.PathLike, progress: Callable[[Any], None] | None
     if not p.exists():
         raise DataError(f"data set path '{given}' does not exist; {_LAYOUT}")
     if not p.is_dir():
-        _check_archive(p, given)  # a single image, a zip, a damaged file: one line, as the in-memory path says
+        check_archive(p, given)  # a single image, a zip, a damaged file: one line, as the in-memory path says
     if p.is_dir():
         rows, kind, blob = _list_folder(p, progress), "folder", None
     elif _is_gz(p):

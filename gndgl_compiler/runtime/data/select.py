@@ -19,10 +19,10 @@ import torch
 
 from ...errors import DataError
 from ...spec.models import DataFeed
-from .batches import _seed
-from .sources import NAMES, STATS, _data_root, check_source, load_dataset
+from .batches import stable_seed
+from .sources import NAMES, STATS, data_root, check_source, load_dataset
 from .downsampled import detect
-from .folder import _decode_image
+from .folder import decode_image
 from .feed import MemoryFeed, StreamFeed, default_workers
 from .index import SourceIndex, Split, index_source
 from .transforms import CropPlan, crop_plan, fit_channels
@@ -94,7 +94,7 @@ def _stream_path(key: str, low: str, root: str | None) -> str | None:
         path = key.removeprefix("imagefolder:")
         return None if detect(Path(os.path.expanduser(path))) else path  # downsampled sets stream from tensors
     jpeg = os.environ.get("GNDGL_CIFAR10_JPEG")
-    if low == "cifar10" and not (_data_root(root) / "cifar-10-batches-py").is_dir() and jpeg and os.path.isfile(jpeg):
+    if low == "cifar10" and not (data_root(root) / "cifar-10-batches-py").is_dir() and jpeg and os.path.isfile(jpeg):
         return jpeg
     return None
 
@@ -151,7 +151,7 @@ def _decode(index: SourceIndex, split: Split, j: int) -> torch.Tensor:
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        return _decode_image(index.read(split.refs[j]), split.names[j])
+        return decode_image(index.read(split.refs[j]), split.names[j])
 
 
 def _name_stats(index: SourceIndex, low: str, path: str, plan: CropPlan) -> tuple[str, tuple]:
@@ -163,10 +163,10 @@ def _name_stats(index: SourceIndex, low: str, path: str, plan: CropPlan) -> tupl
 
 
 def sample_stats(index: SourceIndex, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std (in [0,1] units) of up to ``STATS_SAMPLE`` train images (as ``_channel_stats``)."""
+    """Per-channel mean and std (in [0,1] units) of up to ``STATS_SAMPLE`` train images (as ``channel_stats``)."""
     n = len(index.train.labels)
     idx = range(n) if n <= STATS_SAMPLE else torch.randperm(
-        n, generator=torch.Generator().manual_seed(_seed("stats")))[:STATS_SAMPLE].tolist()
+        n, generator=torch.Generator().manual_seed(stable_seed("stats")))[:STATS_SAMPLE].tolist()
     s = s2 = torch.zeros(channels, dtype=torch.int64)
     pixels = 0
     for j in idx:
@@ -200,7 +200,7 @@ def limit_index(index: SourceIndex, limit_train: int | None, limit_test: int | N
         if limit is not None and (not isinstance(limit, int) or limit <= 0):
             raise DataError(f"limit_{name} must be a positive integer, got {limit!r}")
         if limit is not None and limit < len(sp.labels):
-            g = torch.Generator().manual_seed(_seed("limit", name))
+            g = torch.Generator().manual_seed(stable_seed("limit", name))
             sp = sp.select(torch.randperm(len(sp.labels), generator=g)[:limit])
         out[name] = sp
     return dataclasses.replace(index, **out)

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import DataError
-from .batches import _seed
-from .cache import DataBundle, _cached, _channel_stats, _file_stats
+from .batches import stable_seed
+from .cache import DataBundle, cached_bundle, channel_stats, file_stats
 from .downsampled import detect, load_downsampled
 from .folder import load_image_folder
 
@@ -71,7 +71,7 @@ def load_dataset(name: str, *, root: str | None = None, cache_dir: str | None = 
     if low == "synthetic":
         bundle = _synthetic(synthetic or {})
     elif low in ("cifar10", "cifar100"):
-        bundle = _load_cifar(low, _data_root(root), download, cache, explicit_root=bool(root))
+        bundle = _load_cifar(low, data_root(root), download, cache, explicit_root=bool(root))
     elif low in IDX_CLASSES:
         bundle = _load_idx(low, root, cache)
     else:
@@ -125,7 +125,8 @@ def check_source(name: str, *, root: str | None = None, download: bool = False) 
     return key, low
 
 
-def _data_root(root: str | None) -> Path:
+def data_root(root: str | None) -> Path:
+    """Where data sets are looked for and downloaded: ``root``, else ``$GNDGL_DATA``, else ``~/.cache/gndgl/data``."""
     return Path(os.path.expanduser(root or os.environ.get("GNDGL_DATA") or "~/.cache/gndgl/data"))
 
 
@@ -136,7 +137,7 @@ def _limit(b: DataBundle, limit_train: int | None, limit_test: int | None) -> Da
         if limit is not None and (not isinstance(limit, int) or limit <= 0):
             raise DataError(f"limit_{split} must be a positive integer, got {limit!r}")
         if limit is not None and limit < len(x):
-            g = torch.Generator().manual_seed(_seed("limit", split))
+            g = torch.Generator().manual_seed(stable_seed("limit", split))
             idx = torch.randperm(len(x), generator=g)[:limit]
             x, y = x[idx].contiguous(), y[idx].contiguous()
         out[f"{split}_x"], out[f"{split}_y"] = x, y
@@ -209,7 +210,7 @@ def _load_cifar(name: str, root: Path, download: bool, cache: Path, explicit_roo
         return DataBundle(name, *conv[0], *conv[1], len(tr.classes), *STATS[name], list(tr.classes))
 
     files = sorted(p for p in base.rglob("*") if p.is_file())
-    return _cached(cache, name, name, _file_stats(files), build)
+    return cached_bundle(cache, name, name, file_stats(files), build)
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -243,7 +244,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 def _load_idx(name: str, root: str | None, cache: Path) -> DataBundle:
     tv_dir = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}[name]
     dirs = [Path(os.path.expanduser(root)) / d for d in ("", name, f"{tv_dir}/raw")] if root else []
-    dirs.append(_data_root(None) / name)
+    dirs.append(data_root(None) / name)
     dirs += [Path("/usr/share/datasets/fashion-mnist")] if name == "fashion-mnist" else []
     wanted = [f for pair in IDX_FILES.values() for f in pair]
     for d in dirs:
@@ -269,7 +270,7 @@ def _load_idx(name: str, root: str | None, cache: Path) -> DataBundle:
                 for x, y in zip(xs, ys)]
         return DataBundle(name, *conv[0], *conv[1], 10, *STATS[name], IDX_CLASSES[name])
 
-    return _cached(cache, name, name, _file_stats(found), build)
+    return cached_bundle(cache, name, name, file_stats(found), build)
 
 
 def _synthetic(opts: dict) -> DataBundle:
@@ -293,4 +294,4 @@ def _synthetic(opts: dict) -> DataBundle:
         return x.round().clamp(0, 255).to(torch.uint8).contiguous(), y.to(torch.int64)
 
     (xtr, ytr), (xte, yte) = make(n_train), make(n_test)
-    return DataBundle("synthetic", xtr, ytr, xte, yte, k, *_channel_stats(xtr), [f"class{i}" for i in range(k)])
+    return DataBundle("synthetic", xtr, ytr, xte, yte, k, *channel_stats(xtr), [f"class{i}" for i in range(k)])

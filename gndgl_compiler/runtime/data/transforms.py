@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import DataError
-from .batches import _seed
+from .batches import stable_seed
 
 TRIES = 10
 
@@ -37,7 +37,7 @@ class CropPlan:
 
 def rrc_draws(n: int, *, seed: int, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample uniforms (n×TRIES×4, float64) for the crop tries and flip coins (n, bool) of one step."""
-    g = torch.Generator().manual_seed(_seed("rrc", seed, epoch, step))
+    g = torch.Generator().manual_seed(stable_seed("rrc", seed, epoch, step))
     return torch.rand(n, TRIES, 4, generator=g, dtype=torch.float64), torch.rand(n, generator=g) < 0.5
 
 

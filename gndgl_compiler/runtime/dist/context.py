@@ -30,7 +30,7 @@ from ..checkpoint.directory import LoadedCheckpoint
 from ..checkpoint.ranks import (commit_checkpoint, committed_checkpoint, gather_modules, gather_tensors,
                               merge_rank_metrics, metrics_dir)
 from ..checkpoint.replace import Source, checkpoint_source, fold_rank_metrics, replaced_checkpoint
-from ..run.directory import _usable_checkpoint
+from ..run.directory import usable_checkpoint
 from ..run.signals import StopFlag
 from .transport import LocalTransport, Transport
 
@@ -78,7 +78,7 @@ class LocalContext:
             raise RunError(f"'{root}' has committed steps of a distributed run but no step whose every rank file is "
                            "usable; restore the damaged files, or move the directory away to train again from step 0")
         if src is None or src.world is None:
-            return _usable_checkpoint(root)
+            return usable_checkpoint(root)
         return self._replaced(root, src, ex)
 
     def _replaced(self, root: Path, src: Source, ex: Any) -> LoadedCheckpoint:

@@ -8,9 +8,9 @@ from typing import Any
 
 from ...artifact import load_state_tensors
 from ..run.config import RunConfig
-from ..step.devices import _synthetic_like, resolve_devices
+from ..step.devices import synthetic_like, resolve_devices
 from ..step.executor import Executor
-from ..run.directory import _load_run_artifact, read_run_record, run_weights
+from ..run.directory import load_run_artifact, read_run_record, run_weights
 from ..data.select import FeedRequest, load_feed
 
 
@@ -22,7 +22,7 @@ def evaluate_run(run_dir: str | Path, device: str | None = None, limit_test: int
     """
     run_dir = Path(run_dir)
     saved = read_run_record(run_dir)
-    art = _load_run_artifact(run_dir, saved)
+    art = load_run_artifact(run_dir, saved)
     config = RunConfig.from_record(saved["config"])
     tensors, source = run_weights(run_dir, saved)
     load_state_tensors(art.modules, art.plan, tensors, str(run_dir))
@@ -36,8 +36,9 @@ def evaluate_run(run_dir: str | Path, device: str | None = None, limit_test: int
     r = config.recipe
     data = load_feed(FeedRequest(r.dataset, r.augment, tuple(art.plan.input_shape), first, config.execution.data,
                                  root, False, 1, limit_test or r.limit_test,
-                                 _synthetic_like(art.plan, r.batch_size)))  # streamed sets evaluate streamed
-    ex = Executor(art.plan, art.modules, None, devices, fused=False, denorm=(data.mean, data.std))  # no optimizers
+                                 synthetic_like(art.plan, r.batch_size)))  # streamed sets evaluate streamed
+    ex = Executor(art.plan, art.modules, None, devices, per_device_optim=False,  # no optimizers
+                  denorm=(data.mean, data.std))
     ev = ex.evaluate(data.batches(batch_size=256, seed=0, epoch=0, train=False, augment=False))
     ev["source"] = source
     return ev

@@ -27,8 +27,8 @@ from ...errors import DataError, RunError
 from ...partition.plan import IMAGE
 from ..data.sources import IDX_CLASSES, STATS, load_dataset
 from ..run.config import RunConfig
-from ..step.devices import _synthetic_like
-from ..run.directory import DATA_RECORD, _load_run_artifact, latest_run, read_run_record, run_weights
+from ..step.devices import synthetic_like
+from ..run.directory import DATA_RECORD, load_run_artifact, latest_run, read_run_record, run_weights
 
 
 class InputError(RunError):
@@ -211,7 +211,7 @@ def _data_record(run_dir: Path, saved: dict, art: Artifact) -> dict[str, Any]:
     origin = f"statistics of data set '{dataset}' (the run has no {DATA_RECORD})"
     try:  # an older run: the statistics the training data had, computed the same way
         data = load_dataset(dataset, root=config.execution.data_root, input_shape=tuple(art.plan.input_shape),
-                            limit_train=1, limit_test=1, synthetic=_synthetic_like(art.plan, config.recipe.batch_size))
+                            limit_train=1, limit_test=1, synthetic=synthetic_like(art.plan, config.recipe.batch_size))
         rec = {"mean": list(data.mean), "std": list(data.std), "classes": list(data.classes)}
     except DataError as exc:
         known = str(dataset).strip().lower().replace("_", "-").replace("fashionmnist", "fashion-mnist")
@@ -264,7 +264,7 @@ def load_run(run_dir: str | Path | None = None) -> TrainedNet:
     """
     run_dir = Path(run_dir) if run_dir is not None else latest_run()
     saved = read_run_record(run_dir)
-    art = _load_run_artifact(run_dir, saved)
+    art = load_run_artifact(run_dir, saved)
     tensors, source = run_weights(run_dir, saved)
     load_state_tensors(art.modules, art.plan, tensors, str(run_dir))
     return TrainedNet(art, _data_record(run_dir, saved, art), run_dir, source)

@@ -104,7 +104,7 @@ def reopen_run(run_dir: str | Path, opts: TrainOptions, *, world: int = 1, verif
 
     run_dir = Path(run_dir)
     saved = check_resume_world(run_dir, world)
-    art = _load_run_artifact(run_dir, saved) if verify else load_artifact(run_dir / "artifact", verify=False)
+    art = load_run_artifact(run_dir, saved) if verify else load_artifact(run_dir / "artifact", verify=False)
     config, notes = resume_config(run_dir, saved, opts, sequential=art.plan.schedule == "sequential")
     old = saved.get("world", 1)
     if old != world:  # the checkpoints are re-placed for the new number on load (runtime/checkpoint/replace.py)
@@ -245,7 +245,7 @@ def _check_run_config(cfg: dict) -> None:
     RunConfig.from_record(cfg)  # the extensions
 
 
-def _load_run_artifact(run_dir: Path, saved: dict) -> Artifact:
+def load_run_artifact(run_dir: Path, saved: dict) -> Artifact:
     """The run's own copy of its artifact; a damaged file is named with the fix for a run directory."""
     source = saved.get("source")
     origin = f" (e.g. from '{source}', if it was not recompiled since)" if source and source != "None" else ""
@@ -288,7 +288,7 @@ def discard_unstarted(run_dir: Path, fresh: bool) -> None:
             shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
 
 
-def _usable_checkpoint(ckpt_dir: Path):
+def usable_checkpoint(ckpt_dir: Path):
     """The newest valid checkpoint in ``ckpt_dir`` (None if there are none).
 
     Raises:
@@ -342,7 +342,7 @@ def run_weights(run_dir: str | Path, saved: dict) -> tuple[dict[str, torch.Tenso
             raise RunError(f"'{run_dir}' has no weights or committed checkpoints yet; train it first "
                            f"(gndgl train --resume {run_dir})")
         return gather_tensors(ckpts, step, world), f"committed checkpoint ckpt-{step:09d}"
-    loaded = _usable_checkpoint(ckpts)
+    loaded = usable_checkpoint(ckpts)
     if loaded is None:
         raise RunError(f"'{run_dir}' has no weights or checkpoints yet; "
                        f"train it first (gndgl train --resume {run_dir})")

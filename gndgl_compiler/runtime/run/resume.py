@@ -24,7 +24,6 @@ from typing import Any
 
 from ...errors import RunError
 from .config import Extension, RunConfig, scale_schedule
-from ..step.optim import lr_at
 
 APPLIES = ("device", "log_every", "checkpoint_every", "data_root", "fuse_siblings", "cuda_graphs", "compile")
 """Options a resumed run takes (recorded in run.json); ``max_steps`` and ``tensorboard`` apply too."""
@@ -99,22 +98,3 @@ def _finished(run_dir: Path) -> bool:
         return bool(json.loads((run_dir / "summary.json").read_text()).get("complete"))
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def run_lr(recipe: Any, step: int, spe: int, epochs: int) -> float:
-    """Learning rate at ``step`` of a phase of ``epochs`` epochs, following any extension.
-
-    Args:
-        recipe: the run's :class:`~.config.Recipe` (``optimizer.lr``, ``schedule``, ``extensions``).
-        step: 0-based step within the phase.
-        spe: steps per epoch.
-        epochs: epochs of the phase.
-
-    Returns:
-        The learning rate (a pure function of its arguments).
-    """
-    for ext in reversed(recipe.extensions):
-        start = ext.from_epoch * spe
-        if step >= start:
-            return lr_at(step - start, spe, ext.lr, ext.schedule, ext.epochs - ext.from_epoch)
-    return lr_at(step, spe, recipe.optimizer.lr, recipe.schedule, epochs)

@@ -31,13 +31,13 @@ MODES = ("auto", "on", "off")
 WARMUP_STEPS = 3
 
 
-def not_capturable(devices: dict[int, torch.device], *, fused: bool, in_process: bool, world: int = 1,
+def not_capturable(devices: dict[int, torch.device], *, per_device_optim: bool, in_process: bool, world: int = 1,
                    sequential: bool = False, legacy_random: bool = False) -> str | None:
     """Why a training step of this process cannot be captured as one CUDA graph (None: it can).
 
     Args:
         devices: ``{pid: device}`` of the partitions this process owns.
-        fused: the per-device fused updater (the tensor-LR step needs it).
+        per_device_optim: one optimizer per device (the tensor-LR step needs it).
         in_process: the transport keeps every tensor in this process.
         world: number of processes of the run.
         sequential: module-by-module schedule (the trained set changes between phases).
@@ -50,7 +50,7 @@ def not_capturable(devices: dict[int, torch.device], *, fused: bool, in_process:
         return "CUDA is not available"
     if world > 1 or not in_process:
         return "a distributed run (tensors cross processes inside the step)"
-    if not fused:
+    if not per_device_optim:
         return "train.fused is false (the captured step needs the per-device updater)"
     if sequential:
         return "the sequential schedule (the trained partitions change between phases)"

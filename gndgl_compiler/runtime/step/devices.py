@@ -39,7 +39,7 @@ def check_device(name: str, who: str = "--device asks for") -> torch.device:
     return dev
 
 
-def _synthetic_like(plan, batch_size: int | None = None) -> dict:
+def synthetic_like(plan, batch_size: int | None = None) -> dict:
     """``synthetic`` data shaped like the network's input, with its number of classes, so that any
     spec can be smoke-tested with ``--dataset synthetic``: at least two batches of ``batch_size``
     training images (512 by default), so a spec's own batch size always fits."""

@@ -2,12 +2,12 @@
 
 It composes four seams, each replaceable on its own:
 
-    StepPlan   (step_plan.py)     the static plan: stage order, releases, random partitions, fusion
-    Transport  (transport.py)     how tensors reach other processes (LocalTransport: nothing travels;
-                                  PeerComm in distributed.py: point-to-point)
-    runners    (stage_runner.py)  bodies, heads and losses of a stage: PartitionRunner, or for a
-                                  module whose siblings fuse, SiblingFusedRunner (fused.py)
-    Updater    (updater.py)       the optimizers: backward, LR, step, and their checkpoint state
+    StepPlan   (plan.py)            the static plan: stage order, releases, random partitions, fusion
+    Transport  (dist/transport.py)  how tensors reach other processes (LocalTransport: nothing travels;
+                                    PeerComm in dist/peer.py: point-to-point)
+    runners    (runner.py)          bodies, heads and losses of a stage: PartitionRunner, or for a
+                                    module whose siblings fuse, SiblingFusedRunner (fusion/runner.py)
+    Updater    (updater.py)         the optimizers: backward, LR, step, and their checkpoint state
 
 A step runs stage by stage (module by module, siblings together): forward, losses, backward —
 so only one module's activations are alive at a time — then the updater's end-of-step. No
@@ -34,9 +34,7 @@ from .streams import Streams
 from ..dist.transport import LocalTransport, Transport
 from .updater import DeviceUpdater, PartitionUpdater
 
-RANDOM_OPS = RANDOM_KINDS
-
-__all__ = ["Executor", "HEAD_KEYS", "RANDOM_OPS"]
+__all__ = ["Executor", "HEAD_KEYS"]
 
 
 class Executor:
@@ -48,40 +46,43 @@ class Executor:
         optimizer: the spec's ``train.optimizer`` section; None for an executor that only evaluates
             (no optimizer state is made; :meth:`train_step` refuses).
         devices: ``{partition id: device}``.
-        fused: per-device fused step (one backward, multi-tensor optimizer: :class:`DeviceUpdater`);
-            False: per-partition steps (:class:`PartitionUpdater`).
+        per_device_optim: one optimizer per device (one backward of the summed losses per stage, one
+            multi-tensor step per device at the end of the step: :class:`DeviceUpdater`); False: one
+            optimizer per partition, stepped right after its backward (:class:`PartitionUpdater`). The
+            option ``train.fused`` / ``--fused`` sets it (docs/architecture.md "Three things once called fused").
         amp: bf16 autocast (on CUDA and on the CPU).
         channels_last: channels_last memory format for 4-d tensors.
         denorm: ``(mean, std)`` to turn the normalised image back into [0, 1] (InfoPro).
-        siblings: with ``fused``, run each module whose sibling partitions are all here, on one
+        siblings: with ``per_device_optim``, run each module whose sibling partitions are all here, on one
             device, as one fused program (same losses and gradients; see ``runtime/fusion/``);
             or the module indices that may fuse (the others run per partition).
         transport: how tensors reach partitions in other processes (default :class:`LocalTransport`).
         capturable: build a step that reads nothing on the host, for CUDA-graph capture
             (``runtime/step/cuda_graphs.py``): the LR lives in a tensor per device (``runtime/step/lr.py``;
-            needs ``fused``). Off: the Python-float LR, today's results bit for bit.
+            needs ``per_device_optim``). Off: the Python-float LR, today's results bit for bit.
     """
 
     def __init__(self, plan: PartitionPlan, modules: dict[int, PartitionModule], optimizer: Any | None,
-                 devices: dict[int, torch.device], *, fused: bool = True, amp: bool = False,
+                 devices: dict[int, torch.device], *, per_device_optim: bool = True, amp: bool = False,
                  channels_last: bool = False, denorm: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
                  siblings: bool | Collection[int] = True, transport: Transport | None = None,
                  capturable: bool = False):
         self.plan, self.modules, self.devices = plan, modules, devices
-        self.fused, self.amp, self.channels_last, self.denorm = fused, amp, channels_last, denorm
-        self.transport: Transport = transport or LocalTransport()
+        self.per_device_optim, self.amp, self.channels_last = per_device_optim, amp, channels_last
+        self.denorm = denorm
         self.parts = {p.id: p for p in plan.partitions}
-        self.step_plan = StepPlan.build(plan, modules, devices, random_ops=RANDOM_OPS,
-                                        fuse=siblings if fused else False)
+        self.step_plan = StepPlan.build(plan, modules, devices, random_ops=RANDOM_KINDS,
+                                        fuse=siblings if per_device_optim else False)
         self.streams = Streams(self.parts, modules, devices, self.step_plan.random)
         """The random partitions' generators, seeded per (seed, step, partition) (``runtime/step/streams.py``)."""
-        self.env = StageEnv(self.parts, modules, devices, self.transport, self.step_plan.random, amp, denorm,
-                            streams=self.streams, autocast_cache=not capturable)
+        self.env = StageEnv(self.parts, modules, devices, transport or LocalTransport(), self.step_plan.random, amp,
+                            denorm, streams=self.streams, autocast_cache=not capturable)
+        """What every runner shares; the one holder of the transport."""
         for pid in self.order:
             m = modules[pid].to(devices[pid])
             if channels_last:
                 m.to(memory_format=torch.channels_last)
-        self.ema = EmaLinks(self.parts, {pid: modules[pid] for pid in self.order}, self.transport)
+        self.ema = EmaLinks(self.parts, {pid: modules[pid] for pid in self.order}, self.env.transport)
         """MAN's weight edges: the EMA step after each stage's backward (``runtime/step/man_ema.py``)."""
         self.partition_runners = [PartitionRunner(self.env, stage) for stage in self.stages]
         self.runners: list[StageRunner] = list(self.partition_runners)
@@ -100,18 +101,17 @@ class Executor:
                 continue
             self.step_plan.decide(i, True)
             self.fused_stages[i] = fs
-            self.runners[i] = SiblingFusedRunner(fs, stage, self.parts[stage[0]].module, devices[stage[0]],
-                                                 self.env.autocast, self.transport, self.env.image01)
+            self.runners[i] = SiblingFusedRunner(fs, stage, self.parts[stage[0]].module, self.env)
         fused_grads = [g for fs in self.fused_stages.values() for g in fs.fused_grads()]
         self.ema.fuse_storage([self.stages[i] for i in self.fused_stages],
                               [t for fs in self.fused_stages.values() for t in fs.tensors])
-        if capturable and not fused:
-            raise ValueError("a capturable step needs the per-device fused updater (fused=True)")
+        if capturable and not per_device_optim:
+            raise ValueError("a capturable step needs one optimizer per device (per_device_optim=True)")
         self.updater: PartitionUpdater | DeviceUpdater | None = None
         """Owns the optimizers (None: this executor only evaluates)."""
         if optimizer is not None:
             self.updater = DeviceUpdater(self.order, modules, optimizer, devices, fused_grads, lr_tensor=capturable) \
-                if fused else PartitionUpdater(self.order, modules, optimizer)
+                if per_device_optim else PartitionUpdater(self.order, modules, optimizer)
 
     # ------------------------------------------------------------------ the plan, read-only views
     @property
@@ -140,13 +140,14 @@ class Executor:
         return self.step_plan.fusion
 
     @property
-    def comm(self) -> Transport:
-        """The transport (read-only: pass ``transport=`` to the constructor)."""
-        return self.transport
+    def transport(self) -> Transport:
+        """The transport, held once by :attr:`env` (read-only: pass ``transport=`` to the constructor)."""
+        return self.env.transport
 
     @property
     def optimizers(self) -> dict[Any, torch.optim.Optimizer]:
-        """The updater's optimizers (by device string when ``fused``, else by partition id; none to evaluate)."""
+        """The updater's optimizers (by device string with ``per_device_optim``, else by partition id; none to
+        evaluate)."""
         return self.updater.optimizers if self.updater is not None else {}
 
     def fusion_summary(self) -> str:
@@ -184,7 +185,7 @@ class Executor:
 
         Module by module (sibling partitions together): forward, losses, backward — so only one
         module's activations are alive at a time, as in a hand-written local-learning loop. The
-        updater steps at the end (fused: one multi-tensor step per device), or right after each
+        updater steps at the end (per_device_optim: one multi-tensor step per device), or right after each
         partition's backward (unfused); no partition reads another's parameters, so both orders
         give the same weights.
 
@@ -216,12 +217,12 @@ class Executor:
         """The device side of a step (after :meth:`begin_step`): forward, backward, optimizer, stats.
         With ``capturable`` it reads no tensor on the host (``tests/test_cuda_graphs.py``)."""
         st = StepState(x, y, lr, StageOutputs({IMAGE: x}), active, seed)
-        self.ema.send(active)  # MAN: U's pre-update parameters to the ranks that follow it (distributed)
+        self.ema.send(active, self.transport)  # MAN: U's pre-update parameters to the ranks that follow it
         for i, runner in enumerate(self.runners):
             if not runner.takes(active):
                 runner = self.partition_runners[i]
             runner.train(st, self.updater)
-            self.ema.update(runner.stage, active)  # before any optimizer step touches U (module i+1)
+            self.ema.update(runner.stage, active, self.transport)  # before any optimizer step touches U (module i+1)
             for src in self.release.get(i, ()):
                 st.h.pop(src, None)  # no later module reads it
         self.updater.finish(lr)

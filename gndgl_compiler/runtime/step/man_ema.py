@@ -21,7 +21,7 @@ layer over the whole storages: the same element-wise arithmetic on the same valu
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -57,7 +57,8 @@ class EmaLinks:
     Args:
         parts: ``{pid: Partition}`` of the plan.
         modules: ``{pid: PartitionModule}`` this process owns.
-        transport: the executor's transport (a :class:`WeightTransport` when some U lives elsewhere).
+        transport: the executor's transport, checked here (a :class:`WeightTransport` when some U lives
+            elsewhere); the executor passes it again to :meth:`send` and :meth:`update` (it holds it, not this).
 
     Raises:
         ValueError: U lives in another process and the transport cannot carry weights.
@@ -66,7 +67,6 @@ class EmaLinks:
     def __init__(self, parts: dict[int, Partition], modules: dict[int, PartitionModule], transport: object = None):
         self.links: dict[int, tuple[float, int, list[torch.Tensor]]] = {}
         self.local: dict[int, list[torch.Tensor]] = {}
-        self.transport = transport
         self.sends: dict[int, list[torch.Tensor]] = {}
         """U partitions here that MAN partitions elsewhere follow → U's parameters, in link order."""
         for pid, pm in modules.items():
@@ -114,14 +114,14 @@ class EmaLinks:
         return bool(self.links or self.sends)
 
     @torch.no_grad()
-    def send(self, active: set[int] | None) -> None:
+    def send(self, active: set[int] | None, transport: Any) -> None:
         """At the start of a step: U's pre-update parameters to the ranks whose (active) MAN partitions follow it."""
         for src, params in self.sends.items():
             if active is None or any(pid in active for pid in self.followers[src]):
-                self.transport.send_weights(src, torch.cat([p.detach().reshape(-1) for p in params]))
+                transport.send_weights(src, torch.cat([p.detach().reshape(-1) for p in params]))
 
     @torch.no_grad()
-    def update(self, stage: list[int], active: set[int] | None) -> None:
+    def update(self, stage: list[int], active: set[int] | None, transport: Any) -> None:
         """The EMA step of the (active) MAN partitions of ``stage``, from U's pre-update parameters."""
         merged = self.merged.get(tuple(stage))
         if merged is not None and (active is None or all(pid in active for pid in stage)):
@@ -136,14 +136,16 @@ class EmaLinks:
             m, src, emas = link
             us = self.local.get(pid)
             if us is None:
-                us = self._remote(src, emas)
+                us = _remote(transport, src, emas)
             us = [u.to(e.device, non_blocking=True) for e, u in zip(emas, us)]
             torch._foreach_mul_(emas, m)
             torch._foreach_add_(emas, us, alpha=1.0 - m)
 
-    def _remote(self, src: int, emas: list[torch.Tensor]) -> list[torch.Tensor]:
-        flat = self.transport.recv_weights(src, sum(e.numel() for e in emas), emas[0].dtype, emas[0].device)
-        return [t.view_as(e) for t, e in zip(flat.split([e.numel() for e in emas]), emas)]
+
+def _remote(transport: Any, src: int, emas: list[torch.Tensor]) -> list[torch.Tensor]:
+    """U's pre-update parameters received from the rank of partition ``src``, viewed like ``emas``."""
+    flat = transport.recv_weights(src, sum(e.numel() for e in emas), emas[0].dtype, emas[0].device)
+    return [t.view_as(e) for t, e in zip(flat.split([e.numel() for e in emas]), emas)]
 
 
 def _whole(ft: FusedTensor | None, parts: list[torch.Tensor]) -> bool:

@@ -62,6 +62,26 @@ def lr_at(step: int, steps_per_epoch: int, base_lr: float, sched: Schedule, tota
     return lo + (base_lr - lo) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+def run_lr(recipe: Any, step: int, spe: int, epochs: int) -> float:
+    """Learning rate at ``step`` of a phase of ``epochs`` epochs, following any extension of the run.
+
+    Args:
+        recipe: the run's :class:`~gndgl_compiler.runtime.run.config.Recipe` (``optimizer.lr``, ``schedule``,
+            ``extensions``).
+        step: 0-based step within the phase.
+        spe: steps per epoch.
+        epochs: epochs of the phase.
+
+    Returns:
+        The learning rate (a pure function of its arguments).
+    """
+    for ext in reversed(recipe.extensions):
+        start = ext.from_epoch * spe
+        if step >= start:
+            return lr_at(step - start, spe, ext.lr, ext.schedule, ext.epochs - ext.from_epoch)
+    return lr_at(step, spe, recipe.optimizer.lr, recipe.schedule, epochs)
+
+
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     """Set the learning rate of every param group."""
     for g in opt.param_groups:
@@ -79,6 +99,8 @@ def step_all(opt: torch.optim.Optimizer) -> None:
     Args:
         opt: the optimizer.
     """
+    # ``fused`` here is torch's fused-kernel flag (never set by make_optimizer), not sibling fusion nor
+    # one optimizer per device (docs/architecture.md "Three things once called fused")
     if any(not g.get("foreach") or g.get("fused") or g.get("differentiable") for g in opt.param_groups):
         opt.step()
     elif type(opt) is torch.optim.SGD:

@@ -17,6 +17,7 @@ can replace it for a stage (:meth:`StageRunner.takes` says when).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -80,7 +81,8 @@ class StepState:
     x: torch.Tensor
     y: torch.Tensor
     lr: float
-    h: dict[int, torch.Tensor]
+    h: MutableMapping[int, torch.Tensor]
+    """Body outputs so far, by partition id (a :class:`~.outputs.StageOutputs` in a training step)."""
     active: set[int] | None = None
     seed: tuple[int, int] | None = None
     outs: dict[int, dict] = field(default_factory=dict)
@@ -116,7 +118,7 @@ class PartitionRunner:
     def takes(self, active: set[int] | None) -> bool:
         return True
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, h: dict[int, torch.Tensor], outs: dict[int, dict],
+    def forward(self, x: torch.Tensor, y: torch.Tensor, h: MutableMapping[int, torch.Tensor], outs: dict[int, dict],
                 active: set[int] | None, with_loss: bool, seed: tuple[int, int] | None) -> dict[int, torch.Tensor]:
         """Bodies, aux heads, diversity exchange and losses of the stage (no backward).
 
