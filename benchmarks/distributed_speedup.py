@@ -22,6 +22,9 @@ side in one run, interleaved over ``--repeat`` rounds) and prints:
   1 worker's over the busiest rank's is the speed-up an idle machine would allow);
 - with ``--fusion-ab``, the same for ``--no-fuse-siblings`` runs in the same rounds: what sibling
   fusion on the ranks changes (modules whose siblings sit whole on a rank run fused);
+- with ``--replicas R``, R data-parallel replicas × 1 stage (R processes, ``--replicas R``) in the same
+  rounds: images/s next to 1 worker and to 1 replica × N stages, the time in the gradient all-reduce and the
+  all-reduce bytes per step (measured in ``GradAverager``, and the cost model's: every parameter's gradient);
 - the bytes that crossed a process boundary per sample (``bytes_sent`` of every rank over
   the window / (steps x batch)) next to the plan's prediction (``cross_worker_bytes``: each
   ``plan.edges`` tensor once per destination worker, as the runtime sends it).
@@ -32,7 +35,8 @@ with timers and prints every rank's summary (``python -m gndgl_compiler.worker``
 prints rank 0's only, and ranks >= 1 can send too).
 
     python benchmarks/distributed_speedup.py [--steps 12] [--batch 32] [--warmup 3] [--workers 2]
-                                             [--repeat 3] [--no-control] [--fusion-ab] [--configs resnet32_k2g1,...]
+                                             [--repeat 3] [--no-control] [--fusion-ab] [--replicas 2]
+                                             [--configs resnet32_k2g1,...]
 
 The data set is ``synthetic`` (512 training images), so ``(warmup + steps) x batch``
 must stay below 512: no end-of-epoch evaluation or checkpoint lands in the run.
@@ -77,9 +81,10 @@ def _worker(argv: list[str]) -> int:
 
     from gndgl_compiler import worker as T
     from gndgl_compiler.runtime.dist import peer as D
+    from gndgl_compiler.runtime.dist import replicas as R
     from gndgl_compiler.runtime.step import executor as E
 
-    acc = {"step": 0.0, "recv": 0.0, "send_wait": 0.0, "cpu": 0.0}
+    acc = {"step": 0.0, "recv": 0.0, "send_wait": 0.0, "cpu": 0.0, "allreduce": 0.0, "allreduce_bytes": 0}
     trace: list[tuple] = []
     comms: list = []
 
@@ -103,6 +108,15 @@ def _worker(argv: list[str]) -> int:
     timed(E.Executor, "train_step", "step")
     timed(D.PeerComm, "_recv", "recv")
     timed(D.PeerComm, "_wait_all", "send_wait")
+    average = R.GradAverager.__call__
+
+    def averaged(self, params):
+        t, before = time.perf_counter(), self.bytes_reduced
+        average(self, params)
+        acc["allreduce"] += time.perf_counter() - t
+        acc["allreduce_bytes"] += self.bytes_reduced - before
+
+    R.GradAverager.__call__ = averaged
     init = D.PeerComm.__init__
 
     def remember(self, *a, **k):
@@ -115,6 +129,7 @@ def _worker(argv: list[str]) -> int:
     try:
         summary = T.run_worker(args, rank, world)
         summary["rank"], summary["trace"] = rank, trace
+        summary["allreduce_s"], summary["allreduce_bytes"] = acc["allreduce"], acc["allreduce_bytes"]
         print(MARK + json.dumps({k: v for k, v in summary.items() if k != "history"}), flush=True)
     finally:
         if dist.is_initialized():
@@ -199,6 +214,8 @@ def main() -> None:
     ap.add_argument("--fusion-ab", action="store_true",
                     help="also run 1 and N workers with --no-fuse-siblings in the same rounds "
                          "(every module per partition)")
+    ap.add_argument("--replicas", type=int, default=0,
+                    help="also run R data-parallel replicas x 1 stage (R processes) in the same rounds (0: off)")
     ap.add_argument("--configs", default=None, help="comma-separated subset of: " + ", ".join(_configs()))
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds one run may take")
     args = ap.parse_args()
@@ -225,14 +242,23 @@ def main() -> None:
             control: list[float] = []
             k = 0
             for _ in range(args.repeat):  # interleaved, so that background load hits every setting alike
-                for setting in ("1w", "Nw") + (("1w-pp", "Nw-pp") if args.fusion_ab else ()):
+                for setting in ("1w", "Nw") + (("1w-pp", "Nw-pp") if args.fusion_ab else ()) + \
+                        (("Rr",) if args.replicas else ()):
                     k += 1
                     extra = ("--no-fuse-siblings",) if setting.endswith("-pp") else ()
-                    run = _collect(_start(art_dir, 1 if setting.startswith("1w") else n, total_steps, args.batch,
+                    procs = {"1": 1, "N": n, "R": args.replicas}[setting[0]]
+                    if setting == "Rr":
+                        extra = ("--replicas", str(args.replicas))
+                    run = _collect(_start(art_dir, procs, total_steps, args.batch,
                                           tmp / "runs" / f"{name}-{k}", extra), args.timeout)
+                    if setting == "Rr":
+                        win_ar = {"s": max(x["allreduce_s"] for x in run),
+                                  "bytes": run[0]["allreduce_bytes"] / total_steps}
                     win = _window(run, args.warmup, args.steps)
                     if setting not in best or win["wall"] < best[setting]["wall"]:
                         best[setting] = win
+                        if setting == "Rr":
+                            best["Rr"]["allreduce"] = win_ar
                 if not args.no_control:
                     groups = []
                     for _c in range(n):
@@ -249,7 +275,8 @@ def main() -> None:
                          "summary": (best["1w"]["summary_ips"], best["Nw"]["summary_ips"]),
                          "ab": {st: (images / best[st]["wall"], max(x["cpu"] for x in best[st]["ranks"]),
                                      sum(x["bytes"] for x in best[st]["ranks"]) / images)
-                                for st in best}})
+                                for st in best},
+                         "rep": _replica_row(best.get("Rr"), images, art_dir)})
             print(f"  done {name}", file=sys.stderr, flush=True)
 
     print(f"gloo on CPU, {os.cpu_count()} cores, --threads 1 per worker; batch {args.batch}; {args.steps} timed steps "
@@ -287,10 +314,38 @@ def main() -> None:
             ab = r["ab"]
             print(f"  {r['name']:<15} " + " | ".join(f"{st}: {ab[st][0]:.1f} img/s, {ab[st][1]:.2f} CPU s, "
                                                     f"{ab[st][2]:.0f} B" for st in ("1w", "1w-pp", "Nw", "Nw-pp")))
+    if args.replicas:
+        _print_replicas(rows, args.replicas, n)
     if n == 2:
         for r in rows:
             sp = r["many"] / r["one"]
             print(f"target 2 workers >= 1.6x one worker: {r['name']} {'ok' if sp >= 1.6 else 'MISS'} ({sp:.2f}x)")
+
+
+def _replica_row(win: dict | None, images: int, art_dir: Path) -> dict | None:
+    """The replicas setting's images/s, all-reduce seconds (busiest rank, whole run) and bytes per step (measured,
+    and the cost model's: every partition's float32 gradients, ``partition/costs.py``)."""
+    if win is None:
+        return None
+    from gndgl_compiler import load_artifact
+
+    plan = load_artifact(art_dir, verify=False).plan
+    return {"ips": images / win["wall"], "ar_s": win["allreduce"]["s"], "ar_bytes": win["allreduce"]["bytes"],
+            "pred_bytes": 4 * sum(p.costs["params"] for p in plan.partitions)}
+
+
+def _print_replicas(rows: list[dict], replicas: int, n: int) -> None:
+    print(f"\ndata-parallel replicas: {replicas} replicas x 1 stage ({replicas} processes, rows r::{replicas} of each "
+          f"batch) vs 1 process and 1 replica x {n} stages, same rounds")
+    for r in rows:
+        rep = r["rep"]
+        print(f"  {r['name']:<15} 1 process {r['one']:.1f} img/s · 1x{n} stages {r['many']:.1f} img/s "
+              f"({r['many'] / r['one']:.2f}x) · {replicas}x1 replicas {rep['ips']:.1f} img/s "
+              f"({rep['ips'] / r['one']:.2f}x) · all-reduce {rep['ar_bytes']:.0f} B/step per replica "
+              f"(cost model {rep['pred_bytes']}), {rep['ar_s']:.2f} s in all-reduce over the run")
+        if replicas == 2:
+            sp = rep["ips"] / r["one"]
+            print(f"  target 2 replicas >= 1.6x one process: {r['name']} {'ok' if sp >= 1.6 else 'MISS'} ({sp:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ from .progress_display import TrainDisplay
 from .train_start import compiled_on_the_fly, is_spec
 
 
-def _launch(art, workers: int, opts, launch) -> None:
-    """Start ``workers`` local ranks (``python -m gndgl_compiler.worker``) and wait for them."""
+def _launch(art, workers: int, opts, launch, replicas: int = 1) -> None:
+    """Start ``replicas`` × ``workers`` local ranks (``python -m gndgl_compiler.worker``) and wait for them."""
+    from gndgl_compiler.runtime.dist.replicas import layout
     from gndgl_compiler.partition.placement import place
     from gndgl_compiler.runtime.dist.launch import launch_local, worker_args
 
@@ -35,25 +36,28 @@ def _launch(art, workers: int, opts, launch) -> None:
         from gndgl_compiler.runtime.run.config import new_run_config
         config = new_run_config(art.spec["train"], opts)
     check_config(config, opts.device)  # what every rank would refuse: before any rank starts
+    layout(workers * replicas, replicas, 0, config.recipe.batch_size)
     n = len(art.plan.partitions)
     if workers > n:
         raise DistributedSetupError(f"--workers {workers} is more than the {n} partitions; use --workers {n} or fewer")
     if art.plan.schedule == "sequential":
         raise DistributedSetupError("the sequential schedule trains one module at a time; run it in one process "
-                                    "(leave out --workers)")
+                                    "(leave out --workers and --replicas)")
     place(art.plan, art.plan.devices, workers)
     owners: dict[int, list[str]] = {}
     for p in art.plan.partitions:
         owners.setdefault(p.worker, []).append(p.name)
-    console.print(f"launching {workers} workers: " + " · ".join(f"rank {r}: {len(v)} partitions"
-                                                               for r, v in owners.items()), highlight=False)
+    copies = f"{replicas} replicas × " if replicas > 1 else ""
+    console.print(f"launching {copies}{workers} workers: " + " · ".join(f"rank {r}: {len(v)} partitions"
+                                                                        for r, v in owners.items()), highlight=False)
+    owners = {g: owners[g % workers] for g in range(workers * replicas)}
     fresh = False
     if opts.resume is None:  # the run directory is made here, so a start that fails can be undone here
         from gndgl_compiler.runtime.run.directory import new_run_dir
         fresh = not (opts.run_dir and Path(opts.run_dir).exists())
         opts.run_dir = str(new_run_dir(art.plan.name, opts.run_dir))
     try:
-        launch_local(workers, worker_args(art.path, opts, launch), port=launch.port, partitions_of=owners)
+        launch_local(workers * replicas, worker_args(art.path, opts, launch), port=launch.port, partitions_of=owners)
     except DistributedSetupError:  # a rank refused its input: nothing was trained
         if opts.resume is None:
             from gndgl_compiler.runtime.run.directory import discard_unstarted
@@ -118,8 +122,9 @@ def _run(art: Any, opts: Any, launch: Any, shown: Any) -> None:
     from gndgl_compiler.runtime.train import train_artifact
 
     opts.overrides = opts.overrides or None
-    if launch.workers is not None and launch.workers > 1:
-        _launch(art, launch.workers, opts, launch)
+    replicas = _replicas(art, opts, launch)
+    if (launch.workers or 1) * replicas > 1:
+        _launch(art, launch.workers or 1, opts, launch, replicas)
         return
     display = TrainDisplay(shown.progress_every)
     opts.on_log, opts.on_progress = display, display.on_progress
@@ -130,6 +135,18 @@ def _run(art: Any, opts: Any, launch: Any, shown: Any) -> None:
         finally:
             display.finish()  # the last, partial window: after a --max-steps stop, Ctrl-C or an error
     console.print(format_summary(summary, wall_s=time.time() - t0), highlight=False, markup=False, soft_wrap=True)
+
+
+def _replicas(art: Any, opts: Any, launch: Any) -> int:
+    """R: ``--replicas``, else the artifact's (or the resumed run's) ``placement.replicas``."""
+    if launch.replicas:
+        return launch.replicas
+    if art is None:
+        from gndgl_compiler.artifact import read_json
+        spec = read_json(Path(opts.resume) / "artifact", "spec.json")
+    else:
+        spec = art.spec
+    return int(spec.get("placement", {}).get("replicas", 1))
 
 
 def register(app: typer.Typer) -> None:

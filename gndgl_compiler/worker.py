@@ -70,10 +70,14 @@ def run_worker(args: argparse.Namespace, rank: int, world: int, transport=None) 
     from .runtime.run.directory import create_run, discard_unstarted, read_run_config, record_changes, reopen_run
     from .runtime.train import Trainer
 
+    from .runtime.dist.replicas import GradAverager, layout, stage_groups
+
     opts = from_args(TrainOptions, args)
     opts.tensorboard = False
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    replicas = _replicas(args)
+    world, global_world = world // replicas, world  # from here on ``world``: the ranks of one pipeline
     if opts.resume:
         run_dir = Path(opts.resume)
         _, config, saved, notes = reopen_run(run_dir, opts, world=world, verify=False)
@@ -89,12 +93,15 @@ def run_worker(args: argparse.Namespace, rank: int, world: int, transport=None) 
         run_dir = Path(_share_run_dir(rank, str(made) if made else None))
         barrier()
         config = read_run_config(run_dir, opts)
-    art = load_artifact(run_dir / "artifact", workers=world, rank=rank)
+    grid = layout(global_world, replicas, rank, config.recipe.batch_size)
+    column = stage_groups(grid)
+    art = load_artifact(run_dir / "artifact", workers=world, rank=grid.stage)
     _check_world(art.plan, world)
     device = _device(opts, art.plan)
-    comm = PeerComm(art.plan, rank, config.recipe.batch_size, torch.device(device), dtype=torch.float32)
+    comm = PeerComm(art.plan, grid.stage, config.recipe.batch_size // replicas, torch.device(device),
+                    dtype=torch.float32, offset=grid.offset)
     comm = transport(comm) if transport is not None else comm
-    ctx = DistContext(rank, world, comm, run_dir)
+    ctx = DistContext(grid.stage, world, comm, run_dir, grid, GradAverager(column, replicas) if column else None)
     printer = _RecordPrinter()
     try:
         trainer = Trainer(art, config, run_dir, ctx, device=device, on_log=printer if rank == 0 else None)
@@ -102,7 +109,7 @@ def run_worker(args: argparse.Namespace, rank: int, world: int, transport=None) 
         if rank == 0 and not opts.resume:
             discard_unstarted(run_dir, fresh)
         raise
-    setup = _gather_text(ctx.setup_text(trainer.ex), world)  # which modules each rank runs sibling-fused
+    setup = _gather_text(ctx.setup_text(trainer.ex), global_world)  # which modules each rank runs sibling-fused
     if rank == 0:
         print("\n".join(setup), flush=True)
     try:
@@ -111,6 +118,16 @@ def run_worker(args: argparse.Namespace, rank: int, world: int, transport=None) 
         printer.finish()
     summary["bytes_sent"] = comm.bytes_sent
     return summary
+
+
+def _replicas(args: argparse.Namespace) -> int:
+    """R: ``--replicas``, else the artifact's ``placement.replicas`` (1 when unset)."""
+    if args.replicas:
+        return args.replicas
+    from .artifact import find_artifact, read_json
+
+    art_dir = Path(args.resume) / "artifact" if args.resume else find_artifact(args.artifact)
+    return int(read_json(art_dir, "spec.json").get("placement", {}).get("replicas", 1))
 
 
 def _check_world(plan, world: int) -> None:
@@ -200,7 +217,10 @@ def preflight(args: argparse.Namespace, world: int) -> None:
         art_dir = find_artifact(args.artifact)
         read_manifest(art_dir, verify=False)
         config = new_run_config(read_json(art_dir, "spec.json")["train"], opts)
-    _check_world(read_plan(art_dir), world)
+    from .runtime.dist.replicas import layout
+
+    grid = layout(world, _replicas(args), 0, config.recipe.batch_size)
+    _check_world(read_plan(art_dir), grid.stages)
     check_config(config, opts.device)
 
 

@@ -12,6 +12,9 @@ from __future__ import annotations
 from ..graph.build import OpGraph
 from .plan import IMAGE, PartitionPlan
 
+FLOAT_BYTES = 4
+"""Bytes of one float32 gradient element."""
+
 
 def annotate_costs(plan: PartitionPlan, og: OpGraph) -> None:
     """Fill ``partition.costs`` and ``plan.summary`` in place.
@@ -74,3 +77,15 @@ def _weight_bytes(plan: PartitionPlan) -> None:
             dst, src = plan.partitions[e.dst].costs, plan.partitions[e.src].costs
             dst["weight_bytes_in_per_step"] = dst.get("weight_bytes_in_per_step", 0) + e.bytes_per_step
             src["weight_bytes_out_per_step"] = src.get("weight_bytes_out_per_step", 0) + e.bytes_per_step
+
+
+def annotate_allreduce(plan: PartitionPlan, replicas: int) -> None:
+    """Data-parallel replicas: the gradient bytes each replica all-reduces per step, per partition and in all
+    (every parameter's float32 gradient, averaged over its ``replicas`` copies once per step), and what a
+    ring all-reduce sends per rank (``2·(R-1)/R`` of it)."""
+    for p in plan.partitions:
+        p.costs["allreduce_bytes_per_step"] = p.costs["params"] * FLOAT_BYTES
+    total = sum(p.costs["allreduce_bytes_per_step"] for p in plan.partitions)
+    plan.summary["replicas"] = replicas
+    plan.summary["allreduce_bytes_per_step"] = total
+    plan.summary["allreduce_ring_bytes_per_rank"] = 2 * (replicas - 1) * total // replicas

@@ -22,7 +22,7 @@ from ..errors import PartitionError
 from ..graph.build import INPUT, OpGraph
 from ..graph.ops import get_op
 from ..spec.models import Spec
-from .costs import annotate_costs
+from .costs import annotate_allreduce, annotate_costs
 from .memory import annotate_memory
 from .cuts import module_segments
 from .groups import group_offset, module_body
@@ -189,6 +189,8 @@ def build_plan(spec: Spec, og: OpGraph) -> PartitionPlan:
         num_classes=og.num_classes, input_shape=lay.input_shape, final_mode=final_mode,
         schedule=spec.local.schedule, devices=spec.placement.device_list(), workers=spec.placement.workers or 1)
     annotate_costs(plan, og)
+    if spec.placement.replicas > 1:
+        annotate_allreduce(plan, spec.placement.replicas)
     place(plan, plan.devices, plan.workers)
     opt = spec.train.optimizer
     annotate_memory(plan, opt.kind, opt.momentum, spec.train.batch_size)

@@ -109,7 +109,8 @@ class Checkpointer:
         state = {"step": st.step, "epoch": st.epoch, "step_in_epoch": st.step_in_epoch, "fused": self.per_device_optim,
                  "optim": self.ex.updater.state_dict(), "rng": rng_state(),
                  "history": st.history, "window": window.state(), "wall_s": st.wall_s()}
-        save_checkpoint(self.dir, f"ckpt-{st.step:09d}", tensors=tensors, state=state)
+        if self.ctx.writes_checkpoints:  # with replicas: replica 0's (the copies are equal)
+            save_checkpoint(self.dir, f"ckpt-{st.step:09d}", tensors=tensors, state=state)
         self.written.add(st.step)
         self.ctx.commit(self.root, st.step)
         prune_checkpoints(self.dir, keep=self.keep)
@@ -117,7 +118,7 @@ class Checkpointer:
     def has(self, step: int) -> bool:
         """This process's checkpoint of ``step`` exists (after a re-placement: one this attempt wrote, since a
         file of the old layout in the same directory holds other partitions)."""
-        if self.replaced_from is not None:
+        if self.replaced_from is not None or not self.ctx.writes_checkpoints:
             return step in self.written
         return (self.dir / f"ckpt-{step:09d}.json").exists()
 
@@ -217,6 +218,8 @@ class Trainer:
                            channels_last=self.channels_last, denorm=(self.data.mean, self.data.std),
                            siblings=self.ctx.fuse_siblings(self.execution.fuse_siblings), transport=self.ctx.transport,
                            capturable=graphs)
+        if self.ex.updater is not None:
+            self.ex.updater.grad_sync = self.ctx.grad_sync()
         compile_fused(self.ex.fused_stages, self.execution.compile, self._note)
         self.step_fn = GraphedStep(self.ex, self._note) if graphs else self.ex.train_step
         """One training step: the executor's, or its replay from a CUDA graph (``runtime/step/cuda_graphs.py``)."""
@@ -358,7 +361,8 @@ class Trainer:
         st = self.state
         self.ctx.begin_step(st.step)
         lr = self._lr()
-        stats = guard_oom(lambda: self.step_fn(x, y, lr, self._active(), seed=(self.recipe.seed, st.step)),
+        xs, ys = self.ctx.shard(x, y)  # with replicas: this replica's rows
+        stats = guard_oom(lambda: self.step_fn(xs, ys, lr, self._active(), seed=(self.recipe.seed, st.step)),
                           self.device, self.recipe.batch_size)
         fsio.point("train.step", step=st.step + 1)
         self.window.add(stats)

@@ -226,7 +226,24 @@ def parse_spec(data: Any, lines: LineMap | None = None, file: str | None = None)
                             "names must be unique",
                             path=_dotted(path), line=lines.line_of(path), file=file)
         names[layer.name] = i
+    _check_replicas(spec, lines, file)
     return spec
+
+
+def _check_replicas(spec: Spec, lines: LineMap, file: str | None) -> None:
+    """Refuse replicas the pipeline cannot run: with the sequential schedule, or not dividing the batch."""
+    r = spec.placement.replicas
+    if r == 1:
+        return
+    path = ("placement", "replicas")
+    if spec.local.schedule == "sequential":
+        raise SpecError(f"{r} replicas with local.schedule: sequential; replicas run the distributed (parallel) "
+                        "pipeline: use schedule: parallel or replicas: 1", path=_dotted(path),
+                        line=lines.line_of(path), file=file)
+    if spec.train.batch_size % r:
+        raise SpecError(f"{r} replicas do not divide train.batch_size {spec.train.batch_size}: every replica takes "
+                        f"batch_size / replicas rows; use a batch size that is a multiple of {r}",
+                        path=_dotted(path), line=lines.line_of(path), file=file)
 
 
 def load_spec(source: str | os.PathLike | dict, overrides: list[str] | None = None) -> Spec:

@@ -387,6 +387,8 @@ class Placement(_Strict):
                                      "or a list.")
     workers: int | None = Field(None, ge=1, le=4096,
                                 description="Number of distributed workers (ranks) to balance over instead of devices.")
+    replicas: int = Field(1, ge=1, le=4096, description="Data-parallel copies of the workers' pipeline (R·N processes; "
+                          "replica r trains rows r::R of every global batch, gradients averaged per partition).")
 
     @field_validator("devices")
     @classmethod
@@ -403,6 +405,14 @@ class Placement(_Strict):
     def device_list(self) -> list[str]:
         """The devices as a list."""
         return [self.devices] if isinstance(self.devices, str) else list(self.devices)
+
+    @model_serializer(mode="wrap")
+    def _unset_replicas(self, handler):
+        # one replica (the default) stays out of the normalised spec (spec.json without it is unchanged)
+        out = handler(self)
+        if self.replicas == 1 and isinstance(out, dict):
+            out.pop("replicas", None)
+        return out
 
 
 # ----------------------------------------------------------------------------- training
@@ -535,6 +545,17 @@ class Train(_Strict):
                                 "program (dense first conv + grouped convs, batched heads and losses; same math up to "
                                 "float rounding). Per-partition parameters, checkpoints and optimizer state are "
                                 "unchanged.")
+    sync_bn: bool = Field(False, description="Synchronise BatchNorm statistics over the replicas of a partition "
+                          "(refused: torch's SyncBatchNorm runs on CUDA only; replicas keep per-replica statistics).")
+
+    @field_validator("sync_bn")
+    @classmethod
+    def _sync_bn(cls, v):
+        if v:
+            raise ValueError("synchronised BatchNorm is not available (torch.nn.SyncBatchNorm runs on CUDA only and "
+                             "gndgl trains replicas on gloo/CPU too); remove it: each replica keeps its own BatchNorm "
+                             "statistics, as DDP does")
+        return v
 
 
     @model_serializer(mode="wrap")
@@ -543,6 +564,8 @@ class Train(_Strict):
         out = handler(self)
         if self.data is None and isinstance(out, dict):
             out.pop("data", None)
+        if not self.sync_bn and isinstance(out, dict):
+            out.pop("sync_bn", None)
         return out
 
 

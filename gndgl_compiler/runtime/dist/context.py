@@ -15,6 +15,8 @@ unconditionally. The trainer calls the same methods either way, so its loop has 
     evaluator            the training executor   | one over every rank's committed weights
     final_weights        this process's modules  | every rank's last checkpoint, on rank 0
     begin_step, drain    the transport's hooks: LocalTransport's do nothing | PeerComm's step window
+    shard, grad_sync     the whole batch, none   | with replicas: rows r::R, the stage column's gradient mean
+    writes_checkpoints   yes                     | replica 0 only (with replicas; ``runtime/dist/replicas.py``)
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ..checkpoint.ranks import (commit_checkpoint, committed_checkpoint, gather_
 from ..checkpoint.replace import Source, checkpoint_source, fold_rank_metrics, replaced_checkpoint
 from ..run.directory import usable_checkpoint
 from ..run.signals import StopFlag
+from .replicas import Layout, shard
 from .transport import LocalTransport, Transport
 
 
@@ -65,6 +68,19 @@ class LocalContext:
     def checkpoint_dir(self, root: Path) -> Path:
         """Where this process writes its checkpoints."""
         return root
+
+    @property
+    def writes_checkpoints(self) -> bool:
+        """This process writes its checkpoint files (a replica other than 0 only joins the commit)."""
+        return True
+
+    def shard(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's rows of the global batch (all of them)."""
+        return x, y
+
+    def grad_sync(self) -> Callable[[list[torch.Tensor]], None] | None:
+        """What averages a partition's gradients over its copies before its step (None: no copies)."""
+        return None
 
     def latest_checkpoint(self, root: Path, ex: Any) -> LoadedCheckpoint | None:
         """The checkpoint to resume from (None for a fresh run); one that ranks wrote is re-placed here.
@@ -139,16 +155,50 @@ class DistContext(LocalContext):
         world: the number of ranks.
         transport: this rank's transport (its ``PeerComm``, or a wrapper of it).
         run_dir: the run directory (rank 0 gathers the final weights and metrics there).
+        grid: with data-parallel replicas, where this process sits (``rank``/``world`` are then its stage and
+            the pipeline's ranks N); ``averager`` averages its stage column's gradients.
     """
 
     evaluates_checkpoints = True
 
-    def __init__(self, rank: int, world: int, transport: Transport, run_dir: Path) -> None:
+    def __init__(self, rank: int, world: int, transport: Transport, run_dir: Path, grid: Layout | None = None,
+                 averager: Callable[[list[torch.Tensor]], None] | None = None) -> None:
         self.rank, self.world, self.transport, self.run_dir = rank, world, transport, run_dir
+        self.grid, self.averager = grid, averager
+
+    @property
+    def replica(self) -> int:
+        """This process's replica (0 without replicas)."""
+        return self.grid.replica if self.grid is not None else 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0 and self.replica == 0
+
+    @property
+    def writes_checkpoints(self) -> bool:
+        return self.replica == 0
+
+    def shard(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replica r's rows ``r::R`` of the global batch."""
+        return (x, y) if self.grid is None or self.grid.replicas == 1 else shard(x, y, self.grid)
+
+    def grad_sync(self) -> Callable[[list[torch.Tensor]], None] | None:
+        return self.averager
+
+    def metrics_dir(self, run_dir: Path) -> Path:
+        """Replica 0's ranks: as without replicas; another replica's: ``ranks/replica<r>-<stage>/`` (not merged:
+        its partitions' losses are replica 0's on other rows)."""
+        if self.replica == 0:
+            return metrics_dir(run_dir, self.rank)
+        d = run_dir / "ranks" / f"replica{self.replica}-{self.rank}"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
 
     def setup_text(self, executor: Any) -> str:
         """This rank's modules: which run sibling-fused, which per partition and why."""
-        return f"rank {self.rank}: {executor.fusion_summary()}"
+        where = f"replica {self.replica} " if self.grid is not None and self.grid.replicas > 1 else ""
+        return f"{where}rank {self.rank}: {executor.fusion_summary()}"
 
     def checkpoint_dir(self, root: Path) -> Path:
         return root / f"rank{self.rank}"

@@ -46,12 +46,15 @@ class PeerComm:
         device: this rank's device (receive buffers live there).
         dtype: dtype tensors travel in.
         max_inflight: steps whose sends may still be in flight.
+        offset: the global rank of this pipeline's rank 0 (data-parallel replicas, ``runtime/dist/replicas.py``;
+            ``rank`` and the plan's workers stay the pipeline's own).
     """
 
     in_process = False
 
     def __init__(self, plan: PartitionPlan, rank: int, batch_size: int, device: torch.device,
-                 dtype: torch.dtype = torch.float32, max_inflight: int = 2):
+                 dtype: torch.dtype = torch.float32, max_inflight: int = 2, offset: int = 0):
+        self.offset = offset
         self.plan, self.rank, self.bs, self.device, self.dtype = plan, rank, batch_size, device, dtype
         self.owner = {p.id: p.worker for p in plan.partitions}
         self.parts = {p.id: p for p in plan.partitions}
@@ -113,12 +116,12 @@ class PeerComm:
     def _isend(self, t: torch.Tensor, dst: int, tag: int) -> None:
         t = t.detach().to(self.dtype).contiguous()
         self.bytes_sent += t.numel() * t.element_size()
-        self._work.append((dst, dist.isend(t, dst, tag=tag)))
+        self._work.append((dst, dist.isend(t, dst + self.offset, tag=tag)))
 
     def _recv(self, shape: list[int], src_rank: int, tag: int) -> torch.Tensor:
         buf = torch.empty([self.bs, *shape], dtype=self.dtype, device=self.device)
         try:
-            dist.recv(buf, src_rank, tag=tag)
+            dist.recv(buf, src_rank + self.offset, tag=tag)
         except Exception as exc:  # gloo/NCCL raise RuntimeError subclasses
             raise DistributedError(f"rank {self.rank}: no data from {self._peer(src_rank)} at step {self.step}: it "
                                    f"died or stopped responding ({str(exc).splitlines()[0][-120:]})") from None
@@ -159,14 +162,14 @@ class PeerComm:
         MAN partitions follow it, before any optimizer step of this step."""
         for r in sorted(self.weight_dst.get(src, set())):
             self.bytes_sent += flat.numel() * flat.element_size()
-            self._work.append((r, dist.isend(flat, r, tag=_tag(self.step, src, "weight"))))
+            self._work.append((r, dist.isend(flat, r + self.offset, tag=_tag(self.step, src, "weight"))))
 
     def recv_weights(self, src: int, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """MAN: this step's flat U parameters of partition ``src`` (received once per step, then reused)."""
         if src not in self._weights:
             buf = torch.empty(numel, dtype=dtype, device=self.device)
             try:
-                dist.recv(buf, self.owner[src], tag=_tag(self.step, src, "weight"))
+                dist.recv(buf, self.owner[src] + self.offset, tag=_tag(self.step, src, "weight"))
             except Exception as exc:  # gloo/NCCL raise RuntimeError subclasses
                 raise DistributedError(f"rank {self.rank}: no weights from {self._peer(self.owner[src])} at step "
                                        f"{self.step}: it died or stopped responding "

@@ -226,6 +226,7 @@ def _check_run_config(cfg: dict) -> None:
 
     cfg.setdefault("fuse_siblings", True)  # runs recorded before the setting existed
     cfg.setdefault("data", None)  # train.data left out (the defaults) is not recorded
+    cfg.setdefault("sync_bn", False)  # train.sync_bn left out (off) is not recorded
     missing = sorted(set(Train.model_fields) - set(cfg))
     if missing:
         raise ValueError(f"config has no {', '.join(repr(m) for m in missing)}")

@@ -146,6 +146,9 @@ class LaunchOptions:
 
     workers: int | None = option(None, "--workers", "Distributed: spawn N local worker processes.", metavar="N",
                                  min=1, part="launch", worker=False)
+    replicas: int | None = option(None, "--replicas", "Distributed: R data-parallel copies of the pipeline (R·N "
+                                  "processes; default: the spec's placement.replicas).", metavar="R", min=1,
+                                  part="launch")
     timeout: float = option(300.0, "--timeout", "Distributed: seconds a rank waits for a peer.", metavar="SECONDS",
                             min=1.0, part="launch")
     port: int | None = option(None, "--port", "Distributed: rendezvous port (default: a free one).", metavar="PORT",

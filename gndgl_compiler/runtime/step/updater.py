@@ -18,7 +18,7 @@ otherwise the LR is the Python float in each param group, as it always was (bit 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -30,6 +30,14 @@ from .optim import make_optimizer, set_lr, step_all
 class _Updater:
     optimizers: dict[Any, torch.optim.Optimizer]
     device_lr: DeviceLR | None = None
+    grad_sync: Callable[[list[torch.Tensor]], None] | None = None
+    """Data-parallel replicas: averages the gradients of the parameters it is given over the partition's copies
+    (``runtime/dist/replicas.py``), called after a partition's (or a device's) backward, before its step."""
+
+    def _sync(self, opt: torch.optim.Optimizer) -> None:
+        """Average the gradients of ``opt``'s parameters over the replicas (nothing without replicas)."""
+        if self.grad_sync is not None:
+            self.grad_sync([p for g in opt.param_groups for p in g["params"]])
 
     def set_lr(self, lr: float) -> None:
         """The step's LR, before the step runs (tensor LR: written on the device; else kept for the step)."""
@@ -73,6 +81,7 @@ class PartitionUpdater(_Updater):
         for pid, loss in losses.items():
             loss.backward()
             opt = self.optimizers[pid]
+            self._sync(opt)
             set_lr(opt, lr)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -125,6 +134,7 @@ class DeviceUpdater(_Updater):
     def finish(self, lr: float) -> None:
         """One foreach optimizer step per device at ``lr``; zero the gradients."""
         for opt in self.optimizers.values():
+            self._sync(opt)
             if self.device_lr is None:
                 set_lr(opt, lr)
                 step_all(opt)
