@@ -15,20 +15,23 @@ are declared once (``spec/models.py``). ``run.json`` keeps its flat ``config`` o
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 
 from ...errors import RunError
 from ...spec.models import Augment, DataFeed, Optimizer, Schedule, Train
+from ...spec.setting import settings_of
 from .options import TrainOptions
 
-RECIPE_FIELDS = ("dataset", "batch_size", "epochs", "seed", "optimizer", "schedule", "augment")
-"""The spec's ``train`` fields that say what is trained."""
-EXECUTION_FIELDS = ("data_root", "fused", "fuse_siblings", "amp", "channels_last", "cuda_graphs", "compile",
-                    "log_every", "checkpoint_every", "data")
+_SETTINGS = settings_of(Train)
+RECIPE_FIELDS = tuple(name for name, (_info, s) in _SETTINGS.items() if s.part == "recipe")
+"""The spec's ``train`` fields that say what is trained (their ``Setting.part``, ``spec/models.py``)."""
+EXECUTION_FIELDS = tuple(name for name, (_info, s) in _SETTINGS.items() if s.part == "execution")
 """The spec's ``train`` fields that say how the run is carried out (recorded in run.json too)."""
+OVERRIDDEN = tuple(name for name, (_info, s) in _SETTINGS.items() if s.option)
+"""The spec's ``train`` fields a :class:`~.options.TrainOptions` field of the same name overrides."""
 
 
 @dataclass(frozen=True)
@@ -108,10 +111,9 @@ class Execution:
 
 
 def _run_only(opts: TrainOptions) -> dict[str, Any]:
-    """The execution settings that are not recorded in run.json (they apply to this attempt only)."""
-    return {"download": opts.download, "tensorboard": opts.tensorboard, "max_steps": opts.max_steps,
-            "keep_checkpoints": opts.keep_checkpoints, "eval_every_epoch": opts.eval_every_epoch,
-            "threads": opts.threads}
+    """The execution settings that are not recorded in run.json (they apply to this attempt only): the
+    :class:`Execution` fields that are neither ``train`` settings nor the device."""
+    return {f.name: getattr(opts, f.name) for f in fields(Execution) if f.name not in (*EXECUTION_FIELDS, "device")}
 
 
 @dataclass(frozen=True)
@@ -187,21 +189,17 @@ def new_run_config(spec_train: dict[str, Any], opts: TrainOptions) -> RunConfig:
     if opts.overrides:
         from ...spec.overrides import override_train
         cfg = override_train(cfg, opts.overrides)
-    train = Train.model_validate(cfg)
-    merged = train.model_dump()
-    if opts.epochs is not None and opts.epochs != train.epochs:
-        merged["schedule"] = scale_schedule(train.schedule, opts.epochs / train.epochs).model_dump()
-    for key in ("epochs", "dataset", "data_root", "batch_size", "seed", "fused", "fuse_siblings", "amp",
-                "channels_last", "cuda_graphs", "compile", "log_every", "checkpoint_every"):
-        if getattr(opts, key) is not None:
-            merged[key] = getattr(opts, key)
+    spec_epochs = cfg.get("epochs", Train.model_fields["epochs"].default)
+    cfg.update({k: getattr(opts, k) for k in OVERRIDDEN if getattr(opts, k) is not None})
     if opts.lr is not None:
-        merged["optimizer"]["lr"] = opts.lr
+        cfg["optimizer"] = {**(cfg.get("optimizer") or {}), "lr": opts.lr}
     try:
-        train = Train.model_validate(merged)
+        train = Train.model_validate(cfg)  # once: the section with every option applied
     except ValidationError as exc:
         err = exc.errors()[0]
         raise RunError(f"train.{'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
+    if opts.epochs is not None and opts.epochs != spec_epochs:
+        train = train.model_copy(update={"schedule": scale_schedule(train.schedule, train.epochs / spec_epochs)})
     return RunConfig.of(train, opts, device=opts.device, limit_train=opts.limit_train, limit_test=opts.limit_test)
 
 

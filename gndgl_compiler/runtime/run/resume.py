@@ -18,19 +18,21 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 from ...errors import RunError
 from .config import Extension, RunConfig, scale_schedule
+from .options import TrainOptions, option_label, resume_rule
 from ..step.optim import lr_at
 
-APPLIES = ("device", "log_every", "checkpoint_every", "data_root", "fuse_siblings", "cuda_graphs", "compile")
-"""Options a resumed run takes (recorded in run.json); ``max_steps`` and ``tensorboard`` apply too."""
-REFUSED = {"dataset": "--dataset", "batch_size": "--batch-size", "seed": "--seed", "fused": "--fused/--no-fused",
-           "amp": "amp", "channels_last": "channels_last", "limit_train": "--limit-train",
-           "limit_test": "--limit-test", "overrides": "--set", "run_dir": "--run-dir"}
+_FIELDS = [f.name for f in fields(TrainOptions)]
+APPLIES = tuple(name for name in _FIELDS if resume_rule(name) == "applies")
+"""Options a resumed run takes (recorded in run.json; their resume rule, ``spec/models.py`` / ``options.py``);
+``max_steps`` and ``tensorboard`` (rule ``attempt``) apply to the attempt only."""
+REFUSED = {name: option_label(name) for name in _FIELDS if resume_rule(name) == "refused"}
+"""Options that would change what is trained, and how the refusal names them."""
 
 
 def resume_config(run_dir: Path, saved: dict, opts: Any, *, sequential: bool = False) -> tuple[RunConfig, list[str]]:
