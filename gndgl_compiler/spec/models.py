@@ -525,7 +525,7 @@ class Train(_Strict):
         default_factory=Schedule, description="Learning-rate schedule.")
     augment: Annotated[Augment | None, Setting("recipe", "refused", option=False)] = Field(
         default_factory=Augment, description="Data augmentation; null for none.")
-    data: Annotated[DataFeed | None, Setting("execution", "refused", option=False)] = Field(
+    data: Annotated[DataFeed | None, Setting("execution", "refused", option=False, missing_ok=True)] = Field(
         None, description="How the data set is read: in memory or streamed by workers.")
     seed: Annotated[int, Setting("recipe", "refused", "--seed", "Override train.seed.", "N")] = Field(
         0, ge=0, le=2**31 - 1, description="Seed of weights, batch order and augmentation.")
@@ -560,7 +560,7 @@ class Train(_Strict):
         True, description="Fuse the partitions on one device into one step (same math, fewer kernels).")
     fuse_siblings: Annotated[bool, Setting(
         "execution", "applies", "--fuse-siblings/--no-fuse-siblings", "Run each module's sibling partitions on one "
-        "device as one program (default from the spec).")] = Field(
+        "device as one program (default from the spec).", missing_ok=True)] = Field(
         True, description="With fused: run the G partitions of a module that share a device as one program (dense "
         "first conv + grouped convs, batched heads and losses; same math up to float rounding). Per-partition "
         "parameters, checkpoints and optimizer state are unchanged.")

@@ -38,6 +38,8 @@ class Setting:
     """A flag of the distributed worker too."""
     option: bool = True
     """TrainOptions overrides it (False: only ``--set train.NAME=...``)."""
+    missing_ok: bool = False
+    """Added after runs were recorded: a ``run.json`` without it takes the default (else such a record is damaged)."""
 
 
 def settings_of(model: type) -> dict[str, tuple[Any, Setting]]:

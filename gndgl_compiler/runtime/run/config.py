@@ -15,13 +15,13 @@ are declared once (``spec/models.py``). ``run.json`` keeps its flat ``config`` o
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any
 
 import torch
 
 from ...errors import RunError
-from ...spec.models import Augment, DataFeed, Optimizer, Schedule, Train
+from ...spec.models import Schedule, Train
 from ...spec.setting import settings_of
 from .options import TrainOptions
 
@@ -49,17 +49,19 @@ class Extension:
                 "schedule": self.schedule.model_dump(mode="json")}
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """What is trained: the same recipe gives the same weights (bit for bit on CPU), however it is run."""
+def _with_settings(name: str, part: str, base: type, doc: str) -> type:
+    """The frozen dataclass ``name``: ``base``'s fields, then one keyword field per ``train:`` setting of ``part``
+    (its type from ``spec/models.py``), so a new setting reaches the runtime without another declaration."""
+    own = [(n, info.annotation, field(kw_only=True)) for n, (info, s) in _SETTINGS.items() if s.part == part]
+    cls = make_dataclass(name, own, bases=(base,), frozen=True, namespace={"__doc__": doc})
+    cls.__module__ = __name__
+    return cls
 
-    dataset: str
-    batch_size: int
-    epochs: int
-    seed: int
-    optimizer: Optimizer
-    schedule: Schedule
-    augment: Augment | None
+
+@dataclass(frozen=True)
+class _RecipeRest:
+    """The recipe beyond the ``train:`` settings of part ``recipe``."""
+
     limit_train: int | None = None
     limit_test: int | None = None
     extensions: tuple[Extension, ...] = ()
@@ -67,47 +69,47 @@ class Recipe:
     @property
     def crop_pad(self) -> int:
         """Random-crop padding (0 = no crop)."""
-        return self.augment.crop_pad if self.augment else 0
+        return self.augment.crop_pad if self.augment else 0  # type: ignore[attr-defined]
 
     @property
     def flip(self) -> bool:
         """Random horizontal flip."""
-        return bool(self.augment and self.augment.flip)
+        return bool(self.augment and self.augment.flip)  # type: ignore[attr-defined]
+
+
+Recipe = _with_settings("Recipe", "recipe", _RecipeRest, """What is trained: the same recipe gives the same weights (bit
+    for bit on CPU), however it is run. The ``train:`` settings of part ``recipe`` (dataset, batch_size, epochs,
+    seed, optimizer, schedule, augment, ...), the data limits and any extensions.""")
 
 
 @dataclass(frozen=True)
-class Execution:
-    """How the run is carried out: devices, kernels, logging, checkpoints, when to stop."""
+class _ExecutionRest:
+    """How the run is carried out beyond the ``train:`` settings of part ``execution``: this attempt's settings."""
 
     device: str | None
     """Every partition on this device (None = the plan's placement)."""
-    data_root: str | None
-    fused: bool
-    fuse_siblings: bool
-    amp: str
-    channels_last: str
-    log_every: int
-    checkpoint_every: int
-    cuda_graphs: str = "off"
-    compile: str = "off"
-    """``off`` or ``regional``: torch.compile the sibling-fused programs (``runtime/step/compile.py``)."""
-    """``auto``, ``on`` or ``off``: capture each step as one CUDA graph (``runtime/step/cuda_graphs.py``)."""
     download: bool = False
     tensorboard: bool | None = None
     max_steps: int | None = None
     keep_checkpoints: int = 2
     eval_every_epoch: bool = True
     threads: int | None = None
-    data: DataFeed | None = None
-    """How the data set is read (``runtime/data/feed.py``); None = the defaults (mode auto)."""
 
     def amp_on(self, device: torch.device) -> bool:
         """bf16 autocast on ``device`` (``auto`` = on CUDA)."""
-        return self.amp == "bf16" or (self.amp == "auto" and device.type == "cuda")
+        amp = self.amp  # type: ignore[attr-defined]
+        return amp == "bf16" or (amp == "auto" and device.type == "cuda")
 
     def channels_last_on(self, device: torch.device) -> bool:
         """channels_last memory format on ``device`` (``auto`` = on CUDA)."""
-        return self.channels_last == "on" or (self.channels_last == "auto" and device.type == "cuda")
+        cl = self.channels_last  # type: ignore[attr-defined]
+        return cl == "on" or (cl == "auto" and device.type == "cuda")
+
+
+Execution = _with_settings("Execution", "execution", _ExecutionRest, """How the run is carried out: devices,
+    kernels, logging, checkpoints, when to stop. The ``train:`` settings of part ``execution`` (data_root, fused,
+    fuse_siblings, amp, channels_last, compile, cuda_graphs, log_every, checkpoint_every, data, ...; see
+    ``spec/models.py``) and this attempt's own settings.""")
 
 
 def _run_only(opts: TrainOptions) -> dict[str, Any]:

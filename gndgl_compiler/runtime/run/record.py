@@ -88,9 +88,12 @@ def check_config_record(cfg: dict) -> None:
     from pydantic import ValidationError
 
     from ...spec.models import Train
+    from ...spec.setting import settings_of
 
-    cfg.setdefault("fuse_siblings", True)  # runs recorded before the setting existed
-    cfg.setdefault("data", None)  # train.data left out (the defaults) is not recorded
+    for name, (info, setting) in settings_of(Train).items():  # settings added after runs were recorded
+        if setting.missing_ok and name not in cfg:
+            default = info.get_default(call_default_factory=True)
+            cfg[name] = default.model_dump(mode="json") if hasattr(default, "model_dump") else default
     missing = sorted(set(Train.model_fields) - set(cfg))
     if missing:
         raise ValueError(f"config has no {', '.join(repr(m) for m in missing)}")
