@@ -1,13 +1,15 @@
 """The training options, declared once: ``gndgl train``'s flags, the worker's argparse and the
 launcher's argv are all derived from the fields of :class:`TrainOptions` and :class:`LaunchOptions`.
 
-Each field carries its flag, metavar, help, bounds and where it goes (``part``: ``recipe`` = what
-is trained, ``execution`` = how, ``run`` = which run directory, ``launch`` = the distributed
-launch) in its metadata (:func:`option`). A field without metadata is API-only (callbacks).
+``TrainOptions`` is derived: one field per setting of the spec's ``train:`` section that declares an option
+(``spec/models.py`` ``Train``, each field's ``Setting``), then the run's own options (:class:`_RunOptions`).
+Each field carries its flag, metavar, help, bounds, where it goes (``part``: ``recipe`` = what is trained,
+``execution`` = how, ``run`` = which run directory, ``launch`` = the distributed launch) and what a resumed run
+does with it (``resume``) in its metadata (:func:`option`). A field without a flag is API-only.
 
-    TrainOptions / LaunchOptions fields ─┬─▶ cli/train_cmd.py   Typer parameters (flags, help, metavars)
-                                         ├─▶ worker_parser()    argparse of ``python -m gndgl_compiler.worker``
-                                         └─▶ worker_argv(...)   the argv ``--workers N`` gives each rank
+    Train settings + _RunOptions ─▶ TrainOptions / LaunchOptions fields ─┬─▶ cli/train_cmd.py  Typer parameters
+                                                                         ├─▶ worker_parser()   the worker's argparse
+                                                                         └─▶ worker_argv(...)  ``--workers N``'s argv
 """
 
 from __future__ import annotations
