@@ -57,8 +57,10 @@ class RunRecord:
             raise ValueError(f"'device' is {data['device']!r}, not a device name")
         config = dict(data["config"])
         check_config_record(config)
-        return cls(config, data.get("device"), world, data.get("source"), tuple(data.get("changes") or ()),
-                   {k: v for k, v in data.items() if k not in _KNOWN})
+        changes = data.get("changes")
+        listed = isinstance(changes, list)  # anything else is kept as it was, as before records were typed
+        return cls(config, data.get("device"), world, data.get("source"), tuple(changes) if listed else (),
+                   {k: v for k, v in data.items() if k not in _KNOWN or k == "changes" and not listed})
 
     def to_json(self) -> dict[str, Any]:
         """As written to ``run.json`` (the same keys as ever; ``changes`` only once there are some)."""
