@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,24 +20,39 @@ from .train_start import compiled_on_the_fly, is_spec
 
 
 def _launch(art, workers: int, opts, launch, replicas: int = 1) -> None:
-    """Start ``replicas`` × ``workers`` local ranks (``python -m gndgl_compiler.worker``) and wait for them."""
-    from gndgl_compiler.runtime.dist.replicas import layout
-    from gndgl_compiler.partition.placement import place
-    from gndgl_compiler.runtime.dist.launch import launch_local, worker_args
-
+    """Start ``replicas`` × ``workers`` local ranks (``python -m gndgl_compiler.worker``) and wait for them; the
+    run's lifecycle (its config, a new run's directory, undoing a start the ranks refused) is
+    ``runtime/run/lifecycle.py``'s."""
     from gndgl_compiler import load_artifact
-
+    from gndgl_compiler.runtime.dist.launch import launch_local, worker_args
+    from gndgl_compiler.runtime.dist.replicas import layout
+    from gndgl_compiler.runtime.run.lifecycle import new_run, reserve_run, resume_run, undo_failed_start, with_run_dir
     from gndgl_compiler.runtime.run.preflight import check_config
 
     if opts.resume is not None:
-        from gndgl_compiler.runtime.run.directory import reopen_run
         art = load_artifact(Path(opts.resume) / "artifact")
-        config = reopen_run(opts.resume, opts, world=workers, verify=False)[1]
+        config = resume_run(opts.resume, opts, world=workers, verify=False).config
     else:
-        from gndgl_compiler.runtime.run.config import new_run_config
-        config = new_run_config(art.spec["train"], opts)
+        config = new_run(art, opts)
     check_config(config, opts.device)  # what every rank would refuse: before any rank starts
     layout(workers * replicas, replicas, 0, config.recipe.batch_size)
+    owners = _owners(art, workers)
+    copies = f"{replicas} replicas × " if replicas > 1 else ""
+    console.print(f"launching {copies}{workers} workers: " + " · ".join(f"rank {r}: {len(v)} partitions"
+                                                                        for r, v in owners.items()), highlight=False)
+    owners = {g: owners[g % workers] for g in range(workers * replicas)}
+    started = None
+    if opts.resume is None:  # the ranks fill the directory made here; a start they refuse is undone here
+        started = reserve_run(art.plan.name, opts.run_dir)
+        opts = with_run_dir(opts, started)
+    with undo_failed_start(started, (DistributedSetupError,)):  # a rank refused its input: nothing was trained
+        launch_local(workers * replicas, worker_args(art.path, opts, launch), port=launch.port, partitions_of=owners)
+
+
+def _owners(art, workers: int) -> dict[int, list[str]]:
+    """The partitions of each of ``workers`` ranks (the plan placed for them), checked to fit the plan."""
+    from gndgl_compiler.partition.placement import place
+
     n = len(art.plan.partitions)
     if workers > n:
         raise DistributedSetupError(f"--workers {workers} is more than the {n} partitions; use --workers {n} or fewer")
@@ -47,22 +63,7 @@ def _launch(art, workers: int, opts, launch, replicas: int = 1) -> None:
     owners: dict[int, list[str]] = {}
     for p in art.plan.partitions:
         owners.setdefault(p.worker, []).append(p.name)
-    copies = f"{replicas} replicas × " if replicas > 1 else ""
-    console.print(f"launching {copies}{workers} workers: " + " · ".join(f"rank {r}: {len(v)} partitions"
-                                                                        for r, v in owners.items()), highlight=False)
-    owners = {g: owners[g % workers] for g in range(workers * replicas)}
-    fresh = False
-    if opts.resume is None:  # the run directory is made here, so a start that fails can be undone here
-        from gndgl_compiler.runtime.run.directory import new_run_dir
-        fresh = not (opts.run_dir and Path(opts.run_dir).exists())
-        opts.run_dir = str(new_run_dir(art.plan.name, opts.run_dir))
-    try:
-        launch_local(workers * replicas, worker_args(art.path, opts, launch), port=launch.port, partitions_of=owners)
-    except DistributedSetupError:  # a rank refused its input: nothing was trained
-        if opts.resume is None:
-            from gndgl_compiler.runtime.run.directory import discard_unstarted
-            discard_unstarted(Path(opts.run_dir), fresh)
-        raise
+    return owners
 
 
 def option_parameters(classes: tuple[type, ...], names: tuple[str, ...] | None = None) -> list[inspect.Parameter]:
@@ -98,8 +99,7 @@ def _train(source: Optional[Path] = None, **options: Any) -> None:
     source = source if source is not None or opts.resume is not None else Path("compiled")
     if opts.resume is None and is_spec(source):  # the spec first (before torch loads), then data, device, run dir
         with compiled_on_the_fly(source, opts) as art:
-            opts.overrides = None  # already in the compiled spec
-            _run(art, opts, launch, shown)
+            _run(art, replace(opts, overrides=None), launch, shown)  # the overrides are in the compiled spec
         return
     from gndgl_compiler.runtime.run.preflight import check_device, check_new_run_dir, check_resume_source
 
@@ -121,13 +121,13 @@ def _run(art: Any, opts: Any, launch: Any, shown: Any) -> None:
     """Train ``art`` (None: resume ``opts.resume``) in this process or on ``--workers`` ranks."""
     from gndgl_compiler.runtime.train import train_artifact
 
-    opts.overrides = opts.overrides or None
+    opts = replace(opts, overrides=opts.overrides or None)
     replicas = _replicas(art, opts, launch)
     if (launch.workers or 1) * replicas > 1:
         _launch(art, launch.workers or 1, opts, launch, replicas)
         return
     display = TrainDisplay(shown.progress_every)
-    opts.on_log, opts.on_progress = display, display.on_progress
+    opts = replace(opts, on_log=display, on_progress=display.on_progress)
     t0 = time.time()
     with display.progress:
         try:

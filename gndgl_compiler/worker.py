@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -64,33 +65,32 @@ def run_worker(args: argparse.Namespace, rank: int, world: int, transport=None) 
     """Train this rank's partitions; returns rank 0's run summary (others: a short record).
     ``transport``, if given, wraps this rank's PeerComm (``transport(comm) -> Transport``; see :func:`main`)."""
     from .api import load_artifact
-    from .runtime.run.config import new_run_config
     from .runtime.dist.context import DistContext
     from .runtime.dist.peer import PeerComm, barrier
-    from .runtime.run.directory import create_run, discard_unstarted, read_run_config, record_changes, reopen_run
+    from .runtime.run.directory import read_run_config
+    from .runtime.run.lifecycle import make_run, new_run, resume_run, undo_failed_start
     from .runtime.train import Trainer
 
     from .runtime.dist.replicas import GradAverager, layout, stage_groups
 
-    opts = from_args(TrainOptions, args)
-    opts.tensorboard = False
+    opts = replace(from_args(TrainOptions, args), tensorboard=False)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     replicas = _replicas(args)
     world, global_world = world // replicas, world  # from here on ``world``: the ranks of one pipeline
+    started = None  # the run directory rank 0 made for a new run (undone if the start fails on bad input)
     if opts.resume:
-        run_dir = Path(opts.resume)
-        _, config, saved, notes = reopen_run(run_dir, opts, world=world, verify=False)
+        run = resume_run(opts.resume, opts, world=world, verify=False)
+        run_dir, config = run.run_dir, run.config
         barrier()  # every rank has read run.json before rank 0 records the changes
-        if rank == 0 and notes:
-            record_changes(run_dir, saved)
-            print("resume: " + "; ".join(notes), flush=True)
+        note = run.record() if rank == 0 else None
+        if note:
+            print(note, flush=True)
     else:
-        made, fresh = None, not (opts.run_dir and Path(opts.run_dir).exists())
         if rank == 0:
             src = load_artifact(args.artifact, verify=True)
-            made = create_run(src, new_run_config(src.spec["train"], opts), opts.run_dir, world=world)
-        run_dir = Path(_share_run_dir(rank, str(made) if made else None))
+            started = make_run(src, new_run(src, opts), opts.run_dir, world=world)
+        run_dir = Path(_share_run_dir(rank, str(started.run_dir) if started else None))
         barrier()
         config = read_run_config(run_dir, opts)
     grid = layout(global_world, replicas, rank, config.recipe.batch_size)
@@ -103,12 +103,8 @@ def run_worker(args: argparse.Namespace, rank: int, world: int, transport=None) 
     comm = transport(comm) if transport is not None else comm
     ctx = DistContext(grid.stage, world, comm, run_dir, grid, GradAverager(column, replicas) if column else None)
     printer = _RecordPrinter()
-    try:
+    with undo_failed_start(started, (RunError, DataError, DeviceError)):  # as if never started
         trainer = Trainer(art, config, run_dir, ctx, device=device, on_log=printer if rank == 0 else None)
-    except (RunError, DataError, DeviceError):  # a start that failed on bad input: as if never started
-        if rank == 0 and not opts.resume:
-            discard_unstarted(run_dir, fresh)
-        raise
     setup = _gather_text(ctx.setup_text(trainer.ex), global_world)  # which modules each rank runs sibling-fused
     if rank == 0:
         print("\n".join(setup), flush=True)
@@ -203,14 +199,14 @@ def preflight(args: argparse.Namespace, world: int) -> None:
     """
     from .artifact import find_artifact, read_json, read_manifest, read_plan
     from .runtime.run.config import new_run_config
+    from .runtime.run.lifecycle import resume_run
     from .runtime.run.preflight import check_config, check_new_run_dir, check_resume_source
-    from .runtime.run.directory import reopen_run
 
     opts = from_args(TrainOptions, args)
     if opts.resume:
         given = None if args.artifact == "compiled" else args.artifact  # the default: not typed
         check_resume_source(given, opts.resume, own=Path(opts.resume) / "artifact")
-        config = reopen_run(opts.resume, opts, world=world, verify=False)[1]
+        config = resume_run(opts.resume, opts, world=world, verify=False).config
         art_dir = Path(opts.resume) / "artifact"
     else:
         check_new_run_dir(opts.run_dir)

@@ -33,7 +33,7 @@ from ..errors import DataError, DeviceError, GndglError, RunError
 from .checkpoint.store import save_checkpoint
 from .checkpoint.directory import prune_checkpoints
 from .checkpoint.rng import rng_state, set_rng_state
-from .run.config import RunConfig, new_run_config
+from .run.config import RunConfig
 from .dist.context import DistContext, LocalContext
 from .data.batches import steps_per_epoch
 from .data.feed import MemoryFeed, StreamFeed
@@ -51,8 +51,8 @@ from .loop_state import MetricsWindow, Reporter, TrainState
 from .metrics import MetricsLogger, truncate_metrics, write_metrics_csv
 from .run.options import TrainOptions
 from .run.progress import ProgressEvent, ProgressFn, counted
-from .run.directory import (DATA_RECORD, create_run, discard_unstarted, latest_run, read_run_record, record_changes,
-                      reopen_run, run_weights)
+from .run.directory import DATA_RECORD, latest_run, read_run_record, run_weights
+from .run.lifecycle import make_run, new_run, resume_run, undo_failed_start
 from .run.signals import Interrupted
 
 
@@ -72,23 +72,17 @@ def train_artifact(source: str | Path | Artifact, opts: TrainOptions | None = No
     """
     opts = opts or TrainOptions()
     if opts.resume:
-        run_dir = Path(opts.resume)
-        art, config, saved, notes = reopen_run(run_dir, opts)
-        if notes:
-            record_changes(run_dir, saved)
-            if opts.on_log:
-                opts.on_log({"kind": "note", "text": "resume: " + "; ".join(notes)})
-        return Trainer(art, config, run_dir, on_log=opts.on_log, on_progress=opts.on_progress).fit()
+        run = resume_run(opts.resume, opts)
+        note = run.record()
+        if note and opts.on_log:
+            opts.on_log({"kind": "note", "text": note})
+        return Trainer(run.art, run.config, run.run_dir, on_log=opts.on_log, on_progress=opts.on_progress).fit()
     art = source if isinstance(source, Artifact) else load_artifact(source)
-    config = new_run_config(art.spec["train"], opts)
+    config = new_run(art, opts)
     resolve_devices(art, opts.device)  # fail before anything is written
-    fresh = not Path(opts.run_dir).exists() if opts.run_dir else True
-    run_dir = create_run(art, config, opts.run_dir)
-    try:
-        return Trainer(art, config, run_dir, on_log=opts.on_log, on_progress=opts.on_progress).fit()
-    except (RunError, DataError, DeviceError):
-        discard_unstarted(run_dir, fresh)
-        raise
+    started = make_run(art, config, opts.run_dir)
+    with undo_failed_start(started, (RunError, DataError, DeviceError)):
+        return Trainer(art, config, started.run_dir, on_log=opts.on_log, on_progress=opts.on_progress).fit()
 
 
 class Checkpointer:

@@ -7,6 +7,7 @@ from typing import Annotated, Literal, Union
 
 from typing import Any
 
+from .setting import Setting
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_serializer, model_validator
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
@@ -512,41 +513,70 @@ class DataFeed(_Strict):
 
 
 class Train(_Strict):
-    dataset: str = Field("cifar10", min_length=1, max_length=4096, description="cifar10, cifar100, mnist, "
-                         "fashion-mnist, synthetic, or a path to an image folder / .tar.gz.")
-    data_root: str | None = Field(None, max_length=4096,
-                                  description="Where torchvision / IDX files live (default $GNDGL_DATA).")
-    batch_size: int = Field(128, ge=1, le=1_000_000, description="Mini-batch size.")
-    epochs: int = Field(1, ge=1, le=100_000, description="Training epochs.")
-    optimizer: Optimizer = Field(default_factory=Optimizer,
-                                 description="Optimizer settings (one optimizer per partition).")
-    schedule: Schedule = Field(default_factory=Schedule, description="Learning-rate schedule.")
-    augment: Augment | None = Field(default_factory=Augment, description="Data augmentation; null for none.")
-    data: DataFeed | None = Field(None, description="How the data set is read: in memory or streamed by workers.")
-    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of weights, batch order and augmentation.")
-    init: str | None = Field(None, min_length=1, max_length=4096, description="Initial weights: a state-dict file (.pt "
-                             "/ .pth / .safetensors) with torchvision's names (a torchvision template's) or the op "
-                             "graph's (e.g. 's1.b0.conv1.weight'); each partition takes its slice. Loaded at compile "
-                             "time.")
-    checkpoint_every: int = Field(0, ge=0, description="Also checkpoint every N steps (0 = only each epoch).")
-    log_every: int = Field(50, ge=1, description="Log training metrics every N steps.")
-    amp: Literal["auto", "bf16", "off"] = Field("auto", description="bf16 autocast: 'auto' = on for CUDA.")
-    channels_last: Literal["auto", "on", "off"] = Field("auto", description="channels_last memory format: 'auto' = on "
-                                                        "for CUDA.")
-    compile: Literal["off", "regional"] = Field("off", description="torch.compile each sibling-fused module's program "
-                                                "('regional'); off by default (measured: see README).")
-    cuda_graphs: Literal["auto", "on", "off"] = Field("off", description="Capture the whole step as one CUDA graph: "
-                                                      "'auto' = when every partition of the process is on CUDA and the "
-                                                      "step is capturable, 'on' = required (exit 2 if not), 'off' "
-                                                      "(default until checked on a GPU).")
-    fused: bool = Field(True, description="Fuse the partitions on one device into one step (same math, fewer kernels).")
-    fuse_siblings: bool = Field(True,
-                                description="With fused: run the G partitions of a module that share a device as one "
-                                "program (dense first conv + grouped convs, batched heads and losses; same math up to "
-                                "float rounding). Per-partition parameters, checkpoints and optimizer state are "
-                                "unchanged.")
-    sync_bn: bool = Field(False, description="Synchronise BatchNorm statistics over the replicas of a partition "
-                          "(refused: torch's SyncBatchNorm runs on CUDA only; replicas keep per-replica statistics).")
+    # Each field declares, beside its type, default and description, a Setting (spec/setting.py): its
+    # TrainOptions field and flag, recipe or execution, and its resume rule. (No docstring: the schema is unchanged.)
+
+    dataset: Annotated[str, Setting(
+        "recipe", "refused", "--dataset", "Override train.dataset (cifar10, fashion-mnist, synthetic, a "
+        "folder/.tar.gz, ...).", "NAME|PATH")] = Field(
+        "cifar10", min_length=1, max_length=4096, description="cifar10, cifar100, mnist, fashion-mnist, synthetic, "
+        "or a path to an image folder / .tar.gz.")
+    data_root: Annotated[str | None, Setting("execution", "applies", "--data-root", "Where data set files live.",
+                                             "DIR")] = Field(
+        None, max_length=4096, description="Where torchvision / IDX files live (default $GNDGL_DATA).")
+    batch_size: Annotated[int, Setting("recipe", "refused", "--batch-size", "Override train.batch_size.", "N")] = Field(
+        128, ge=1, le=1_000_000, description="Mini-batch size.")
+    epochs: Annotated[int, Setting("recipe", "extends", "--epochs", "Override train.epochs (the warm-up and LR "
+                                   "milestones scale with it).", "N")] = Field(
+        1, ge=1, le=100_000, description="Training epochs.")
+    optimizer: Annotated[Optimizer, Setting("recipe", "refused", option=False)] = Field(
+        default_factory=Optimizer, description="Optimizer settings (one optimizer per partition).")
+    schedule: Annotated[Schedule, Setting("recipe", "refused", option=False)] = Field(
+        default_factory=Schedule, description="Learning-rate schedule.")
+    augment: Annotated[Augment | None, Setting("recipe", "refused", option=False)] = Field(
+        default_factory=Augment, description="Data augmentation; null for none.")
+    data: Annotated[DataFeed | None, Setting("execution", "refused", option=False, missing_ok=True)] = Field(
+        None, description="How the data set is read: in memory or streamed by workers.")
+    seed: Annotated[int, Setting("recipe", "refused", "--seed", "Override train.seed.", "N")] = Field(
+        0, ge=0, le=2**31 - 1, description="Seed of weights, batch order and augmentation.")
+    init: Annotated[str | None, Setting("compile", "refused", option=False)] = Field(
+        None, min_length=1, max_length=4096, description="Initial weights: a state-dict file (.pt / .pth / "
+        ".safetensors) with torchvision's names (a torchvision template's) or the op graph's (e.g. "
+        "'s1.b0.conv1.weight'); each partition takes its slice. Loaded at compile time.")
+    checkpoint_every: Annotated[int, Setting("execution", "applies", "--checkpoint-every",
+                                             "Also checkpoint every N steps.", "N")] = Field(
+        0, ge=0, description="Also checkpoint every N steps (0 = only each epoch).")
+    log_every: Annotated[int, Setting("execution", "applies", "--log-every", "Log every N steps.", "N")] = Field(
+        50, ge=1, description="Log training metrics every N steps.")
+    amp: Annotated[Literal["auto", "bf16", "off"], Setting(
+        "execution", "refused", help="Override train.amp: auto, bf16 or off (bf16 autocast; API only).")] = Field(
+        "auto", description="bf16 autocast: 'auto' = on for CUDA.")
+    channels_last: Annotated[Literal["auto", "on", "off"], Setting(
+        "execution", "refused", help="Override train.channels_last: auto, on or off (API only).")] = Field(
+        "auto", description="channels_last memory format: 'auto' = on for CUDA.")
+    compile: Annotated[Literal["off", "regional"], Setting(
+        "execution", "applies", "--compile", "torch.compile each sibling-fused module's program: off or regional "
+        "(default from the spec, train.compile).", "off|regional")] = Field(
+        "off", description="torch.compile each sibling-fused module's program ('regional'); off by default "
+        "(measured: see README).")
+    cuda_graphs: Annotated[Literal["auto", "on", "off"], Setting(
+        "execution", "applies", "--cuda-graphs", "Capture each step as one CUDA graph: auto, on or off (default "
+        "from the spec, train.cuda_graphs).", "auto|on|off")] = Field(
+        "off", description="Capture the whole step as one CUDA graph: 'auto' = when every partition of the process "
+        "is on CUDA and the step is capturable, 'on' = required (exit 2 if not), 'off' (default until checked on a "
+        "GPU).")
+    fused: Annotated[bool, Setting("execution", "refused", "--fused/--no-fused",
+                                   "Per-device fused step (default from the spec).")] = Field(
+        True, description="Fuse the partitions on one device into one step (same math, fewer kernels).")
+    fuse_siblings: Annotated[bool, Setting(
+        "execution", "applies", "--fuse-siblings/--no-fuse-siblings", "Run each module's sibling partitions on one "
+        "device as one program (default from the spec).", missing_ok=True)] = Field(
+        True, description="With fused: run the G partitions of a module that share a device as one program (dense "
+        "first conv + grouped convs, batched heads and losses; same math up to float rounding). Per-partition "
+        "parameters, checkpoints and optimizer state are unchanged.")
+    sync_bn: Annotated[bool, Setting("recipe", "refused", option=False, missing_ok=True)] = Field(
+        False, description="Synchronise BatchNorm statistics over the replicas of a partition (refused: torch's "
+        "SyncBatchNorm runs on CUDA only; replicas keep per-replica statistics).")
 
     @field_validator("sync_bn")
     @classmethod
@@ -556,7 +586,6 @@ class Train(_Strict):
                              "gndgl trains replicas on gloo/CPU too); remove it: each replica keeps its own BatchNorm "
                              "statistics, as DDP does")
         return v
-
 
     @model_serializer(mode="wrap")
     def _unset_data(self, handler):

@@ -15,20 +15,23 @@ are declared once (``spec/models.py``). ``run.json`` keeps its flat ``config`` o
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any
 
 import torch
 
 from ...errors import RunError
-from ...spec.models import Augment, DataFeed, Optimizer, Schedule, Train
+from ...spec.models import Schedule, Train
+from ...spec.setting import settings_of
 from .options import TrainOptions
 
-RECIPE_FIELDS = ("dataset", "batch_size", "epochs", "seed", "optimizer", "schedule", "augment")
-"""The spec's ``train`` fields that say what is trained."""
-EXECUTION_FIELDS = ("data_root", "fused", "fuse_siblings", "amp", "channels_last", "cuda_graphs", "compile",
-                    "log_every", "checkpoint_every", "data")
+_SETTINGS = settings_of(Train)
+RECIPE_FIELDS = tuple(name for name, (_info, s) in _SETTINGS.items() if s.part == "recipe")
+"""The spec's ``train`` fields that say what is trained (their ``Setting.part``, ``spec/models.py``)."""
+EXECUTION_FIELDS = tuple(name for name, (_info, s) in _SETTINGS.items() if s.part == "execution")
 """The spec's ``train`` fields that say how the run is carried out (recorded in run.json too)."""
+OVERRIDDEN = tuple(name for name, (_info, s) in _SETTINGS.items() if s.option)
+"""The spec's ``train`` fields a :class:`~.options.TrainOptions` field of the same name overrides."""
 
 
 @dataclass(frozen=True)
@@ -46,17 +49,19 @@ class Extension:
                 "schedule": self.schedule.model_dump(mode="json")}
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """What is trained: the same recipe gives the same weights (bit for bit on CPU), however it is run."""
+def _with_settings(name: str, part: str, base: type, doc: str) -> type:
+    """The frozen dataclass ``name``: ``base``'s fields, then one keyword field per ``train:`` setting of ``part``
+    (its type from ``spec/models.py``), so a new setting reaches the runtime without another declaration."""
+    own = [(n, info.annotation, field(kw_only=True)) for n, (info, s) in _SETTINGS.items() if s.part == part]
+    cls = make_dataclass(name, own, bases=(base,), frozen=True, namespace={"__doc__": doc})
+    cls.__module__ = __name__
+    return cls
 
-    dataset: str
-    batch_size: int
-    epochs: int
-    seed: int
-    optimizer: Optimizer
-    schedule: Schedule
-    augment: Augment | None
+
+@dataclass(frozen=True)
+class _RecipeRest:
+    """The recipe beyond the ``train:`` settings of part ``recipe``."""
+
     limit_train: int | None = None
     limit_test: int | None = None
     extensions: tuple[Extension, ...] = ()
@@ -64,54 +69,53 @@ class Recipe:
     @property
     def crop_pad(self) -> int:
         """Random-crop padding (0 = no crop)."""
-        return self.augment.crop_pad if self.augment else 0
+        return self.augment.crop_pad if self.augment else 0  # type: ignore[attr-defined]
 
     @property
     def flip(self) -> bool:
         """Random horizontal flip."""
-        return bool(self.augment and self.augment.flip)
+        return bool(self.augment and self.augment.flip)  # type: ignore[attr-defined]
+
+
+Recipe = _with_settings("Recipe", "recipe", _RecipeRest, """What is trained: the same recipe gives the same weights (bit
+    for bit on CPU), however it is run. The ``train:`` settings of part ``recipe`` (dataset, batch_size, epochs,
+    seed, optimizer, schedule, augment, ...), the data limits and any extensions.""")
 
 
 @dataclass(frozen=True)
-class Execution:
-    """How the run is carried out: devices, kernels, logging, checkpoints, when to stop."""
+class _ExecutionRest:
+    """How the run is carried out beyond the ``train:`` settings of part ``execution``: this attempt's settings."""
 
     device: str | None
     """Every partition on this device (None = the plan's placement)."""
-    data_root: str | None
-    fused: bool
-    fuse_siblings: bool
-    amp: str
-    channels_last: str
-    log_every: int
-    checkpoint_every: int
-    cuda_graphs: str = "off"
-    compile: str = "off"
-    """``off`` or ``regional``: torch.compile the sibling-fused programs (``runtime/step/compile.py``)."""
-    """``auto``, ``on`` or ``off``: capture each step as one CUDA graph (``runtime/step/cuda_graphs.py``)."""
     download: bool = False
     tensorboard: bool | None = None
     max_steps: int | None = None
     keep_checkpoints: int = 2
     eval_every_epoch: bool = True
     threads: int | None = None
-    data: DataFeed | None = None
-    """How the data set is read (``runtime/data/feed.py``); None = the defaults (mode auto)."""
 
     def amp_on(self, device: torch.device) -> bool:
         """bf16 autocast on ``device`` (``auto`` = on CUDA)."""
-        return self.amp == "bf16" or (self.amp == "auto" and device.type == "cuda")
+        amp = self.amp  # type: ignore[attr-defined]
+        return amp == "bf16" or (amp == "auto" and device.type == "cuda")
 
     def channels_last_on(self, device: torch.device) -> bool:
         """channels_last memory format on ``device`` (``auto`` = on CUDA)."""
-        return self.channels_last == "on" or (self.channels_last == "auto" and device.type == "cuda")
+        cl = self.channels_last  # type: ignore[attr-defined]
+        return cl == "on" or (cl == "auto" and device.type == "cuda")
+
+
+Execution = _with_settings("Execution", "execution", _ExecutionRest, """How the run is carried out: devices,
+    kernels, logging, checkpoints, when to stop. The ``train:`` settings of part ``execution`` (data_root, fused,
+    fuse_siblings, amp, channels_last, compile, cuda_graphs, log_every, checkpoint_every, data, ...; see
+    ``spec/models.py``) and this attempt's own settings.""")
 
 
 def _run_only(opts: TrainOptions) -> dict[str, Any]:
-    """The execution settings that are not recorded in run.json (they apply to this attempt only)."""
-    return {"download": opts.download, "tensorboard": opts.tensorboard, "max_steps": opts.max_steps,
-            "keep_checkpoints": opts.keep_checkpoints, "eval_every_epoch": opts.eval_every_epoch,
-            "threads": opts.threads}
+    """The execution settings that are not recorded in run.json (they apply to this attempt only): the
+    :class:`Execution` fields that are neither ``train`` settings nor the device."""
+    return {f.name: getattr(opts, f.name) for f in fields(Execution) if f.name not in (*EXECUTION_FIELDS, "device")}
 
 
 @dataclass(frozen=True)
@@ -187,21 +191,17 @@ def new_run_config(spec_train: dict[str, Any], opts: TrainOptions) -> RunConfig:
     if opts.overrides:
         from ...spec.overrides import override_train
         cfg = override_train(cfg, opts.overrides)
-    train = Train.model_validate(cfg)
-    merged = train.model_dump()
-    if opts.epochs is not None and opts.epochs != train.epochs:
-        merged["schedule"] = scale_schedule(train.schedule, opts.epochs / train.epochs).model_dump()
-    for key in ("epochs", "dataset", "data_root", "batch_size", "seed", "fused", "fuse_siblings", "amp",
-                "channels_last", "cuda_graphs", "compile", "log_every", "checkpoint_every"):
-        if getattr(opts, key) is not None:
-            merged[key] = getattr(opts, key)
+    spec_epochs = cfg.get("epochs", Train.model_fields["epochs"].default)
+    cfg.update({k: getattr(opts, k) for k in OVERRIDDEN if getattr(opts, k) is not None})
     if opts.lr is not None:
-        merged["optimizer"]["lr"] = opts.lr
+        cfg["optimizer"] = {**(cfg.get("optimizer") or {}), "lr": opts.lr}
     try:
-        train = Train.model_validate(merged)
+        train = Train.model_validate(cfg)  # once: the section with every option applied
     except ValidationError as exc:
         err = exc.errors()[0]
         raise RunError(f"train.{'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
+    if opts.epochs is not None and opts.epochs != spec_epochs:
+        train = train.model_copy(update={"schedule": scale_schedule(train.schedule, train.epochs / spec_epochs)})
     return RunConfig.of(train, opts, device=opts.device, limit_train=opts.limit_train, limit_test=opts.limit_test)
 
 

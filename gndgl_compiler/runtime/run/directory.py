@@ -22,6 +22,7 @@ from ...errors import GndglError, RunError
 from ... import fsio
 from ..checkpoint.directory import latest_valid_checkpoint
 from .config import RunConfig
+from .record import RunRecord
 from ..checkpoint.ranks import gather_tensors, latest_commit
 from ..checkpoint.replace import checkpoint_source
 from .options import TrainOptions
@@ -70,19 +71,17 @@ def create_run(art: Artifact, config: RunConfig, requested: str | None, *, world
     run_dir = new_run_dir(art.plan.name, requested)
     if art.path is not None:
         shutil.copytree(art.path, run_dir / "artifact", dirs_exist_ok=True)
-    write_run_record(run_dir, {"config": config.record(), "device": config.execution.device,
-                               "world": world, "source": str(art.path)})
+    write_run_record(run_dir, RunRecord.new(config, world=world, source=str(art.path)).to_json())
     return run_dir
 
 
 def read_run_config(run_dir: str | Path, opts: TrainOptions | None = None) -> RunConfig:
     """The checked settings of a run directory, with ``opts``' settings of this attempt (``--max-steps``, ...)."""
-    saved = read_run_record(run_dir)
-    return RunConfig.from_record(saved["config"], opts, device=saved.get("device"))
+    return load_run_record(run_dir).run_config(opts)
 
 
 def reopen_run(run_dir: str | Path, opts: TrainOptions, *, world: int = 1, verify: bool = True
-               ) -> tuple[Artifact, RunConfig, dict, list[str]]:
+               ) -> tuple[Artifact, RunConfig, RunRecord, list[str]]:
     """The settings to resume a run with: ``run.json`` checked, the resume options applied.
 
     Args:
@@ -103,20 +102,19 @@ def reopen_run(run_dir: str | Path, opts: TrainOptions, *, world: int = 1, verif
     from .resume import resume_config
 
     run_dir = Path(run_dir)
-    saved = check_resume_world(run_dir, world)
-    art = load_run_artifact(run_dir, saved) if verify else load_artifact(run_dir / "artifact", verify=False)
-    config, notes = resume_config(run_dir, saved, opts, sequential=art.plan.schedule == "sequential")
-    old = saved.get("world", 1)
-    if old != world:  # the checkpoints are re-placed for the new number on load (runtime/checkpoint/replace.py)
-        notes.append(f"workers: {old} → {world} (partitions re-placed from the per-partition checkpoints)")
-        saved["world"] = world
-        saved.setdefault("changes", []).append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "world": world})
-    return art, config, saved, notes
+    record = check_resume_world(run_dir, world)
+    art = (load_run_artifact(run_dir, record.to_json()) if verify
+           else load_artifact(run_dir / "artifact", verify=False))
+    config, notes, record = resume_config(run_dir, record, opts, sequential=art.plan.schedule == "sequential")
+    if record.world != world:  # the checkpoints are re-placed for the new number on load (checkpoint/replace.py)
+        notes.append(f"workers: {record.world} → {world} (partitions re-placed from the per-partition checkpoints)")
+        record = record.changed({"world": world}, world=world)
+    return art, config, record, notes
 
 
-def record_changes(run_dir: str | Path, saved: dict) -> None:
+def record_changes(run_dir: str | Path, record: RunRecord) -> None:
     """Write the ``run.json`` record that :func:`reopen_run` updated."""
-    write_run_record(run_dir, saved)
+    write_run_record(run_dir, record.to_json())
 
 
 def latest_run(root: str | Path = "runs", need: str = "weights") -> Path:
@@ -181,7 +179,7 @@ def write_run_record(run_dir: str | Path, record: dict) -> Path:
     return fsio.atomic_write_json(Path(run_dir) / "run.json", record)
 
 
-def read_run_record(run_dir: str | Path) -> dict:
+def load_run_record(run_dir: str | Path) -> RunRecord:
     """The checked ``run.json`` of a run directory (its training settings).
 
     Returns:
@@ -204,46 +202,18 @@ def read_run_record(run_dir: str | Path) -> dict:
         raise RunError(f"'{run_dir / 'artifact'}' is missing; it holds the compiled network of the run. Restore it "
                        "(a copy of the artifact the run was started from), or start a new run")
     try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
-            raise ValueError("no 'config' object")
-        world = saved.get("world", 1)
-        if not isinstance(world, int) or isinstance(world, bool) or world < 1:
-            raise ValueError(f"'world' is {world!r}, not a positive integer")
-        if not isinstance(saved.get("device"), (str, type(None))):
-            raise ValueError(f"'device' is {saved['device']!r}, not a device name")
-        _check_run_config(saved["config"])
+        return RunRecord.from_json(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise RunError(f"'{path}' is unreadable or damaged ({exc}); restore it, or start a new run") from None
-    return saved
 
 
-def _check_run_config(cfg: dict) -> None:
-    """Check the ``config`` of a ``run.json`` in place (fills nested defaults); ValueError names a bad field."""
-    from pydantic import ValidationError
+def read_run_record(run_dir: str | Path) -> dict:
+    """The checked ``run.json`` of a run directory as plain data (:func:`load_run_record`'s ``to_json()``).
 
-    from ...spec.models import Train
-
-    cfg.setdefault("fuse_siblings", True)  # runs recorded before the setting existed
-    cfg.setdefault("data", None)  # train.data left out (the defaults) is not recorded
-    cfg.setdefault("sync_bn", False)  # train.sync_bn left out (off) is not recorded
-    missing = sorted(set(Train.model_fields) - set(cfg))
-    if missing:
-        raise ValueError(f"config has no {', '.join(repr(m) for m in missing)}")
-    if not isinstance(cfg.get("extensions", []), list):
-        raise ValueError("config.extensions is not a list")
-    for key in ("limit_train", "limit_test"):
-        val = cfg.get(key)
-        if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 1):
-            raise ValueError(f"config.{key} is {val!r}, not a positive integer or null")
-    train = {k: v for k, v in cfg.items() if k not in ("limit_train", "limit_test", "extensions")}
-    try:
-        checked = Train.model_validate_json(json.dumps(train), strict=True)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise ValueError(f"config.{'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
-    cfg.update(checked.model_dump(mode="json"))
-    RunConfig.from_record(cfg)  # the extensions
+    Raises:
+        RunError: see :func:`load_run_record`.
+    """
+    return load_run_record(run_dir).to_json()
 
 
 def load_run_artifact(run_dir: Path, saved: dict) -> Artifact:
@@ -254,7 +224,7 @@ def load_run_artifact(run_dir: Path, saved: dict) -> Artifact:
                                                       "or start a new run")
 
 
-def check_resume_world(run_dir: str | Path, world: int) -> dict:
+def check_resume_world(run_dir: str | Path, world: int) -> RunRecord:
     """Check that ``run_dir`` is a run directory that ``world`` processes can continue.
 
     Any number can: partitions are re-placed for it from the per-partition checkpoints
@@ -268,7 +238,7 @@ def check_resume_world(run_dir: str | Path, world: int) -> dict:
     """
     if world < 1:
         raise RunError(f"cannot resume '{run_dir}' on {world} processes; give --workers 1 or more")
-    return read_run_record(Path(run_dir))
+    return load_run_record(Path(run_dir))
 
 
 def discard_unstarted(run_dir: Path, fresh: bool) -> None:

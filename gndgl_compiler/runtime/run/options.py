@@ -1,13 +1,15 @@
 """The training options, declared once: ``gndgl train``'s flags, the worker's argparse and the
 launcher's argv are all derived from the fields of :class:`TrainOptions` and :class:`LaunchOptions`.
 
-Each field carries its flag, metavar, help, bounds and where it goes (``part``: ``recipe`` = what
-is trained, ``execution`` = how, ``run`` = which run directory, ``launch`` = the distributed
-launch) in its metadata (:func:`option`). A field without metadata is API-only (callbacks).
+``TrainOptions`` is derived: one field per setting of the spec's ``train:`` section that declares an option
+(``spec/models.py`` ``Train``, each field's ``Setting``), then the run's own options (:class:`_RunOptions`).
+Each field carries its flag, metavar, help, bounds, where it goes (``part``: ``recipe`` = what is trained,
+``execution`` = how, ``run`` = which run directory, ``launch`` = the distributed launch) and what a resumed run
+does with it (``resume``) in its metadata (:func:`option`). A field without a flag is API-only.
 
-    TrainOptions / LaunchOptions fields ─┬─▶ cli/train_cmd.py   Typer parameters (flags, help, metavars)
-                                         ├─▶ worker_parser()    argparse of ``python -m gndgl_compiler.worker``
-                                         └─▶ worker_argv(...)   the argv ``--workers N`` gives each rank
+    Train settings + _RunOptions ─▶ TrainOptions / LaunchOptions fields ─┬─▶ cli/train_cmd.py  Typer parameters
+                                                                         ├─▶ worker_parser()   the worker's argparse
+                                                                         └─▶ worker_argv(...)  ``--workers N``'s argv
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import argparse
 import types
 import typing
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from typing import Any, Callable
 
 from .progress import ProgressFn
@@ -37,6 +39,8 @@ class Option:
     """A ``gndgl train`` flag."""
     worker: bool = True
     """A flag of the distributed worker (passed on by ``--workers N``)."""
+    resume: str = "attempt"
+    """What ``--resume`` does with it: ``applies``, ``refused``, ``extends`` or ``attempt`` (spec/setting.py)."""
 
     @property
     def flag(self) -> str:
@@ -74,69 +78,101 @@ def _documented(cls: type) -> type:
     return cls
 
 
-@_documented
+def _without_none(hint: Any) -> Any:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
 @dataclass
-class TrainOptions:
-    """Overrides of the spec's ``train`` section and run settings (None = keep the spec's).
+class _RunOptions:
+    """The TrainOptions fields that are not settings of the spec's ``train:`` section (those are derived from
+    ``spec/models.py`` ``Train``: :func:`_train_fields`)."""
 
-    ``train_artifact(source, TrainOptions(...))`` takes these; ``gndgl train`` has one flag per field
-    shown with ``[--flag]``, the others are for the Python API. See docs/api.md."""
-
-    epochs: int | None = option(None, "--epochs",
-                                "Override train.epochs (the warm-up and LR milestones scale with it).",
-                                metavar="N", min=1, part="recipe")
-    dataset: str | None = option(None, "--dataset", "Override train.dataset (cifar10, fashion-mnist, synthetic, a "
-                                 "folder/.tar.gz, ...).", metavar="NAME|PATH", part="recipe")
-    data_root: str | None = option(None, "--data-root", "Where data set files live.", metavar="DIR")
     download: bool = option(False, "--download", "Let torchvision download CIFAR (needs internet).", worker=False)
     device: str | None = option(None, "--device", "Run every partition on this device (cpu, cuda, cuda:N).",
-                                metavar="DEVICE")
-    """Put every partition on this device (overrides the placement)."""
-    batch_size: int | None = option(None, "--batch-size", "Override train.batch_size.", metavar="N", min=1,
-                                    part="recipe")
-    lr: float | None = option(None, "--lr", "Override the peak learning rate.", metavar="LR", min=0.0, part="recipe")
-    seed: int | None = option(None, "--seed", "Override train.seed.", metavar="N", min=0, part="recipe")
-    fused: bool | None = option(None, "--fused/--no-fused", "Per-device fused step (default from the spec).")
-    fuse_siblings: bool | None = option(None, "--fuse-siblings/--no-fuse-siblings", "Run each module's sibling "
-                                        "partitions on one device as one program (default from the spec).")
-    """Sibling fusion (see ``Train.fuse_siblings``); a checkpoint of either setting resumes with the other."""
-    amp: str | None = api_field(None, "Override train.amp: auto, bf16 or off (bf16 autocast; API only).")
-    compile: str | None = option(None, "--compile", "torch.compile each sibling-fused module's program: off or "
-                                 "regional (default from the spec, train.compile).", metavar="off|regional")
-    """``train.compile`` (``runtime/step/compile.py``); a resumed run may change it."""
-    cuda_graphs: str | None = option(None, "--cuda-graphs", "Capture each step as one CUDA graph: auto, on or off "
-                                     "(default from the spec, train.cuda_graphs).", metavar="auto|on|off")
-    """``train.cuda_graphs`` (``runtime/step/cuda_graphs.py``); a resumed run may change it."""
-    channels_last: str | None = api_field(None, "Override train.channels_last: auto, on or off (API only).")
+                                metavar="DEVICE", resume="applies")
+    lr: float | None = option(None, "--lr", "Override the peak learning rate.", metavar="LR", min=0.0, part="recipe",
+                              resume="extends")
     run_dir: str | None = option(None, "--run-dir", "Run directory (default runs/<name>-<time>).", metavar="DIR",
-                                 part="run")
+                                 part="run", resume="refused")
     resume: str | None = option(None, "--resume", "Continue an interrupted run directory.", metavar="RUN_DIR",
                                 part="run")
     limit_train: int | None = option(None, "--limit-train", "Use only N training images.", metavar="N", min=1,
-                                     part="recipe")
+                                     part="recipe", resume="refused")
     limit_test: int | None = option(None, "--limit-test", "Use only N test images.", metavar="N", min=1,
-                                    part="recipe")
+                                    part="recipe", resume="refused")
     max_steps: int | None = option(None, "--max-steps", "Stop after N steps (checkpointed).", metavar="N", min=1)
-    """Stop after this many global steps (for smoke tests)."""
-    checkpoint_every: int | None = option(None, "--checkpoint-every", "Also checkpoint every N steps.", metavar="N",
-                                          min=0)
-    log_every: int | None = option(None, "--log-every", "Log every N steps.", metavar="N", min=1)
     tensorboard: bool | None = option(None, "--tensorboard/--no-tensorboard", "TensorBoard logs (default: when "
                                       "installed).", worker=False)
     overrides: list[str] | None = option(None, "--set", "Set any spec field (repeatable), e.g. --set "
                                          "train.optimizer.weight_decay=5e-4; on a compiled artifact only train.* "
-                                         "fields.", metavar="FIELD=VALUE", part="recipe")
-    """``"train.a.b=VALUE"`` changes of the artifact's ``train`` section (``--set``), validated like a spec."""
+                                         "fields.", metavar="FIELD=VALUE", part="recipe", resume="refused")
     threads: int | None = option(None, "--threads", "Intra-op threads of this process.", metavar="N", min=1,
                                  cli=False)
     eval_every_epoch: bool = api_field(True, "Evaluate on the test set at the end of every epoch.")
     keep_checkpoints: int = api_field(2, "How many step checkpoints to keep (older ones are pruned).")
     on_log: Callable[[dict], None] | None = api_field(None, "Called with every record: kinds setup, note, train, "
                                                       "eval (schemas in docs/api.md).", repr=False)
-    """Called with every metrics record (and, flagged ``partial``, the last window before a stop)."""
     on_progress: ProgressFn | None = api_field(None, "Called with a ProgressEvent per training step, test batch "
                                                "and decoded chunk (docs/api.md).", repr=False)
-    """Called with a :class:`ProgressEvent` per step, test batch and decoded chunk (host data only)."""
+
+
+def _option_type(annotation: Any) -> Any:
+    """The TrainOptions type of a ``train:`` field's type: ``None`` stripped, a ``Literal`` of strings as ``str``."""
+    typ = _without_none(annotation)
+    return str if typing.get_origin(typ) is typing.Literal else typ
+
+
+def _train_fields() -> list[tuple[str, Any, Any]]:
+    """One TrainOptions field (default None = the spec's) per ``train:`` setting that declares ``option``: its flag,
+    help, metavar and part from its :class:`~gndgl_compiler.spec.setting.Setting`, its lower bound from its ``ge``."""
+    from ...spec.models import Train
+    from ...spec.setting import settings_of
+
+    out = []
+    for name, (info, s) in settings_of(Train).items():
+        if not s.option:
+            continue
+        if s.flags is None:
+            meta: dict[str, Any] = {"doc": s.help, "resume": s.resume}
+        else:
+            low = next((m.ge for m in info.metadata if hasattr(m, "ge")), None)
+            meta = {"option": Option(s.flags, s.help, s.metavar, min=low, part=s.part, worker=s.worker,
+                                     resume=s.resume)}
+        out.append((name, _option_type(info.annotation) | None, field(default=None, metadata=meta)))
+    return out
+
+
+def _train_options() -> type:
+    """:class:`TrainOptions`: the ``train:`` settings' fields, then :class:`_RunOptions`' (``help()`` lists them)."""
+    hints = typing.get_type_hints(_RunOptions)
+    run = [(f.name, hints[f.name], field(default=f.default, repr=f.repr, metadata=f.metadata))
+           for f in fields(_RunOptions)]
+    cls = make_dataclass("TrainOptions", [*_train_fields(), *run], namespace={"__doc__": _TRAIN_OPTIONS_DOC})
+    cls.__module__ = __name__
+    return _documented(cls)
+
+
+_TRAIN_OPTIONS_DOC = """Overrides of the spec's ``train`` section and run settings (None = keep the spec's).
+
+    ``train_artifact(source, TrainOptions(...))`` takes these; ``gndgl train`` has one flag per field
+    shown with ``[--flag]``, the others are for the Python API. See docs/api.md. The fields are derived from
+    ``spec/models.py`` ``Train`` (its settings) and ``_RunOptions`` (the run's own options)."""
+TrainOptions = _train_options()
+
+
+def resume_rule(name: str) -> str:
+    """What ``--resume`` does with TrainOptions field ``name`` (:data:`~gndgl_compiler.spec.setting.RESUME_RULES`)."""
+    f = TrainOptions.__dataclass_fields__[name]
+    opt = f.metadata.get("option")
+    return opt.resume if opt is not None else f.metadata.get("resume", "attempt")
+
+
+def option_label(name: str) -> str:
+    """How a message names TrainOptions field ``name``: its flags, or its name (an API-only field)."""
+    opt = TrainOptions.__dataclass_fields__[name].metadata.get("option")
+    return opt.flags if opt is not None and opt.cli else name
 
 
 @_documented
@@ -169,12 +205,6 @@ class DisplayOptions:
     progress_every: float = option(PROGRESS_EVERY_S, "--progress-every", "In a pipe or log file, print a progress "
                                    "line (step, s/step, ETA) after this many seconds without one.",
                                    metavar="SECONDS", min=0.0, part="display", worker=False)
-
-
-def _without_none(hint: Any) -> Any:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint
 
 
 def declared(cls: type) -> list[tuple[str, Any, Any, Option]]:
@@ -243,5 +273,5 @@ def worker_argv(*options: Any) -> list[str]:
 
 
 __all__ = ["DisplayOptions", "LaunchOptions", "Option", "PROGRESS_EVERY_S", "TrainOptions", "api_field", "declared",
-           "describe", "from_args", "option", "worker_argv",
+           "describe", "from_args", "option", "option_label", "resume_rule", "worker_argv",
            "worker_parser"]

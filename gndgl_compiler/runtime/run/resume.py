@@ -17,38 +17,42 @@ from the trained weights, peak ``--lr`` or the recipe's), recorded in ``extensio
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 from ...errors import RunError
 from .config import Extension, RunConfig, scale_schedule
+from .record import RunRecord
+from .options import TrainOptions, option_label, resume_rule
 
-APPLIES = ("device", "log_every", "checkpoint_every", "data_root", "fuse_siblings", "cuda_graphs", "compile")
-"""Options a resumed run takes (recorded in run.json); ``max_steps`` and ``tensorboard`` apply too."""
-REFUSED = {"dataset": "--dataset", "batch_size": "--batch-size", "seed": "--seed", "fused": "--fused/--no-fused",
-           "amp": "amp", "channels_last": "channels_last", "limit_train": "--limit-train",
-           "limit_test": "--limit-test", "overrides": "--set", "run_dir": "--run-dir"}
+_FIELDS = [f.name for f in fields(TrainOptions)]
+APPLIES = tuple(name for name in _FIELDS if resume_rule(name) == "applies")
+"""Options a resumed run takes (recorded in run.json; their resume rule, ``spec/models.py`` / ``options.py``);
+``max_steps`` and ``tensorboard`` (rule ``attempt``) apply to the attempt only."""
+REFUSED = {name: option_label(name) for name in _FIELDS if resume_rule(name) == "refused"}
+"""Options that would change what is trained, and how the refusal names them."""
 
 
-def resume_config(run_dir: Path, saved: dict, opts: Any, *, sequential: bool = False) -> tuple[RunConfig, list[str]]:
+def resume_config(run_dir: Path, record: RunRecord, opts: Any, *, sequential: bool = False
+                  ) -> tuple[RunConfig, list[str], RunRecord]:
     """The run's config with the resume options applied.
 
     Args:
         run_dir: the run directory (``summary.json`` tells whether it finished).
-        saved: its checked ``run.json`` record (changed in place: ``config``, ``device``, ``changes``).
+        record: its checked ``run.json`` record (not changed).
         opts: the :class:`~gndgl_compiler.runtime.run.options.TrainOptions` given.
         sequential: the run trains module by module (cannot be extended).
 
     Returns:
-        ``(config, notes)``: the config to train with and one line per applied change.
+        ``(config, notes, record)``: the config to train with, one line per applied change and the record
+        with the changes (``config``, ``device``, one more ``changes`` entry; the same record if none).
 
     Raises:
         RunError: an option that cannot change on resume, or ``--epochs`` not beyond a
             finished run's length.
     """
-    run = RunConfig.from_record(saved["config"], opts, device=saved.get("device"))
+    run = record.run_config(opts)
     recipe, execution = run.recipe, run.execution
     refused = [flag for key, flag in REFUSED.items() if getattr(opts, key, None) not in (None, [], False)]
     finished = _finished(run_dir)
@@ -87,10 +91,7 @@ def resume_config(run_dir: Path, saved: dict, opts: Any, *, sequential: bool = F
         recipe = replace(recipe, epochs=opts.epochs)
         changes["epochs"] = opts.epochs
     run = RunConfig(recipe, execution)
-    if changes:
-        saved["config"], saved["device"] = run.record(), execution.device
-        saved.setdefault("changes", []).append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **changes})
-    return run, notes
+    return run, notes, record.changed(changes, config=run) if changes else record
 
 
 def _finished(run_dir: Path) -> bool:
