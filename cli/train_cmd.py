@@ -142,8 +142,11 @@ def _replicas(art: Any, opts: Any, launch: Any) -> int:
     if launch.replicas:
         return launch.replicas
     if art is None:
+        spec_json = Path(opts.resume) / "artifact" / "spec.json"
+        if not spec_json.is_file():  # not a run directory: resuming it says so, with what to do
+            return 1
         from gndgl_compiler.artifact import read_json
-        spec = read_json(Path(opts.resume) / "artifact", "spec.json")
+        spec = read_json(spec_json.parent, "spec.json")
     else:
         spec = art.spec
     return int(spec.get("placement", {}).get("replicas", 1))

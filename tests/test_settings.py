@@ -45,7 +45,8 @@ def test_train_options_have_one_field_per_overridden_setting_with_its_flag_and_r
 
 
 def test_the_derived_lists_are_the_hand_kept_ones_they_replace():
-    assert set(RECIPE_FIELDS) == {"dataset", "batch_size", "epochs", "seed", "optimizer", "schedule", "augment"}
+    assert set(RECIPE_FIELDS) == {"dataset", "batch_size", "epochs", "seed", "optimizer", "schedule", "augment",
+                                  "sync_bn"}  # sync_bn: added with the replicas, a recipe setting (BN statistics)
     assert set(EXECUTION_FIELDS) == {"data_root", "fused", "fuse_siblings", "amp", "channels_last", "cuda_graphs",
                                      "compile", "log_every", "checkpoint_every", "data"}
     assert set(RECIPE_FIELDS) <= {f.name for f in fields(Recipe)}
@@ -69,7 +70,7 @@ def test_a_run_json_written_before_the_change_loads_and_writes_back_the_same_key
     data = json.loads(V0.read_text())
     record = RunRecord.from_json(copy.deepcopy(data))
     assert record.world == 1 and record.device == "cpu" and record.source == data["source"] and not record.changes
-    assert record.to_json() == {**data, "config": {**data["config"], "data": None}}
+    assert record.to_json() == {**data, "config": {**data["config"], "data": None, "sync_bn": False}}
     config = record.run_config()
     assert config.recipe.epochs == 2 and config.recipe.limit_train == 64 and config.execution.checkpoint_every == 1
     older = copy.deepcopy(data)  # before fuse_siblings and world were recorded
