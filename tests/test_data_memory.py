@@ -15,11 +15,11 @@ from PIL import Image
 
 SCRIPT = """
 import json, resource, sys, torch
+held = torch.ones(int(float(sys.argv[3]) * 256))  # the control: hold this many KiB (float32) all along
 from gndgl_compiler.runtime.data.select import FeedRequest, load_feed
 from gndgl_compiler.spec.models import DataFeed
 f = load_feed(FeedRequest(sys.argv[1], None, (3, 192, 192), torch.device("cpu"),
                           DataFeed(mode=sys.argv[2], workers=1, prefetch=2)))
-held = torch.ones(int(float(sys.argv[3]) * 256))  # the control: hold this many KiB (float32) through the epoch
 n = sum(len(y) for _, _, y in f.batches(batch_size=16, seed=0, epoch=0, augment=False))
 assert held.sum() > 0 or len(held) == 0
 print(json.dumps({"n": n, "self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
