@@ -163,21 +163,28 @@ class HandGNDGL:
         self.final = Head1c2f(64).train()
         self.opt = sgd([p for m in self.mods + self.heads + [self.final] for p in m.parameters()])
 
+    def shared_inputs(self, h):
+        """Head g's input, sharing r = 1: cat(group g's channels live, its siblings' detached)."""
+        groups = h.chunk(self.G, dim=1)
+        return [torch.cat([o if j == g else o.detach() for j, o in enumerate(groups)], dim=1) for g in range(self.G)]
+
+    def group_losses(self, logits, y, stats, total=0.0):
+        """``total`` plus the G heads' losses (cross-entropy + diversity); each head's (loss, correct) into
+        ``stats``."""
+        p_hat = [diversity_probs(lg, y, self.T) for lg in logits]
+        for g, lg in enumerate(logits):
+            cos = [F.cosine_similarity(p_hat[g], p_hat[j].detach(), dim=1).mean() for j in range(self.G) if j != g]
+            head_loss = F.cross_entropy(lg, y) + self.w * torch.stack(cos).mean()
+            total = total + head_loss
+            stats.append((head_loss.detach(), (lg.argmax(1) == y).sum()))
+        return total
+
     def step(self, x, y):
         h, stats = x, []
         for body, heads in zip(self.mods, self.heads):
             h = body(h.detach())
-            groups = h.chunk(self.G, dim=1)
-            logits = [head(torch.cat([o if j == g else o.detach() for j, o in enumerate(groups)], dim=1))
-                      for g, head in enumerate(heads)]
-            p_hat = [diversity_probs(lg, y, self.T) for lg in logits]
-            loss = 0.0
-            for g, lg in enumerate(logits):
-                cos = [F.cosine_similarity(p_hat[g], p_hat[j].detach(), dim=1).mean() for j in range(self.G) if j != g]
-                head_loss = F.cross_entropy(lg, y) + self.w * torch.stack(cos).mean()
-                loss = loss + head_loss
-                stats.append((head_loss.detach(), (lg.argmax(1) == y).sum()))
-            loss.backward()
+            logits = [head(a) for head, a in zip(heads, self.shared_inputs(h))]
+            self.group_losses(logits, y, stats).backward()
         stats.append(ce_backward(self.final(h.detach()), y))
         opt_step(self.opt)
         return stats
@@ -267,15 +274,8 @@ class HandGNDGLAugLocal(HandGNDGL):
         h, stats, total = x, [], 0.0
         for body, heads in zip(self.mods, self.heads):
             h = body(h.detach())
-            groups = h.chunk(self.G, dim=1)
-            logits = [head(torch.cat([o if j == g else o.detach() for j, o in enumerate(groups)], dim=1))
-                      for g, head in enumerate(heads)]
-            p_hat = [diversity_probs(lg, y, self.T) for lg in logits]
-            for g, lg in enumerate(logits):
-                cos = [F.cosine_similarity(p_hat[g], p_hat[j].detach(), dim=1).mean() for j in range(self.G) if j != g]
-                head_loss = F.cross_entropy(lg, y) + self.w * torch.stack(cos).mean()
-                total = total + head_loss
-                stats.append((head_loss.detach(), (lg.argmax(1) == y).sum()))
+            logits = [head(a) for head, a in zip(heads, self.shared_inputs(h))]
+            total = self.group_losses(logits, y, stats, total)
         out = self.final(h.detach())
         loss = F.cross_entropy(out, y)
         (total + loss).backward()
@@ -379,17 +379,9 @@ class HandGNDGLMAN(HandGNDGL):
         h, stats, total = x, [], 0.0
         for k, (body, heads) in enumerate(zip(self.mods, self.heads)):
             h = body(h.detach())
-            groups = h.chunk(self.G, dim=1)
-            logits = []
-            for g, head in enumerate(heads):
-                a = torch.cat([o if j == g else o.detach() for j, o in enumerate(groups)], dim=1)
-                logits.append(head(self.lbs[k][g](a) + self.emas[k][g](a) if k < len(self.lbs) else a))
-            p_hat = [diversity_probs(lg, y, self.T) for lg in logits]
-            for g, lg in enumerate(logits):
-                cos = [F.cosine_similarity(p_hat[g], p_hat[j].detach(), dim=1).mean() for j in range(self.G) if j != g]
-                head_loss = F.cross_entropy(lg, y) + self.w * torch.stack(cos).mean()
-                total = total + head_loss
-                stats.append((head_loss.detach(), (lg.argmax(1) == y).sum()))
+            logits = [head(self.lbs[k][g](a) + self.emas[k][g](a) if k < len(self.lbs) else a)
+                      for g, (head, a) in enumerate(zip(heads, self.shared_inputs(h)))]
+            total = self.group_losses(logits, y, stats, total)
         out = self.final(h.detach())
         loss = F.cross_entropy(out, y)
         (total + loss).backward()

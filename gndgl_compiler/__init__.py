@@ -14,12 +14,10 @@ runtime (data sets, executor, checkpoints) loads only when one of its names is a
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 __version__ = "0.1.0"
 
 from .errors import GndglError, SpecError  # noqa: E402  (no third-party imports)
+from .lazy import lazy_names  # noqa: E402
 
 _LAZY = {"Artifact": ".api", "compile_spec": ".api", "load_artifact": ".api", "load_spec": ".spec",
          "load_run": ".runtime.evaluation.inference", "TrainOptions": ".runtime.run.options",
@@ -30,14 +28,4 @@ _LAZY = {"Artifact": ".api", "compile_spec": ".api", "load_artifact": ".api", "l
 __all__ = ["Artifact", "GndglError", "SpecError", "TrainOptions", "__version__", "compile_spec", "evaluate_run",
            "load_artifact", "load_run", "load_spec", "train_artifact"]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, globals())

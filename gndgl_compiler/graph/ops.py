@@ -26,7 +26,7 @@ import functools
 import importlib
 import math
 import operator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -337,7 +337,27 @@ def registry() -> Mapping[str, OpDef]:
 
 
 @contextmanager
-def extra_ops(*defs: OpDef) -> Iterator[Mapping[str, OpDef]]:
+def extended_table(var: ContextVar, defs: tuple, what: str) -> Iterator[Mapping[str, Any]]:
+    """The kind → definition table in ``var`` with ``defs`` added, for the duration of a ``with`` block (in
+    this thread / context only); leaving the block restores the table. Shared by the op registry and the
+    fused-op table (``runtime/fusion/table.py``).
+
+    Raises:
+        ValueError: a kind that is already registered.
+    """
+    table = dict(var.get())
+    for d in defs:
+        if d.kind in table:
+            raise ValueError(f"{what} '{d.kind}' is already registered")
+        table[d.kind] = d
+    token = var.set(MappingProxyType(table))
+    try:
+        yield var.get()
+    finally:
+        var.reset(token)
+
+
+def extra_ops(*defs: OpDef) -> AbstractContextManager[Mapping[str, OpDef]]:
     """Register ``defs`` for the duration of a ``with`` block (in this thread / context only).
 
     Every stage looks ops up through :func:`registry`, so inside the block the new kinds build,
@@ -346,16 +366,7 @@ def extra_ops(*defs: OpDef) -> Iterator[Mapping[str, OpDef]]:
     Raises:
         ValueError: a kind that is already registered.
     """
-    table = dict(registry())
-    for d in defs:
-        if d.kind in table:
-            raise ValueError(f"op '{d.kind}' is already registered")
-        table[d.kind] = d
-    token = _ACTIVE.set(MappingProxyType(table))
-    try:
-        yield registry()
-    finally:
-        _ACTIVE.reset(token)
+    return extended_table(_ACTIVE, defs, "op")
 
 
 class KindsWhere:

@@ -7,8 +7,7 @@ on first use (PEP 562), so importing this package (or :mod:`.style`) is cheap: n
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ..lazy import lazy_names
 
 _LAZY = {"choose_level": ".dot", "plan_to_dot": ".dot", "RenderError": ".render", "output_format": ".render",
          "render_dot": ".render", "load_plan": ".source"}
@@ -16,14 +15,4 @@ _LAZY = {"choose_level": ".dot", "plan_to_dot": ".dot", "RenderError": ".render"
 
 __all__ = ["RenderError", "choose_level", "load_plan", "output_format", "plan_to_dot", "render_dot"]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, globals())

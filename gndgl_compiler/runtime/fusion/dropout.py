@@ -10,6 +10,8 @@ parameters; over a padded value each group's mask is drawn for its real width, p
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ...graph.random_ops import SeededDropout
@@ -40,44 +42,42 @@ def dropout_step(name: str, arg: str, subs: list[torch.nn.Module], lay: str, rea
         raise NotFusable(f"dropout {name} without a per-partition generator")
     if lay not in ("stack", "gstack"):
         raise NotFusable(f"dropout {name} over a {lay} tensor")
-    G = len(subs)
-    if real is not None:
-        return _padded(name, arg, subs, lay, real)
+    mask = _mask(subs, lay) if real is None else _padded_mask(subs, lay, real)
+    first = subs[0]
 
     def step(env: dict) -> None:
         x = env[arg]
-        first = subs[0]
-        if not first.training or first.p == 0.0:
-            env[name] = x
-            return
-        if lay == "gstack":  # (G, B, D): group g's tensor is x[g]
-            mask = torch.stack([m.mask(x.shape[1:], x) for m in subs])
-        else:  # (B, G·c, ...): group g's channels are the g-th block of dim 1
-            shape = (x.shape[0], x.shape[1] // G, *x.shape[2:])
-            mask = torch.cat([m.mask(shape, x) for m in subs], dim=1)
-        env[name] = x * mask
+        env[name] = x if not first.training or first.p == 0.0 else x * mask(x)
 
     return step
 
 
-def _padded(name: str, arg: str, subs: list[torch.nn.Module], lay: str, real: list[int]) -> Step:
-    """The step of :func:`dropout_step` over a padded value: group g's mask drawn for its c_g real
-    channels (features), as its partition draws it, then padded with zeros to the padded width."""
+def _mask(subs: list[torch.nn.Module], lay: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The G groups' masks drawn from their generators and joined in the fused layout ``lay``."""
+    G = len(subs)
+
+    def mask(x: torch.Tensor) -> torch.Tensor:
+        if lay == "gstack":  # (G, B, D): group g's tensor is x[g]
+            return torch.stack([m.mask(x.shape[1:], x) for m in subs])
+        shape = (x.shape[0], x.shape[1] // G, *x.shape[2:])  # (B, G·c, ...): group g's channels, block g of dim 1
+        return torch.cat([m.mask(shape, x) for m in subs], dim=1)
+
+    return mask
+
+
+def _padded_mask(subs: list[torch.nn.Module], lay: str, real: list[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """:func:`_mask` over a padded value: group g's mask drawn for its c_g real channels (features), as its
+    partition draws it, then padded with zeros to the padded width."""
     dim = 1  # stack (B, G·w, ...): channels; gstack (G, B, w): features of each group's (B, w)
 
-    def step(env: dict) -> None:
-        x = env[arg]
-        first = subs[0]
-        if not first.training or first.p == 0.0:
-            env[name] = x
-            return
+    def mask(x: torch.Tensor) -> torch.Tensor:
         shape = list(x.shape[1:]) if lay == "gstack" else [x.shape[0], x.shape[1] // len(subs), *x.shape[2:]]
         w, pieces = shape[dim], []
         for m, c in zip(subs, real):
             pieces.append(m.mask([*shape[:dim], c, *shape[dim + 1:]], x))
             if c < w:
                 pieces.append(x.new_zeros([*shape[:dim], w - c, *shape[dim + 1:]]))
-        mask = torch.cat(pieces, dim=dim)
-        env[name] = x * (mask.view(x.shape[1], len(subs), w).transpose(0, 1) if lay == "gstack" else mask)
+        joined = torch.cat(pieces, dim=dim)
+        return joined.view(x.shape[1], len(subs), w).transpose(0, 1) if lay == "gstack" else joined
 
-    return step
+    return mask

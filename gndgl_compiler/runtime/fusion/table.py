@@ -21,12 +21,13 @@ says why. Adding a fused op kind is adding one entry here (or, scoped to a ``wit
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Mapping
 
+from ...graph.ops import extended_table
 from . import conv, dropout, man, pointwise, tokens, wiring
 from .layouts import FusionBuild, NodeGroup, Step
 from .padded import nonzero_at_zero, ungrouped
@@ -86,24 +87,14 @@ def fused_registry() -> Mapping[str, FusedOpDef]:
     return _ACTIVE.get()
 
 
-@contextmanager
-def extra_fused_ops(*defs: FusedOpDef) -> Iterator[Mapping[str, FusedOpDef]]:
+def extra_fused_ops(*defs: FusedOpDef) -> AbstractContextManager[Mapping[str, FusedOpDef]]:
     """Register ``defs`` for the duration of a ``with`` block (in this thread / context only), like
     ``graph.ops.extra_ops`` (which declares the op kind itself).
 
     Raises:
         ValueError: a kind that already has an entry.
     """
-    table = dict(fused_registry())
-    for d in defs:
-        if d.kind in table:
-            raise ValueError(f"fused op '{d.kind}' is already registered")
-        table[d.kind] = d
-    token = _ACTIVE.set(MappingProxyType(table))
-    try:
-        yield fused_registry()
-    finally:
-        _ACTIVE.reset(token)
+    return extended_table(_ACTIVE, defs, "fused op")
 
 
 def find_fused_op(kind: str) -> FusedOpDef | None:
