@@ -101,7 +101,8 @@ def run_worker(args: argparse.Namespace, rank: int, world: int, transport=None) 
     comm = PeerComm(art.plan, grid.stage, config.recipe.batch_size // replicas, torch.device(device),
                     dtype=torch.float32, offset=grid.offset)
     comm = transport(comm) if transport is not None else comm
-    ctx = DistContext(grid.stage, world, comm, run_dir, grid, GradAverager(column, replicas) if column else None)
+    ctx = DistContext(grid.stage, world, comm, run_dir, grid, GradAverager(column, replicas) if column else None,
+                      bn_group=column if config.recipe.sync_bn else None)
     printer = _RecordPrinter()
     with undo_failed_start(started, (RunError, DataError, DeviceError)):  # as if never started
         trainer = Trainer(art, config, run_dir, ctx, device=device, on_log=printer if rank == 0 else None)

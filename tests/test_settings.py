@@ -56,7 +56,7 @@ def test_the_derived_lists_are_the_hand_kept_ones_they_replace():
     assert REFUSED == {"dataset": "--dataset", "batch_size": "--batch-size", "seed": "--seed",
                        "fused": "--fused/--no-fused", "amp": "amp", "channels_last": "channels_last",
                        "limit_train": "--limit-train", "limit_test": "--limit-test", "overrides": "--set",
-                       "run_dir": "--run-dir"}
+                       "run_dir": "--run-dir", "sync_bn": "--sync-bn/--no-sync-bn"}  # sync_bn: with its option
 
 
 def test_options_are_checked_once_naming_the_field():

@@ -35,6 +35,7 @@ from .checkpoint.directory import prune_checkpoints
 from .checkpoint.rng import rng_state, set_rng_state
 from .run.config import RunConfig
 from .dist.context import DistContext, LocalContext
+from .dist.sync_bn import sync_batch_norms
 from .data.batches import steps_per_epoch
 from .data.feed import MemoryFeed, StreamFeed
 from .data.ranks import LabelFeed, fed_where_read, ranks_note
@@ -207,6 +208,8 @@ class Trainer:
         self.data = self._load_data()
         torch.manual_seed(self.recipe.seed)
         graphs = self._cuda_graphs(devices)
+        if self.ctx.bn_group() is not None:  # train.sync_bn: before fusion views the BatchNorms' parameters
+            sync_batch_norms(art.modules, self.ctx.bn_group())
         self.ex = Executor(plan, art.modules, self.recipe.optimizer, devices,
                            per_device_optim=self.execution.fused, amp=self.amp,
                            channels_last=self.channels_last, denorm=(self.data.mean, self.data.std),

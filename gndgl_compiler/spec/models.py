@@ -574,18 +574,11 @@ class Train(_Strict):
         True, description="With fused: run the G partitions of a module that share a device as one program (dense "
         "first conv + grouped convs, batched heads and losses; same math up to float rounding). Per-partition "
         "parameters, checkpoints and optimizer state are unchanged.")
-    sync_bn: Annotated[bool, Setting("recipe", "refused", option=False, missing_ok=True)] = Field(
-        False, description="Synchronise BatchNorm statistics over the replicas of a partition (refused: torch's "
-        "SyncBatchNorm runs on CUDA only; replicas keep per-replica statistics).")
-
-    @field_validator("sync_bn")
-    @classmethod
-    def _sync_bn(cls, v):
-        if v:
-            raise ValueError("synchronised BatchNorm is not available (torch.nn.SyncBatchNorm runs on CUDA only and "
-                             "gndgl trains replicas on gloo/CPU too); remove it: each replica keeps its own BatchNorm "
-                             "statistics, as DDP does")
-        return v
+    sync_bn: Annotated[bool, Setting("recipe", "refused", "--sync-bn/--no-sync-bn", "Synchronise BatchNorm "
+                                     "statistics over the replicas (default from the spec).", missing_ok=True)] = Field(
+        False, description="With data-parallel replicas: each BatchNorm normalises with the statistics of the global "
+        "batch (all replicas' rows), as one process with the global batch would; off: per-replica statistics, as "
+        "DDP. Any backend (gloo/CPU too). Nothing to synchronise with one replica.")
 
     @model_serializer(mode="wrap")
     def _unset_data(self, handler):

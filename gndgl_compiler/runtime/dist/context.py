@@ -82,6 +82,10 @@ class LocalContext:
         """What averages a partition's gradients over its copies before its step (None: no copies)."""
         return None
 
+    def bn_group(self) -> Any:
+        """The process group BatchNorm synchronises its statistics over (``train.sync_bn``; None: not)."""
+        return None
+
     def latest_checkpoint(self, root: Path, ex: Any) -> LoadedCheckpoint | None:
         """The checkpoint to resume from (None for a fresh run); one that ranks wrote is re-placed here.
 
@@ -157,14 +161,15 @@ class DistContext(LocalContext):
         run_dir: the run directory (rank 0 gathers the final weights and metrics there).
         grid: with data-parallel replicas, where this process sits (``rank``/``world`` are then its stage and
             the pipeline's ranks N); ``averager`` averages its stage column's gradients.
+        bn_group: the stage column's group when BatchNorm is synchronised over the replicas (``train.sync_bn``).
     """
 
     evaluates_checkpoints = True
 
     def __init__(self, rank: int, world: int, transport: Transport, run_dir: Path, grid: Layout | None = None,
-                 averager: Callable[[list[torch.Tensor]], None] | None = None) -> None:
+                 averager: Callable[[list[torch.Tensor]], None] | None = None, bn_group: Any = None) -> None:
         self.rank, self.world, self.transport, self.run_dir = rank, world, transport, run_dir
-        self.grid, self.averager = grid, averager
+        self.grid, self.averager, self._bn_group = grid, averager, bn_group
 
     @property
     def replica(self) -> int:
@@ -185,6 +190,9 @@ class DistContext(LocalContext):
 
     def grad_sync(self) -> Callable[[list[torch.Tensor]], None] | None:
         return self.averager
+
+    def bn_group(self) -> Any:
+        return self._bn_group
 
     def metrics_dir(self, run_dir: Path) -> Path:
         """Replica 0's ranks: as without replicas; another replica's: ``ranks/replica<r>-<stage>/`` (not merged:

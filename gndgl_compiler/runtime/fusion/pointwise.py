@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ...graph.ops import get_op
+from ..dist.sync_bn import SyncedBatchNorm, synced_batch_norm
 from .layouts import FusionBuild, NodeGroup, NotFusable, Step, same
 from .unmix import unmixer
 
@@ -42,12 +43,13 @@ def batch_norm(b: FusionBuild, grp: NodeGroup) -> tuple[Step, str]:
     rv = b.fuse_layer([m.running_var for m in mods], grad=False, fill=1.0)
     b.bn_counters += [m.num_batches_tracked for m in mods]
     eps, momentum, owner, G = m0.eps, m0.momentum, b.owner, b.G
+    group = m0.group if isinstance(m0, SyncedBatchNorm) else None  # train.sync_bn over replicas
 
     def bn(env: dict) -> None:
         x = env[arg] if unmix is None else unmix(env[arg][0], w.fused.device)
         if lay == "gstack":  # (G, B, F) -> (B, G·F): one channel per (group, feature)
             x = x.transpose(0, 1).reshape(x.shape[1], -1)
-        y = F.batch_norm(x, rm.fused, rv.fused, w.fused, bias.fused, owner.training, momentum, eps)
+        y = synced_batch_norm(x, rm.fused, rv.fused, w.fused, bias.fused, owner.training, momentum, eps, group)
         env[name] = y.view(y.shape[0], G, -1).transpose(0, 1) if lay == "gstack" else y
     return bn, lay
 

@@ -34,6 +34,14 @@ REFUSED = {name: option_label(name) for name in _FIELDS if resume_rule(name) == 
 """Options that would change what is trained, and how the refusal names them."""
 
 
+def _refused(opts: Any, recorded: dict[str, Any]) -> list[str]:
+    """The refused options ``opts`` gives: any value, except a switch given as the run already has it
+    (``--no-sync-bn`` on a run without it changes nothing)."""
+    given = {key: getattr(opts, key, None) for key in REFUSED}
+    return [REFUSED[key] for key, val in given.items()
+            if val not in (None, []) and not (isinstance(val, bool) and val == recorded.get(key))]
+
+
 def resume_config(run_dir: Path, record: RunRecord, opts: Any, *, sequential: bool = False
                   ) -> tuple[RunConfig, list[str], RunRecord]:
     """The run's config with the resume options applied.
@@ -54,7 +62,7 @@ def resume_config(run_dir: Path, record: RunRecord, opts: Any, *, sequential: bo
     """
     run = record.run_config(opts)
     recipe, execution = run.recipe, run.execution
-    refused = [flag for key, flag in REFUSED.items() if getattr(opts, key, None) not in (None, [], False)]
+    refused = _refused(opts, record.config)
     finished = _finished(run_dir)
     lr_ok = finished and opts.epochs is not None and opts.epochs > recipe.epochs
     if opts.lr is not None and not lr_ok:
