@@ -94,10 +94,10 @@ def run_worker(args: argparse.Namespace, rank: int, world: int, transport=None) 
         barrier()
         config = read_run_config(run_dir, opts)
     grid = layout(global_world, replicas, rank, config.recipe.batch_size)
-    column = stage_groups(grid)
     art = load_artifact(run_dir / "artifact", workers=world, rank=grid.stage)
     _check_world(art.plan, world)
     device = _device(opts, art.plan)
+    column = stage_groups(grid, torch.device(device).type)
     comm = PeerComm(art.plan, grid.stage, config.recipe.batch_size // replicas, torch.device(device),
                     dtype=torch.float32, offset=grid.offset)
     comm = transport(comm) if transport is not None else comm

@@ -1,6 +1,6 @@
 """A worker for tests: the real distributed worker with a fault-injecting Transport around PeerComm.
 
-``GNDGL_TEST_FAULT=kind:RANK:STEP`` (kind: kill | hang | raise), read here only: rank RANK
+``GNDGL_TEST_FAULT=kind:RANK:STEP`` (kind: kill | hang | raise), read here only: global rank RANK
 SIGKILLs itself, hangs, or raises when the training loop begins global step STEP. Installed
 through the launcher's seam — ``GNDGL_WORKER_MODULE=fault_worker`` with this
 directory on ``PYTHONPATH`` (``tests/dist_helpers.py``, for ``tests/test_distributed_faults.py``) — or run
@@ -50,7 +50,7 @@ class FaultyTransport:
 
 def wrap(comm):
     """``transport=`` of the worker's ``main``: this rank's PeerComm, faulty if ``GNDGL_TEST_FAULT`` names it."""
-    fault = parse(os.environ.get(ENV, ""), comm.rank)
+    fault = parse(os.environ.get(ENV, ""), comm.rank + comm.offset)  # global rank: with replicas, r·N + stage
     if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":  # a torchrun restart runs without the fault
         fault = None
     return comm if fault is None else FaultyTransport(comm, *fault)

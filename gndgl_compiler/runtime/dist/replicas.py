@@ -6,14 +6,16 @@
     r = 0   rank 0   ──▶ rank 1    ...  rank N-1       activations flow within a replica (PeerComm, offset r·N)
     r = 1   rank N   ──▶ rank N+1  ...  rank 2N-1
              │            │
-             └ stage column: one process group of the R ranks holding the same partitions
+             └ stage column: the R ranks holding the same partitions, the "replica" dimension of a
+               torch.distributed DeviceMesh of shape (R, N), dimensions ("replica", "stage")
 
 Every rank draws the same global batch (a function of seed, epoch and step); replica r trains its rows
 ``r::R`` (strided, so every replica sees every part of the batch order). After a partition's backward its
 gradients are averaged over its stage column (one flattened all_reduce per partition, or per device with the
 fused step), so the R copies stay equal and the step equals one process with the global batch up to float
 rounding, when the loss is a batch mean and nothing couples the rows of a replica to the others (BatchNorm
-keeps per-replica statistics, as DDP does; dropout draws per replica). Replica 0 writes the checkpoints.
+keeps per-replica statistics, as DDP does, unless ``train.sync_bn``: ``sync_bn.py``; dropout draws per replica).
+Replica 0 writes the checkpoints.
 """
 
 from __future__ import annotations
@@ -82,17 +84,17 @@ def _divisor(world: int, replicas: int) -> int:
     return max(d for d in range(1, min(world, replicas) + 1) if world % d == 0)
 
 
-def stage_groups(grid: Layout) -> Any:
-    """This process's stage-column group (every process creates every column's group, in stage order);
-    None with one replica."""
+def stage_groups(grid: Layout, device_type: str = "cpu") -> Any:
+    """This process's stage-column group: the ``"replica"`` dimension of a ``DeviceMesh`` of shape (R, N) with
+    dimensions ("replica", "stage") (global rank r·N + s at [r, s]; every process builds the whole mesh); None
+    with one replica."""
     if grid.replicas == 1:
         return None
-    mine = None
-    for s in range(grid.stages):
-        group = dist.new_group(grid.column(s))
-        if s == grid.stage:
-            mine = group
-    return mine
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device_type, (grid.replicas, grid.stages), mesh_dim_names=("replica", "stage"))
+    assert list(mesh.get_coordinate() or []) == [grid.replica, grid.stage], f"mesh at {mesh.get_coordinate()}"
+    return mesh.get_group("replica")
 
 
 class GradAverager:
