@@ -23,7 +23,8 @@ side in one run, interleaved over ``--repeat`` rounds) and prints:
 - with ``--fusion-ab``, the same for ``--no-fuse-siblings`` runs in the same rounds: what sibling
   fusion on the ranks changes (modules whose siblings sit whole on a rank run fused);
 - with ``--replicas R``, R data-parallel replicas × 1 stage (R processes, ``--replicas R``) in the same
-  rounds: images/s next to 1 worker and to 1 replica × N stages, the time in the gradient all-reduce and the
+  rounds: images/s next to 1 worker and to 1 replica × N stages, the time steps wait for the gradient all-reduce
+  (what the next stage's backward did not hide) and the
   all-reduce bytes per step (measured in ``GradAverager``, and the cost model's: every parameter's gradient);
 - the bytes that crossed a process boundary per sample (``bytes_sent`` of every rank over
   the window / (steps x batch)) next to the plan's prediction (``cross_worker_bytes``: each
@@ -108,15 +109,21 @@ def _worker(argv: list[str]) -> int:
     timed(E.Executor, "train_step", "step")
     timed(D.PeerComm, "_recv", "recv")
     timed(D.PeerComm, "_wait_all", "send_wait")
-    average = R.GradAverager.__call__
+    start, wait = R.GradAverager.start, R.PendingMean.wait
 
-    def averaged(self, params):
-        t, before = time.perf_counter(), self.bytes_reduced
-        average(self, params)
+    def started(self, params):  # bytes: every bucket launched
+        before = self.bytes_reduced
+        try:
+            return start(self, params)
+        finally:
+            acc["allreduce_bytes"] += self.bytes_reduced - before
+
+    def waited(self):  # time: what the step waits for the all-reduce (not hidden behind the next backward)
+        t = time.perf_counter()
+        wait(self)
         acc["allreduce"] += time.perf_counter() - t
-        acc["allreduce_bytes"] += self.bytes_reduced - before
 
-    R.GradAverager.__call__ = averaged
+    R.GradAverager.start, R.PendingMean.wait = started, waited
     init = D.PeerComm.__init__
 
     def remember(self, *a, **k):

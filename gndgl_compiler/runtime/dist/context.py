@@ -34,7 +34,7 @@ from ..checkpoint.ranks import (commit_checkpoint, committed_checkpoint, gather_
 from ..checkpoint.replace import Source, checkpoint_source, fold_rank_metrics, replaced_checkpoint
 from ..run.directory import usable_checkpoint
 from ..run.signals import StopFlag
-from .replicas import Layout, shard
+from .replicas import GradAverager, Layout, shard
 from .transport import LocalTransport, Transport
 
 
@@ -78,7 +78,7 @@ class LocalContext:
         """This process's rows of the global batch (all of them)."""
         return x, y
 
-    def grad_sync(self) -> Callable[[list[torch.Tensor]], None] | None:
+    def grad_sync(self) -> GradAverager | None:
         """What averages a partition's gradients over its copies before its step (None: no copies)."""
         return None
 
@@ -167,7 +167,7 @@ class DistContext(LocalContext):
     evaluates_checkpoints = True
 
     def __init__(self, rank: int, world: int, transport: Transport, run_dir: Path, grid: Layout | None = None,
-                 averager: Callable[[list[torch.Tensor]], None] | None = None, bn_group: Any = None) -> None:
+                 averager: GradAverager | None = None, bn_group: Any = None) -> None:
         self.rank, self.world, self.transport, self.run_dir = rank, world, transport, run_dir
         self.grid, self.averager, self._bn_group = grid, averager, bn_group
 
@@ -188,7 +188,7 @@ class DistContext(LocalContext):
         """Replica r's rows ``r::R`` of the global batch."""
         return (x, y) if self.grid is None or self.grid.replicas == 1 else shard(x, y, self.grid)
 
-    def grad_sync(self) -> Callable[[list[torch.Tensor]], None] | None:
+    def grad_sync(self) -> GradAverager | None:
         return self.averager
 
     def bn_group(self) -> Any:

@@ -11,9 +11,10 @@
 
 Every rank draws the same global batch (a function of seed, epoch and step); replica r trains its rows
 ``r::R`` (strided, so every replica sees every part of the batch order). After a partition's backward its
-gradients are averaged over its stage column (one flattened all_reduce per partition, or per device with the
-fused step), so the R copies stay equal and the step equals one process with the global batch up to float
-rounding, when the loss is a batch mean and nothing couples the rows of a replica to the others (BatchNorm
+gradients are averaged over its stage column (one flattened all_reduce per partition; with the fused step one
+per stage's backward, launched asynchronously so it overlaps the next stage's backward, and awaited before the
+device's optimizer step), so the R copies stay equal and the step equals one process with the global batch up to
+float rounding, when the loss is a batch mean and nothing couples the rows of a replica to the others (BatchNorm
 keeps per-replica statistics, as DDP does, unless ``train.sync_bn``: ``sync_bn.py``; dropout draws per replica).
 Replica 0 writes the checkpoints.
 """
@@ -98,7 +99,10 @@ def stage_groups(grid: Layout, device_type: str = "cpu") -> Any:
 
 
 class GradAverager:
-    """Averages gradients over a stage column: one all_reduce of the flattened gradients per call.
+    """Averages gradients over a stage column: one all_reduce of the flattened gradients per call (a bucket).
+
+    :meth:`start` launches it asynchronously (the updater overlaps it with the next stage's backward and waits
+    before the optimizer step); calling the averager launches and waits at once.
 
     Args:
         group: the stage-column process group.
@@ -110,17 +114,41 @@ class GradAverager:
         self.bytes_reduced = 0
         """Gradient bytes this process all-reduced so far."""
 
-    def __call__(self, params: list[torch.Tensor]) -> None:
-        """Replace every ``p.grad`` of ``params`` by its mean over the R replicas (params without one are skipped;
-        they are the same on every replica: the copies run the same program)."""
+    def start(self, params: list[torch.Tensor]) -> PendingMean | None:
+        """Launch the all_reduce of the gradients of ``params`` (params without one are skipped; they are the same
+        on every replica: the copies run the same program); None when there is nothing to reduce."""
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
-            return
+            return None
         flat = _flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=self.group)
-        flat /= self.replicas
         self.bytes_reduced += flat.numel() * flat.element_size()
-        for g, avg in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        return PendingMean(dist.all_reduce(flat, group=self.group, async_op=True), flat, grads, self.replicas)
+
+    def __call__(self, params: list[torch.Tensor]) -> None:
+        """Replace every ``p.grad`` of ``params`` by its mean over the R replicas, now."""
+        pending = self.start(params)
+        if pending is not None:
+            pending.wait()
+
+
+@dataclass
+class PendingMean:
+    """An all_reduce in flight over a bucket of gradients; :meth:`wait` writes their means back."""
+
+    work: Any
+    """The collective's handle."""
+    flat: torch.Tensor
+    """The bucket: the gradients flattened into one tensor (summed over the replicas once done)."""
+    grads: list[torch.Tensor]
+    """The gradients the bucket holds, in order."""
+    replicas: int
+    """R: the sum becomes a mean."""
+
+    def wait(self) -> None:
+        """Wait for the sum, then write each gradient's mean over the replicas back in place."""
+        self.work.wait()
+        self.flat /= self.replicas
+        for g, avg in zip(self.grads, _unflatten_dense_tensors(self.flat, self.grads)):
             g.copy_(avg)
 
 
@@ -130,4 +158,4 @@ def shard(x: torch.Tensor, y: torch.Tensor, grid: Layout) -> tuple[torch.Tensor,
     return x[r::n].contiguous(), y[r::n].contiguous()
 
 
-__all__ = ["GradAverager", "Layout", "layout", "shard", "stage_groups"]
+__all__ = ["GradAverager", "Layout", "PendingMean", "layout", "shard", "stage_groups"]

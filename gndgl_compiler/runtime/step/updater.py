@@ -18,7 +18,7 @@ otherwise the LR is the Python float in each param group, as it always was (bit 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -30,9 +30,10 @@ from .optim import make_optimizer, set_lr, step_all
 class _Updater:
     optimizers: dict[Any, torch.optim.Optimizer]
     device_lr: DeviceLR | None = None
-    grad_sync: Callable[[list[torch.Tensor]], None] | None = None
-    """Data-parallel replicas: averages the gradients of the parameters it is given over the partition's copies
-    (``runtime/dist/replicas.py``), called after a partition's (or a device's) backward, before its step."""
+    grad_sync: Any = None
+    """Data-parallel replicas: a ``GradAverager`` (``runtime/dist/replicas.py``) that averages the gradients of the
+    parameters it is given over the partition's copies: after a partition's backward, before its step (or, with
+    one optimizer per device, launched after each stage's backward and awaited before the device's step)."""
 
     def _sync(self, opt: torch.optim.Optimizer) -> None:
         """Average the gradients of ``opt``'s parameters over the replicas (nothing without replicas)."""
@@ -108,6 +109,10 @@ class DeviceUpdater(_Updater):
                  lr_tensor: bool = False):
         self.devices = devices
         self.fused_grads = fused_grads or []
+        self.params = {pid: list(modules[pid].parameters()) for pid in order}
+        """Each partition's parameters (a replica's gradient bucket is the partitions of one backward)."""
+        self._pending: list[Any] = []
+        """This step's gradient all_reduces in flight (``PendingMean``), awaited in :meth:`finish`."""
         by_dev: dict[torch.device, list[dict]] = {}
         for pid in order:
             by_dev.setdefault(devices[pid], []).append({"params": list(modules[pid].parameters()), "pid": pid})
@@ -121,20 +126,27 @@ class DeviceUpdater(_Updater):
             self.device_lr = DeviceLR(self.optimizers)
 
     def backward(self, losses: dict[int, torch.Tensor], lr: float) -> None:
-        """Backward of the sum of the losses on each device (the step comes in :meth:`finish`)."""
-        by_dev: dict[str, list[torch.Tensor]] = {}
-        for pid, loss in losses.items():
-            by_dev.setdefault(str(self.devices[pid]), []).append(loss)
-        for ls in by_dev.values():
-            total = ls[0]
-            for extra in ls[1:]:
-                total = total + extra
+        """Backward of the sum of the losses on each device (the step comes in :meth:`finish`); with replicas,
+        the all_reduce of those partitions' gradients starts (it runs while the next stage computes)."""
+        by_dev: dict[str, list[int]] = {}
+        for pid in losses:
+            by_dev.setdefault(str(self.devices[pid]), []).append(pid)
+        for pids in by_dev.values():
+            total = losses[pids[0]]
+            for pid in pids[1:]:
+                total = total + losses[pid]
             total.backward()
+            if self.grad_sync is not None:  # no gradient crosses a partition: these are final for this step
+                self._pending.append(self.grad_sync.start([p for pid in pids for p in self.params[pid]]))
 
     def finish(self, lr: float) -> None:
-        """One foreach optimizer step per device at ``lr``; zero the gradients."""
+        """One foreach optimizer step per device at ``lr`` (after the replicas' gradient means); zero the
+        gradients."""
+        for pending in self._pending:
+            if pending is not None:
+                pending.wait()
+        self._pending.clear()
         for opt in self.optimizers.values():
-            self._sync(opt)
             if self.device_lr is None:
                 set_lr(opt, lr)
                 step_all(opt)
