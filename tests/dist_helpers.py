@@ -24,13 +24,13 @@ import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
+from paths import TESTS
 
 DIST = [pytest.mark.slow,
         pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                            reason="needs torch.distributed with the gloo backend")]
 """The ``pytestmark`` of every distributed test module."""
 
-ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 DATA = ["--dataset", "synthetic", "--limit-train", "128", "--limit-test", "64", "--epochs", "1"]
 
@@ -84,7 +84,7 @@ def faulty_workers(fault: str | None):
         with worker_env():
             yield
         return
-    path = os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))
+    path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
     with worker_env(GNDGL_TEST_FAULT=fault, GNDGL_WORKER_MODULE="fault_worker", PYTHONPATH=path):
         yield
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from tiny_spec import tiny_spec
+from paths import TESTS
 
-TESTS = Path(__file__).resolve().parent
 SEED = int(os.environ.get("GNDGL_FAULT_SEED", "20250611"))
 
 # A small GN-DGL net (K=2, G=2, sharing, diversity, separate 1c2f head) with SGD + augmentation, so a

@@ -46,9 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-SPECS = ROOT / "specs"
+from paths import REPO
 
 EXAMPLE_TIMEOUT = 120  # seconds per compile: a hang guard (most take < 2 s; resnet110 at width 16 with G=256, 257
 #                       partitions of ~330 ops each, legitimately takes ~55 s on a 2-core machine)
@@ -153,7 +151,7 @@ class ForkRunner:
     def _start(self) -> None:
         self._log_f = open(self.log, "ab")
         self.proc = subprocess.Popen([sys.executable, "-c", WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self._log_f, cwd=str(ROOT), start_new_session=True)
+                                     stderr=self._log_f, cwd=str(REPO), start_new_session=True)
         self._buf = b""
         hello = self._read_line(120)
         assert hello and json.loads(hello)["ready"], f"fuzz worker did not start; see {self.log}"

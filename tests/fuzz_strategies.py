@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -24,8 +23,8 @@ from hypothesis import strategies as st
 
 from fuzz_values import (BAD_BYTES, EDGE_FLOATS, EDGE_INTS, ODD_STRINGS, TAGS, YAML_TOKENS, Pairs, Tagged, dump,
                          keys, scalars, values)
+from paths import SPECS
 
-SPECS = Path(__file__).resolve().parents[1] / "specs"
 SPEC_FILES = sorted(SPECS.glob("*.yaml"))
 
 
