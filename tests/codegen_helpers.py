@@ -1,4 +1,4 @@
-"""Helpers of the codegen tests (``tests/test_codegen_*.py``): seeded random weights for a compiled
+"""Helpers of the codegen tests (``tests/codegen/``): seeded random weights for a compiled
 artifact (so that a mis-wired BN cannot hide behind identity statistics), and the small explicit
 spec whose grouped modules and gradients they check.
 """

@@ -1,4 +1,4 @@
-"""Helpers of the distributed tests (``tests/test_distributed*.py``): run ``gndgl`` and the
+"""Helpers of the distributed tests (``tests/distributed/``): run ``gndgl`` and the
 launcher in this process with everything printed captured, train the single-process reference,
 compare weights, find orphan workers. Fixtures: ``tests/dist_fixtures.py``.
 

@@ -1,4 +1,4 @@
-"""The pytest side of the fault-injection tests (``tests/test_faults_*.py``): the tiny spec and the
+"""The pytest side of the fault-injection tests (``tests/faults/``): the tiny spec and the
 command-line settings every run uses, the helper process as seen from pytest (``Driver``: the
 process itself is ``tests/fault_process.py``), the jobs it runs (``cli_job``) and their checks.
 

@@ -1,4 +1,4 @@
-"""The forking runner of the spec fuzzer (``tests/test_fuzz_specs.py``, ``tests/test_fuzz_regressions.py``):
+"""The forking runner of the spec fuzzer (``tests/fuzz/test_fuzz_specs.py``, ``tests/fuzz/test_fuzz_regressions.py``):
 ``compile_document`` writes one document to a fresh sandbox, compiles it with the real CLI entry
 point, ``gndgl_cli.main.main(["compile", FILE, "-o", OUT])``, and checks the only outcomes allowed:
 
@@ -261,7 +261,7 @@ def compile_document(runner: ForkRunner, root: Path, doc: bytes, *, spec_name: s
         saved.write_bytes(doc)
         head = doc[:800].decode("utf-8", errors="backslashreplace")
         pytest.fail(f"{why}\n{res.describe()}\n--- document ({len(doc)} bytes, file name {spec_name!r}, "
-                    f"-o {out_name!r}; saved to {saved}; once fixed, copy it to tests/fuzz_regressions/):\n{head}",
+                    f"-o {out_name!r}; saved to {saved}; once fixed, copy it to tests/fuzz/fuzz_regressions/):\n{head}",
                     pytrace=False)
 
     if stats is not None:

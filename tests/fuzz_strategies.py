@@ -1,4 +1,4 @@
-"""The documents of the spec fuzzer (``tests/test_fuzz_specs.py``), as hypothesis strategies.
+"""The documents of the spec fuzzer (``tests/fuzz/test_fuzz_specs.py``), as hypothesis strategies.
 
 * ``mutated_specs``: a shipped spec (``specs/*.yaml``) with 1-4 edits of the parsed document --
   drop, duplicate, rename or add keys; replace a value by a random one, another part of the spec,

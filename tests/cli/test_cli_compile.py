@@ -1,6 +1,6 @@
 """The ``gndgl`` CLI: the bad-input corpus, bad invocations, and the happy path.
 
-Every file ``tests/bad_specs/NN_name.yaml`` carries its expectations in leading
+Every file ``tests/cli/bad_specs/NN_name.yaml`` carries its expectations in leading
 comments::
 
     # expect: field 'cuts.width'        (a fragment the message must contain; repeatable)

@@ -2,7 +2,7 @@
 data set paths that are not data sets, and what the default final head replaced.
 
 Bad input exits 2 with one ``error:`` paragraph and no traceback. (Spec messages are also
-in the ``tests/bad_specs/`` corpus; Ctrl-C's "stopped at step N" is in ``test_faults_kill.py``.)
+in the ``tests/cli/bad_specs/`` corpus; Ctrl-C's "stopped at step N" is in ``test_faults_kill.py``.)
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 3. Gradient isolation: the loss of one partition never changes, and never
    reaches, the gradients of another partition.
 
-(1., ResNet-32: ``tests/test_codegen_resnet32.py``; 2., groups: ``tests/test_codegen_groups.py``.)
+(1., ResNet-32: ``test_codegen_resnet32.py``; 2., groups: ``test_codegen_groups.py``.)
 """
 
 from __future__ import annotations

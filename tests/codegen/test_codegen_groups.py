@@ -3,7 +3,7 @@
 2. The G partition bodies of one module, concatenated, equal one dense-first conv
    followed by grouped convolutions (``nn.Conv2d(groups=G)``) built by hand.
 
-(1., ResNet-32: ``tests/test_codegen_resnet32.py``; 3., gradient isolation: ``tests/test_codegen_gradients.py``.)
+(1., ResNet-32: ``test_codegen_resnet32.py``; 3., gradient isolation: ``test_codegen_gradients.py``.)
 """
 
 from __future__ import annotations

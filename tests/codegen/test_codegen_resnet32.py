@@ -3,7 +3,7 @@
 1. The compiled end-to-end ResNet-32 computes exactly what a hand-written CIFAR
    ResNet-32 ``nn.Module`` computes with the same weights.
 
-(2., groups: ``tests/test_codegen_groups.py``; 3., gradient isolation: ``tests/test_codegen_gradients.py``.)
+(2., groups: ``test_codegen_groups.py``; 3., gradient isolation: ``test_codegen_gradients.py``.)
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The tiny K=2 x G=2 network (``tests/tiny_spec.py`` without its third block) is p
 contiguously, ``m1.g0 m1.g1 | m2.g0 m2.g1 head``: rank 0 runs m1 sibling-fused and sends each
 partition's slice of the fused output to rank 1 (``SiblingFusedRunner._send_outputs``); rank 1
 runs m2 sibling-fused on the inputs it receives from rank 0 (``_recv_inputs``), both through
-``PeerComm``. The in-memory version of this is ``tests/test_executor_seams.py``. Checked: each
+``PeerComm``. The in-memory version of this is ``tests/runtime/step/test_executor_seams.py``. Checked: each
 rank reports its module fused, rank 0 sends exactly the cross-rank bytes of the plan, and the run,
 stopped after 2 of its 4 steps and resumed, logs the losses and ends with the weights of the
 single-process run that fuses both modules, bit for bit.

@@ -2,7 +2,8 @@
 
 Stop mid-epoch, resume with ``--workers 2``: the same weights as an uninterrupted run, a loadable
 committed checkpoint, ``gndgl eval`` and merged ``metrics.jsonl`` (each record once) afterwards;
-resuming with another worker count re-places the partitions (``tests/test_elastic_resume.py`` checks the weights).
+resuming with another worker count re-places the partitions
+(``test_elastic_resume.py`` checks the weights).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """MAN across ranks: the weight edge as a point-to-point send of U's parameters (gloo, CPU).
 
-The tiny MAN net of ``tests/test_man.py`` (K=3, ``mix: learned``; G=1 on 2 worker processes, G=2 on 3, placed
-so that U sits on another rank than the partition that follows it) ends with weights ``torch.equal`` to one
+The tiny MAN net of ``tests/runtime/step/test_man.py`` (``tests/man_helpers.py``; K=3, ``mix: learned``; G=1 on
+2 worker processes, G=2 on 3, placed so that U sits on another rank than the partition that follows it) ends with
+weights ``torch.equal`` to one
 process — EMA units and s included — so U's parameters arrive exactly as they were before this step's update
 (DESIGN §2.3), whichever rank holds U; the 3-rank run is stopped after 2 of its 4 steps and resumed.
 

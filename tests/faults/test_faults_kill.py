@@ -7,13 +7,13 @@ The guarantees (README, "Training"):
    ends with the weights of an uninterrupted run bit for bit (CPU, one thread);
 4. Ctrl-C checkpoints, exits with status 130 and says how to resume.
 
-(2.: ``tests/test_faults_tamper.py``; 3.: ``tests/test_faults_disk.py``; 5.: ``tests/test_faults_tamper.py``
-and ``tests/test_faults_recompile.py``.)
+(2.: ``test_faults_tamper.py``; 3.: ``test_faults_disk.py``; 5.: ``test_faults_tamper.py``
+and ``test_faults_recompile.py``.)
 
 The SIGKILLed runs are children forked from the helper process (``tests/fault_process.py``) whose
 file system SIGKILLs them at the N-th occurrence of a kill point; Ctrl-C is tested on a plain
 ``python -m gndgl_cli.main`` subprocess. Kill points are drawn with a seeded RNG; rerun with another
-draw with ``GNDGL_FAULT_SEED=<int> python -m pytest -q tests/test_faults_kill.py -s`` (``-s`` shows
+draw with ``GNDGL_FAULT_SEED=<int> python -m pytest -q tests/faults/test_faults_kill.py -s`` (``-s`` shows
 what was survived).
 """
 

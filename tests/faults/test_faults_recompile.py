@@ -4,7 +4,7 @@ The guarantee (README, "Artifacts"):
 
 5. a compile killed while replacing an artifact leaves the old or the new artifact, never a mix
    (where the file system lacks an atomic exchange, the error says where the old one was left).
-   (A tampered run directory: ``tests/test_faults_tamper.py``.)
+   (A tampered run directory: ``tests/faults/test_faults_tamper.py``.)
 
 ``gndgl compile`` runs as children forked from the helper process (``tests/fault_process.py``)
 whose file system SIGKILLs them after the N-th file-system change; N is drawn with the seeded RNG

@@ -5,7 +5,7 @@ The guarantees (README, "Training" and "Artifacts"):
 2. a truncated or corrupted newest checkpoint falls back to the previous one with a warning
    that names the file;
 5. a tampered run directory is refused with a message naming the file (exit status 2, no
-   traceback). (A compile killed while replacing an artifact: ``tests/test_faults_recompile.py``.)
+   traceback). (A compile killed while replacing an artifact: ``tests/faults/test_faults_recompile.py``.)
 
 The commands run as children forked from the helper process (``tests/fault_process.py``) on
 copies of one partial run (``partial_run``), each damaged in its own way.

@@ -1,6 +1,6 @@
-"""Replays of the failures the spec fuzzer (``tests/test_fuzz_specs.py``) found.
+"""Replays of the failures the spec fuzzer (``tests/fuzz/test_fuzz_specs.py``) found.
 
-Each file in ``tests/fuzz_regressions/`` (raw bytes) is one document that once compiled with a
+Each file in ``tests/fuzz/fuzz_regressions/`` (raw bytes) is one document that once compiled with a
 traceback, a hang or another disallowed outcome; it is compiled again through the same forking
 runner (``tests/fuzz_runner.py``) and must end in an allowed outcome (exit 0 with only the artifact
 written, or exit 2 with a clean ``error:``). Optional leading ``# expect: FRAGMENT`` lines name
@@ -50,4 +50,4 @@ def test_fuzz_regression(path: Path, runner, fuzz_root):
 
 
 def test_regression_corpus_exists():
-    assert REGRESSION_FILES, "tests/fuzz_regressions/ holds the failures the fuzzer found"
+    assert REGRESSION_FILES, "tests/fuzz/fuzz_regressions/ holds the failures the fuzzer found"

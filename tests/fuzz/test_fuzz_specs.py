@@ -37,9 +37,9 @@ local hunt, ``GNDGL_FUZZ_EXAMPLES=2000`` sets the number of mutated-spec example
 test scales with it) and ``GNDGL_FUZZ_SEED=N`` draws another reproducible sequence. The number
 of examples run is printed (``-s``) and recorded as a junit property.
 
-Failures found this way are kept in ``tests/fuzz_regressions/`` (one file each, raw bytes;
+Failures found this way are kept in ``tests/fuzz/fuzz_regressions/`` (one file each, raw bytes;
 optional leading ``# expect: FRAGMENT`` / ``# expect-rc: N`` lines) and replayed by
-``test_fuzz_regression`` (``tests/test_fuzz_regressions.py``) through the same runner. A failing
+``test_fuzz_regression`` (``tests/fuzz/test_fuzz_regressions.py``) through the same runner. A failing
 hypothesis example is saved under pytest's tmp dir (the path is in the assertion message) so it
 can be copied there.
 """

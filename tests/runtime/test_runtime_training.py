@@ -2,7 +2,7 @@
 decrease, evaluation, the sequential schedule, a start that fails on bad input, a non-finite loss,
 and ``--epochs`` rescaling a recipe's schedule.
 
-One step against hand-written PyTorch, fused vs unfused: ``tests/test_runtime_handwritten.py``.
+One step against hand-written PyTorch, fused vs unfused: ``tests/runtime/step/test_runtime_handwritten.py``.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Against the per-partition path (an independent program: one GraphModule per part
 * isolation on the fused path: group g's loss reaches no other group's rows of any fused parameter (the EMA
   unit's storage gets no gradient at all);
 * a killed and resumed run with fused MAN modules ends with the uninterrupted weights.
-Distributed == one process with fusion on: ``tests/test_man_distributed.py``.
+Distributed == one process with fusion on: ``tests/distributed/test_man_distributed.py``.
 """
 
 from __future__ import annotations

@@ -11,11 +11,11 @@ of modules 1 and 2 follow block1 and block2 (U). Checked:
 * isolation: scaling one partition's loss changes no other partition's gradient, and no loss reaches U's
   parameters through the EMA edge;
 * the per-device updater (one backward per stage, one step at the end) equals the per-partition updater,
-  and G = 2 with sibling fusion requested (MAN modules fused: ``tests/test_man_fused.py``) equals the
+  and G = 2 with sibling fusion requested (MAN modules fused: ``tests/runtime/fusion/test_man_fused.py``) equals the
   per-partition path;
 * the plan: the weight edge (no per-sample bytes, bytes per step in the costs), validation, plan.json
   round trip, refusals; a killed and resumed run ends with the uninterrupted weights; export holds no aux
-  net; the sequential schedule and bf16. Distributed == one process: ``tests/test_man_distributed.py``.
+  net; the sequential schedule and bf16. Distributed == one process: ``tests/distributed/test_man_distributed.py``.
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ def test_updaters_and_fusion_request_agree(width):
     art = compile_spec(spec("learned", width=width))
     a = executor(art, SGD, per_device_optim=True, siblings=True)
     b = executor(art, SGD, per_device_optim=False)
-    if width == 2:  # MAN modules fuse like the others (tests/test_man_fused.py)
+    if width == 2:  # MAN modules fuse like the others (tests/runtime/fusion/test_man_fused.py)
         assert [r["fused"] for r in a.fusion] == [True, True, True, False], a.fusion
     sa, sb = _train(a, 5), _train(b, 5)
     for pid in sa:

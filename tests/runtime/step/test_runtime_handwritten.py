@@ -6,7 +6,7 @@ compiled artifact's initial weights are copied in, one optimisation step is take
 on both sides with the same batch and learning rate, and every parameter and BN
 buffer must be bit-for-bit equal afterwards.
 
-Whole training runs (schedules, loss decrease, evaluation): ``tests/test_runtime_training.py``.
+Whole training runs (schedules, loss decrease, evaluation): ``tests/runtime/test_runtime_training.py``.
 """
 
 from __future__ import annotations
@@ -292,7 +292,7 @@ def test_fused_equals_unfused(k2g2, optimizer):
     devices = {p.id: CPU for p in k2g2.plan.partitions}
     ex_u = Executor(k2g2.plan, mods_u, optimizer, devices, per_device_optim=False)
     # the per-device fused step (one backward, one multi-tensor optimizer step) is bit-for-bit the unfused
-    # one; sibling fusion reorders float sums and is checked within rounding in tests/test_fused.py
+    # one; sibling fusion reorders float sums and is checked within rounding in tests/runtime/fusion/test_fused.py
     ex_f = Executor(k2g2.plan, mods_f, optimizer, devices, per_device_optim=True, siblings=False)
     assert len(ex_f.optimizers) == 1 and len(ex_u.optimizers) == 5
     for step, lr in enumerate((optimizer["lr"], optimizer["lr"] * 0.5, optimizer["lr"] * 0.25)):
