@@ -10,7 +10,7 @@ import torch
 
 from gndgl_compiler import compile_spec
 from gndgl_compiler.runtime.step.executor import Executor
-from float_compare import module_error, rel
+from float_compare import module_error, rel, scaled_error
 
 CPU = torch.device("cpu")
 PLAIN = {"kind": "sgd", "lr": 1.0, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0, "betas": (0.9, 0.999)}
@@ -56,6 +56,49 @@ def assert_same_training(fused, ref, art, *, n: int, seed: int, steps: int = 20,
     assert worst[0] <= F64_RTOL, worst
 
 
+def assert_group_isolation(fs, inputs: list, y, image, *, check_inputs: bool, skip_unreached: bool = False) -> None:
+    """On the sibling-fused stage ``fs`` (float64, modules in train mode): group g's loss reaches no other group's
+    rows of any fused parameter and (``check_inputs``) none of the stage's ``inputs``; scaling group 1's loss by 3
+    changes no other group's gradient and triples group 1's (to 1e-12 of its whole gradient's norm).
+    ``skip_unreached``: a fused parameter that no loss reaches has no gradient to compare."""
+    tensors = [t for t in fs.tensors if t.grads is not None]
+    leaves = [t.fused for t in tensors]
+
+    def grads(scale: torch.Tensor, wrt: list) -> tuple:
+        _, _, losses, _ = fs.forward(inputs, None, y, image)
+        return torch.autograd.grad((losses * scale).sum(), wrt, allow_unused=True)
+
+    def rows(t, a: torch.Tensor, h: int) -> torch.Tensor:
+        return a[h] if t.linear else a.narrow(0, h * (a.shape[0] // fs.G), a.shape[0] // fs.G)
+
+    for g in range(fs.G):
+        only = torch.zeros(fs.G, dtype=torch.float64)
+        only[g] = 1.0
+        gs = grads(only, leaves + inputs)
+        for t, a in zip(tensors, gs):
+            for h in range(fs.G):
+                if a is not None and h != g:
+                    assert torch.count_nonzero(rows(t, a, h)) == 0, f"loss of group {g} reaches group {h}"
+        if check_inputs:
+            assert all(a is None or torch.count_nonzero(a) == 0 for a in gs[len(leaves):]), "gradient left the module"
+    scale = torch.ones(fs.G, dtype=torch.float64)
+    scale[1] = 3.0
+    tol = 1e-12  # float64 throughout (InfoPro's BCE and SupCon too: losses.py keeps a float64 program in float64)
+    tripled: tuple[dict, dict] = ({}, {})
+    for i, (t, a, b) in enumerate(zip(tensors, grads(torch.ones(fs.G, dtype=torch.float64), leaves),
+                                      grads(scale, leaves))):
+        for h in range(fs.G):
+            if a is None and skip_unreached:
+                continue
+            pa, pb = rows(t, a, h), rows(t, b, h)
+            if h == 1:
+                tripled[0][i], tripled[1][i] = pb, 3 * pa
+            else:
+                assert torch.equal(pa, pb), h
+    worst = scaled_error(*tripled)  # against the norm of partition 1's whole gradient
+    assert worst[0] <= tol, worst
+
+
 def tiny_vit(head: str, share: float, diversity: float, cls: bool = False):
     """A 2-module × G=2 ViT (D = 16, 4 heads, 16 tokens) on 1×16×16 inputs."""
     return compile_spec(f"""name: tiny_vit
@@ -97,3 +140,12 @@ def partition_errors(got: dict, want: dict) -> dict[str, float]:
     BatchNorm follows has a zero gradient, so its own relative error is noise over noise)."""
     return {pid: rel(torch.cat([got[k].reshape(-1) for k in w]), torch.cat([v.reshape(-1) for v in w.values()]))
             for pid, w in by_partition(want).items()}
+
+
+def bf16_steps(art) -> tuple:
+    """One plain SGD step of ``art`` on 8 seeded inputs, three ways: sibling-fused and per-partition under bf16
+    autocast, and per-partition in float32 — ``(fused, per_partition, float32)``, each what :func:`one_step` gives."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, *art.plan.input_shape, generator=g)
+    y = torch.randint(0, art.plan.num_classes, (8,), generator=g)
+    return one_step(art, True, True, x, y), one_step(art, False, True, x, y), one_step(art, False, False, x, y)

@@ -35,7 +35,7 @@ import pytest
 
 from gndgl_compiler import compile_spec, load_spec
 from gndgl_compiler.errors import GndglError, SpecError
-from paths import BAD_SPECS, REPO, SPECS
+from paths import BAD_SPECS, REPO, SPECS, TESTS
 
 BAD = BAD_SPECS
 BAD_FILES = sorted(BAD.glob("*.yaml"))
@@ -88,7 +88,9 @@ def test_corpus_is_large_and_well_formed():
 # ----------------------------------------------------------------------------- CLI runners
 
 FORK_RUNNER = r'''
-import json, os, runpy, sys, traceback
+import json, os, runpy, sys
+sys.path.append(sys.argv[1])  # tests/, for cli_helpers
+from cli_helpers import exit_status
 import gndgl_compiler, gndgl_cli.common, gndgl_cli.compile_cmd, gndgl_cli.train_cmd, gndgl_cli.viz_cmd  # warm up
 import gndgl_compiler.api, gndgl_compiler.spec  # torch too: the CLI imports it lazily
 assert "gndgl_cli.main" not in sys.modules
@@ -105,20 +107,7 @@ for job in jobs:
             os.dup2(fo, 1); os.dup2(fe, 2)
             os.chdir(job["cwd"])
             sys.argv = [job["argv0"]] + job["args"]
-            try:
-                runpy.run_module("gndgl_cli.main", run_name="__main__", alter_sys=True)
-                code = 0
-            except SystemExit as exc:
-                if exc.code is None:
-                    code = 0
-                elif isinstance(exc.code, int):
-                    code = exc.code
-                else:
-                    print(exc.code, file=sys.stderr)
-                    code = 1
-            except BaseException:
-                traceback.print_exc()
-                code = 1
+            code = exit_status(lambda: runpy.run_module("gndgl_cli.main", run_name="__main__", alter_sys=True))
             sys.stdout.flush(); sys.stderr.flush()
         finally:
             os._exit(code)
@@ -147,7 +136,7 @@ def fork_run(invocations: list[list[str]], work: Path, cwd: Path) -> list[CliRes
     work.mkdir(parents=True, exist_ok=True)
     jobs = [{"args": args, "stdout": str(work / f"{i}.out"), "stderr": str(work / f"{i}.err"),
              "cwd": str(cwd), "argv0": _main_file()} for i, args in enumerate(invocations)]
-    proc = subprocess.run([sys.executable, "-c", FORK_RUNNER], input=json.dumps(jobs), capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", FORK_RUNNER, str(TESTS)], input=json.dumps(jobs), capture_output=True,
                           text=True, timeout=300, cwd=str(cwd))
     assert proc.returncode == 0, proc.stderr
     codes = json.loads(proc.stdout)

@@ -10,12 +10,11 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
+from cli_helpers import bad, gndgl
 from tiny_spec import tiny_spec
 
 TINY = tiny_spec("tiny_msg", "train:\n  dataset: synthetic\n  batch_size: 16\n  epochs: 1\n  augment: null\n",
@@ -40,23 +39,6 @@ model:
     - {op: linear, name: my_fc, out: 10}
 cuts: {depth: 2}
 """
-
-
-def gndgl(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="100", NO_COLOR="1")
-    return subprocess.run([sys.executable, "-m", "gndgl_cli.main", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
-
-
-def bad(r: subprocess.CompletedProcess, *fragments: str) -> str:
-    """The one-line error of a bad input (exit 2, 'error:', no traceback) that holds ``fragments``."""
-    assert r.returncode == 2, (r.stdout, r.stderr)
-    assert "Traceback" not in r.stdout + r.stderr
-    err = r.stderr.strip()
-    assert err.startswith("error:"), r.stderr
-    for f in fragments:
-        assert f in err, (f, err)
-    return err
 
 
 @pytest.fixture(scope="module")

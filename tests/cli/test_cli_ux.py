@@ -7,37 +7,13 @@ Every command is a real ``gndgl`` process; bad input exits 2 with an ``error:`` 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from tiny_spec import tiny_spec
+from cli_helpers import bad, gndgl
+from tiny_spec import ONE_EPOCH, tiny_spec
 
-TINY = tiny_spec("tiny_ux", """
-train:
-  dataset: synthetic
-  batch_size: 16
-  epochs: 1
-  augment: null
-  log_every: 2
-""", deep=False)
+TINY = tiny_spec("tiny_ux", ONE_EPOCH, deep=False)
 DATA = ["--limit-train", "64", "--limit-test", "32", "--no-tensorboard"]
-
-
-def gndgl(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="100", NO_COLOR="1")
-    return subprocess.run([sys.executable, "-m", "gndgl_cli.main", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
-
-
-def bad(r: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert r.returncode == 2, (r.stdout, r.stderr)
-    assert "Traceback" not in r.stdout + r.stderr
-    assert r.stderr.strip().startswith("error:"), r.stderr
-    for f in fragments:
-        assert f in r.stderr, (f, r.stderr)
 
 
 @pytest.fixture(scope="module")

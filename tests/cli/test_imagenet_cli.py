@@ -11,14 +11,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from cli_helpers import gndgl
 from gndgl_compiler import compile_spec
 from gndgl_compiler.api import plan_spec
 from paths import SPECS
@@ -38,15 +35,9 @@ TABLE = {
 }
 
 
-def gndgl(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="200", NO_COLOR="1")
-    return subprocess.run([sys.executable, "-m", "gndgl_cli.main", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
 def test_units_lists_the_torchvision_segment_names(tmp_path):
     (tmp_path / "r50.yaml").write_text("name: r50\nmodel: {template: resnet50}\n")
-    out = gndgl("units", "r50.yaml", cwd=tmp_path)
+    out = gndgl(tmp_path, "units", "r50.yaml", columns=200)
     assert out.returncode == 0, out.stderr
     names = [line.split()[1] for line in out.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert names == ["stem"] + [f"s{s}.b{j}" for s, n in enumerate((3, 4, 6, 3), 1) for j in range(n)] + ["fc"]
@@ -55,10 +46,10 @@ def test_units_lists_the_torchvision_segment_names(tmp_path):
 
 def test_train_resnet50_k4g2_on_synthetic_64px(tmp_path):
     spec = IMAGENET_SPECS / "resnet50_k4g2.yaml"
-    out = gndgl("train", str(spec), "--dataset", "synthetic", "--max-steps", "2", "--run-dir", "run",
+    out = gndgl(tmp_path, "train", str(spec), "--dataset", "synthetic", "--max-steps", "2", "--run-dir", "run",
                 "--no-tensorboard", "--log-every", "1", "--set", "model.input_shape=[3, 64, 64]",
                 "--set", "model.num_classes=10", "--set", "train.batch_size=8",
-                "--set", "train.augment.random_resized_crop.size=64", cwd=tmp_path)
+                "--set", "train.augment.random_resized_crop.size=64", columns=200)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["dataset"] == "synthetic"

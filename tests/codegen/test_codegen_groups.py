@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from codegen_helpers import SMALL_SPEC, compile_text, randomize_artifact
+from codegen_helpers import SMALL_SPEC, BasicBlock, compile_text, randomize_artifact
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -21,34 +21,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # ----------------------------------------------------------------------------- 2. groups
 
 
-class GroupedBlock(nn.Module):
-    """A basic block of one module as a single network: the first layers that read the
-    module input are dense (``dense=True``), every other conv is ``groups=G``."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int, G: int, dense: bool):
-        super().__init__()
-        g_in = 1 if dense else G
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False, groups=g_in)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False, groups=G)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.has_shortcut = stride != 1 or c_in != c_out
-        if self.has_shortcut:
-            self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False, groups=g_in)
-            self.shortcut_bn = nn.BatchNorm2d(c_out)
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        sc = self.shortcut_bn(self.shortcut(x)) if self.has_shortcut else x
-        return F.relu(out + sc)
-
-
 class GroupedResNetModule(nn.Module):
     def __init__(self, blocks: list[tuple[str, int, int, int]], G: int):
         super().__init__()
         self.names = [b[0] for b in blocks]
-        self.blocks = nn.ModuleList(GroupedBlock(ci, co, s, G, dense=(i == 0))
+        self.blocks = nn.ModuleList(BasicBlock(ci, co, s, G, dense=(i == 0))
                                     for i, (_, ci, co, s) in enumerate(blocks))
 
     def forward(self, x):
@@ -71,7 +48,7 @@ class SmallGroupedModule(nn.Module):
         self.bn2 = nn.BatchNorm2d(16)
         self.c3 = nn.Conv2d(16, 16, 5, 1, 2, bias=True, groups=G)
         self.bn3 = nn.BatchNorm2d(16)
-        self.b4 = GroupedBlock(16, 32, 2, G, dense=False)
+        self.b4 = BasicBlock(16, 32, 2, G, dense=False)
 
     def forward(self, x):
         x = F.max_pool2d(F.relu(self.bn2(self.c2(x))), 2)

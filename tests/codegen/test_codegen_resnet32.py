@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from codegen_helpers import randomize_artifact
+from codegen_helpers import BasicBlock, randomize_artifact
 from gndgl_compiler import compile_spec
 from gndgl_compiler.partition.plan import IMAGE
 from paths import SPECS
@@ -25,27 +25,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- 1. ResNet-32
-
-
-class BasicBlock(nn.Module):
-    """CIFAR basic block: conv3x3-BN-ReLU-conv3x3-BN + shortcut, ReLU."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.has_shortcut = stride != 1 or c_in != c_out
-        if self.has_shortcut:
-            self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False)
-            self.shortcut_bn = nn.BatchNorm2d(c_out)
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        sc = self.shortcut_bn(self.shortcut(x)) if self.has_shortcut else x
-        return F.relu(out + sc)
 
 
 class ResNet32(nn.Module):

@@ -25,7 +25,7 @@ from gndgl_compiler import compile_spec
 from gndgl_compiler.api import plan_spec
 from gndgl_compiler.partition.auglocal import aux_depth, choose_units
 from gndgl_compiler.viz.dot import plan_to_dot
-from fused_helpers import PLAIN, SGD, batch, executors, tiny_vit
+from fused_helpers import PLAIN, SGD, assert_group_isolation, batch, executors, tiny_vit
 from tiny_spec import tiny_spec
 from paths import SPECS
 
@@ -211,40 +211,7 @@ def test_fused_path_isolation(key):
     x, y = batch(art, n=4, dtype=torch.float64)
     src = x if stage == 0 else fused.modules[0].body(x)
     inputs = [src.detach().requires_grad_(True) for _ in fs.parts[0].inputs]
-    tensors = [t for t in fs.tensors if t.grads is not None]
-    leaves = [t.fused for t in tensors]
-
-    def grads(scale: torch.Tensor, wrt: list) -> tuple:
-        _, _, losses, _ = fs.forward(inputs, None, y, fused.env.image01(x).double())
-        return torch.autograd.grad((losses * scale).sum(), wrt, allow_unused=True)
-
-    def rows(t, a: torch.Tensor, h: int) -> torch.Tensor:
-        return a[h] if t.linear else a.narrow(0, h * (a.shape[0] // fs.G), a.shape[0] // fs.G)
-
-    for g in range(fs.G):
-        only = torch.zeros(fs.G, dtype=torch.float64)
-        only[g] = 1.0
-        gs = grads(only, leaves + inputs)
-        for t, a in zip(tensors, gs):
-            for h in range(fs.G):
-                if a is not None and h != g:
-                    assert torch.count_nonzero(rows(t, a, h)) == 0, f"loss of group {g} reaches group {h}"
-        if stage > 0:
-            assert all(a is None or torch.count_nonzero(a) == 0 for a in gs[len(leaves):]), "gradient left"
-    scale = torch.ones(fs.G, dtype=torch.float64)
-    scale[1] = 3.0
-    tripled: tuple[dict, dict] = ({}, {})
-    for i, (t, a, b) in enumerate(zip(tensors, grads(torch.ones(fs.G, dtype=torch.float64), leaves),
-                                      grads(scale, leaves))):
-        for h in range(fs.G):
-            if a is None:
-                continue
-            pa, pb = rows(t, a, h), rows(t, b, h)
-            if h == 1:
-                tripled[0][i], tripled[1][i] = pb, 3 * pa
-            else:
-                assert torch.equal(pa, pb), h
-    assert scaled_error(*tripled)[0] <= 1e-12
+    assert_group_isolation(fs, inputs, y, fused.env.image01(x).double(), check_inputs=stage > 0, skip_unreached=True)
 
 
 @pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
@@ -343,16 +310,11 @@ def test_shipped_specs_compile_and_follow_the_tables(path):
 def test_fused_bf16_step_is_a_bf16_version_of_the_same_step(key):
     """bf16 autocast (``train.amp: bf16``) on the fused path, as ``test_fused_bf16.py`` checks the other heads:
     fused and per-partition bf16 updates agree to bf16's own error against float32."""
-    from fused_helpers import LOSS_RTOL, UPDATE_RTOL, one_step, partition_errors
+    from fused_helpers import LOSS_RTOL, UPDATE_RTOL, bf16_steps, partition_errors
 
     art = (compile_spec(spec_text(2, diversity=0.5)) if key.startswith("conv")
            else tiny_vit("{kind: auglocal, depth: 1}", 1.0, 0.5))
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(8, *art.plan.input_shape, generator=g)
-    y = torch.randint(0, art.plan.num_classes, (8,), generator=g)
-    s_fused, u_fused, fused = one_step(art, True, True, x, y)
-    s_ref, u_ref, _ = one_step(art, False, True, x, y)
-    _, u_f32, _ = one_step(art, False, False, x, y)
+    (s_fused, u_fused, fused), (s_ref, u_ref, _), (_, u_f32, _) = bf16_steps(art)
     assert fused and all(fused)
     assert max(rel(s_fused[p][0].float(), s_ref[p][0].float()) for p in s_ref) <= LOSS_RTOL
     diffs = partition_errors(u_fused, u_ref)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 
 import pytest
-from tiny_spec import tiny_spec
+from tiny_spec import ONE_EPOCH, tiny_spec
 
 from gndgl_compiler import compile_spec, load_spec
 from gndgl_compiler.runtime.metrics import MetricsLogger, flatten_scalars, read_metrics, write_metrics_csv
@@ -55,14 +55,7 @@ def test_metrics_csv_has_one_row_per_record_and_flat_columns(tmp_path):
 
 
 def test_training_with_tensorboard_default_logs_eval(tmp_path):
-    spec = load_spec(tiny_spec("tb_run", """
-train:
-  dataset: synthetic
-  batch_size: 16
-  epochs: 1
-  augment: null
-  log_every: 2
-""", deep=False))
+    spec = load_spec(tiny_spec("tb_run", ONE_EPOCH, deep=False))
     art = compile_spec(spec, out_dir=tmp_path / "compiled")
     summary = train_artifact(art, TrainOptions(limit_train=32, limit_test=16, run_dir=str(tmp_path / "run")))
     kinds = [r["kind"] for r in read_metrics(tmp_path / "run")]

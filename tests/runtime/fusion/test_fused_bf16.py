@@ -20,11 +20,10 @@ from __future__ import annotations
 import statistics
 
 import pytest
-import torch
 
 from gndgl_compiler import compile_spec
 from float_compare import rel, scaled_error
-from fused_helpers import LOSS_RTOL, UPDATE_RTOL, by_partition, one_step, partition_errors
+from fused_helpers import LOSS_RTOL, UPDATE_RTOL, bf16_steps, by_partition, partition_errors
 from paths import SPECS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,12 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("name", ["resnet32_k2g2", "vgg6a_g2", "vit_tiny_fmnist_k2g2"])
 def test_fused_bf16_step_is_a_bf16_version_of_the_same_step(name):
     art = compile_spec(SPECS / f"{name}.yaml")
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(8, *art.plan.input_shape, generator=g)
-    y = torch.randint(0, art.plan.num_classes, (8,), generator=g)
-    s_fused, u_fused, fused = one_step(art, True, True, x, y)
-    s_ref, u_ref, _ = one_step(art, False, True, x, y)
-    _, u_f32, _ = one_step(art, False, False, x, y)
+    (s_fused, u_fused, fused), (s_ref, u_ref, _), (_, u_f32, _) = bf16_steps(art)
     assert fused and all(fused), "every multi-group module of the spec runs fused"
     for pid, (loss, correct) in s_ref.items():
         assert rel(s_fused[pid][0].float(), loss.float()) <= LOSS_RTOL, (pid, s_fused[pid][0], loss)

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from gndgl_compiler import compile_spec
-from float_compare import module_error, rel, scaled_error
-from fused_helpers import F64_RTOL, PLAIN, SGD, batch, executors, tiny_vit
+from float_compare import module_error, rel
+from fused_helpers import F64_RTOL, PLAIN, SGD, assert_group_isolation, batch, executors, tiny_vit
 from tiny_spec import tiny_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -90,36 +90,4 @@ def test_variant_stop_gradient_isolation(key):
     inp = fused.modules[0].body(x)
     inputs = [inp.detach().requires_grad_(True) for _ in fs.parts[0].inputs]
     image = fused.env.image01(x).double()
-    tensors = [t for t in fs.tensors if t.grads is not None]
-    leaves = [t.fused for t in tensors]
-
-    def grads(scale: torch.Tensor, wrt: list) -> tuple:
-        _, _, losses, _ = fs.forward(inputs, None, y, image)
-        return torch.autograd.grad((losses * scale).sum(), wrt, allow_unused=True)
-
-    def rows(t, a: torch.Tensor, h: int) -> torch.Tensor:
-        return a[h] if t.linear else a.narrow(0, h * (a.shape[0] // fs.G), a.shape[0] // fs.G)
-
-    for g in range(fs.G):
-        only = torch.zeros(fs.G, dtype=torch.float64)
-        only[g] = 1.0
-        gs = grads(only, leaves + inputs)
-        for t, a in zip(tensors, gs):
-            for h in range(fs.G):
-                if a is not None and h != g:
-                    assert torch.count_nonzero(rows(t, a, h)) == 0, f"loss of group {g} reaches group {h}"
-        assert all(a is None or torch.count_nonzero(a) == 0 for a in gs[len(leaves):]), "gradient left the module"
-    scale = torch.ones(fs.G, dtype=torch.float64)
-    scale[1] = 3.0
-    tol = 1e-12  # float64 throughout (InfoPro's BCE and SupCon too: losses.py keeps a float64 program in float64)
-    tripled: tuple[dict, dict] = ({}, {})
-    for i, (t, a, b) in enumerate(zip(tensors, grads(torch.ones(fs.G, dtype=torch.float64), leaves),
-                                      grads(scale, leaves))):
-        for h in range(fs.G):
-            pa, pb = rows(t, a, h), rows(t, b, h)
-            if h == 1:
-                tripled[0][i], tripled[1][i] = pb, 3 * pa
-            else:
-                assert torch.equal(pa, pb), h
-    worst = scaled_error(*tripled)  # against the norm of partition 1's whole gradient
-    assert worst[0] <= tol, worst
+    assert_group_isolation(fs, inputs, y, image, check_inputs=True)

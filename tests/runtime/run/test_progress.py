@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import pydoc
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import gndgl as run_gndgl
 from tiny_spec import tiny_spec
 
 TINY = tiny_spec("tiny_prog", """
@@ -27,9 +27,8 @@ DATA = ["--limit-train", "64", "--limit-test", "32", "--no-tensorboard"]
 
 
 def gndgl(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="200", NO_COLOR="1")
-    return subprocess.run([sys.executable, "-m", "gndgl_cli.main", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    """``gndgl ARGS`` as a real process, 200 columns wide (progress lines whole)."""
+    return run_gndgl(cwd, *args, columns=200)
 
 
 @pytest.fixture(scope="module")

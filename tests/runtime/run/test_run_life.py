@@ -10,30 +10,21 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
-from tiny_spec import tiny_spec
+from cli_helpers import gndgl as run_gndgl
+from tiny_spec import ONE_EPOCH, tiny_spec
 
-TINY = tiny_spec("tiny_life", """
-train:
-  dataset: synthetic
-  batch_size: 16
-  epochs: 1
-  augment: null
-  log_every: 2
-""", deep=False)
+TINY = tiny_spec("tiny_life", ONE_EPOCH, deep=False)
 DATA = ["--limit-train", "64", "--limit-test", "32", "--no-tensorboard"]  # 4 steps per epoch
 
 
 def gndgl(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="200", NO_COLOR="1")
-    return subprocess.run([sys.executable, "-m", "gndgl_cli.main", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    """``gndgl ARGS`` as a real process, 200 columns wide (progress lines whole)."""
+    return run_gndgl(cwd, *args, columns=200)
 
 
 def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
