@@ -10,4 +10,5 @@ REPO = TESTS.parent
 SPECS = REPO / "specs"
 BAD_SPECS = TESTS / "cli" / "bad_specs"  # the bad-input corpus of tests/cli/test_cli_compile.py
 FUZZ_REGRESSIONS = TESTS / "fuzz" / "fuzz_regressions"  # the fuzzer's failures, replayed by tests/fuzz/
-RUN_JSON_V0 = TESTS / "runtime" / "run" / "run_json_v0.json"  # a run.json written before RunRecord
+RUN_JSON_V0 = TESTS / "runtime" / "run" / "run_json_v0.json"
+"""A run.json written by the code before the settings were declared (a 3-step run of the tiny spec)."""

@@ -37,8 +37,7 @@ from gndgl_compiler import compile_spec, load_spec
 from gndgl_compiler.errors import GndglError, SpecError
 from paths import BAD_SPECS, REPO, SPECS, TESTS
 
-BAD = BAD_SPECS
-BAD_FILES = sorted(BAD.glob("*.yaml"))
+BAD_FILES = sorted(BAD_SPECS.glob("*.yaml"))
 
 
 
@@ -220,7 +219,7 @@ def runs(cli_tmp):
              "inspect": ["inspect", str(k8g4_fork)],
              "schema": ["schema"]}
     invocations = [_corpus_args(f, out_root) for f in BAD_FILES] + list(misc.values()) + list(happy.values())
-    real_args = {name: _corpus_args(BAD / f"{name}.yaml", out_root) for name in REAL_SAMPLE}
+    real_args = {name: _corpus_args(BAD_SPECS / f"{name}.yaml", out_root) for name in REAL_SAMPLE}
     real_args["unwritable_output"] = misc["unwritable_output"]
     real_args["compile_json"] = ["compile", k8g4, "-o", str(k8g4_real), "--json"]
     real_args["schema"] = ["schema"]
@@ -270,7 +269,7 @@ def test_bad_spec_is_refused_by_api_and_cli(path: Path, runs):
 
 @pytest.mark.parametrize("name", REAL_SAMPLE)
 def test_fork_runner_matches_plain_subprocess(name, runs):
-    a, b = runs["corpus"][BAD / f"{name}.yaml"], runs["real"][name]
+    a, b = runs["corpus"][BAD_SPECS / f"{name}.yaml"], runs["real"][name]
     assert (a.returncode, a.stdout, a.stderr) == (b.returncode, b.stdout, b.stderr)
     assert_clean_failure(b)
 

@@ -16,13 +16,11 @@ import pytest
 from fuzz_runner import compile_document
 from paths import FUZZ_REGRESSIONS
 
-REGRESSIONS = FUZZ_REGRESSIONS
-
 
 # ----------------------------------------------------------------------------- regressions
 
-REGRESSION_FILES = sorted(p for p in REGRESSIONS.glob("*") if p.is_file() and p.name != "README.md") \
-    if REGRESSIONS.is_dir() else []
+REGRESSION_FILES = sorted(p for p in FUZZ_REGRESSIONS.glob("*") if p.is_file() and p.name != "README.md") \
+    if FUZZ_REGRESSIONS.is_dir() else []
 
 
 def _expectations(doc: bytes) -> tuple[int | None, list[str]]:

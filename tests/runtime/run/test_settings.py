@@ -21,9 +21,6 @@ from gndgl_compiler.spec.models import Train
 from gndgl_compiler.spec.setting import PARTS, RESUME_RULES, settings_of
 from paths import RUN_JSON_V0
 
-V0 = RUN_JSON_V0
-"""A run.json written by the code before the settings were declared (a 3-step run of the tiny spec)."""
-
 
 def test_every_train_field_declares_one_setting():
     declared = settings_of(Train)
@@ -67,7 +64,7 @@ def test_options_are_checked_once_naming_the_field():
 
 
 def test_a_run_json_written_before_the_change_loads_and_writes_back_the_same_keys():
-    data = json.loads(V0.read_text())
+    data = json.loads(RUN_JSON_V0.read_text())
     record = RunRecord.from_json(copy.deepcopy(data))
     assert record.world == 1 and record.device == "cpu" and record.source == data["source"] and not record.changes
     assert record.to_json() == {**data, "config": {**data["config"], "data": None, "sync_bn": False}}
@@ -87,7 +84,7 @@ def test_a_run_json_written_before_the_change_loads_and_writes_back_the_same_key
                                         ({"config": {"epochs": 2}}, "config has no")])
 def test_a_damaged_record_is_refused_naming_the_field(bad, named):
     with pytest.raises(ValueError, match=named):
-        RunRecord.from_json({**json.loads(V0.read_text()), **bad})
+        RunRecord.from_json({**json.loads(RUN_JSON_V0.read_text()), **bad})
 
 
 def test_a_failed_start_is_undone_only_where_nothing_was_trained(tmp_path):
