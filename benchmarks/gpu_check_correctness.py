@@ -163,7 +163,8 @@ def check_fused(name: str, args, device: torch.device, amp: bool) -> dict:
     """One step of the sibling-fused executor against the per-partition executor (same initial weights and batch)."""
     if amp and device.type != "cuda":
         return {"status": "skipped",
-                "message": "skipped (no CUDA; the CPU-autocast form of this check is tests/test_fused_bf16.py)"}
+                "message": "skipped (no CUDA; the CPU-autocast form of this check is "
+                           "tests/runtime/fusion/test_fused_bf16.py)"}
     art = compile_spec(spec_path(name))
     cl = device.type == "cuda"
     exs = []

@@ -1,11 +1,12 @@
-"""Helpers of the codegen tests (``tests/test_codegen_*.py``): seeded random weights for a compiled
-artifact (so that a mis-wired BN cannot hide behind identity statistics), and the small explicit
-spec whose grouped modules and gradients they check.
+"""Helpers of the codegen tests (``tests/codegen/``): seeded random weights for a compiled
+artifact (so that a mis-wired BN cannot hide behind identity statistics), the small explicit
+spec whose grouped modules and gradients they check, and the hand-written CIFAR basic block (dense or grouped).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gndgl_compiler import compile_spec
@@ -65,3 +66,27 @@ model:
 cuts: {{depth: [c1], width: {width}}}
 local: {{share_ratio: 1.0}}
 """
+
+
+class BasicBlock(nn.Module):
+    """CIFAR basic block, written by hand: conv3x3-BN-ReLU-conv3x3-BN + shortcut, ReLU. With ``G`` > 1 it is one
+    module's G partitions as a single network: the layers that read the module input are dense (``dense=True``,
+    else ``groups=G``), every other conv is ``groups=G``."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, G: int = 1, dense: bool = True):
+        super().__init__()
+        g_in = 1 if dense else G
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False, groups=g_in)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False, groups=G)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.has_shortcut = stride != 1 or c_in != c_out
+        if self.has_shortcut:
+            self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False, groups=g_in)
+            self.shortcut_bn = nn.BatchNorm2d(c_out)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        sc = self.shortcut_bn(self.shortcut(x)) if self.has_shortcut else x
+        return F.relu(out + sc)

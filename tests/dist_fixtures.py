@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_helpers import ROOT, TRAIN2, captured, gndgl, launch_run, resume_run, train_single
+from dist_helpers import TRAIN2, captured, gndgl, launch_run, resume_run, train_single
+from paths import SPECS
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +32,7 @@ def art(tmp_path_factory):
 
     def get(name: str, spec=None) -> Path:
         if name not in cache:
-            cache[name] = compile_spec(spec if spec is not None else ROOT / "specs" / f"{name}.yaml", base / name).path
+            cache[name] = compile_spec(spec if spec is not None else SPECS / f"{name}.yaml", base / name).path
         return cache[name]
 
     return get

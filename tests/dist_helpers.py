@@ -1,4 +1,4 @@
-"""Helpers of the distributed tests (``tests/test_distributed*.py``): run ``gndgl`` and the
+"""Helpers of the distributed tests (``tests/distributed/``): run ``gndgl`` and the
 launcher in this process with everything printed captured, train the single-process reference,
 compare weights, find orphan workers. Fixtures: ``tests/dist_fixtures.py``.
 
@@ -13,6 +13,8 @@ import contextlib
 import io
 import json
 import os
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,13 +26,13 @@ import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
+from paths import REPO, TESTS
 
 DIST = [pytest.mark.slow,
         pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                            reason="needs torch.distributed with the gloo backend")]
 """The ``pytestmark`` of every distributed test module."""
 
-ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 DATA = ["--dataset", "synthetic", "--limit-train", "128", "--limit-test", "64", "--epochs", "1"]
 
@@ -84,7 +86,7 @@ def faulty_workers(fault: str | None):
         with worker_env():
             yield
         return
-    path = os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))
+    path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
     with worker_env(GNDGL_TEST_FAULT=fault, GNDGL_WORKER_MODULE="fault_worker", PYTHONPATH=path):
         yield
 
@@ -227,3 +229,17 @@ TRAIN2 = ["--workers", "2", *DATA, "--batch-size", "16", "--log-every", "1"]  # 
 
 
 TRAIN2 = ["--workers", "2", *DATA, "--batch-size", "16", "--log-every", "1"]  # resnet32_k2g1: 8 steps
+
+
+def torchrun(cmd: list[str], env: dict, run: Path, timeout: int) -> subprocess.CompletedProcess:
+    """``cmd`` (a ``torch.distributed.run`` command line) run from the repository, its output captured; the test
+    is skipped where torchrun cannot work here: it does not finish in ``timeout`` s, or it fails before the run
+    directory ``run`` exists with a rendezvous / socket / name-resolution error (an offline machine)."""
+    try:
+        r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.skip(f"torchrun did not finish in {timeout} s (no rendezvous offline?)")
+    if r.returncode != 0 and not (run / "run.json").exists() and re.search(
+            r"[Rr]endezvous|socket|resolve|getaddrinfo", r.stderr):
+        pytest.skip(f"torchrun cannot rendezvous here: {r.stderr.strip().splitlines()[-1][:200]}")
+    return r

@@ -1,4 +1,4 @@
-"""Session-scoped fixtures the fault-injection test files (``tests/test_faults_*.py``) share (a pytest
+"""Session-scoped fixtures the fault-injection test files (``tests/faults/``) share (a pytest
 plugin: ``tests/conftest.py`` lists it in ``pytest_plugins``), so the reference run is trained once.
 
     setup   the tiny spec compiled once, the helper process (``tests/fault_process.py``) and an

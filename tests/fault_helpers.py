@@ -1,4 +1,4 @@
-"""The pytest side of the fault-injection tests (``tests/test_faults_*.py``): the tiny spec and the
+"""The pytest side of the fault-injection tests (``tests/faults/``): the tiny spec and the
 command-line settings every run uses, the helper process as seen from pytest (``Driver``: the
 process itself is ``tests/fault_process.py``), the jobs it runs (``cli_job``) and their checks.
 
@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from tiny_spec import tiny_spec
+from paths import TESTS
 
-TESTS = Path(__file__).resolve().parent
 SEED = int(os.environ.get("GNDGL_FAULT_SEED", "20250611"))
 
 # A small GN-DGL net (K=2, G=2, sharing, diversity, separate 1c2f head) with SGD + augmentation, so a

@@ -1,4 +1,4 @@
-"""The helper process of the fault-injection tests (``tests/test_faults_*.py``) and its forked children.
+"""The helper process of the fault-injection tests (``tests/faults/``) and its forked children.
 
 Most processes of those tests are forked from one helper process (``_driver_main``) that imported
 gndgl and torch once but never ran a tensor op, so that each child is a real process

@@ -3,7 +3,7 @@
 ``GNDGL_TEST_FAULT=kind:RANK:STEP`` (kind: kill | hang | raise), read here only: global rank RANK
 SIGKILLs itself, hangs, or raises when the training loop begins global step STEP. Installed
 through the launcher's seam — ``GNDGL_WORKER_MODULE=fault_worker`` with this
-directory on ``PYTHONPATH`` (``tests/dist_helpers.py``, for ``tests/test_distributed_faults.py``) — or run
+directory on ``PYTHONPATH`` (``tests/dist_helpers.py``, for ``tests/distributed/test_distributed_faults.py``) — or run
 by torchrun as
 ``-m fault_worker``. Production code reads no fault variable.
 """

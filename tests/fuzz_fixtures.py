@@ -1,5 +1,5 @@
-"""Session-scoped fixtures the spec-fuzzing test files (``tests/test_fuzz_specs.py``,
-``tests/test_fuzz_regressions.py``) share (a pytest plugin: ``tests/conftest.py`` lists it in
+"""Session-scoped fixtures the spec-fuzzing test files (``tests/fuzz/test_fuzz_specs.py``,
+``tests/fuzz/test_fuzz_regressions.py``) share (a pytest plugin: ``tests/conftest.py`` lists it in
 ``pytest_plugins``), so the warm worker starts once.
 
     fuzz_root   the sandbox directory of every example

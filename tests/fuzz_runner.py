@@ -1,4 +1,4 @@
-"""The forking runner of the spec fuzzer (``tests/test_fuzz_specs.py``, ``tests/test_fuzz_regressions.py``):
+"""The forking runner of the spec fuzzer (``tests/fuzz/test_fuzz_specs.py``, ``tests/fuzz/test_fuzz_regressions.py``):
 ``compile_document`` writes one document to a fresh sandbox, compiles it with the real CLI entry
 point, ``gndgl_cli.main.main(["compile", FILE, "-o", OUT])``, and checks the only outcomes allowed:
 
@@ -46,9 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-SPECS = ROOT / "specs"
+from paths import REPO, TESTS
 
 EXAMPLE_TIMEOUT = 120  # seconds per compile: a hang guard (most take < 2 s; resnet110 at width 16 with G=256, 257
 #                       partitions of ~330 ops each, legitimately takes ~55 s on a 2-core machine)
@@ -58,7 +56,9 @@ MEM_HEADROOM = 3 << 30  # bytes of address space a compile may add to the warm w
 # ----------------------------------------------------------------------------- the forking runner
 
 WORKER = r'''
-import json, os, resource, signal, sys, tempfile, time, traceback
+import json, os, resource, signal, sys, tempfile, time
+sys.path.append(sys.argv[1])  # tests/, for cli_helpers
+from cli_helpers import exit_status
 import gndgl_cli.main as climain  # the warm import: pydantic, typer, rich
 import gndgl_compiler.api, gndgl_compiler.spec  # torch too (the CLI imports it lazily), before RLIMIT_AS is set
 
@@ -93,20 +93,7 @@ for line in sys.stdin:
             os.chdir(job["cwd"])
             os.environ["TMPDIR"] = job["tmp"]
             tempfile.tempdir = job["tmp"]
-            try:
-                climain.main(job["argv"])
-                code = 0
-            except SystemExit as exc:
-                if exc.code is None:
-                    code = 0
-                elif isinstance(exc.code, int):
-                    code = exc.code
-                else:
-                    print(exc.code, file=sys.stderr)
-                    code = 1
-            except BaseException:
-                traceback.print_exc()
-                code = 1
+            code = exit_status(lambda: climain.main(job["argv"]))
             sys.stdout.flush(); sys.stderr.flush()
         finally:
             os._exit(code)
@@ -152,8 +139,8 @@ class ForkRunner:
 
     def _start(self) -> None:
         self._log_f = open(self.log, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-c", WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self._log_f, cwd=str(ROOT), start_new_session=True)
+        self.proc = subprocess.Popen([sys.executable, "-c", WORKER, str(TESTS)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self._log_f, cwd=str(REPO), start_new_session=True)
         self._buf = b""
         hello = self._read_line(120)
         assert hello and json.loads(hello)["ready"], f"fuzz worker did not start; see {self.log}"
@@ -263,7 +250,7 @@ def compile_document(runner: ForkRunner, root: Path, doc: bytes, *, spec_name: s
         saved.write_bytes(doc)
         head = doc[:800].decode("utf-8", errors="backslashreplace")
         pytest.fail(f"{why}\n{res.describe()}\n--- document ({len(doc)} bytes, file name {spec_name!r}, "
-                    f"-o {out_name!r}; saved to {saved}; once fixed, copy it to tests/fuzz_regressions/):\n{head}",
+                    f"-o {out_name!r}; saved to {saved}; once fixed, copy it to tests/fuzz/fuzz_regressions/):\n{head}",
                     pytrace=False)
 
     if stats is not None:

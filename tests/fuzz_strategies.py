@@ -1,4 +1,4 @@
-"""The documents of the spec fuzzer (``tests/test_fuzz_specs.py``), as hypothesis strategies.
+"""The documents of the spec fuzzer (``tests/fuzz/test_fuzz_specs.py``), as hypothesis strategies.
 
 * ``mutated_specs``: a shipped spec (``specs/*.yaml``) with 1-4 edits of the parsed document --
   drop, duplicate, rename or add keys; replace a value by a random one, another part of the spec,
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -24,8 +23,8 @@ from hypothesis import strategies as st
 
 from fuzz_values import (BAD_BYTES, EDGE_FLOATS, EDGE_INTS, ODD_STRINGS, TAGS, YAML_TOKENS, Pairs, Tagged, dump,
                          keys, scalars, values)
+from paths import SPECS
 
-SPECS = Path(__file__).resolve().parents[1] / "specs"
 SPEC_FILES = sorted(SPECS.glob("*.yaml"))
 
 

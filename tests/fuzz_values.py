@@ -1,4 +1,4 @@
-"""YAML building blocks and random values of the spec fuzzer (``tests/test_fuzz_specs.py``).
+"""YAML building blocks and random values of the spec fuzzer (``tests/fuzz/test_fuzz_specs.py``).
 
 ``Pairs`` (a mapping with repeated keys) and ``Tagged`` (a node with an explicit tag) are written
 by ``dump``; the vocabularies (edge numbers, odd strings, the spec format's keys, Python/custom

@@ -7,15 +7,14 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import fields
-from pathlib import Path
 
 import pytest
 import yaml
 
 from gndgl_compiler import GndglError
 from gndgl_compiler.api import plan_spec
+from paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
 API = (REPO / "docs" / "api.md").read_text()
 

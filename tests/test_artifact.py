@@ -13,9 +13,8 @@ from gndgl_compiler import compile_spec, load_artifact
 from gndgl_compiler.artifact import FORMAT_VERSION, MANIFEST, read_manifest
 from gndgl_compiler.fsio import sha256_file
 from gndgl_compiler.errors import ArtifactError, GndglError
+from paths import SPECS
 
-ROOT = Path(__file__).resolve().parents[1]
-SPECS = ROOT / "specs"
 
 SPEC = ("name: art_k2g2\nmodel: {template: resnet32}\ncuts: {depth: 2, width: 2}\n"
         "local: {share_ratio: 1.0, diversity: {weight: 0.5}}\n")

@@ -16,8 +16,8 @@ import sys
 import tomllib
 from importlib import metadata
 from pathlib import Path
+from paths import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
 OWN = {"gndgl_compiler", "gndgl_cli"}
 # import name -> distribution where they differ and the package may not be installed here
 KNOWN = {"yaml": "pyyaml", "PIL": "pillow", "tensorboard": "tensorboard", "onnx": "onnx", "onnxscript": "onnxscript",
@@ -69,17 +69,17 @@ def _dists_of(module: str, owners: dict) -> set[str]:
 
 
 def test_every_import_is_declared_and_extras_are_lazy():
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     base = _closure([_dist_name(d) for d in project["dependencies"]])
     extras = {_dist_name(d) for reqs in project["optional-dependencies"].values() for d in reqs}
     owners = metadata.packages_distributions()
     problems = []
-    for path in sorted([*(ROOT / "gndgl_compiler").rglob("*.py"), *(ROOT / "cli").rglob("*.py")]):
+    for path in sorted([*(REPO / "gndgl_compiler").rglob("*.py"), *(REPO / "cli").rglob("*.py")]):
         for mod, top, line in _imports(path):
             if mod in sys.stdlib_module_names or mod in OWN or mod == "__future__":
                 continue
             dists = _dists_of(mod, owners)
-            where = f"{path.relative_to(ROOT)}:{line} imports {mod}"
+            where = f"{path.relative_to(REPO)}:{line} imports {mod}"
             if not dists:
                 problems.append(f"{where}: not installed and not a known distribution")
             elif dists & base:
@@ -95,6 +95,6 @@ def test_cli_starts_and_reports_its_version():
     from gndgl_compiler import __version__
 
     out = subprocess.run([sys.executable, "-m", "gndgl_cli.main", "--version"], capture_output=True, text=True,
-                         cwd=ROOT)
+                         cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"gndgl {__version__}"

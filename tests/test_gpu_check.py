@@ -13,17 +13,16 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
+from paths import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_check_smoke_writes_three_phases(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "GNDGL_CACHE": str(tmp_path / "cache")}
-    argv = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--out", str(out)]
+    argv = [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--smoke", "--out", str(out)]
     if torch.cuda.is_available():
         argv += ["--device", "cpu"]  # the same checks everywhere; the GPU run is the script's real use
     t = time.perf_counter()

@@ -8,16 +8,15 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
+from paths import REPO, SPECS
 
-REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
 
 
 def test_python_snippets_run_as_written(tmp_path, one_thread):
     blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
     assert blocks, "the README has no Python snippet"
-    (tmp_path / "specs").symlink_to(REPO / "specs")
+    (tmp_path / "specs").symlink_to(SPECS)
     code = "\n".join(blocks)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,

@@ -8,6 +8,17 @@ adds its own ``train:`` section.
 from __future__ import annotations
 
 
+ONE_EPOCH = """train:
+  dataset: synthetic
+  batch_size: 16
+  epochs: 1
+  augment: null
+  log_every: 2
+"""
+"""A ``train:`` section: one epoch of the synthetic data set in batches of 16, no augmentation, a log record every
+2 steps (the CLI tests limit the epoch with ``--limit-train``)."""
+
+
 def tiny_spec(name: str, train: str, *, num_classes: int | str = 10, deep: bool = True,
               schedule: str = "parallel") -> str:
     """YAML text of the tiny spec.

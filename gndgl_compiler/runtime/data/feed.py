@@ -87,7 +87,8 @@ class StepSet(torch.utils.data.Dataset):
             x, y = x[keep].contiguous(), y[keep]
         if self.finish is not None:
             # a float batch made here reaches the training process in shared memory: made there, every step's
-            # new multi-MB tensor fragments glibc's heap, which then grows with the epoch (tests/test_data_memory.py)
+            # new multi-MB tensor fragments glibc's heap, which then grows with the epoch
+            # (tests/runtime/data/test_data_memory.py)
             x = _to_model(x, torch.device("cpu"), self.finish)
         return step, x, y, [names[k] for k in bad]
 
@@ -249,7 +250,7 @@ M_MMAP_THRESHOLD = -3
 def _worker_init(_worker_id: int) -> None:
     """A worker's multi-MB batch tensors are mmapped and returned to the OS when freed: with glibc's default
     (a threshold that rises after the first such free) they come from the heap, which fragments and grows
-    with the epoch (``tests/test_data_memory.py``). Only this worker process is set; elsewhere nothing."""
+    with the epoch (``tests/runtime/data/test_data_memory.py``). Only this worker process is set; elsewhere nothing."""
     try:
         import ctypes
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20)

@@ -3,7 +3,7 @@
 ``torch.nn.SyncBatchNorm`` runs on CUDA only; this one is its arithmetic over ``torch.distributed`` collectives,
 so replicas on gloo/CPU synchronise too. In training, each BatchNorm normalises with the statistics of the
 *global* batch (all R replicas' rows of its stage column), and its running statistics follow them, so R replicas
-compute what one process with the global batch computes, up to float rounding (``tests/test_replicas.py``):
+compute what one process with the global batch computes, up to float rounding (``tests/distributed/test_sync_bn.py``):
 
     forward    per replica (n_r, mean_r, M2_r) per channel ─all_gather─▶ global (n, mean, var) (Chan's
                combination: no E[x²] − E[x]² cancellation) ─▶ y = γ·(x − mean)/√(var + ε) + β

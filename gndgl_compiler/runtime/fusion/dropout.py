@@ -4,7 +4,7 @@ Group g's partition draws its mask from its own stream (``runtime/step/streams.p
 its own shape; the fused step draws the same G masks, in the same order, from the same G
 generators and joins them in the fused layout — concatenated along channels for a ``stack``
 tensor ``(B, G·c, ...)``, stacked for a ``gstack`` tensor ``(G, B, D)`` — so the fused module
-computes exactly what the G partition programs compute (``tests/test_fused.py``). It has no
+computes exactly what the G partition programs compute (``tests/runtime/fusion/test_fused.py``). It has no
 parameters; over a padded value each group's mask is drawn for its real width, padded with zeros.
 """
 

@@ -16,7 +16,7 @@ needs to run the G siblings' copies of a node as one:
 
 An op kind without an entry is not fused: the executor runs that module partition by partition and
 says why. Adding a fused op kind is adding one entry here (or, scoped to a ``with`` block,
-:func:`extra_fused_ops`); no fusion code switches on kind names (``tests/test_registry.py``).
+:func:`extra_fused_ops`); no fusion code switches on kind names (``tests/runtime/fusion/test_registry.py``).
 """
 
 from __future__ import annotations

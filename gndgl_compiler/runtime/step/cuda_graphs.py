@@ -6,7 +6,7 @@
                     ex.run_step (forward, backward, optimizer with the device LR, stats) ─▶ replay
     step > W        x, y copied into the static buffers ─▶ ex.begin_step ─▶ replay
 
-What makes the step capturable (checked on the CPU by ``tests/test_cuda_graphs.py``): it reads
+What makes the step capturable (checked on the CPU by ``tests/runtime/step/test_cuda_graphs.py``): it reads
 no tensor on the host (no ``.item()`` / ``bool(tensor)`` / ``nonzero``); the LR is a 0-dim tensor
 per device written before the replay (``runtime/step/lr.py``); dropout draws from
 per-partition generators re-seeded before the replay and registered with the graph

@@ -215,7 +215,7 @@ class Executor:
     def run_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, active: set[int] | None = None,
                  seed: tuple[int, int] | None = None) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
         """The device side of a step (after :meth:`begin_step`): forward, backward, optimizer, stats.
-        With ``capturable`` it reads no tensor on the host (``tests/test_cuda_graphs.py``)."""
+        With ``capturable`` it reads no tensor on the host (``tests/runtime/step/test_cuda_graphs.py``)."""
         st = StepState(x, y, lr, StageOutputs({IMAGE: x}), active, seed)
         self.ema.send(active, self.transport)  # MAN: U's pre-update parameters to the ranks that follow it
         for i, runner in enumerate(self.runners):

@@ -93,7 +93,7 @@ def step_all(opt: torch.optim.Optimizer) -> None:
 
     The param groups (one per partition) and the per-parameter state stay as ``opt.step()`` keeps
     them, so ``state_dict`` is unchanged; the update is the same element-wise math, so the weights
-    are bit-for-bit those of ``opt.step()`` (``tests/test_optim_merge.py``). Multi-tensor SGD and
+    are bit-for-bit those of ``opt.step()`` (``tests/runtime/step/test_optim_merge.py``). Multi-tensor SGD and
     Adam / AdamW are merged; any other optimizer or setting just steps.
 
     Args:
