@@ -243,3 +243,30 @@ def torchrun(cmd: list[str], env: dict, run: Path, timeout: int) -> subprocess.C
             r"[Rr]endezvous|socket|resolve|getaddrinfo", r.stderr):
         pytest.skip(f"torchrun cannot rendezvous here: {r.stderr.strip().splitlines()[-1][:200]}")
     return r
+
+
+def replica_net(bn: bool) -> str:
+    """The replica tests' net (YAML): two conv modules, two sibling partitions each, linear heads and final head,
+    ``placement.replicas: 2``; with ``bn`` a BatchNorm after each conv (else no BatchNorm anywhere)."""
+    norm = ["    - {op: bn, name: b%d}" % i if bn else "" for i in (1, 2)]
+    layers = ["    - {op: conv, name: c1, out: 8}", norm[0], "    - {op: relu, name: r1}",
+              "    - {op: conv, name: c2, out: 8}", norm[1], "    - {op: relu, name: r2}",
+              "    - {op: adaptive_avgpool, name: gap}", "    - {op: flatten, name: fl}",
+              "    - {op: linear, name: fc, out: 10}"]
+    return "\n".join([f"name: {'bnnet' if bn else 'nobn'}", "model:", "  input_shape: [3, 8, 8]", "  num_classes: 10",
+                      "  layers:", *filter(None, layers), "cuts: {depth: [c2], width: 2}",
+                      "local: {head: {kind: linear}, final_head: {kind: linear}}", "placement: {replicas: 2}",
+                      "train: {batch_size: 16, optimizer: {kind: sgd, lr: 0.05, momentum: 0.9}}", ""])
+
+
+REPLICA_TRAIN = ["--dataset", "synthetic", "--limit-train", "320", "--limit-test", "32", "--epochs", "1",
+                 "--timeout", "90"]
+"""The replica tests' runs: 20 steps of the global batch 16."""
+
+
+def train_replica_net(art, bn: bool, run: Path, *extra: str) -> Result:
+    """``gndgl train`` of :func:`replica_net` (compiled once per session) into ``run``; asserts it succeeded."""
+    res = gndgl("train", str(art("bnnet" if bn else "nobn", replica_net(bn))), "--run-dir", str(run),
+                *REPLICA_TRAIN, *extra)
+    assert res.returncode == 0, res.out[-4000:]
+    return res

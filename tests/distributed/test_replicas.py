@@ -14,40 +14,14 @@ import subprocess
 
 import torch
 
-from dist_helpers import DIST, PY, gndgl, run_weights
+from dist_helpers import DIST, PY, REPLICA_TRAIN, gndgl, replica_net, run_weights, train_replica_net
 from float_compare import scaled_error
 from paths import REPO
 
 pytestmark = DIST
 
-NO_BN = """
-name: nobn
-model:
-  input_shape: [3, 8, 8]
-  num_classes: 10
-  layers:
-    - {op: conv, name: c1, out: 8}
-    - {op: relu, name: r1}
-    - {op: conv, name: c2, out: 8}
-    - {op: relu, name: r2}
-    - {op: adaptive_avgpool, name: gap}
-    - {op: flatten, name: fl}
-    - {op: linear, name: fc, out: 10}
-cuts: {depth: [c2], width: 2}
-local: {head: {kind: linear}, final_head: {kind: linear}}
-placement: {replicas: 2}
-train: {batch_size: 16, optimizer: {kind: sgd, lr: 0.05, momentum: 0.9}}
-"""
-"""Two sibling partitions and a final head; linear heads (no BatchNorm anywhere)."""
-
-TRAIN = ["--dataset", "synthetic", "--limit-train", "320", "--limit-test", "32", "--epochs", "1", "--timeout", "60"]
-"""20 steps of the global batch 16."""
-
-
 def _train(art, run, *extra: str):
-    res = gndgl("train", str(art("nobn", NO_BN)), "--run-dir", str(run), *TRAIN, *extra)
-    assert res.returncode == 0, res.out[-4000:]
-    return res
+    return train_replica_net(art, False, run, *extra)
 
 
 def test_two_replicas_equal_one_process_with_the_global_batch(art, tmp_path):
@@ -55,7 +29,7 @@ def test_two_replicas_equal_one_process_with_the_global_batch(art, tmp_path):
     out = _train(art, tmp_path / "two", "--no-fuse-siblings").out  # placement.replicas: 2 from the spec
     assert "launching 2 replicas × 1 workers" in out and "replica 1 rank 0:" in out
     one, two = run_weights(tmp_path / "one"), run_weights(tmp_path / "two")
-    start = {k: v for k, v in run_weights(art("nobn", NO_BN)).items() if k in one}
+    start = {k: v for k, v in run_weights(art("nobn", replica_net(False))).items() if k in one}
     moved, _ = scaled_error(start, one)
     assert moved > 1e-2  # 20 steps moved the weights: the comparison below is not trivially met
     err, name = scaled_error(two, one)
@@ -75,8 +49,8 @@ def test_replicas_with_sibling_fusion_and_two_stages(art, tmp_path):
 def test_checkpoint_by_replica_0_and_resume_equal_uninterrupted(art, tmp_path):
     run, ref = tmp_path / "run", tmp_path / "ref"
     _train(art, ref, "--no-fuse-siblings", "--max-steps", "9")
-    first = gndgl("train", str(art("nobn", NO_BN)), "--run-dir", str(run), *TRAIN, "--no-fuse-siblings",
-                  "--max-steps", "5", "--checkpoint-every", "2")
+    first = gndgl("train", str(art("nobn", replica_net(False))), "--run-dir", str(run), *REPLICA_TRAIN,
+                  "--no-fuse-siblings", "--max-steps", "5", "--checkpoint-every", "2")
     assert first.returncode == 0, first.out[-4000:]
     root = run / "checkpoints"
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["rank0"]  # replica 0's files only
@@ -91,7 +65,7 @@ def test_checkpoint_by_replica_0_and_resume_equal_uninterrupted(art, tmp_path):
 def test_compile_json_reports_allreduce_bytes(art):
     from gndgl_compiler import load_artifact
 
-    loaded = load_artifact(art("nobn", NO_BN))
+    loaded = load_artifact(art("nobn", replica_net(False)))
     params = sum(p.numel() for m in loaded.modules.values() for p in m.parameters())
     s = loaded.plan.summary
     assert s["replicas"] == 2 and s["allreduce_bytes_per_step"] == 4 * params
@@ -99,7 +73,8 @@ def test_compile_json_reports_allreduce_bytes(art):
 
 
 def test_replicas_not_dividing_the_batch_exit_2(art, tmp_path):
-    res = gndgl("train", str(art("nobn", NO_BN)), "--run-dir", str(tmp_path / "r"), *TRAIN, "--batch-size", "15")
+    res = gndgl("train", str(art("nobn", replica_net(False))), "--run-dir", str(tmp_path / "r"), *REPLICA_TRAIN,
+                "--batch-size", "15")
     assert res.returncode == 2, res.out[-3000:]
     assert "2 replicas do not divide the batch size 15" in res.out and "Traceback" not in res.out
 
@@ -108,7 +83,8 @@ def test_replicas_beyond_the_started_processes_exit_2(art, tmp_path):
     """torchrun started 3 processes for 2 replicas (R·N would need a multiple of 2): every rank refuses."""
     env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", MASTER_PORT="1",
                OMP_NUM_THREADS="1")
-    r = subprocess.run([PY, "-m", "gndgl_compiler.worker", str(art("nobn", NO_BN)), "--run-dir", str(tmp_path / "r"),
-                        *TRAIN, "--replicas", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    net = str(art("nobn", replica_net(False)))
+    r = subprocess.run([PY, "-m", "gndgl_compiler.worker", net, "--run-dir", str(tmp_path / "r"), *REPLICA_TRAIN,
+                        "--replicas", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr[-3000:]
     assert "2 replicas need R·N processes (N workers each), but 3 were started" in r.stderr

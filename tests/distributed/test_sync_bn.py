@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from dist_helpers import DIST, gndgl, run_weights
+from dist_helpers import DIST, gndgl, run_weights, train_replica_net
 from float_compare import scaled_error
 
 pytestmark = DIST
@@ -83,35 +83,8 @@ def test_two_replicas_compute_the_global_batch_norm_float64(shape, tmp_path):
         assert close(rms, rm) and close(rvs, rv)  # running variance: the global batch's unbiased one
 
 
-BN_NET = """
-name: bnnet
-model:
-  input_shape: [3, 8, 8]
-  num_classes: 10
-  layers:
-    - {op: conv, name: c1, out: 8}
-    - {op: bn, name: b1}
-    - {op: relu, name: r1}
-    - {op: conv, name: c2, out: 8}
-    - {op: bn, name: b2}
-    - {op: relu, name: r2}
-    - {op: adaptive_avgpool, name: gap}
-    - {op: flatten, name: fl}
-    - {op: linear, name: fc, out: 10}
-cuts: {depth: [c2], width: 2}
-local: {head: {kind: linear}, final_head: {kind: linear}}
-placement: {replicas: 2}
-train: {batch_size: 16, optimizer: {kind: sgd, lr: 0.05, momentum: 0.9}}
-"""
-"""Two modules with BatchNorm, two sibling partitions each; replicas: 2."""
-
-TRAIN = ["--dataset", "synthetic", "--limit-train", "320", "--limit-test", "32", "--epochs", "1", "--timeout", "90"]
-"""20 steps of the global batch 16."""
-
-
 def _train(art, run, *extra: str):
-    res = gndgl("train", str(art("bnnet", BN_NET)), "--run-dir", str(run), *TRAIN, *extra)
-    assert res.returncode == 0, res.out[-4000:]
+    train_replica_net(art, True, run, *extra)
     return run_weights(run)
 
 
